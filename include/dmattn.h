@@ -1,0 +1,290 @@
+/*
+ * dmattn.h - the whole public C API of dmattn, a CPU-first library for
+ * trainable Dynamic Mask Attention (DMA; Shi et al., arXiv 2508.02124).
+ *
+ * Conventions that hold for every function below
+ * ------------------------------------------------
+ * - Shapes: B batch, Lq query length, Lk key length, Hq query heads, Hkv key/value heads,
+ *   D head dimension (1..256). Tensors are "BSHD": q (B, Lq, Hq, D), k and v (B, Lk, Hkv, D),
+ *   out (B, Lq, Hq, D). Hq must be a multiple of Hkv; query head h reads kv head h / (Hq / Hkv).
+ * - Tensors are described by dma_tensor: a data pointer, a dtype, ndim sizes and ndim strides
+ *   counted in elements. The last stride must be 1; the others may be anything >= 0.
+ * - Causal masks are bottom-right aligned: key j is visible to query i iff j <= i + (Lk - Lq).
+ * - Every function validates all its arguments before it writes anything. On error it returns a
+ *   dma_status other than DMA_OK, leaves every output untouched, prints nothing and never aborts.
+ *   dma_status_string() names the status; dma_context_last_error() gives a sentence about the
+ *   latest failure of a call made with that context.
+ * - Ownership: the caller owns every buffer it passes in. Objects the library allocates
+ *   (dma_context, dma_sparsity) are opaque and freed with their _destroy function.
+ * - Threading: the library runs OpenMP threads inside a call (the context's thread count). A
+ *   context must not be used by two threads at the same time (it holds the last error message);
+ *   make one context per calling thread, they are cheap. A dma_sparsity is read-only once built
+ *   and may be shared by any number of threads and calls. There is no global mutable state.
+ * - Results do not depend on the thread count: the same inputs give bitwise identical outputs for
+ *   any number of threads.
+ */
+#ifndef DMATTN_H
+#define DMATTN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define DMATTN_VERSION_MAJOR 0
+#define DMATTN_VERSION_MINOR 1
+#define DMATTN_VERSION_PATCH 0
+
+/** Largest head dimension D the kernels accept. */
+#define DMA_MAX_HEAD_DIM 256
+
+/* ------------------------------------------------------------------------------------------ */
+/* Status codes                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Result of every fallible call. DMA_OK is 0; every other value is an error. */
+typedef enum dma_status {
+    DMA_OK = 0,
+    DMA_ERR_NULL,           /**< a required pointer argument is NULL */
+    DMA_ERR_SHAPE,          /**< sizes disagree with each other or with the documented shape */
+    DMA_ERR_STRIDE,         /**< a last stride is not 1, or a stride is negative */
+    DMA_ERR_DTYPE,          /**< wrong or not yet supported element type */
+    DMA_ERR_HEADS,          /**< Hq is not a multiple of Hkv, or a head count is < 1 */
+    DMA_ERR_HEAD_DIM,       /**< D is outside 1..DMA_MAX_HEAD_DIM */
+    DMA_ERR_WINDOW,         /**< window or block size is negative or out of range */
+    DMA_ERR_OVERFLOW,       /**< a size or an offset does not fit the library's index types */
+    DMA_ERR_NOMEM,          /**< memory allocation failed */
+    DMA_ERR_BAD_VALUE,      /**< a NaN or +inf bias where a mask is generated, or a bad scalar */
+    DMA_ERR_ISA,            /**< the requested instruction set is not supported by this CPU/build */
+    DMA_ERR_ARG,            /**< any other invalid argument (unknown enum value, ...) */
+    DMA_ERR_BUFFER,         /**< a caller-given output buffer is too small */
+    DMA_STATUS_COUNT_       /**< number of status codes (not a status) */
+} dma_status;
+
+/** A short, static, human-readable name for a status ("invalid head dimension", ...).
+ *  Never NULL; unknown values give "unknown status". Thread-safe. */
+const char *dma_status_string(dma_status status);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tensors                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Element types. Only DMA_F32 (and DMA_BOOL for masks) are computed on today; DMA_BF16 and
+ *  DMA_F16 are named so the ABI does not change when they arrive, and give DMA_ERR_DTYPE now. */
+typedef enum dma_dtype {
+    DMA_F32 = 0,
+    DMA_BF16 = 1,
+    DMA_F16 = 2,
+    DMA_BOOL = 3 /**< one byte per element, 0 = false, anything else = true */
+} dma_dtype;
+
+/** Maximum number of dimensions of a dma_tensor. */
+#define DMA_MAX_DIMS 4
+
+/** A non-owning view of a strided array. Strides are in elements, not bytes. */
+typedef struct dma_tensor {
+    void *data;                    /**< first element; owned by the caller */
+    dma_dtype dtype;               /**< element type */
+    int ndim;                      /**< number of dimensions used, 1..DMA_MAX_DIMS */
+    int64_t shape[DMA_MAX_DIMS];   /**< sizes, each >= 0 */
+    int64_t stride[DMA_MAX_DIMS];  /**< element strides, each >= 0; stride[ndim-1] must be 1 */
+} dma_tensor;
+
+/** A contiguous row-major 4-D view (strides computed from the shape). No validation; pure. */
+dma_tensor dma_tensor_4d(void *data, dma_dtype dtype, int64_t d0, int64_t d1, int64_t d2,
+                         int64_t d3);
+
+/** A contiguous row-major 3-D view, e.g. lse (B, Hq, Lq). No validation; pure. */
+dma_tensor dma_tensor_3d(void *data, dma_dtype dtype, int64_t d0, int64_t d1, int64_t d2);
+
+/** A contiguous row-major 2-D view, e.g. a key padding mask (B, Lk). No validation; pure. */
+dma_tensor dma_tensor_2d(void *data, dma_dtype dtype, int64_t d0, int64_t d1);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Context                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Instruction sets of the CPU kernels. */
+typedef enum dma_isa {
+    DMA_ISA_AUTO = 0,   /**< the best the CPU supports (or the one DMATTN_ISA names) */
+    DMA_ISA_SCALAR,     /**< the portable C path, on any CPU */
+    DMA_ISA_AVX2,       /**< x86-64 AVX2 + FMA */
+    DMA_ISA_AVX512,     /**< x86-64 AVX-512 F (+BW, VL, DQ) */
+    DMA_ISA_NEON        /**< aarch64 Advanced SIMD */
+} dma_isa;
+
+/** Options for dma_context_create(). Zero-initialise, then set what you need. */
+typedef struct dma_context_options {
+    int threads;   /**< OpenMP threads per call; 0 = omp_get_max_threads(); must be >= 0 */
+    dma_isa isa;   /**< DMA_ISA_AUTO honours the environment variable DMATTN_ISA
+                        (scalar|avx2|avx512|neon); any other value forces that ISA */
+} dma_context_options;
+
+/** Opaque context: thread count, chosen kernels, last error message. */
+typedef struct dma_context dma_context;
+
+/**
+ * Create a context.
+ * @param opts  options, or NULL for all defaults.
+ * @param out   receives the new context on success; untouched on error.
+ * @return DMA_OK; DMA_ERR_NULL (out is NULL); DMA_ERR_ARG (negative threads, unknown isa, or a
+ *         DMATTN_ISA value that is not a known name); DMA_ERR_ISA (the ISA asked for, by option
+ *         or environment, is not supported by this CPU or was not built); DMA_ERR_NOMEM.
+ * Thread-safe (no shared state). The environment is read only here.
+ */
+dma_status dma_context_create(const dma_context_options *opts, dma_context **out);
+
+/** Free a context. NULL is a no-op. */
+void dma_context_destroy(dma_context *ctx);
+
+/** The ISA the context's kernels use (never DMA_ISA_AUTO). ctx must not be NULL. */
+dma_isa dma_context_isa(const dma_context *ctx);
+
+/** The thread count the context's calls use (>= 1). ctx must not be NULL. */
+int dma_context_threads(const dma_context *ctx);
+
+/** Lower-case name of an ISA: "auto", "scalar", "avx2", "avx512", "neon"; "unknown" otherwise. */
+const char *dma_isa_name(dma_isa isa);
+
+/** 1 if this build and this CPU can run the ISA's kernels, else 0. Thread-safe. */
+int dma_isa_supported(dma_isa isa);
+
+/** A sentence describing the latest error of a call made with ctx ("" if none yet). The string
+ *  belongs to the context and is valid until the next call with it. ctx must not be NULL. */
+const char *dma_context_last_error(const dma_context *ctx);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Sparsity: which keys each query row attends to                                             */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Opaque sparsity object (DESIGN §2): for every (batch, head, tile of query rows), the sorted
+ *  union of the keys any row of the tile selected and, per row, which of those it selected.
+ *  Memory is O(Lq * (window + tile)) for causal top-k, never O(Lq * Lk) unless the selection
+ *  itself is that large. Read-only after it is built; shareable across threads. */
+typedef struct dma_sparsity dma_sparsity;
+
+/** Mask kinds (DESIGN §1 "Mask generation"). */
+typedef enum dma_mask_kind {
+    DMA_MASK_TOPK = 0,  /**< per row, the `window` visible keys with the largest bias */
+    DMA_MASK_RELU,      /**< per row, the visible keys with bias > 0 */
+    DMA_MASK_WINDOW,    /**< sliding window: keys p - window < j <= p, p = i + (Lk - Lq) */
+    DMA_MASK_DENSE      /**< every visible key (causal or not): the MHA baseline */
+} dma_mask_kind;
+
+/** Parameters of a mask generator. Zero-initialise, then set what you need. */
+typedef struct dma_mask_params {
+    dma_mask_kind kind;
+    int causal;          /**< nonzero: a row sees only keys j <= i + (Lk - Lq) (bottom-right) */
+    int64_t window;      /**< TOPK: keys kept per row (>= 0); WINDOW: window length (>= 0);
+                              ignored by RELU and DENSE */
+    int64_t block_size;  /**< 0 or 1: no smoothing. > 1: along the key axis, blocks of
+                              block_size keys (the last may be shorter) are kept whole when more
+                              than half of the block's keys were kept, else dropped; the result is
+                              then limited to the visible keys (causal, padding) again */
+} dma_mask_params;
+
+/**
+ * Build a sparsity object for attention of Lq query rows over Lk keys.
+ *
+ * @param ctx          context (threads, error message).
+ * @param params       mask kind and its parameters.
+ * @param B, H         batch and head count of the object (H is usually Hkv for a per-key bias,
+ *                     Hq for a per-row bias, or 1). The forward accepts an object whose B is 1 or
+ *                     its batch, and whose H is 1, Hkv or Hq.
+ * @param Lq, Lk       query and key lengths (>= 0, each at most INT32_MAX).
+ * @param bias         float32 (Bb, Hb, Lb, Lk) with Bb in {1, B}, Hb in {1, H}, Lb in {1, Lq}:
+ *                     the selection score. Lb == 1 is a per-key bias (the DMA case, fast
+ *                     streaming builder); Lb == Lq a per-row bias. Required for TOPK and RELU,
+ *                     ignored (may be NULL) for WINDOW and DENSE. NaN or +inf anywhere in it gives
+ *                     DMA_ERR_BAD_VALUE; a -inf key is never kept.
+ * @param key_padding  optional DMA_BOOL (Bp, Lk) with Bp in {1, B}: nonzero = the key exists;
+ *                     zero = padding, never kept. NULL: every key exists.
+ * @param out          receives the new object on success; untouched on error.
+ *
+ * Rows that can see fewer keys than `window` keep every visible key. Top-k ties go to the earlier
+ * key. Cost of the causal top-k builder with a per-key bias: O(B*H*Lk*log(window)) time plus the
+ * size of the object; no O(Lq*Lk) memory anywhere.
+ * Errors: DMA_ERR_NULL, DMA_ERR_ARG (unknown kind), DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE,
+ * DMA_ERR_WINDOW (negative window or block_size), DMA_ERR_OVERFLOW, DMA_ERR_BAD_VALUE,
+ * DMA_ERR_NOMEM.
+ */
+dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                              int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                              const dma_tensor *key_padding, dma_sparsity **out);
+
+/**
+ * Build a sparsity object from a dense boolean mask (compatibility with flash-sparse-attn):
+ * `mask` is DMA_BOOL (B, H, Lq, Lk), nonzero = attend. Any dimension may have stride 0 to
+ * broadcast; the object gets the mask's B and H. Costs O(B*H*Lq*Lk) time to read the mask.
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_OVERFLOW,
+ * DMA_ERR_NOMEM.
+ */
+dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_sparsity **out);
+
+/** Free a sparsity object. NULL is a no-op. */
+void dma_sparsity_destroy(dma_sparsity *sp);
+
+/** Sizes of a sparsity object; any output pointer may be NULL. sp must not be NULL. */
+void dma_sparsity_shape(const dma_sparsity *sp, int64_t *B, int64_t *H, int64_t *Lq,
+                        int64_t *Lk);
+
+/** Number of selected (row, key) pairs over all batches and heads of the object. */
+int64_t dma_sparsity_nnz(const dma_sparsity *sp);
+
+/** Bytes of memory the object holds (for reporting; not a promise about allocator overhead). */
+size_t dma_sparsity_bytes(const dma_sparsity *sp);
+
+/**
+ * Write the selection as a dense boolean array (B, H, Lq, Lk), row-major, 1 = selected.
+ * Meant for tests and inspection: it is O(B*H*Lq*Lk).
+ * @param out        caller's buffer; `out_bytes` must be >= B*H*Lq*Lk, else DMA_ERR_BUFFER and
+ *                   nothing is written.
+ * Errors: DMA_ERR_NULL, DMA_ERR_BUFFER.
+ */
+dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t out_bytes);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Attention                                                                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Scalar parameters of attention. Zero-initialise, then set what you need. */
+typedef struct dma_attn_params {
+    float scale;    /**< multiplies <q, k>; 0 means 1/sqrt(D). Must be finite. */
+    float softcap;  /**< > 0: score = softcap * tanh(score / softcap); 0: off. Must be finite, >= 0 */
+    int causal;     /**< nonzero: keys j > i + (Lk - Lq) are never attended, whatever the sparsity */
+} dma_attn_params;
+
+/**
+ * Attention forward over the selected keys (DESIGN §1):
+ *   score(i, j) = scale * <q_i, k_j>, then softcap, then + bias(i, j); unselected keys are -inf;
+ *   p = softmax over the row; out_i = sum_j p_ij v_j; lse_i = log sum_j exp(score(i, j)).
+ * A row with no selected key gives out = 0 and lse = -inf.
+ *
+ * @param q, k, v   float32 (B, Lq, Hq, D), (B, Lk, Hkv, D), (B, Lk, Hkv, D).
+ * @param bias      optional float32 (Bb, Hb, Lb, Lk): Bb in {1, B}, Hb in {1, Hkv, Hq},
+ *                  Lb in {1, Lq}; query head h reads bias head h / (Hq / Hb). Not scanned for
+ *                  NaN: a NaN among the selected keys gives a NaN row.
+ * @param sp        optional sparsity with Lq, Lk equal to the inputs', B in {1, B} and H in
+ *                  {1, Hkv, Hq} (query head h uses object head h / (Hq / H)). NULL: every
+ *                  visible key (dense, or causal with params->causal): the dense baseline runs
+ *                  through the same kernels.
+ * @param params    scale, softcap, causal. NULL: defaults (all zero).
+ * @param out       float32 (B, Lq, Hq, D), written whole.
+ * @param lse       optional float32 (B, Hq, Lq): the log-sum-exp of each row (needed by the
+ *                  backward). NULL: not written.
+ * Work and memory are proportional to the number of selected keys, not to Lq * Lk.
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_HEADS,
+ * DMA_ERR_HEAD_DIM, DMA_ERR_OVERFLOW, DMA_ERR_BAD_VALUE (non-finite scale or softcap, negative
+ * softcap), DMA_ERR_NOMEM.
+ */
+dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+                       const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
+                       const dma_attn_params *params, dma_tensor *out, dma_tensor *lse);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* DMATTN_H */

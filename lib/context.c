@@ -1,0 +1,119 @@
+/* context.c - context creation and the choice of the kernel table (dispatch). */
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "internal.h"
+
+const char *dma_isa_name(dma_isa isa)
+{
+    switch (isa) {
+    case DMA_ISA_AUTO: return "auto";
+    case DMA_ISA_SCALAR: return "scalar";
+    case DMA_ISA_AVX2: return "avx2";
+    case DMA_ISA_AVX512: return "avx512";
+    case DMA_ISA_NEON: return "neon";
+    default: return "unknown";
+    }
+}
+
+/* The kernel table compiled for an ISA, or NULL if this build lacks it. */
+static const dma_kernels *kernels_built(dma_isa isa)
+{
+    switch (isa) {
+    case DMA_ISA_SCALAR: return &dma_kernels_scalar;
+#if defined(DMATTN_HAVE_AVX2)
+    case DMA_ISA_AVX2: return &dma_kernels_avx2;
+#endif
+#if defined(DMATTN_HAVE_AVX512)
+    case DMA_ISA_AVX512: return &dma_kernels_avx512;
+#endif
+#if defined(DMATTN_HAVE_NEON)
+    case DMA_ISA_NEON: return &dma_kernels_neon;
+#endif
+    default: return NULL;
+    }
+}
+
+/* Whether the running CPU (and OS) can execute the ISA. */
+static int cpu_has(dma_isa isa)
+{
+    switch (isa) {
+    case DMA_ISA_SCALAR: return 1;
+#if defined(__x86_64__) || defined(__i386__)
+    case DMA_ISA_AVX2:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    case DMA_ISA_AVX512:
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("fma");
+#endif
+#if defined(__aarch64__)
+    case DMA_ISA_NEON: return 1; /* Advanced SIMD is mandatory on aarch64 */
+#endif
+    default: return 0;
+    }
+}
+
+int dma_isa_supported(dma_isa isa) { return kernels_built(isa) != NULL && cpu_has(isa); }
+
+static dma_isa best_isa(void)
+{
+    static const dma_isa order[] = {DMA_ISA_AVX512, DMA_ISA_AVX2, DMA_ISA_NEON};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (dma_isa_supported(order[i]))
+            return order[i];
+    return DMA_ISA_SCALAR;
+}
+
+dma_status dma_context_create(const dma_context_options *opts, dma_context **out)
+{
+    if (!out)
+        return DMA_ERR_NULL;
+    dma_context_options o = {0, DMA_ISA_AUTO};
+    if (opts)
+        o = *opts;
+    if (o.threads < 0)
+        return DMA_ERR_ARG;
+    if (o.isa < DMA_ISA_AUTO || o.isa > DMA_ISA_NEON)
+        return DMA_ERR_ARG;
+    dma_isa isa = o.isa;
+    if (isa == DMA_ISA_AUTO) {
+        const char *env = getenv("DMATTN_ISA");
+        if (env && *env && strcmp(env, "auto") != 0) {
+            static const dma_isa named[] = {DMA_ISA_SCALAR, DMA_ISA_AVX2, DMA_ISA_AVX512,
+                                            DMA_ISA_NEON};
+            isa = DMA_ISA_AUTO;
+            for (size_t i = 0; i < sizeof named / sizeof named[0]; i++)
+                if (strcmp(env, dma_isa_name(named[i])) == 0)
+                    isa = named[i];
+            if (isa == DMA_ISA_AUTO)
+                return DMA_ERR_ARG;
+        }
+    }
+    if (isa == DMA_ISA_AUTO)
+        isa = best_isa();
+    if (!dma_isa_supported(isa))
+        return DMA_ERR_ISA;
+    dma_context *ctx = calloc(1, sizeof *ctx);
+    if (!ctx)
+        return DMA_ERR_NOMEM;
+    ctx->threads = o.threads > 0 ? o.threads : omp_get_max_threads();
+    if (ctx->threads < 1)
+        ctx->threads = 1;
+    ctx->isa = isa;
+    ctx->kernels = kernels_built(isa);
+    *out = ctx;
+    return DMA_OK;
+}
+
+void dma_context_destroy(dma_context *ctx) { free(ctx); }
+
+dma_isa dma_context_isa(const dma_context *ctx) { return ctx->isa; }
+
+int dma_context_threads(const dma_context *ctx) { return ctx->threads; }
+
+const char *dma_context_last_error(const dma_context *ctx) { return ctx->last_error; }

@@ -1,0 +1,77 @@
+/*
+ * kernels.h - the inner kernels of the forward, behind one dispatch table.
+ *
+ * lib/kernels_scalar.c holds the portable C version of every kernel (the readable reference);
+ * simd/<arch>/<isa>/ holds one file per ISA that fills the same table with intrinsics.
+ * The forward driver (lib/forward.c) only ever calls through a `dma_kernels` table, so a new ISA
+ * never touches the driver and a new mask kind never touches a kernel.
+ *
+ * Data layouts the kernels share (all float32):
+ *   - Q rows:  q[r * ldq + d], already multiplied by the attention scale, zero-padded to ldq.
+ *   - K panel: keys packed transposed in blocks of `nr` keys:
+ *              kp[(c / nr) * (D * nr) + d * nr + (c % nr)] = K[key c][d]; the last block is
+ *              zero-filled past n. So the panel for keys [c0, ...) with c0 % nr == 0 starts at
+ *              kp + c0 * D.
+ *   - V panel: vp[c * ldv + d] = V[key c][d], ldv a multiple of 16 floats, zero-padded past D.
+ *   - S / P:   s[r * lds + c], one row per query row of the block.
+ *   - O:       o[r * ldo + d] (ldo a multiple of 16, >= D), the running un-normalised output.
+ * Every pointer handed to a kernel is 64-byte aligned except q/s/o/vp row starts offset by
+ * a column block, which stay 32-byte aligned (offsets are multiples of nr >= 8 floats).
+ */
+#ifndef DMATTN_KERNELS_H
+#define DMATTN_KERNELS_H
+
+#include <stdint.h>
+
+typedef struct dma_kernels {
+    const char *name;
+    int mr;  /* largest row count `scores` and `accum_pv` are called with (a block of query rows) */
+    int nr;  /* keys per packed K block; a multiple of 8 and a divisor of DMA_CHUNK */
+
+    /* Gather n keys and pack them transposed into kp (layout above, n rounded up to nr with
+     * zeros). Key c is row `keys[c]` of `base` (row stride ld floats) or, if keys is NULL,
+     * row first + c. D floats per row. */
+    void (*pack_k)(float *kp, const float *base, int64_t ld, const int32_t *keys, int32_t first,
+                   int n, int D);
+
+    /* Gather n value rows into vp (row stride ldv, zero-padded from D to ldv). Same addressing. */
+    void (*pack_v)(float *vp, int ldv, const float *base, int64_t ld, const int32_t *keys,
+                   int32_t first, int n, int D);
+
+    /* s[r][c] = sum_d q[r][d] * K[c][d] for r < m (m <= mr), c < n (n a multiple of nr).
+     * kp points at the packed block of key 0 of this call. */
+    void (*scores)(float *s, int lds, const float *q, int ldq, int m, const float *kp, int n,
+                   int D);
+
+    /* One row of the online softmax over a chunk of n scores (n <= DMA_CHUNK, multiple of nr).
+     * Position c is selected iff lo <= c < hi and (bits == NULL or bit (bit0 + c) of the
+     * little-endian word array `bits` is set). For selected c the score is
+     *     x = softcap > 0 ? softcap * tanh(s[c] / softcap) : s[c];   x += bias ? bias[c] : 0
+     * With m_new = max(*m, max selected x): s[c] becomes exp(x - m_new) for selected c and 0
+     * elsewhere (every c < n is written); *l = *l * exp(*m - m_new) + sum of the new s; *m = m_new.
+     * Returns the factor exp(m_old - m_new) the row's O must be scaled by (1 when m_new is -inf,
+     * in which case s is all 0 and *m, *l are unchanged). */
+    float (*softmax_row)(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
+                         int lo, int hi, float softcap, float *m, float *l);
+
+    /* o[r][d] = alpha[r] * o[r][d] + sum_{c<n} p[r][c] * vp[c][d] for r < m (m <= mr), d < D.
+     * Columns D..ldo-1 of o may be written with zeros-in, zeros-out values. */
+    void (*accum_pv)(float *o, int ldo, const float *alpha, const float *p, int ldp, int m,
+                     const float *vp, int ldv, int n, int D);
+} dma_kernels;
+
+/* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */
+#define DMA_CHUNK 256
+
+extern const dma_kernels dma_kernels_scalar;
+#if defined(DMATTN_HAVE_AVX2)
+extern const dma_kernels dma_kernels_avx2;
+#endif
+#if defined(DMATTN_HAVE_AVX512)
+extern const dma_kernels dma_kernels_avx512;
+#endif
+#if defined(DMATTN_HAVE_NEON)
+extern const dma_kernels dma_kernels_neon;
+#endif
+
+#endif /* DMATTN_KERNELS_H */

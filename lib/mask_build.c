@@ -1,0 +1,759 @@
+/*
+ * mask_build.c - the mask generators (DESIGN §1 "Mask generation") that build a dma_sparsity.
+ *
+ * Each (batch, head) pair is a "slab" built independently (OpenMP over slabs) into its own
+ * growable arrays; the slabs are concatenated at the end. Three paths:
+ *   - causal top-k over a per-key bias: the streaming heap/evict builder (O(Lk log w));
+ *   - non-causal top-k, relu, dense and window over a per-key bias (or none): one sorted list of
+ *     candidate keys per slab, of which every tile's union is a slice and every row a range;
+ *   - everything else (per-row bias, block smoothing, a user's dense mask): one sorted key list
+ *     per row, merged per tile into the union and row bitmasks.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "internal.h"
+
+/* Internal kind for dma_sparsity_from_mask(). */
+#define KIND_FROM_MASK ((dma_mask_kind)100)
+
+typedef struct build {
+    dma_mask_kind kind;
+    bool causal;
+    int64_t window, block_size;
+    int64_t B, H, Lq, Lk, off; /* off = Lk - Lq: row i's last visible key is i + off */
+    const dma_tensor *bias, *pad, *mask;
+    dma_sparsity *sp;
+} build;
+
+/* A slab's growing output and its scratch memory. */
+typedef struct slab {
+    int32_t *keys;
+    int64_t nkeys, cap_keys;
+    uint64_t *words;
+    int64_t nwords, cap_words;
+    int64_t nnz;
+    dma_status status;
+} slab;
+
+static bool grow(void **p, int64_t *cap, int64_t need, size_t elem)
+{
+    if (need <= *cap)
+        return true;
+    int64_t n = dma_max64(need, *cap * 2 + 64);
+    void *q = realloc(*p, (size_t)n * elem);
+    if (!q)
+        return false;
+    *p = q;
+    *cap = n;
+    return true;
+}
+
+/* Room for n more keys at the end of the slab; NULL on allocation failure. */
+static int32_t *slab_keys(slab *sl, int64_t n)
+{
+    if (!grow((void **)&sl->keys, &sl->cap_keys, sl->nkeys + n + 1, sizeof(int32_t)))
+        return NULL;
+    int32_t *p = sl->keys + sl->nkeys;
+    sl->nkeys += n;
+    return p;
+}
+
+/* n more zeroed words at the end of the slab; NULL on allocation failure. */
+static uint64_t *slab_words(slab *sl, int64_t n)
+{
+    if (!grow((void **)&sl->words, &sl->cap_words, sl->nwords + n + 1, sizeof(uint64_t)))
+        return NULL;
+    uint64_t *p = sl->words + sl->nwords;
+    memset(p, 0, (size_t)n * sizeof(uint64_t));
+    sl->nwords += n;
+    return p;
+}
+
+static inline float bias_at(const build *bd, int64_t b, int64_t h, int64_t i, int64_t j)
+{
+    const dma_tensor *t = bd->bias;
+    return ((const float *)t->data)[dma_offset4(t, b, h, i, j)];
+}
+
+static inline bool key_exists(const build *bd, int64_t b, int64_t j)
+{
+    const dma_tensor *t = bd->pad;
+    if (!t)
+        return true;
+    return ((const uint8_t *)t->data)[(t->shape[0] == 1 ? 0 : b * t->stride[0]) + j] != 0;
+}
+
+/* A bias that may rank keys: finite or -inf. */
+static inline bool bias_ok(float x) { return !isnan(x) && x != INFINITY; }
+
+/* ---- a min-heap of (value, key) ordered so that the key to drop comes out first ---- */
+
+typedef struct heap_item {
+    float val;
+    int32_t key;
+} heap_item;
+
+/* a is dropped before b: smaller value, or the same value and a later key (earlier key wins). */
+static inline bool drops_first(heap_item a, heap_item b)
+{
+    return a.val < b.val || (a.val == b.val && a.key > b.key);
+}
+
+static void heap_push(heap_item *h, int64_t *n, heap_item x)
+{
+    int64_t i = (*n)++;
+    while (i > 0) {
+        int64_t parent = (i - 1) / 2;
+        if (!drops_first(x, h[parent]))
+            break;
+        h[i] = h[parent];
+        i = parent;
+    }
+    h[i] = x;
+}
+
+static heap_item heap_pop(heap_item *h, int64_t *n)
+{
+    heap_item top = h[0], x = h[--(*n)];
+    int64_t i = 0;
+    for (;;) {
+        int64_t c = 2 * i + 1;
+        if (c >= *n)
+            break;
+        if (c + 1 < *n && drops_first(h[c + 1], h[c]))
+            c++;
+        if (!drops_first(h[c], x))
+            break;
+        h[i] = h[c];
+        i = c;
+    }
+    h[i] = x;
+    return top;
+}
+
+/* Push x, keeping at most `cap` items; returns the key dropped, or -1. */
+static int32_t heap_offer(heap_item *h, int64_t *n, int64_t cap, heap_item x)
+{
+    if (cap == 0)
+        return x.key;
+    if (*n < cap) {
+        heap_push(h, n, x);
+        return -1;
+    }
+    if (!drops_first(h[0], x))
+        return x.key;
+    heap_item old = heap_pop(h, n);
+    heap_push(h, n, x);
+    return old.key;
+}
+
+static int cmp_i32(const void *a, const void *b)
+{
+    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
+    return (x > y) - (x < y);
+}
+
+/* Row bounds and nnz of a bitmask row. */
+static void bits_bounds(const uint64_t *w, int32_t nw, int32_t *lo, int32_t *hi, int64_t *nnz)
+{
+    int32_t first = -1, last = -1;
+    for (int32_t k = 0; k < nw; k++) {
+        if (!w[k])
+            continue;
+        if (first < 0)
+            first = k * 64 + __builtin_ctzll(w[k]);
+        last = k * 64 + 63 - __builtin_clzll(w[k]);
+        *nnz += __builtin_popcountll(w[k]);
+    }
+    *lo = first < 0 ? 0 : first;
+    *hi = first < 0 ? 0 : last + 1;
+}
+
+static inline void bit_set(uint64_t *w, int32_t pos) { w[pos >> 6] |= 1ull << (pos & 63); }
+static inline void bit_clear(uint64_t *w, int32_t pos) { w[pos >> 6] &= ~(1ull << (pos & 63)); }
+
+static int32_t find_pos(const int32_t *u, int32_t n, int32_t key)
+{
+    int32_t lo = 0, hi = n;
+    while (lo < hi) {
+        int32_t mid = lo + (hi - lo) / 2;
+        if (u[mid] < key)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+/* ================================================================================== */
+/* Path 1: causal top-k over a per-key bias, streaming (DESIGN §2).                    */
+/* ================================================================================== */
+
+/*
+ * Scan keys in order with a heap of the `window` best; evict[j] is the prefix end at which key j
+ * left the heap (j itself if it never entered), evicted_at[p] the key that left when p came in.
+ * Row i (last visible key p = i + off) keeps j iff j <= p < evict[j]. A doubly linked list of
+ * the keys in the heap, in key order, gives each tile's starting set without sorting; within a
+ * tile each row differs from the previous by at most one key in and one key out.
+ */
+static void build_topk_causal(const build *bd, int64_t b, int64_t h, slab *sl)
+{
+    const int64_t Lk = bd->Lk, w = bd->window;
+    dma_sparsity *sp = bd->sp;
+    int64_t s = b * bd->H + h;
+    int32_t *evict = malloc(sizeof(int32_t) * (size_t)(4 * Lk + 1));
+    heap_item *heap = malloc(sizeof(heap_item) * (size_t)(dma_min64(w, Lk) + 1));
+    if (!evict || !heap) {
+        sl->status = DMA_ERR_NOMEM;
+        goto done;
+    }
+    int32_t *evicted_at = evict + Lk, *next = evicted_at + Lk, *prev = next + Lk;
+    int64_t hn = 0;
+    for (int64_t j = 0; j < Lk; j++) {
+        float x = bias_at(bd, b, h, 0, j);
+        if (!bias_ok(x)) {
+            sl->status = DMA_ERR_BAD_VALUE;
+            goto done;
+        }
+        evict[j] = (int32_t)j;
+        evicted_at[j] = -1;
+        if (!key_exists(bd, b, j) || x == -INFINITY)
+            continue;
+        evict[j] = INT32_MAX;
+        int32_t out = heap_offer(heap, &hn, w, (heap_item){x, (int32_t)j});
+        if (out >= 0) {
+            evict[out] = (int32_t)j;
+            evicted_at[j] = out;
+        }
+    }
+
+    /* The live list: head sentinel index Lk... use -1 as "none" and track head/tail. */
+    int32_t head = -1, tail = -1;
+    int64_t swept = -1; /* the list holds the heap after key `swept` was offered */
+#define SWEEP_STEP(P)                                                                    \
+    do {                                                                                 \
+        int32_t p_ = (int32_t)(P);                                                       \
+        if (evict[p_] > p_) {                                                            \
+            prev[p_] = tail;                                                             \
+            next[p_] = -1;                                                               \
+            if (tail >= 0) next[tail] = p_; else head = p_;                              \
+            tail = p_;                                                                   \
+        }                                                                                \
+        int32_t e_ = evicted_at[p_];                                                     \
+        if (e_ >= 0 && e_ != p_) {                                                       \
+            if (prev[e_] >= 0) next[prev[e_]] = next[e_]; else head = next[e_];          \
+            if (next[e_] >= 0) prev[next[e_]] = prev[e_]; else tail = prev[e_];          \
+        }                                                                                \
+        swept = p_;                                                                      \
+    } while (0)
+
+    for (int64_t t = 0; t < sp->ntiles; t++) {
+        int64_t r0 = t * DMA_TILE, r1 = dma_min64(bd->Lq, r0 + DMA_TILE);
+        int64_t p0 = r0 + bd->off, p1 = r1 - 1 + bd->off;
+        dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
+        int32_t *lo = sp->row_lo + s * bd->Lq, *hi = sp->row_hi + s * bd->Lq;
+        while (swept < p0)
+            SWEEP_STEP(swept + 1);
+        /* Union: the live keys at p0, then the keys that enter within the tile. */
+        int64_t n_new = 0, n_live = 0;
+        if (p0 >= 0)
+            for (int32_t k = head; k >= 0; k = next[k])
+                n_live++;
+        for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
+            n_new += evict[j] > j;
+        int64_t count = n_live + n_new;
+        int64_t base = sl->nkeys;
+        int32_t *u = slab_keys(sl, count);
+        if (!u) {
+            sl->status = DMA_ERR_NOMEM;
+            goto done;
+        }
+        int64_t c = 0;
+        if (p0 >= 0)
+            for (int32_t k = head; k >= 0; k = next[k])
+                u[c++] = k;
+        for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
+            if (evict[j] > j)
+                u[c++] = (int32_t)j;
+        int32_t wpr = (int32_t)dma_div_up(count, 64);
+        int64_t wbase = sl->nwords;
+        uint64_t *words = slab_words(sl, (r1 - r0) * (int64_t)wpr);
+        if (!words) {
+            sl->status = DMA_ERR_NOMEM;
+            goto done;
+        }
+        u = sl->keys + base; /* slab_words does not move keys, but stay obvious */
+        *tile = (dma_tile){.key_off = base, .word_off = wbase, .first = 0, .count = (int32_t)count,
+                           .words_per_row = wpr};
+        int32_t next_new = (int32_t)n_live;
+        for (int64_t i = r0; i < r1; i++) {
+            int64_t p = i + bd->off;
+            uint64_t *row = words + (i - r0) * wpr;
+            if (p >= 0 && i == r0) {
+                for (int32_t k = 0; k < n_live; k++)
+                    bit_set(row, k);
+            } else if (p >= 0) {
+                memcpy(row, row - wpr, sizeof(uint64_t) * (size_t)wpr);
+                int32_t e = evicted_at[p];
+                bool enters = evict[p] > p;
+                SWEEP_STEP(p);
+                if (enters)
+                    bit_set(row, next_new++);
+                if (e >= 0 && e != p)
+                    bit_clear(row, find_pos(u, (int32_t)count, e));
+            }
+            bits_bounds(row, wpr, &lo[i], &hi[i], &sl->nnz);
+        }
+    }
+#undef SWEEP_STEP
+done:
+    free(evict);
+    free(heap);
+}
+
+/* ================================================================================== */
+/* Path 2: per-key selections that are the same for every row up to a causal cut.      */
+/* ================================================================================== */
+
+/*
+ * cand: the sorted keys a row may pick from, identical for every row of the slab:
+ *   top-k non-causal: the `window` best keys; relu: keys with bias > 0; dense/window: every key
+ *   that exists. Then row i selects cand positions [cnt(lo_key), cnt(hi_key)) where cnt(x) counts
+ *   cand keys < x, and each tile's union is the slice covering its rows.
+ */
+static void build_shared(const build *bd, int64_t b, int64_t h, slab *sl)
+{
+    const int64_t Lk = bd->Lk;
+    dma_sparsity *sp = bd->sp;
+    int64_t s = b * bd->H + h;
+    int32_t *cnt = malloc(sizeof(int32_t) * (size_t)(Lk + 1));
+    heap_item *heap = NULL;
+    if (!cnt) {
+        sl->status = DMA_ERR_NOMEM;
+        return;
+    }
+    /* Mark the candidate keys in cnt[] (1 = candidate), reading and checking the bias. */
+    int64_t hn = 0;
+    if (bd->kind == DMA_MASK_TOPK) {
+        heap = malloc(sizeof(heap_item) * (size_t)(dma_min64(bd->window, Lk) + 1));
+        if (!heap) {
+            sl->status = DMA_ERR_NOMEM;
+            goto done;
+        }
+    }
+    for (int64_t j = 0; j < Lk; j++) {
+        bool is_cand = key_exists(bd, b, j);
+        if (bd->kind == DMA_MASK_TOPK || bd->kind == DMA_MASK_RELU) {
+            float x = bias_at(bd, b, h, 0, j);
+            if (!bias_ok(x)) {
+                sl->status = DMA_ERR_BAD_VALUE;
+                goto done;
+            }
+            if (bd->kind == DMA_MASK_RELU)
+                is_cand = is_cand && x > 0.0f;
+            else if (is_cand && x != -INFINITY)
+                heap_offer(heap, &hn, bd->window, (heap_item){x, (int32_t)j});
+            if (bd->kind == DMA_MASK_TOPK)
+                is_cand = false;
+        }
+        cnt[j] = is_cand;
+    }
+    for (int64_t k = 0; k < hn; k++)
+        cnt[heap[k].key] = 1;
+    /* Candidate list and prefix counts: cnt[x] = number of candidates < x. */
+    int64_t ncand = 0;
+    for (int64_t j = 0; j < Lk; j++)
+        ncand += cnt[j];
+    bool implicit = ncand == Lk; /* every key: no index array needed */
+    int64_t cand_off = -1;
+    if (!implicit) {
+        int32_t *cand = slab_keys(sl, ncand);
+        if (!cand) {
+            sl->status = DMA_ERR_NOMEM;
+            goto done;
+        }
+        cand_off = sl->nkeys - ncand;
+        int64_t c = 0;
+        for (int64_t j = 0; j < Lk; j++)
+            if (cnt[j])
+                cand[c++] = (int32_t)j;
+    }
+    int32_t run = 0;
+    for (int64_t j = 0; j <= Lk; j++) {
+        int32_t here = j < Lk ? cnt[j] : 0;
+        cnt[j] = run;
+        run += here;
+    }
+    bool causal = bd->causal || bd->kind == DMA_MASK_WINDOW;
+    int32_t *lo = sp->row_lo + s * bd->Lq, *hi = sp->row_hi + s * bd->Lq;
+    for (int64_t t = 0; t < sp->ntiles; t++) {
+        int64_t r0 = t * DMA_TILE, r1 = dma_min64(bd->Lq, r0 + DMA_TILE);
+        int32_t ulo = INT32_MAX, uhi = 0;
+        for (int64_t i = r0; i < r1; i++) {
+            int64_t p = i + bd->off;
+            int64_t khi = causal ? dma_max64(0, dma_min64(Lk, p + 1)) : Lk;
+            int64_t klo = bd->kind == DMA_MASK_WINDOW ? dma_max64(0, dma_min64(khi, p - bd->window + 1)) : 0;
+            lo[i] = cnt[klo];
+            hi[i] = cnt[khi];
+            if (hi[i] > lo[i]) {
+                ulo = lo[i] < ulo ? lo[i] : ulo;
+                uhi = hi[i] > uhi ? hi[i] : uhi;
+                sl->nnz += hi[i] - lo[i];
+            } else {
+                lo[i] = hi[i] = 0;
+            }
+        }
+        if (ulo > uhi)
+            ulo = uhi = 0;
+        for (int64_t i = r0; i < r1; i++)
+            if (hi[i] > lo[i]) {
+                lo[i] -= ulo;
+                hi[i] -= ulo;
+            }
+        sp->tiles[s * sp->ntiles + t] = (dma_tile){
+            .key_off = implicit ? -1 : cand_off + ulo, .word_off = -1,
+            .first = implicit ? ulo : 0, .count = uhi - ulo, .words_per_row = 0};
+    }
+done:
+    free(cnt);
+    free(heap);
+}
+
+/* ================================================================================== */
+/* Path 3: one key list per row, merged per tile.                                       */
+/* ================================================================================== */
+
+typedef struct row_scratch {
+    int32_t *list;     /* the tile's row lists, concatenated */
+    int64_t nlist, cap;
+    int64_t start[DMA_TILE + 1];
+    int32_t *tmp;      /* Lk: a row before smoothing */
+    heap_item *heap;   /* window + 1 */
+    int32_t *pos_of;   /* Lk: -1, or the key's position in the tile's union */
+} row_scratch;
+
+static inline bool visible(const build *bd, int64_t b, int64_t j, int64_t p)
+{
+    bool causal = bd->causal || bd->kind == DMA_MASK_WINDOW;
+    return key_exists(bd, b, j) && (!causal || j <= p);
+}
+
+/* Append row i's sorted selection to rs->list. Returns a status. */
+static dma_status select_row(const build *bd, int64_t b, int64_t h, int64_t i, row_scratch *rs)
+{
+    const int64_t Lk = bd->Lk, p = i + bd->off;
+    int32_t *out = rs->tmp;
+    int64_t n = 0;
+    if (bd->kind == DMA_MASK_TOPK) {
+        int64_t hn = 0;
+        for (int64_t j = 0; j < Lk; j++) {
+            float x = bias_at(bd, b, h, i, j);
+            if (!bias_ok(x))
+                return DMA_ERR_BAD_VALUE;
+            if (x != -INFINITY && visible(bd, b, j, p))
+                heap_offer(rs->heap, &hn, bd->window, (heap_item){x, (int32_t)j});
+        }
+        for (int64_t k = 0; k < hn; k++)
+            out[n++] = rs->heap[k].key;
+        qsort(out, (size_t)n, sizeof(int32_t), cmp_i32);
+    } else if (bd->kind == DMA_MASK_RELU) {
+        for (int64_t j = 0; j < Lk; j++) {
+            float x = bias_at(bd, b, h, i, j);
+            if (!bias_ok(x))
+                return DMA_ERR_BAD_VALUE;
+            if (x > 0.0f && visible(bd, b, j, p))
+                out[n++] = (int32_t)j;
+        }
+    } else if (bd->kind == KIND_FROM_MASK) {
+        const dma_tensor *m = bd->mask;
+        const uint8_t *row = (const uint8_t *)m->data + b * m->stride[0] + h * m->stride[1] +
+                             i * m->stride[2];
+        for (int64_t j = 0; j < Lk; j++)
+            if (row[j])
+                out[n++] = (int32_t)j;
+    } else {
+        int64_t klo = bd->kind == DMA_MASK_WINDOW ? dma_max64(0, p - bd->window + 1) : 0;
+        int64_t khi = bd->causal || bd->kind == DMA_MASK_WINDOW ? dma_min64(Lk, p + 1) : Lk;
+        for (int64_t j = klo; j < khi; j++)
+            if (visible(bd, b, j, p))
+                out[n++] = (int32_t)j;
+    }
+    int64_t bs = bd->block_size;
+    if (bs > 1) {
+        /* Block smoothing: a block is kept whole when more than half of it was selected. */
+        int64_t m = 0;
+        int32_t *smooth = out + n; /* tmp has room for 2 * Lk keys */
+        for (int64_t k = 0; k < n;) {
+            int64_t blk = out[k] / bs, kb0 = blk * bs, kb1 = dma_min64(Lk, kb0 + bs), c = 0;
+            while (k < n && out[k] < kb1) {
+                k++;
+                c++;
+            }
+            if (2 * c > kb1 - kb0)
+                for (int64_t j = kb0; j < kb1; j++)
+                    if (visible(bd, b, j, p))
+                        smooth[m++] = (int32_t)j;
+        }
+        memmove(out, smooth, sizeof(int32_t) * (size_t)m);
+        n = m;
+    }
+    if (!grow((void **)&rs->list, &rs->cap, rs->nlist + n, sizeof(int32_t)))
+        return DMA_ERR_NOMEM;
+    memcpy(rs->list + rs->nlist, out, sizeof(int32_t) * (size_t)n);
+    rs->nlist += n;
+    return DMA_OK;
+}
+
+static void build_rows(const build *bd, int64_t b, int64_t h, slab *sl)
+{
+    const int64_t Lk = bd->Lk;
+    dma_sparsity *sp = bd->sp;
+    int64_t s = b * bd->H + h;
+    row_scratch rs = {0};
+    rs.tmp = malloc(sizeof(int32_t) * (size_t)(3 * Lk + 1));
+    rs.heap = malloc(sizeof(heap_item) * (size_t)(dma_min64(bd->window, Lk) + 1));
+    if (!rs.tmp || !rs.heap) {
+        sl->status = DMA_ERR_NOMEM;
+        goto done;
+    }
+    rs.pos_of = rs.tmp + 2 * Lk;
+    for (int64_t j = 0; j < Lk; j++)
+        rs.pos_of[j] = -1;
+    int32_t *lo = sp->row_lo + s * bd->Lq, *hi = sp->row_hi + s * bd->Lq;
+    for (int64_t t = 0; t < sp->ntiles; t++) {
+        int64_t r0 = t * DMA_TILE, r1 = dma_min64(bd->Lq, r0 + DMA_TILE), nr = r1 - r0;
+        rs.nlist = 0;
+        int32_t kmin = INT32_MAX, kmax = -1;
+        for (int64_t r = 0; r < nr; r++) {
+            rs.start[r] = rs.nlist;
+            dma_status st = select_row(bd, b, h, r0 + r, &rs);
+            if (st != DMA_OK) {
+                sl->status = st;
+                goto done;
+            }
+            if (rs.nlist > rs.start[r]) {
+                kmin = rs.list[rs.start[r]] < kmin ? rs.list[rs.start[r]] : kmin;
+                kmax = rs.list[rs.nlist - 1] > kmax ? rs.list[rs.nlist - 1] : kmax;
+            }
+        }
+        rs.start[nr] = rs.nlist;
+        /* Union: mark every listed key, then number the marks in key order. */
+        for (int64_t k = 0; k < rs.nlist; k++)
+            rs.pos_of[rs.list[k]] = 0;
+        int64_t count = 0;
+        for (int32_t j = kmin; j <= kmax; j++)
+            count += rs.pos_of[j] == 0;
+        int64_t base = sl->nkeys;
+        int32_t *u = slab_keys(sl, count);
+        if (!u) {
+            sl->status = DMA_ERR_NOMEM;
+            goto done;
+        }
+        int32_t c = 0;
+        for (int32_t j = kmin; j <= kmax; j++)
+            if (rs.pos_of[j] == 0) {
+                u[c] = j;
+                rs.pos_of[j] = c++;
+            }
+        bool ranges = true;
+        for (int64_t r = 0; r < nr && ranges; r++) {
+            int64_t a = rs.start[r], e = rs.start[r + 1];
+            if (e > a && rs.pos_of[rs.list[e - 1]] - rs.pos_of[rs.list[a]] + 1 != e - a)
+                ranges = false;
+        }
+        int32_t wpr = ranges ? 0 : (int32_t)dma_div_up(count, 64);
+        int64_t wbase = ranges ? -1 : sl->nwords;
+        uint64_t *words = ranges ? NULL : slab_words(sl, nr * wpr);
+        if (!ranges && !words) {
+            sl->status = DMA_ERR_NOMEM;
+            goto done;
+        }
+        for (int64_t r = 0; r < nr; r++) {
+            int64_t a = rs.start[r], e = rs.start[r + 1], i = r0 + r;
+            if (ranges) {
+                lo[i] = e > a ? rs.pos_of[rs.list[a]] : 0;
+                hi[i] = e > a ? rs.pos_of[rs.list[e - 1]] + 1 : 0;
+                sl->nnz += e - a;
+            } else {
+                uint64_t *row = words + r * wpr;
+                for (int64_t k = a; k < e; k++)
+                    bit_set(row, rs.pos_of[rs.list[k]]);
+                bits_bounds(row, wpr, &lo[i], &hi[i], &sl->nnz);
+            }
+        }
+        for (int32_t k = 0; k < c; k++)
+            rs.pos_of[sl->keys[base + k]] = -1;
+        sp->tiles[s * sp->ntiles + t] = (dma_tile){.key_off = base, .word_off = wbase, .first = 0,
+                                                   .count = (int32_t)count, .words_per_row = wpr};
+    }
+done:
+    free(rs.list);
+    free(rs.tmp);
+    free(rs.heap);
+}
+
+/* ================================================================================== */
+/* Driver                                                                               */
+/* ================================================================================== */
+
+static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
+{
+    dma_sparsity *sp;
+    dma_status st = dma_sparsity_alloc(ctx, bd->B, bd->H, bd->Lq, bd->Lk, &sp);
+    if (st != DMA_OK)
+        return st;
+    bd->sp = sp;
+    int64_t nslab = bd->B * bd->H;
+    slab *slabs = calloc((size_t)nslab, sizeof(slab));
+    if (!slabs) {
+        dma_sparsity_destroy(sp);
+        return dma_fail(ctx, DMA_ERR_NOMEM, "sparsity: out of memory");
+    }
+    bool per_key = !bd->bias || bd->bias->shape[2] == 1;
+    bool streaming = bd->kind == DMA_MASK_TOPK && bd->causal && per_key && bd->block_size <= 1;
+    bool shared = !streaming && bd->kind != KIND_FROM_MASK && per_key && bd->block_size <= 1;
+
+#pragma omp parallel for schedule(dynamic, 1) num_threads(ctx->threads)
+    for (int64_t s = 0; s < nslab; s++) {
+        int64_t b = s / bd->H, h = s % bd->H;
+        if (streaming)
+            build_topk_causal(bd, b, h, &slabs[s]);
+        else if (shared)
+            build_shared(bd, b, h, &slabs[s]);
+        else
+            build_rows(bd, b, h, &slabs[s]);
+    }
+
+    /* First failure in slab order (deterministic whatever the threads did). */
+    for (int64_t s = 0; s < nslab && st == DMA_OK; s++)
+        st = slabs[s].status;
+    int64_t nkeys = 0, nwords = 0;
+    for (int64_t s = 0; s < nslab; s++) {
+        nkeys += slabs[s].nkeys;
+        nwords += slabs[s].nwords;
+        sp->nnz += slabs[s].nnz;
+    }
+    if (st == DMA_OK) {
+        sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
+        sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
+        if (!sp->keys || !sp->words)
+            st = DMA_ERR_NOMEM;
+    }
+    if (st == DMA_OK) {
+        int64_t kb = 0, wb = 0;
+        for (int64_t s = 0; s < nslab; s++) {
+            memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
+            memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
+            for (int64_t t = 0; t < sp->ntiles; t++) {
+                dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
+                if (tile->key_off >= 0)
+                    tile->key_off += kb;
+                if (tile->word_off >= 0)
+                    tile->word_off += wb;
+            }
+            kb += slabs[s].nkeys;
+            wb += slabs[s].nwords;
+        }
+        sp->nkeys = nkeys;
+        sp->nwords = nwords;
+    }
+    for (int64_t s = 0; s < nslab; s++) {
+        free(slabs[s].keys);
+        free(slabs[s].words);
+    }
+    free(slabs);
+    if (st != DMA_OK) {
+        dma_sparsity_destroy(sp);
+        if (st == DMA_ERR_BAD_VALUE)
+            return dma_fail(ctx, st, "bias: NaN or +inf where a mask is generated");
+        return dma_fail(ctx, st, "sparsity: out of memory");
+    }
+    *out = sp;
+    return DMA_OK;
+}
+
+static dma_status check_lengths(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk)
+{
+    if (B < 1 || H < 1)
+        return dma_fail(ctx, DMA_ERR_SHAPE, "sparsity: B = %lld and H = %lld must be >= 1",
+                        (long long)B, (long long)H);
+    if (Lq < 0 || Lk < 0)
+        return dma_fail(ctx, DMA_ERR_SHAPE, "sparsity: negative length (Lq %lld, Lk %lld)",
+                        (long long)Lq, (long long)Lk);
+    int64_t total;
+    if (Lq > INT32_MAX || Lk > INT32_MAX || !dma_mul_ok(B, H, &total) ||
+        !dma_mul_ok(total, Lq, &total) || !dma_mul_ok(total, Lk, &total))
+        return dma_fail(ctx, DMA_ERR_OVERFLOW,
+                        "sparsity: Lq, Lk must be <= 2^31-1 and B*H*Lq*Lk fit 64 bits");
+    return DMA_OK;
+}
+
+dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                              int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                              const dma_tensor *key_padding, dma_sparsity **out)
+{
+    if (!ctx || !params || !out)
+        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: ctx, params and out are required");
+    dma_mask_kind kind = params->kind;
+    if (kind != DMA_MASK_TOPK && kind != DMA_MASK_RELU && kind != DMA_MASK_WINDOW &&
+        kind != DMA_MASK_DENSE)
+        return dma_fail(ctx, DMA_ERR_ARG, "sparsity_build: unknown mask kind %d", (int)kind);
+    if (params->window < 0 || params->block_size < 0)
+        return dma_fail(ctx, DMA_ERR_WINDOW, "sparsity_build: window %lld and block_size %lld "
+                        "must be >= 0", (long long)params->window, (long long)params->block_size);
+    dma_status st = check_lengths(ctx, B, H, Lq, Lk);
+    if (st != DMA_OK)
+        return st;
+    bool needs_bias = kind == DMA_MASK_TOPK || kind == DMA_MASK_RELU;
+    if (needs_bias && !bias)
+        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: top-k and relu need a bias");
+    if (!needs_bias)
+        bias = NULL;
+    if (bias) {
+        if ((st = dma_check_tensor(ctx, "bias", bias, DMA_F32, 4)) != DMA_OK)
+            return st;
+        if (!dma_is_bcast(bias->shape[0], B) || !dma_is_bcast(bias->shape[1], H) ||
+            !dma_is_bcast(bias->shape[2], Lq) || bias->shape[3] != Lk)
+            return dma_fail(ctx, DMA_ERR_SHAPE,
+                            "bias: shape (%lld, %lld, %lld, %lld) is not (1|%lld, 1|%lld, 1|%lld, %lld)",
+                            (long long)bias->shape[0], (long long)bias->shape[1],
+                            (long long)bias->shape[2], (long long)bias->shape[3], (long long)B,
+                            (long long)H, (long long)Lq, (long long)Lk);
+    }
+    if (key_padding) {
+        if ((st = dma_check_tensor(ctx, "key_padding", key_padding, DMA_BOOL, 2)) != DMA_OK)
+            return st;
+        if (!dma_is_bcast(key_padding->shape[0], B) || key_padding->shape[1] != Lk)
+            return dma_fail(ctx, DMA_ERR_SHAPE, "key_padding: shape (%lld, %lld) is not (1|%lld, %lld)",
+                            (long long)key_padding->shape[0], (long long)key_padding->shape[1],
+                            (long long)B, (long long)Lk);
+    }
+    build bd = {.kind = kind, .causal = params->causal != 0,
+                .window = kind == DMA_MASK_TOPK || kind == DMA_MASK_WINDOW ? params->window : 0,
+                .block_size = params->block_size, .B = B, .H = H, .Lq = Lq, .Lk = Lk,
+                .off = Lk - Lq, .bias = bias, .pad = key_padding};
+    /* A window of Lk or more selects the same keys as Lk (every row's last key is < Lk); the
+     * clamp keeps heaps small and p - window free of overflow. */
+    bd.window = dma_min64(bd.window, Lk);
+    return run_build(ctx, &bd, out);
+}
+
+dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_sparsity **out)
+{
+    if (!ctx || !mask || !out)
+        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_from_mask: ctx, mask and out are required");
+    dma_status st = dma_check_tensor(ctx, "mask", mask, DMA_BOOL, 4);
+    if (st != DMA_OK)
+        return st;
+    if ((st = check_lengths(ctx, mask->shape[0], mask->shape[1], mask->shape[2],
+                            mask->shape[3])) != DMA_OK)
+        return st;
+    build bd = {.kind = KIND_FROM_MASK, .B = mask->shape[0], .H = mask->shape[1],
+                .Lq = mask->shape[2], .Lk = mask->shape[3],
+                .off = mask->shape[3] - mask->shape[2], .mask = mask};
+    return run_build(ctx, &bd, out);
+}

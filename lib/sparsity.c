@@ -1,0 +1,128 @@
+/*
+ * sparsity.c - the sparsity object (DESIGN §2): allocation, inspection, and the dense/causal
+ * object the forward uses when it is given none. The mask generators are in mask_build.c.
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+dma_status dma_sparsity_alloc(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+                              dma_sparsity **out)
+{
+    int64_t ntiles = dma_div_up(Lq, DMA_TILE), nslab, ntile_all, nrows;
+    if (!dma_mul_ok(B, H, &nslab) || !dma_mul_ok(nslab, ntiles, &ntile_all) ||
+        !dma_mul_ok(nslab, Lq, &nrows) || ntile_all > (int64_t)(SIZE_MAX / 4 / sizeof(dma_tile)) ||
+        nrows > (int64_t)(SIZE_MAX / 8 / sizeof(int32_t)))
+        return dma_fail(ctx, DMA_ERR_OVERFLOW, "sparsity: B*H*Lq = %lld*%lld*%lld overflows",
+                        (long long)B, (long long)H, (long long)Lq);
+    dma_sparsity *sp = calloc(1, sizeof *sp);
+    if (sp) {
+        sp->tiles = dma_alloc((size_t)ntile_all * sizeof(dma_tile));
+        sp->row_lo = dma_alloc((size_t)nrows * sizeof(int32_t));
+        sp->row_hi = dma_alloc((size_t)nrows * sizeof(int32_t));
+    }
+    if (!sp || !sp->tiles || !sp->row_lo || !sp->row_hi) {
+        dma_sparsity_destroy(sp);
+        return dma_fail(ctx, DMA_ERR_NOMEM, "sparsity: out of memory for %lld rows",
+                        (long long)nrows);
+    }
+    sp->B = B;
+    sp->H = H;
+    sp->Lq = Lq;
+    sp->Lk = Lk;
+    sp->ntiles = ntiles;
+    *out = sp;
+    return DMA_OK;
+}
+
+void dma_sparsity_destroy(dma_sparsity *sp)
+{
+    if (!sp)
+        return;
+    dma_free(sp->tiles);
+    dma_free(sp->row_lo);
+    dma_free(sp->row_hi);
+    dma_free(sp->keys);
+    dma_free(sp->words);
+    free(sp);
+}
+
+void dma_sparsity_shape(const dma_sparsity *sp, int64_t *B, int64_t *H, int64_t *Lq, int64_t *Lk)
+{
+    if (B) *B = sp->B;
+    if (H) *H = sp->H;
+    if (Lq) *Lq = sp->Lq;
+    if (Lk) *Lk = sp->Lk;
+}
+
+int64_t dma_sparsity_nnz(const dma_sparsity *sp) { return sp->nnz; }
+
+size_t dma_sparsity_bytes(const dma_sparsity *sp)
+{
+    int64_t ntile_all = sp->B * sp->H * sp->ntiles, nrows = sp->B * sp->H * sp->Lq;
+    return sizeof *sp + (size_t)ntile_all * sizeof(dma_tile) + (size_t)nrows * 2 * sizeof(int32_t) +
+           (size_t)sp->nkeys * sizeof(int32_t) + (size_t)sp->nwords * sizeof(uint64_t);
+}
+
+int32_t dma_tile_cut(const dma_sparsity *sp, const dma_tile *t, int64_t last)
+{
+    if (t->key_off < 0)
+        return (int32_t)dma_max64(0, dma_min64(t->count, last - t->first + 1));
+    const int32_t *k = sp->keys + t->key_off;
+    int32_t lo = 0, hi = t->count; /* first position with key > last */
+    while (lo < hi) {
+        int32_t mid = lo + (hi - lo) / 2;
+        if (k[mid] <= last)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo;
+}
+
+dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t out_bytes)
+{
+    if (!sp || !out)
+        return DMA_ERR_NULL;
+    int64_t total = sp->B * sp->H * sp->Lq * sp->Lk; /* fits: checked when built */
+    if ((uint64_t)total > (uint64_t)out_bytes)
+        return DMA_ERR_BUFFER;
+    memset(out, 0, (size_t)total);
+    for (int64_t s = 0; s < sp->B * sp->H; s++)
+        for (int64_t i = 0; i < sp->Lq; i++) {
+            const dma_tile *t = &sp->tiles[s * sp->ntiles + i / DMA_TILE];
+            int64_t row = s * sp->Lq + i;
+            uint8_t *dst = out + row * sp->Lk;
+            const uint64_t *bits =
+                t->word_off >= 0 ? sp->words + t->word_off + (i % DMA_TILE) * t->words_per_row
+                                 : NULL;
+            for (int32_t pos = sp->row_lo[row]; pos < sp->row_hi[row]; pos++)
+                if (!bits || ((bits[pos >> 6] >> (pos & 63)) & 1u))
+                    dst[dma_tile_key(sp, t, pos)] = 1;
+        }
+    return DMA_OK;
+}
+
+dma_status dma_sparsity_dense(dma_context *ctx, int64_t Lq, int64_t Lk, bool causal,
+                              dma_sparsity **out)
+{
+    dma_sparsity *sp;
+    dma_status st = dma_sparsity_alloc(ctx, 1, 1, Lq, Lk, &sp);
+    if (st != DMA_OK)
+        return st;
+    int64_t off = Lk - Lq;
+    for (int64_t t = 0; t < sp->ntiles; t++) {
+        int64_t r0 = t * DMA_TILE, r1 = dma_min64(Lq, r0 + DMA_TILE);
+        int64_t n = causal ? dma_max64(0, dma_min64(Lk, r1 - 1 + off + 1)) : Lk;
+        sp->tiles[t] = (dma_tile){.key_off = -1, .word_off = -1, .first = 0, .count = (int32_t)n};
+        for (int64_t i = r0; i < r1; i++) {
+            int64_t hi = causal ? dma_max64(0, dma_min64(Lk, i + off + 1)) : Lk;
+            sp->row_lo[i] = 0;
+            sp->row_hi[i] = (int32_t)hi;
+            sp->nnz += hi;
+        }
+    }
+    *out = sp;
+    return DMA_OK;
+}
