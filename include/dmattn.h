@@ -283,6 +283,34 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
                        const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
                        const dma_attn_params *params, dma_tensor *out, dma_tensor *lse);
 
+/**
+ * Attention backward over the same selection as the forward (DESIGN §3). P is recomputed from
+ * the saved lse; with dS = P * (dP - rowsum(dout * out)) (times softcap's derivative when on):
+ *   dq = scale * dS K,  dk = scale * dS^T Q,  dv = P^T dout,  dbias = dS reduced over every axis
+ *   the bias broadcasts over (the query axis of a (B, H, 1, Lk) bias, the query heads that share
+ *   a bias head, the batch of a (1, ...) bias).
+ * Rows that selected nothing give zero gradients.
+ *
+ * @param q, k, v, bias, sp, params   exactly what the forward was called with.
+ * @param out, lse  the forward's outputs: float32 (B, Lq, Hq, D) and (B, Hq, Lq); both required.
+ * @param dout      float32 (B, Lq, Hq, D): the gradient of the loss with respect to out.
+ * @param dq        float32 (B, Lq, Hq, D), written whole.
+ * @param dk, dv    float32 (B, Lk, Hkv, D), written whole (keys nobody selected get 0).
+ * @param dbias     optional float32 with the bias's shape, written whole; requires bias.
+ *                  NULL: not computed.
+ * Results are bitwise identical for any thread count: contributions to dk, dv and dbias are
+ * summed in a fixed order. Scratch memory is O(Lq * (window + tile) * D) at most 64 MiB per
+ * wave of work items plus per-thread panels; nothing is O(Lq * Lk) except a per-row dbias, which
+ * is that size itself.
+ * Errors: those of dma_forward, plus DMA_ERR_NULL (lse, dout, dq, dk or dv missing; dbias without
+ * bias) and DMA_ERR_SHAPE (a gradient's shape differs from its input's).
+ */
+dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+                        const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
+                        const dma_attn_params *params, const dma_tensor *out,
+                        const dma_tensor *lse, const dma_tensor *dout, dma_tensor *dq,
+                        dma_tensor *dk, dma_tensor *dv, dma_tensor *dbias);
+
 #ifdef __cplusplus
 }
 #endif

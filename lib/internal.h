@@ -111,4 +111,81 @@ dma_status dma_sparsity_alloc(dma_context *ctx, int64_t B, int64_t H, int64_t Lq
 dma_status dma_sparsity_dense(dma_context *ctx, int64_t Lq, int64_t Lk, bool causal,
                               dma_sparsity **out);
 
+/* ---- attention problems shared by the forward and the backward (lib/attn.c) ---- */
+
+/* Query heads handled by one work item at most (bounds per-thread scratch for MQA shapes). */
+#define DMA_HEADS_PER_ITEM 8
+
+/* A validated attention call. */
+typedef struct dma_attn {
+    const dma_kernels *kern;
+    int64_t B, Lq, Lk, Hq, Hkv, D, off; /* off = Lk - Lq: row i's last visible key is i + off */
+    float scale, softcap;
+    bool causal;
+    const dma_tensor *q, *k, *v, *bias, *out, *lse;
+    const dma_sparsity *sp;  /* never NULL once dma_attn_prepare succeeded */
+    dma_sparsity *owned_sp;  /* the dense object made when the caller gave none */
+    int64_t heads_per_group; /* query heads sharing one kv head and one sparsity head */
+    int64_t items_per_group; /* ceil(heads_per_group / DMA_HEADS_PER_ITEM) */
+    int ld;                  /* row stride of Q, O and V panels: D rounded up to 16 */
+} dma_attn;
+
+/* Work item: (batch, head group, sub-group of at most DMA_HEADS_PER_ITEM heads, query tile). */
+typedef struct dma_item {
+    int64_t b, group, sub, tile, work;
+} dma_item;
+
+/* What a work item reads: its heads, rows, union and each row's selected positions. */
+typedef struct dma_item_view {
+    int64_t h0, nh, hkv, r0, nrows, M, slab;
+    const dma_tile *tile;
+    const int32_t *keys;        /* the union's keys, or NULL for a contiguous union */
+    const float *kbase, *vbase; /* K and V of (b, hkv): key c at base + key * stride[1] */
+    int32_t lo[DMA_TILE], hi[DMA_TILE]; /* row i selects positions within [lo, hi) */
+} dma_item_view;
+
+/* Validate the arguments the forward and backward share and fill `a` (no sparsity is made yet).
+ * `out_name` names the tensor checked against q's shape ("out"). */
+dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+                          const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
+                          const dma_attn_params *params, const dma_tensor *out,
+                          const dma_tensor *lse, dma_attn *a);
+
+/* Make the dense/causal sparsity when none was given. Free with dma_attn_release. */
+dma_status dma_attn_prepare(dma_context *ctx, dma_attn *a);
+void dma_attn_release(dma_attn *a);
+
+/* All work items in natural order (b, group, sub, tile); work = union size. Caller frees. */
+dma_status dma_attn_items(dma_context *ctx, const dma_attn *a, dma_item **items,
+                          int64_t *nitems);
+
+void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv);
+
+/* Rows of a (B, L, H, D) tensor for the item's heads and rows into dst[M][ld], times `scale`,
+ * zero-padded to ld; row r = hh * nrows + i. */
+void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                        const dma_tensor *src, float scale, float *dst);
+
+/* Whether any row selects a position of chunk [c0, c0 + n). */
+bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n);
+
+/* Columns [ca, cb) of the chunk that rows rb .. rb+m-1 select, widened to whole nr blocks;
+ * false if none. */
+bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0, int64_t n,
+                    int64_t nr, int64_t *ca, int64_t *cb);
+
+/* A per-key bias (Lb == 1) of head hh over chunk positions [c0, c0 + n), zero up to n_pad. */
+void dma_gather_key_bias(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                         int64_t hh, int64_t c0, int64_t n, int64_t n_pad, float *dst);
+
+/* A per-row bias of head hh, row i over chunk positions c0 + [ca, cb), zero past n. */
+void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                         int64_t hh, int64_t i, int64_t c0, int64_t ca, int64_t cb, int64_t n,
+                         float *dst);
+
+/* Row i's bitmask (or NULL) and its selected span within the block columns c0 + [ca, cb). */
+const uint64_t *dma_row_bits(const dma_attn *a, const dma_item_view *iv, int64_t i);
+void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,
+                  int *lo, int *hi);
+
 #endif /* DMATTN_INTERNAL_H */

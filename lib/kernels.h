@@ -58,6 +58,24 @@ typedef struct dma_kernels {
      * Columns D..ldo-1 of o may be written with zeros-in, zeros-out values. */
     void (*accum_pv)(float *o, int ldo, const float *alpha, const float *p, int ldp, int m,
                      const float *vp, int ldv, int n, int D);
+
+    /* ---- backward ---- */
+
+    /* One row of the backward over a chunk of n positions (selection rule as softmax_row).
+     * In: s[c] the scaled score <q, k_c>, dp[c] = <dout, v_c>. For selected c:
+     *     t = softcap > 0 ? softcap * tanh(s / softcap) : s;  x = t + (bias ? bias[c] : 0)
+     *     p = exp(x - lse);  dx = p * (dp - delta);  ds = dx * (softcap > 0 ? 1 - (t/softcap)^2 : 1)
+     * Out: s[c] = p, dp[c] = ds, and dx_sum[c] += dx when dx_sum is not NULL; every c < n is
+     * written, with p = ds = 0 (and nothing added) where c is not selected or lse is -inf. */
+    void (*grad_row)(float *s, float *dp, int n, const float *bias, const uint64_t *bits,
+                     int bit0, int lo, int hi, float softcap, float lse, float delta,
+                     float *dx_sum);
+
+    /* o[c][d] += sum_{r<k} p[r][c] * x[r][d] for c < m (m <= mr), d < D: the transposed-P
+     * product that accumulates dK (p = dS, x = Q) and dV (p = P, x = dout) over k query rows.
+     * p has row stride ldp, x and o row strides ldx and ldo (multiples of 16, zero-padded). */
+    void (*accum_tn)(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
+                     int k, int D);
 } dma_kernels;
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */

@@ -120,6 +120,41 @@ static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int 
     }
 }
 
+static void grad_row(float *s, float *dp, int n, const float *bias, const uint64_t *bits,
+                     int bit0, int lo, int hi, float softcap, float lse, float delta,
+                     float *dx_sum)
+{
+    for (int c = 0; c < n; c++) {
+        if (lse == -INFINITY || !selected(bits, bit0, lo, hi, c)) {
+            s[c] = dp[c] = 0.0f;
+            continue;
+        }
+        float t = softcap > 0.0f ? softcap * tanhf(s[c] / softcap) : s[c];
+        float x = t + (bias ? bias[c] : 0.0f);
+        float p = expf(x - lse);
+        float dx = p * (dp[c] - delta);
+        float slope = softcap > 0.0f ? 1.0f - (t / softcap) * (t / softcap) : 1.0f;
+        s[c] = p;
+        dp[c] = dx * slope;
+        if (dx_sum)
+            dx_sum[c] += dx;
+    }
+}
+
+static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
+                     int k, int D)
+{
+    for (int c = 0; c < m; c++) {
+        float *orow = o + (int64_t)c * ldo;
+        for (int r = 0; r < k; r++) {
+            float pc = p[(int64_t)r * ldp + c];
+            const float *xrow = x + (int64_t)r * ldx;
+            for (int d = 0; d < D; d++)
+                orow[d] += pc * xrow[d];
+        }
+    }
+}
+
 const dma_kernels dma_kernels_scalar = {
     .name = "scalar",
     .mr = MR,
@@ -129,4 +164,6 @@ const dma_kernels dma_kernels_scalar = {
     .scores = scores,
     .softmax_row = softmax_row,
     .accum_pv = accum_pv,
+    .grad_row = grad_row,
+    .accum_tn = accum_tn,
 };

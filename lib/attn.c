@@ -1,0 +1,231 @@
+/*
+ * attn.c - what the forward and the backward share: argument validation, the work items, and the
+ * per-item views of rows, unions, masks and biases.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+
+static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
+
+dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+                          const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
+                          const dma_attn_params *params, const dma_tensor *out,
+                          const dma_tensor *lse, dma_attn *a)
+{
+    dma_status st;
+    if (!q || !k || !v || !out)
+        return dma_fail(ctx, DMA_ERR_NULL, "q, k, v and out are required");
+    if ((st = dma_check_tensor(ctx, "q", q, DMA_F32, 4)) ||
+        (st = dma_check_tensor(ctx, "k", k, DMA_F32, 4)) ||
+        (st = dma_check_tensor(ctx, "v", v, DMA_F32, 4)) ||
+        (st = dma_check_tensor(ctx, "out", out, DMA_F32, 4)))
+        return st;
+    const int64_t B = q->shape[0], Lq = q->shape[1], Hq = q->shape[2], D = q->shape[3];
+    const int64_t Lk = k->shape[1], Hkv = k->shape[2];
+    if (D < 1 || D > DMA_MAX_HEAD_DIM)
+        return dma_fail(ctx, DMA_ERR_HEAD_DIM, "q: head dimension %lld is outside 1..%d",
+                        (long long)D, DMA_MAX_HEAD_DIM);
+    if (Hq < 1 || Hkv < 1 || Hq % Hkv != 0)
+        return dma_fail(ctx, DMA_ERR_HEADS, "heads: Hq = %lld must be a positive multiple of "
+                        "Hkv = %lld", (long long)Hq, (long long)Hkv);
+    if (k->shape[0] != B || k->shape[3] != D)
+        return dma_fail(ctx, DMA_ERR_SHAPE, "k: shape (%lld, %lld, %lld, %lld) does not match q's "
+                        "batch %lld and head dim %lld", (long long)k->shape[0], (long long)Lk,
+                        (long long)Hkv, (long long)k->shape[3], (long long)B, (long long)D);
+    for (int d = 0; d < 4; d++) {
+        if (v->shape[d] != k->shape[d])
+            return dma_fail(ctx, DMA_ERR_SHAPE, "v: shape differs from k's in dimension %d", d);
+        if (out->shape[d] != q->shape[d])
+            return dma_fail(ctx, DMA_ERR_SHAPE, "out: shape differs from q's in dimension %d", d);
+    }
+    if (Lq > INT32_MAX || Lk > INT32_MAX)
+        return dma_fail(ctx, DMA_ERR_OVERFLOW, "Lq and Lk must be <= 2^31-1");
+    if (bias) {
+        if ((st = dma_check_tensor(ctx, "bias", bias, DMA_F32, 4)))
+            return st;
+        if (!dma_is_bcast(bias->shape[0], B) ||
+            !(bias->shape[1] == 1 || bias->shape[1] == Hkv || bias->shape[1] == Hq) ||
+            !dma_is_bcast(bias->shape[2], Lq) || bias->shape[3] != Lk)
+            return dma_fail(ctx, DMA_ERR_SHAPE, "bias: shape (%lld, %lld, %lld, %lld) is not "
+                            "(1|B, 1|Hkv|Hq, 1|Lq, Lk)", (long long)bias->shape[0],
+                            (long long)bias->shape[1], (long long)bias->shape[2],
+                            (long long)bias->shape[3]);
+    }
+    if (sp && (sp->Lq != Lq || sp->Lk != Lk || !dma_is_bcast(sp->B, B) ||
+               !(sp->H == 1 || sp->H == Hkv || sp->H == Hq)))
+        return dma_fail(ctx, DMA_ERR_SHAPE, "sparsity: (B %lld, H %lld, Lq %lld, Lk %lld) does "
+                        "not fit (B %lld, H 1|%lld|%lld, Lq %lld, Lk %lld)", (long long)sp->B,
+                        (long long)sp->H, (long long)sp->Lq, (long long)sp->Lk, (long long)B,
+                        (long long)Hkv, (long long)Hq, (long long)Lq, (long long)Lk);
+    if (lse) {
+        if ((st = dma_check_tensor(ctx, "lse", lse, DMA_F32, 3)))
+            return st;
+        if (lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq)
+            return dma_fail(ctx, DMA_ERR_SHAPE, "lse: shape must be (B, Hq, Lq)");
+    }
+    dma_attn_params p = {0};
+    if (params)
+        p = *params;
+    if (!isfinite(p.scale) || !isfinite(p.softcap) || p.softcap < 0.0f)
+        return dma_fail(ctx, DMA_ERR_BAD_VALUE, "params: scale must be finite and softcap finite "
+                        "and >= 0");
+    int64_t hs = sp ? sp->H : 1;
+    *a = (dma_attn){.kern = ctx->kernels, .B = B, .Lq = Lq, .Lk = Lk, .Hq = Hq, .Hkv = Hkv,
+                    .D = D, .off = Lk - Lq,
+                    .scale = p.scale != 0.0f ? p.scale : 1.0f / sqrtf((float)D),
+                    .softcap = p.softcap, .causal = p.causal != 0, .q = q, .k = k, .v = v,
+                    .bias = bias, .out = out, .lse = lse, .sp = sp,
+                    .heads_per_group = Hq / (Hkv > hs ? Hkv : hs)};
+    a->items_per_group = dma_div_up(a->heads_per_group, DMA_HEADS_PER_ITEM);
+    a->ld = (int)dma_div_up(D, 16) * 16;
+    return DMA_OK;
+}
+
+dma_status dma_attn_prepare(dma_context *ctx, dma_attn *a)
+{
+    if (a->sp)
+        return DMA_OK;
+    dma_status st = dma_sparsity_dense(ctx, a->Lq, a->Lk, a->causal, &a->owned_sp);
+    a->sp = a->owned_sp;
+    return st;
+}
+
+void dma_attn_release(dma_attn *a)
+{
+    dma_sparsity_destroy(a->owned_sp);
+    a->owned_sp = NULL;
+}
+
+dma_status dma_attn_items(dma_context *ctx, const dma_attn *a, dma_item **items, int64_t *nitems)
+{
+    const dma_sparsity *sp = a->sp;
+    int64_t groups = a->Hq / a->heads_per_group;
+    int64_t n = a->B * groups * a->items_per_group * sp->ntiles;
+    dma_item *list = malloc(sizeof(dma_item) * (size_t)(n ? n : 1));
+    if (!list)
+        return dma_fail(ctx, DMA_ERR_NOMEM, "out of memory for %lld work items", (long long)n);
+    int64_t x = 0;
+    for (int64_t b = 0; b < a->B; b++)
+        for (int64_t gi = 0; gi < groups; gi++)
+            for (int64_t sub = 0; sub < a->items_per_group; sub++)
+                for (int64_t t = 0; t < sp->ntiles; t++) {
+                    int64_t h0 = gi * a->heads_per_group;
+                    int64_t slab = (sp->B == 1 ? 0 : b) * sp->H + h0 / (a->Hq / sp->H);
+                    list[x++] = (dma_item){b, gi, sub, t, sp->tiles[slab * sp->ntiles + t].count};
+                }
+    *items = list;
+    *nitems = n;
+    return DMA_OK;
+}
+
+void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv)
+{
+    const dma_sparsity *sp = a->sp;
+    const int64_t g = a->heads_per_group;
+    iv->h0 = it->group * g + it->sub * DMA_HEADS_PER_ITEM;
+    iv->nh = dma_min64(DMA_HEADS_PER_ITEM, g - it->sub * DMA_HEADS_PER_ITEM);
+    iv->hkv = iv->h0 / (a->Hq / a->Hkv);
+    iv->slab = (sp->B == 1 ? 0 : it->b) * sp->H + iv->h0 / (a->Hq / sp->H);
+    iv->tile = &sp->tiles[iv->slab * sp->ntiles + it->tile];
+    iv->keys = iv->tile->key_off >= 0 ? sp->keys + iv->tile->key_off : NULL;
+    iv->r0 = it->tile * DMA_TILE;
+    iv->nrows = dma_min64(a->Lq, iv->r0 + DMA_TILE) - iv->r0;
+    iv->M = iv->nh * iv->nrows;
+    iv->kbase = f32(a->k) + it->b * a->k->stride[0] + iv->hkv * a->k->stride[2];
+    iv->vbase = f32(a->v) + it->b * a->v->stride[0] + iv->hkv * a->v->stride[2];
+    for (int64_t i = 0; i < iv->nrows; i++) {
+        int64_t row = iv->slab * sp->Lq + iv->r0 + i;
+        int32_t lo = sp->row_lo[row], hi = sp->row_hi[row];
+        if (a->causal) {
+            int32_t cut = dma_tile_cut(sp, iv->tile, iv->r0 + i + a->off);
+            hi = hi < cut ? hi : cut;
+        }
+        iv->lo[i] = hi > lo ? lo : 0;
+        iv->hi[i] = hi > lo ? hi : 0;
+    }
+}
+
+void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                        const dma_tensor *src, float scale, float *dst)
+{
+    for (int64_t hh = 0; hh < iv->nh; hh++)
+        for (int64_t i = 0; i < iv->nrows; i++) {
+            const float *s = f32(src) + it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
+                             (iv->h0 + hh) * src->stride[2];
+            float *d = dst + (hh * iv->nrows + i) * a->ld;
+            for (int64_t x = 0; x < a->D; x++)
+                d[x] = scale * s[x];
+            memset(d + a->D, 0, sizeof(float) * (size_t)(a->ld - a->D));
+        }
+}
+
+bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n)
+{
+    for (int64_t i = 0; i < iv->nrows; i++)
+        if (iv->lo[i] < c0 + n && iv->hi[i] > c0)
+            return true;
+    return false;
+}
+
+bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0, int64_t n,
+                    int64_t nr, int64_t *ca, int64_t *cb)
+{
+    int64_t lo = n, hi = 0;
+    for (int64_t i = rb; i < rb + m; i++) {
+        int64_t s = dma_max64(iv->lo[i], c0) - c0, e = dma_min64(iv->hi[i], c0 + n) - c0;
+        if (e > s) {
+            lo = s < lo ? s : lo;
+            hi = e > hi ? e : hi;
+        }
+    }
+    if (hi <= lo)
+        return false;
+    *ca = lo / nr * nr;
+    *cb = dma_div_up(hi, nr) * nr;
+    return true;
+}
+
+static inline int64_t bias_head(const dma_attn *a, const dma_item_view *iv, int64_t hh)
+{
+    return (iv->h0 + hh) / (a->Hq / a->bias->shape[1]);
+}
+
+void dma_gather_key_bias(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                         int64_t hh, int64_t c0, int64_t n, int64_t n_pad, float *dst)
+{
+    int64_t hb = bias_head(a, iv, hh);
+    for (int64_t c = 0; c < n; c++)
+        dst[c] = f32(a->bias)[dma_offset4(a->bias, it->b, hb, 0,
+                                          dma_tile_key(a->sp, iv->tile, (int32_t)(c0 + c)))];
+    for (int64_t c = n; c < n_pad; c++)
+        dst[c] = 0.0f;
+}
+
+void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                         int64_t hh, int64_t i, int64_t c0, int64_t ca, int64_t cb, int64_t n,
+                         float *dst)
+{
+    int64_t hb = bias_head(a, iv, hh);
+    for (int64_t c = ca; c < cb; c++)
+        dst[c - ca] = c < n ? f32(a->bias)[dma_offset4(a->bias, it->b, hb, iv->r0 + i,
+                                                       dma_tile_key(a->sp, iv->tile,
+                                                                    (int32_t)(c0 + c)))]
+                            : 0.0f;
+}
+
+const uint64_t *dma_row_bits(const dma_attn *a, const dma_item_view *iv, int64_t i)
+{
+    const dma_tile *t = iv->tile;
+    return t->word_off >= 0 ? a->sp->words + t->word_off + i * t->words_per_row : NULL;
+}
+
+void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,
+                  int *lo, int *hi)
+{
+    int64_t s = dma_max64(iv->lo[i] - c0 - ca, 0), e = dma_min64(iv->hi[i] - c0 - ca, cb - ca);
+    *lo = (int)s;
+    *hi = (int)(e > s ? e : s);
+}

@@ -1,0 +1,364 @@
+/*
+ * backward.c - attention backward over a sparsity object (DESIGN §3).
+ *
+ * Per work item (the forward's items) and chunk of the tile's union it recomputes P from the
+ * saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the item's own),
+ * and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's private buffers.
+ * Items run in waves of a fixed composition (natural order, bounded memory); after each wave
+ * the private buffers are added into dk, dv and dbias in item order, so every element is summed
+ * in the same order whatever the thread count: results are bitwise reproducible.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#include "internal.h"
+
+/* Private gradient buffers of one wave, in floats; a wave holds at least WAVE_MIN_ITEMS. */
+#define WAVE_BUDGET_FLOATS ((int64_t)16 << 20)
+#define WAVE_MIN_ITEMS 8
+
+static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
+
+typedef struct bwd {
+    dma_attn a;
+    const dma_tensor *dout, *dq, *dk, *dv, *dbias;
+    bool per_row_bias;
+} bwd;
+
+/* The private buffers of an item: dk and dv [count_pad][ld], then dbias. */
+typedef struct item_grads {
+    float *dk, *dv, *dbias;
+    int64_t count_pad, nbh; /* union rounded up to DMA_CHUNK; bias heads the item touches */
+} item_grads;
+
+static int64_t bias_head(const bwd *w, int64_t h) { return h / (w->a.Hq / w->dbias->shape[1]); }
+
+static int64_t item_floats(const bwd *w, const dma_item *it, int64_t *nbh_out)
+{
+    dma_item_view iv;
+    dma_item_view_init(&w->a, it, &iv);
+    int64_t count_pad = dma_div_up(iv.tile->count, DMA_CHUNK) * DMA_CHUNK;
+    int64_t n = 2 * count_pad * w->a.ld, nbh = 0;
+    if (w->dbias) {
+        nbh = bias_head(w, iv.h0 + iv.nh - 1) - bias_head(w, iv.h0) + 1;
+        n += nbh * (w->per_row_bias ? iv.nrows : 1) * count_pad;
+    }
+    if (nbh_out)
+        *nbh_out = nbh;
+    return (n + 15) / 16 * 16;
+}
+
+static size_t backward_scratch_floats(const dma_attn *a)
+{
+    int64_t M = DMA_HEADS_PER_ITEM * DMA_TILE;
+    size_t n = (size_t)(3 * M * a->ld + 2 * DMA_CHUNK * a->ld + DMA_CHUNK * a->ld +
+                        2 * M * DMA_CHUNK + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * M + 64);
+    return (n + 15) / 16 * 16;
+}
+
+static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float *scratch)
+{
+    const dma_attn *a = &w->a;
+    const dma_kernels *kern = a->kern;
+    const int64_t D = a->D, ld = a->ld, mr = kern->mr, nr = kern->nr;
+    dma_item_view iv;
+    dma_item_view_init(a, it, &iv);
+    const int64_t M = iv.M, nrows = iv.nrows;
+
+    float *Q = scratch;                     /* [M][ld] scaled queries */
+    float *dO = Q + M * ld;                 /* [M][ld] */
+    float *dQ = dO + M * ld;                /* [M][ld] accumulates dS K */
+    float *Kp = dQ + M * ld;                /* [DMA_CHUNK][D] K^T packed */
+    float *Vt = Kp + DMA_CHUNK * ld;        /* [DMA_CHUNK][D] V^T packed */
+    float *Kr = Vt + DMA_CHUNK * ld;        /* [DMA_CHUNK][ld] K rows */
+    float *P = Kr + DMA_CHUNK * ld;         /* [M][DMA_CHUNK] */
+    float *dS = P + M * DMA_CHUNK;          /* [M][DMA_CHUNK] */
+    float *bias_buf = dS + M * DMA_CHUNK;   /* [heads][DMA_CHUNK] */
+    float *row_lse = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
+    float *row_delta = row_lse + M;
+    float *ones = row_delta + M;            /* [mr] */
+
+    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q);
+    dma_item_load_rows(a, it, &iv, w->dout, 1.0f, dO);
+    memset(dQ, 0, sizeof(float) * (size_t)(M * ld));
+    for (int64_t r = 0; r < mr; r++)
+        ones[r] = 1.0f;
+    for (int64_t hh = 0; hh < iv.nh; hh++)
+        for (int64_t i = 0; i < nrows; i++) {
+            int64_t r = hh * nrows + i, h = iv.h0 + hh, row = iv.r0 + i;
+            row_lse[r] = f32(a->lse)[it->b * a->lse->stride[0] + h * a->lse->stride[1] +
+                                     row * a->lse->stride[2]];
+            const float *o = f32(a->out) + it->b * a->out->stride[0] +
+                             row * a->out->stride[1] + h * a->out->stride[2];
+            const float *d = dO + r * ld;
+            float delta = 0.0f;
+            for (int64_t x = 0; x < D; x++)
+                delta += d[x] * o[x];
+            row_delta[r] = delta;
+        }
+    const int64_t hb0 = w->dbias ? bias_head(w, iv.h0) : 0;
+
+    for (int64_t c0 = 0; c0 < iv.tile->count; c0 += DMA_CHUNK) {
+        const int64_t n = dma_min64(DMA_CHUNK, iv.tile->count - c0);
+        const int64_t n_pad = dma_div_up(n, nr) * nr;
+        if (!dma_chunk_active(&iv, c0, n))
+            continue;
+        const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
+        const int32_t first = (int32_t)(iv.tile->first + c0);
+        kern->pack_k(Kp, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+        kern->pack_k(Vt, iv.vbase, a->v->stride[1], keys, first, (int)n, (int)D);
+        kern->pack_v(Kr, (int)ld, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+        if (a->bias && !w->per_row_bias)
+            for (int64_t hh = 0; hh < iv.nh; hh++)
+                dma_gather_key_bias(a, it, &iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
+        int64_t used_lo = n_pad, used_hi = 0; /* columns any block touched */
+        for (int64_t hh = 0; hh < iv.nh; hh++)
+            for (int64_t rb = 0; rb < nrows; rb += mr) {
+                const int64_t m = dma_min64(mr, nrows - rb), row0 = hh * nrows + rb;
+                int64_t ca = 0, cb = 0;
+                bool active = dma_block_cols(&iv, rb, m, c0, n, nr, &ca, &cb);
+                /* Rows of P and dS are zero outside [ca, cb): accum_tn reads whole columns. */
+                for (int64_t r = 0; r < m; r++) {
+                    float *pr = P + (row0 + r) * DMA_CHUNK, *dr = dS + (row0 + r) * DMA_CHUNK;
+                    memset(pr, 0, sizeof(float) * (size_t)ca);
+                    memset(dr, 0, sizeof(float) * (size_t)ca);
+                    memset(pr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
+                    memset(dr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
+                }
+                if (!active)
+                    continue;
+                used_lo = ca < used_lo ? ca : used_lo;
+                used_hi = cb > used_hi ? cb : used_hi;
+                float *Pb = P + row0 * DMA_CHUNK + ca, *dSb = dS + row0 * DMA_CHUNK + ca;
+                kern->scores(Pb, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                             (int)(cb - ca), (int)D);
+                kern->scores(dSb, DMA_CHUNK, dO + row0 * ld, (int)ld, (int)m, Vt + ca * D,
+                             (int)(cb - ca), (int)D);
+                for (int64_t r = 0; r < m; r++) {
+                    const int64_t i = rb + r;
+                    const float *brow = NULL;
+                    if (w->per_row_bias) {
+                        brow = bias_buf + hh * DMA_CHUNK;
+                        dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n,
+                                            bias_buf + hh * DMA_CHUNK);
+                    } else if (a->bias) {
+                        brow = bias_buf + hh * DMA_CHUNK + ca;
+                    }
+                    float *dx_sum = NULL;
+                    if (w->dbias) {
+                        int64_t hbi = bias_head(w, iv.h0 + hh) - hb0;
+                        dx_sum = g->dbias + (w->per_row_bias ? hbi * nrows + i : hbi) *
+                                                g->count_pad + c0 + ca;
+                    }
+                    int lo, hi;
+                    dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
+                    kern->grad_row(Pb + r * DMA_CHUNK, dSb + r * DMA_CHUNK, (int)(cb - ca), brow,
+                                   dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi, a->softcap,
+                                   row_lse[row0 + r], row_delta[row0 + r], dx_sum);
+                }
+                kern->accum_pv(dQ + row0 * ld, (int)ld, ones, dSb, DMA_CHUNK, (int)m,
+                               Kr + ca * ld, (int)ld, (int)(cb - ca), (int)D);
+            }
+        /* dK[U] += dS^T Q and dV[U] += P^T dO over all the item's rows, mr keys at a time. */
+        for (int64_t c = used_lo; c < used_hi; c += mr) {
+            const int64_t m = dma_min64(mr, used_hi - c);
+            kern->accum_tn(g->dk + (c0 + c) * ld, (int)ld, dS + c, DMA_CHUNK, (int)m, Q, (int)ld,
+                           (int)M, (int)D);
+            kern->accum_tn(g->dv + (c0 + c) * ld, (int)ld, P + c, DMA_CHUNK, (int)m, dO, (int)ld,
+                           (int)M, (int)D);
+        }
+    }
+
+    for (int64_t hh = 0; hh < iv.nh; hh++)
+        for (int64_t i = 0; i < nrows; i++) {
+            float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv.r0 + i) * w->dq->stride[1] +
+                         (iv.h0 + hh) * w->dq->stride[2];
+            const float *src = dQ + (hh * nrows + i) * ld;
+            for (int64_t x = 0; x < D; x++)
+                dst[x] = a->scale * src[x];
+        }
+}
+
+/* Add a wave's private buffers into dk/dv columns [d0, d1), and (when `bias_part`) the dbias
+ * entries this thread owns, always in item order. */
+static void reduce_wave(const bwd *w, const dma_item *items, const item_grads *grads,
+                        int64_t first, int64_t last, int64_t d0, int64_t d1, int part, int parts)
+{
+    const dma_attn *a = &w->a;
+    for (int64_t x = first; x < last; x++) {
+        const dma_item *it = &items[x];
+        const item_grads *g = &grads[x - first];
+        dma_item_view iv;
+        dma_item_view_init(a, it, &iv);
+        for (int64_t u = 0; u < iv.tile->count; u++) {
+            int64_t key = dma_tile_key(a->sp, iv.tile, (int32_t)u);
+            float *dk = f32(w->dk) + it->b * w->dk->stride[0] + key * w->dk->stride[1] +
+                        iv.hkv * w->dk->stride[2];
+            float *dv = f32(w->dv) + it->b * w->dv->stride[0] + key * w->dv->stride[1] +
+                        iv.hkv * w->dv->stride[2];
+            const float *gk = g->dk + u * a->ld, *gv = g->dv + u * a->ld;
+            for (int64_t d = d0; d < d1; d++) {
+                dk[d] += gk[d];
+                dv[d] += gv[d];
+            }
+        }
+        if (!w->dbias)
+            continue;
+        const dma_tensor *db = w->dbias;
+        int64_t hb0 = bias_head(w, iv.h0);
+        for (int64_t hbi = 0; hbi < g->nbh; hbi++) {
+            int64_t rows = w->per_row_bias ? iv.nrows : 1;
+            for (int64_t i = 0; i < rows; i++) {
+                /* Per-key dbias belongs to part 0; per-row dbias rows are dealt round-robin. */
+                if ((w->per_row_bias ? (iv.r0 + i) % parts : 0) != part)
+                    continue;
+                const float *src = g->dbias + (hbi * rows + i) * g->count_pad;
+                for (int64_t u = 0; u < iv.tile->count; u++)
+                    if (src[u] != 0.0f)
+                        f32(db)[dma_offset4(db, it->b, hb0 + hbi, iv.r0 + i,
+                                            dma_tile_key(a->sp, iv.tile, (int32_t)u))] += src[u];
+            }
+        }
+    }
+}
+
+/* Zero a 4-D float tensor, one last-dimension row at a time (any strides). */
+static void zero_tensor(const dma_tensor *t)
+{
+    for (int64_t a = 0; a < t->shape[0]; a++)
+        for (int64_t b = 0; b < t->shape[1]; b++)
+            for (int64_t c = 0; c < t->shape[2]; c++)
+                memset(f32(t) + a * t->stride[0] + b * t->stride[1] + c * t->stride[2], 0,
+                       sizeof(float) * (size_t)t->shape[3]);
+}
+
+static dma_status check_grad(dma_context *ctx, const char *name, const dma_tensor *g,
+                             const dma_tensor *like)
+{
+    if (!g)
+        return dma_fail(ctx, DMA_ERR_NULL, "backward: %s is required", name);
+    dma_status st = dma_check_tensor(ctx, name, g, DMA_F32, 4);
+    if (st != DMA_OK)
+        return st;
+    for (int d = 0; d < 4; d++)
+        if (g->shape[d] != like->shape[d])
+            return dma_fail(ctx, DMA_ERR_SHAPE, "backward: %s differs in dimension %d from the "
+                            "tensor it is the gradient of", name, d);
+    return DMA_OK;
+}
+
+dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+                        const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
+                        const dma_attn_params *params, const dma_tensor *out,
+                        const dma_tensor *lse, const dma_tensor *dout, dma_tensor *dq,
+                        dma_tensor *dk, dma_tensor *dv, dma_tensor *dbias)
+{
+    if (!ctx)
+        return DMA_ERR_NULL;
+    if (!lse)
+        return dma_fail(ctx, DMA_ERR_NULL, "backward: lse (from the forward) is required");
+    bwd w = {.dout = dout, .dq = dq, .dk = dk, .dv = dv, .dbias = dbias};
+    dma_status st = dma_attn_check(ctx, q, k, v, bias, sp, params, out, lse, &w.a);
+    if (st != DMA_OK)
+        return st;
+    if ((st = check_grad(ctx, "dout", dout, q)) || (st = check_grad(ctx, "dq", dq, q)) ||
+        (st = check_grad(ctx, "dk", dk, k)) || (st = check_grad(ctx, "dv", dv, v)))
+        return st;
+    if (dbias) {
+        if (!bias)
+            return dma_fail(ctx, DMA_ERR_NULL, "backward: dbias needs the bias it is the "
+                            "gradient of");
+        if ((st = check_grad(ctx, "dbias", dbias, bias)))
+            return st;
+    }
+    w.per_row_bias = bias && bias->shape[2] != 1;
+    if ((st = dma_attn_prepare(ctx, &w.a)) != DMA_OK)
+        return st;
+
+    dma_item *items = NULL;
+    int64_t nitems = 0;
+    float *scratch = NULL, *wave_buf = NULL;
+    item_grads *grads = NULL;
+    int64_t *wave_end = NULL, nwaves = 0, wave_floats = 0;
+    if ((st = dma_attn_items(ctx, &w.a, &items, &nitems)) != DMA_OK)
+        goto done;
+    /* Waves: consecutive items, closed when the budget is reached (and never below the
+     * minimum). The composition depends on the problem only, never on the thread count. */
+    wave_end = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
+    int64_t max_items = 0;
+    if (!wave_end) {
+        st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
+        goto done;
+    }
+    for (int64_t x = 0, start = 0, floats = 0; x < nitems; x++) {
+        floats += item_floats(&w, &items[x], NULL);
+        if (x + 1 == nitems || (x + 1 - start >= WAVE_MIN_ITEMS &&
+                                floats + item_floats(&w, &items[x + 1], NULL) > WAVE_BUDGET_FLOATS)) {
+            wave_end[nwaves++] = x + 1;
+            wave_floats = floats > wave_floats ? floats : wave_floats;
+            max_items = x + 1 - start > max_items ? x + 1 - start : max_items;
+            start = x + 1;
+            floats = 0;
+        }
+    }
+    int threads = (int)dma_max64(1, ctx->threads);
+    size_t per_thread = backward_scratch_floats(&w.a);
+    scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
+    wave_buf = dma_alloc(sizeof(float) * (size_t)wave_floats);
+    grads = malloc(sizeof(item_grads) * (size_t)(max_items + 1));
+    if (!scratch || !wave_buf || !grads) {
+        st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
+        goto done;
+    }
+
+    zero_tensor(dk);
+    zero_tensor(dv);
+    if (dbias)
+        zero_tensor(dbias);
+    if (nitems == 0)
+        goto done;
+#pragma omp parallel num_threads(threads)
+    {
+        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+        float *mine = scratch + per_thread * (size_t)tid;
+        for (int64_t wv = 0; wv < nwaves; wv++) {
+            const int64_t first = wv ? wave_end[wv - 1] : 0, last = wave_end[wv];
+#pragma omp single
+            {
+                float *p = wave_buf;
+                for (int64_t x = first; x < last; x++) {
+                    item_grads *g = &grads[x - first];
+                    int64_t floats = item_floats(&w, &items[x], &g->nbh);
+                    dma_item_view iv;
+                    dma_item_view_init(&w.a, &items[x], &iv);
+                    g->count_pad = dma_div_up(iv.tile->count, DMA_CHUNK) * DMA_CHUNK;
+                    g->dk = p;
+                    g->dv = p + g->count_pad * w.a.ld;
+                    g->dbias = p + 2 * g->count_pad * w.a.ld;
+                    p += floats;
+                }
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t x = first; x < last; x++) {
+                item_grads *g = &grads[x - first];
+                memset(g->dk, 0, sizeof(float) * (size_t)item_floats(&w, &items[x], NULL));
+                backward_item(&w, &items[x], g, mine);
+            }
+            /* Each thread adds a fixed slice of the columns (and its dbias rows). */
+            int64_t d0 = w.a.D * tid / nth, d1 = w.a.D * (tid + 1) / nth;
+            reduce_wave(&w, items, grads, first, last, d0, d1, tid, nth);
+#pragma omp barrier
+        }
+    }
+done:
+    free(items);
+    free(wave_end);
+    free(grads);
+    dma_free(scratch);
+    dma_free(wave_buf);
+    dma_attn_release(&w.a);
+    return st;
+}
