@@ -501,7 +501,7 @@ static dma_status select_row(const build *bd, int64_t b, int64_t h, int64_t i, r
         memmove(out, smooth, sizeof(int32_t) * (size_t)m);
         n = m;
     }
-    if (!grow((void **)&rs->list, &rs->cap, rs->nlist + n, sizeof(int32_t)))
+    if (!grow((void **)&rs->list, &rs->cap, rs->nlist + n + 1, sizeof(int32_t)))
         return DMA_ERR_NOMEM;
     memcpy(rs->list + rs->nlist, out, sizeof(int32_t) * (size_t)n);
     rs->nlist += n;
@@ -646,8 +646,10 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
     if (st == DMA_OK) {
         int64_t kb = 0, wb = 0;
         for (int64_t s = 0; s < nslab; s++) {
-            memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
-            memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
+            if (slabs[s].nkeys)
+                memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
+            if (slabs[s].nwords)
+                memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
             for (int64_t t = 0; t < sp->ntiles; t++) {
                 dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
                 if (tile->key_off >= 0)
