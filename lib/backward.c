@@ -159,8 +159,9 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                                    dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi, a->softcap,
                                    row_lse[row0 + r], row_delta[row0 + r], dx_sum);
                 }
+                /* dS is zero past n, and K rows past n were never packed: stop at n. */
                 kern->accum_pv(dQ + row0 * ld, (int)ld, ones, dSb, DMA_CHUNK, (int)m,
-                               Kr + ca * ld, (int)ld, (int)(cb - ca), (int)D);
+                               Kr + ca * ld, (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
             }
         /* dK[U] += dS^T Q and dV[U] += P^T dO over all the item's rows, mr keys at a time. */
         for (int64_t c = used_lo; c < used_hi; c += mr) {

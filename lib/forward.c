@@ -88,8 +88,9 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                                                  dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi,
                                                  a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
                 }
+                /* P is zero past n, and V rows past n were never packed: stop at n. */
                 kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, Vp + ca * ld,
-                               (int)ld, (int)(cb - ca), (int)D);
+                               (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
             }
     }
 

@@ -1,0 +1,523 @@
+/*
+ * kernels_avx512.c - the inner kernels for x86-64 AVX-512 (F, BW, VL, DQ) + FMA (layouts and exact
+ * semantics in lib/kernels.h; lib/kernels_scalar.c is the readable reference). The structure
+ * mirrors simd/x86/avx2/kernels_avx2.c with 16-float vectors, 32 registers and mask registers.
+ *
+ * Register blocking (32 zmm registers):
+ *   scores    MR x NR = 8 query rows x 32 keys: 16 accumulators, 2 loads of the packed K block
+ *             and 8 broadcasts of Q per step of the reduction over D (any D). MR = 8 divides the
+ *             64-row tiles of the sparsity object, so a tile has no short row block.
+ *   accum_pv  8 rows x 32 floats of D: 16 accumulators, 2 loads of a V row and 8 broadcasts of P
+ *             per key; D is rounded up to 16 (rows are zero-padded to ld, a multiple of 16) and a
+ *             last block of 16 floats takes 8 accumulators.
+ *   accum_tn  the same shape, 8 rows of o (keys) x 32 floats of D per query row.
+ * softmax_row / grad_row run 16 lanes at a time with the same exp and tanh as the AVX2 file
+ * (bitwise the same results per lane); the selection of 16 positions is 16 bits of the row's
+ * bitmask, used directly as a __mmask16. Only words holding a bit of [lo, hi) are read.
+ * Everything is single-threaded and runs in a fixed order: results are deterministic.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "kernels.h"
+
+#define NR 32
+#define MR 8
+#define VW 16 /* floats per vector */
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------------------------------ */
+/* Vector math                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* exp(x) for x <= 88, ~1 ulp (Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, and the Cephes
+ * polynomial). Results below FLT_MIN (x < ln(FLT_MIN)) flush to 0, an absolute error under
+ * 1.2e-38, so exp(-inf) = 0; NaN stays NaN. n is rounded by adding 1.5 * 2^23 + 127, which
+ * leaves n + 127 in the low mantissa bits: shifted left by 23 they are the exponent of 2^n. */
+INLINE __m512 exp16(__m512 x)
+{
+    const __m512 magic = _mm512_set1_ps(12583039.0f); /* 1.5 * 2^23 + 127 */
+    __m512 t = _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), magic);
+    __m512 n = _mm512_sub_ps(t, magic);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
+    y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_castps_si512(t), 23)));
+    /* x < ln(FLT_MIN) (also -inf, whose r is NaN): 0. NaN is "not less" and stays NaN. */
+    __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654475f), _CMP_NLT_UQ);
+    return _mm512_maskz_mov_ps(keep, y);
+}
+
+/* tanh(x), ~2 ulp; NaN stays NaN. */
+INLINE __m512 tanh16(__m512 x)
+{
+    const __m512 sign = _mm512_set1_ps(-0.0f);
+    __m512 ax = _mm512_andnot_ps(sign, x);
+    /* |x| < 0.625: x + x^3 P(x^2) */
+    __m512 z = _mm512_mul_ps(x, x);
+    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(2.06390887954e-2f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-5.37397155531e-2f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(1.33314422036e-1f));
+    p = _mm512_fmadd_ps(p, z, _mm512_set1_ps(-3.33332819422e-1f));
+    __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(p, z), x, x);
+    /* otherwise: 1 - 2 / (exp(2|x|) + 1), |x| clamped to 10 (tanh(10) rounds to 1); min with
+     * the NaN second keeps a NaN */
+    __m512 a10 = _mm512_min_ps(_mm512_set1_ps(10.0f), ax);
+    __m512 e = exp16(_mm512_add_ps(a10, a10));
+    __m512 big = _mm512_sub_ps(_mm512_set1_ps(1.0f),
+                               _mm512_div_ps(_mm512_set1_ps(2.0f),
+                                             _mm512_add_ps(e, _mm512_set1_ps(1.0f))));
+    big = _mm512_or_ps(big, _mm512_and_ps(sign, x));
+    __mmask16 use_small = _mm512_cmp_ps_mask(ax, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
+    return _mm512_mask_blend_ps(use_small, big, small);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Selection: positions c .. c+63 of a row, as one 64-bit word                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Bit j set iff lo <= c + j < hi. */
+INLINE uint64_t range_bits(int c, int lo, int hi)
+{
+    int a = lo - c, b = hi - c;
+    if (a < 0)
+        a = 0;
+    if (b > 64)
+        b = 64;
+    if (b <= a)
+        return 0;
+    uint64_t m = b - a == 64 ? ~(uint64_t)0 : ((uint64_t)1 << (b - a)) - 1;
+    return m << a;
+}
+
+/* Bit j set iff position c + j is selected. Reads only the words of `bits` that hold a bit of a
+ * position in [lo, hi), so it never reads past the row's last word. */
+INLINE uint64_t sel_bits(const uint64_t *bits, int bit0, int c, int lo, int hi)
+{
+    uint64_t r = range_bits(c, lo, hi);
+    if (!r || !bits)
+        return r;
+    int64_t b = (int64_t)bit0 + c;
+    int64_t first = b + __builtin_ctzll(r), last = b + 63 - __builtin_clzll(r);
+    int64_t w0 = b >> 6;
+    int sh = (int)(b & 63);
+    uint64_t win = (first >> 6) == w0 ? bits[w0] >> sh : 0;
+    if (sh && (last >> 6) > w0)
+        win |= bits[w0 + 1] << (64 - sh);
+    return win & r;
+}
+
+/* Lanes of the 16 positions from c that exist (c < n). */
+INLINE __mmask16 live_lanes(int c, int n)
+{
+    return n - c >= VW ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1u);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packing                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+static const float zero_row[256]; /* D <= 256: the source of the zero keys past n */
+
+INLINE const float *key_row(const float *base, int64_t ld, const int32_t *keys, int32_t first,
+                            int c)
+{
+    return base + (int64_t)(keys ? keys[c] : first + c) * ld;
+}
+
+INLINE void transpose8(__m256 r[8])
+{
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* Software prefetch of the D floats of a key row (the gathers of a sparse union defeat the
+ * hardware prefetcher). */
+INLINE void prefetch_row(const float *row, int D)
+{
+    for (int d = 0; d < D; d += 16)
+        _mm_prefetch((const char *)(row + d), _MM_HINT_T0);
+    _mm_prefetch((const char *)(row + D - 1), _MM_HINT_T0);
+}
+
+static void pack_k(float *kp, const float *base, int64_t ld, const int32_t *keys, int32_t first,
+                   int n, int D)
+{
+    const float *src[NR];
+    for (int c0 = 0; c0 < n; c0 += NR) {
+        float *blk = kp + (int64_t)c0 * D;
+        for (int j = 0; j < NR; j++)
+            src[j] = c0 + j < n ? key_row(base, ld, keys, first, c0 + j) : zero_row;
+        for (int j = NR; j < 2 * NR && c0 + j < n; j++)
+            prefetch_row(key_row(base, ld, keys, first, c0 + j), D);
+        for (int j0 = 0; j0 < NR; j0 += 8) {
+            const float *const *s8 = src + j0;
+            int d = 0;
+            for (; d + 8 <= D; d += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++)
+                    r[j] = _mm256_loadu_ps(s8[j] + d);
+                transpose8(r);
+                for (int j = 0; j < 8; j++)
+                    _mm256_storeu_ps(blk + (int64_t)(d + j) * NR + j0, r[j]);
+            }
+            for (; d < D; d++)
+                for (int j = 0; j < 8; j++)
+                    blk[(int64_t)d * NR + j0 + j] = s8[j][d];
+        }
+    }
+}
+
+static void pack_v(float *vp, int ldv, const float *base, int64_t ld, const int32_t *keys,
+                   int32_t first, int n, int D)
+{
+    for (int c = 0; c < n; c++) {
+        if (c + 8 < n)
+            prefetch_row(key_row(base, ld, keys, first, c + 8), D);
+        float *dst = vp + (int64_t)c * ldv;
+        memcpy(dst, key_row(base, ld, keys, first, c), sizeof(float) * (size_t)D);
+        memset(dst + D, 0, sizeof(float) * (size_t)(ldv - D));
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* scores: S = Q K^T                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+/* M (compile-time after inlining) rows x all n keys. */
+INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
+                        int D, const int M)
+{
+    const float *qr[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        qr[r] = q + (int64_t)r * ldq;
+    for (int c0 = 0; c0 < n; c0 += NR) {
+        const float *panel = kp + (int64_t)c0 * D;
+        __m512 acc[MR][2];
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++)
+            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d++) {
+            __m512 b0 = _mm512_loadu_ps(panel + (int64_t)d * NR);
+            __m512 b1 = _mm512_loadu_ps(panel + (int64_t)d * NR + VW);
+#pragma GCC unroll 16
+            for (int r = 0; r < M; r++) {
+                __m512 a = _mm512_set1_ps(qr[r][d]);
+                acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++) {
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0, acc[r][0]);
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0 + VW, acc[r][1]);
+        }
+    }
+}
+
+#define SCORES_M(M)                                                                            \
+    static void scores_##M(float *s, int lds, const float *q, int ldq, const float *kp, int n, \
+                           int D)                                                              \
+    {                                                                                          \
+        scores_rows(s, lds, q, ldq, kp, n, D, M);                                              \
+    }
+SCORES_M(1)
+SCORES_M(2)
+SCORES_M(3)
+SCORES_M(4)
+SCORES_M(5)
+SCORES_M(6)
+SCORES_M(7)
+SCORES_M(8)
+
+static void scores(float *s, int lds, const float *q, int ldq, int m, const float *kp, int n,
+                   int D)
+{
+    switch (m) {
+    case 1: scores_1(s, lds, q, ldq, kp, n, D); break;
+    case 2: scores_2(s, lds, q, ldq, kp, n, D); break;
+    case 3: scores_3(s, lds, q, ldq, kp, n, D); break;
+    case 4: scores_4(s, lds, q, ldq, kp, n, D); break;
+    case 5: scores_5(s, lds, q, ldq, kp, n, D); break;
+    case 6: scores_6(s, lds, q, ldq, kp, n, D); break;
+    case 7: scores_7(s, lds, q, ldq, kp, n, D); break;
+    case 8: scores_8(s, lds, q, ldq, kp, n, D); break;
+    default: break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* accum_pv: O = alpha O + P V;  accum_tn: O += P^T X                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Rows r < M of o, NV * 16 floats from column d0:
+ *   o[r][d] = (alpha ? alpha[r] : 1) * o[r][d] + sum_{c < n} w(r, c) * x[c][d],
+ * where w(r, c) = w[r * wr + c * wc] (accum_pv: wr = ldp, wc = 1; accum_tn: wr = 1, wc = ldp). */
+INLINE void rank_block(float *o, int ldo, const float *alpha, const float *w, int64_t wr,
+                       int64_t wc, const float *x, int ldx, int n, int d0, const int M,
+                       const int NV)
+{
+    __m512 acc[MR][2];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++) {
+        const float *orow = o + (int64_t)r * ldo + d0;
+        acc[r][0] = _mm512_loadu_ps(orow);
+        if (NV == 2)
+            acc[r][1] = _mm512_loadu_ps(orow + VW);
+        if (alpha) {
+            __m512 a = _mm512_set1_ps(alpha[r]);
+            acc[r][0] = _mm512_mul_ps(acc[r][0], a);
+            if (NV == 2)
+                acc[r][1] = _mm512_mul_ps(acc[r][1], a);
+        }
+    }
+    const float *xc = x + d0;
+    const float *wcol = w;
+    for (int c = 0; c < n; c++, xc += ldx, wcol += wc) {
+        __m512 v0 = _mm512_loadu_ps(xc), v1 = NV == 2 ? _mm512_loadu_ps(xc + VW) : v0;
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++) {
+            __m512 a = _mm512_set1_ps(wcol[r * wr]);
+            acc[r][0] = _mm512_fmadd_ps(a, v0, acc[r][0]);
+            if (NV == 2)
+                acc[r][1] = _mm512_fmadd_ps(a, v1, acc[r][1]);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++) {
+        float *orow = o + (int64_t)r * ldo + d0;
+        _mm512_storeu_ps(orow, acc[r][0]);
+        if (NV == 2)
+            _mm512_storeu_ps(orow + VW, acc[r][1]);
+    }
+}
+
+/* D rounded up to 16 (the padding columns are zeros in and zeros out). */
+INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, int64_t wr,
+                        int64_t wc, const float *x, int ldx, int n, int D, const int M)
+{
+    const int D16 = (D + 15) & ~15;
+    int d0 = 0;
+    for (; d0 + 2 * VW <= D16; d0 += 2 * VW)
+        rank_block(o, ldo, alpha, w, wr, wc, x, ldx, n, d0, M, 2);
+    if (d0 < D16)
+        rank_block(o, ldo, alpha, w, wr, wc, x, ldx, n, d0, M, 1);
+}
+
+#define PV_M(M)                                                                                \
+    static void pv_##M(float *o, int ldo, const float *alpha, const float *p, int ldp,          \
+                       const float *vp, int ldv, int n, int D)                                 \
+    {                                                                                          \
+        rank_update(o, ldo, alpha, p, ldp, 1, vp, ldv, n, D, M);                               \
+    }                                                                                          \
+    static void tn_##M(float *o, int ldo, const float *p, int ldp, const float *x, int ldx,     \
+                       int k, int D)                                                           \
+    {                                                                                          \
+        rank_update(o, ldo, NULL, p, 1, ldp, x, ldx, k, D, M);                                 \
+    }
+PV_M(1)
+PV_M(2)
+PV_M(3)
+PV_M(4)
+PV_M(5)
+PV_M(6)
+PV_M(7)
+PV_M(8)
+
+static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int ldp, int m,
+                     const float *vp, int ldv, int n, int D)
+{
+    switch (m) {
+    case 1: pv_1(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 2: pv_2(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 3: pv_3(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 4: pv_4(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 5: pv_5(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 6: pv_6(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 7: pv_7(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    case 8: pv_8(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
+    default: break;
+    }
+}
+
+static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
+                     int k, int D)
+{
+    switch (m) {
+    case 1: tn_1(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 2: tn_2(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 3: tn_3(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 4: tn_4(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 5: tn_5(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 6: tn_6(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 7: tn_7(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 8: tn_8(o, ldo, p, ldp, x, ldx, k, D); break;
+    default: break;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* softmax_row                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK; a last group of fewer than 16
+ * positions is handled with masked loads and stores. */
+INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
+                          int lo, int hi, float softcap, float *m, float *l, const int CAP)
+{
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), cap = _mm512_set1_ps(softcap);
+    uint64_t sel[DMA_CHUNK / 64];
+    __m512 vmax = ninf;
+    /* Pass 1: logits of the selected positions, -inf elsewhere; their max. */
+    for (int c64 = 0; c64 < n; c64 += 64) {
+        uint64_t sb = sel_bits(bits, bit0, c64, lo, hi);
+        sel[c64 >> 6] = sb;
+        int end = n - c64 < 64 ? n : c64 + 64;
+        for (int c = c64; c < end; c += VW, sb >>= VW) {
+            __mmask16 live = live_lanes(c, n), k = (__mmask16)(sb & 0xFFFF);
+            if (!k) {
+                _mm512_mask_storeu_ps(s + c, live, ninf);
+                continue;
+            }
+            __m512 x = _mm512_maskz_loadu_ps(live, s + c);
+            if (CAP)
+                x = _mm512_mul_ps(cap, tanh16(_mm512_div_ps(x, cap)));
+            if (bias)
+                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(live, bias + c));
+            x = _mm512_mask_mov_ps(ninf, k, x);
+            vmax = _mm512_max_ps(x, vmax); /* a NaN x is skipped, as in the scalar code */
+            _mm512_mask_storeu_ps(s + c, live, x);
+        }
+    }
+    float chunk_max = _mm512_reduce_max_ps(vmax);
+    float m_new = chunk_max > *m ? chunk_max : *m;
+    if (m_new == -INFINITY) {
+        memset(s, 0, sizeof(float) * (size_t)n);
+        return 1.0f;
+    }
+    /* the vector exp on one lane: no call into libm (and no vzeroupper) per row */
+    float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
+    /* Pass 2: p = exp(x - m_new); exp(-inf) = 0 for the unselected. */
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int c64 = 0; c64 < n; c64 += 64) {
+        uint64_t sb = sel[c64 >> 6];
+        int end = n - c64 < 64 ? n : c64 + 64;
+        for (int c = c64; c < end; c += VW, sb >>= VW) {
+            __mmask16 live = live_lanes(c, n), k = (__mmask16)(sb & 0xFFFF);
+            if (!k) {
+                _mm512_mask_storeu_ps(s + c, live, _mm512_setzero_ps());
+                continue;
+            }
+            __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + c), vm));
+            vsum = _mm512_add_ps(vsum, p);
+            _mm512_mask_storeu_ps(s + c, live, p);
+        }
+    }
+    *l = *l * alpha + _mm512_reduce_add_ps(vsum);
+    *m = m_new;
+    return alpha;
+}
+
+static float softmax_row(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
+                         int lo, int hi, float softcap, float *m, float *l)
+{
+    if (softcap > 0.0f)
+        return softmax_impl(s, n, bias, bits, bit0, lo, hi, softcap, m, l, 1);
+    return softmax_impl(s, n, bias, bits, bit0, lo, hi, softcap, m, l, 0);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* grad_row (backward)                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+INLINE void grad_impl(float *s, float *dp, int n, const float *bias, const uint64_t *bits,
+                      int bit0, int lo, int hi, float softcap, float lse, float delta,
+                      float *dx_sum, const int CAP)
+{
+    const __m512 zero = _mm512_setzero_ps(), cap = _mm512_set1_ps(softcap);
+    const __m512 vlse = _mm512_set1_ps(lse), vdelta = _mm512_set1_ps(delta);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    for (int c64 = 0; c64 < n; c64 += 64) {
+        uint64_t sb = lse == -INFINITY ? 0 : sel_bits(bits, bit0, c64, lo, hi);
+        int end = n - c64 < 64 ? n : c64 + 64;
+        for (int c = c64; c < end; c += VW, sb >>= VW) {
+            __mmask16 live = live_lanes(c, n), k = (__mmask16)(sb & 0xFFFF);
+            if (!k) {
+                _mm512_mask_storeu_ps(s + c, live, zero);
+                _mm512_mask_storeu_ps(dp + c, live, zero);
+                continue;
+            }
+            __m512 t = _mm512_maskz_loadu_ps(live, s + c);
+            if (CAP)
+                t = _mm512_mul_ps(cap, tanh16(_mm512_div_ps(t, cap)));
+            __m512 x = bias ? _mm512_add_ps(t, _mm512_maskz_loadu_ps(live, bias + c)) : t;
+            /* x - lse <= 0 for a consistent lse; the clamp only keeps exp16 in its range */
+            __m512 p = exp16(_mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_sub_ps(x, vlse)));
+            __m512 dx = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + c), vdelta));
+            __m512 ds = dx;
+            if (CAP) {
+                __m512 u = _mm512_div_ps(t, cap);
+                ds = _mm512_mul_ps(dx, _mm512_fnmadd_ps(u, u, one));
+            }
+            if (dx_sum)
+                _mm512_mask_storeu_ps(dx_sum + c, k,
+                                      _mm512_add_ps(_mm512_maskz_loadu_ps(k, dx_sum + c), dx));
+            _mm512_mask_storeu_ps(s + c, live, _mm512_maskz_mov_ps(k, p));
+            _mm512_mask_storeu_ps(dp + c, live, _mm512_maskz_mov_ps(k, ds));
+        }
+    }
+}
+
+static void grad_row(float *s, float *dp, int n, const float *bias, const uint64_t *bits,
+                     int bit0, int lo, int hi, float softcap, float lse, float delta,
+                     float *dx_sum)
+{
+    if (softcap > 0.0f)
+        grad_impl(s, dp, n, bias, bits, bit0, lo, hi, softcap, lse, delta, dx_sum, 1);
+    else
+        grad_impl(s, dp, n, bias, bits, bit0, lo, hi, softcap, lse, delta, dx_sum, 0);
+}
+
+const dma_kernels dma_kernels_avx512 = {
+    .name = "avx512",
+    .mr = MR,
+    .nr = NR,
+    .pack_k = pack_k,
+    .pack_v = pack_v,
+    .scores = scores,
+    .softmax_row = softmax_row,
+    .accum_pv = accum_pv,
+    .grad_row = grad_row,
+    .accum_tn = accum_tn,
+};

@@ -1,0 +1,784 @@
+/*
+ * test_kernels.c - every kernel table the host can run (lib/kernels.h) against the portable
+ * reference table dma_kernels_scalar, kernel by kernel, on random inputs.
+ *
+ * Packing must match the layout of kernels.h exactly (for the table's own nr); scores, the
+ * softmax row, the P*V and P^T*X updates and the backward row must agree with the scalar kernels
+ * within a tolerance of about 1e-5 relative to the size of the terms; exp and tanh are checked to
+ * a few ulp against double precision. Buffers are allocated at their exact sizes (bitmask rows
+ * included) so that ASan builds catch any read past what the contract allows, and guard areas
+ * catch writes past it.
+ *
+ * Build by hand (until tests/meson.build registers it), e.g.:
+ *   gcc -O2 -Iinclude -Ilib tests/test_kernels.c tests/common.c <library> -lcheck -lm
+ * The SIMD tables are declared weak here, so the file needs no DMATTN_HAVE_* define: a table
+ * that was not built is simply skipped (dma_isa_supported() says 0 for it).
+ */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "common.h"
+#include "kernels.h"
+
+/* Weak references: NULL when the library was built without that ISA. */
+extern const dma_kernels dma_kernels_avx2 __attribute__((weak));
+extern const dma_kernels dma_kernels_avx512 __attribute__((weak));
+extern const dma_kernels dma_kernels_neon __attribute__((weak));
+
+#define TOL 1e-5
+
+/* ------------------------------------------------------------------------------------------ */
+/* Tables and buffers                                                                         */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct table {
+    dma_isa isa;
+    const dma_kernels *k;
+} table;
+
+/* Every table this host runs, scalar first. */
+static int tables(table out[4])
+{
+    int n = 0;
+    out[n++] = (table){DMA_ISA_SCALAR, &dma_kernels_scalar};
+    const struct {
+        dma_isa isa;
+        const dma_kernels *k;
+    } simd[] = {{DMA_ISA_AVX2, &dma_kernels_avx2},
+                {DMA_ISA_AVX512, &dma_kernels_avx512},
+                {DMA_ISA_NEON, &dma_kernels_neon}};
+    for (size_t i = 0; i < sizeof simd / sizeof simd[0]; i++) {
+        if (!dma_isa_supported(simd[i].isa))
+            continue;
+        ck_assert_msg(simd[i].k != NULL, "%s is supported but its table is not linked",
+                      dma_isa_name(simd[i].isa));
+        out[n++] = (table){simd[i].isa, simd[i].k};
+    }
+    for (int i = 0; i < n; i++) {
+        const dma_kernels *k = out[i].k;
+        ck_assert_msg(k->nr >= 8 && k->nr % 8 == 0 && DMA_CHUNK % k->nr == 0,
+                      "%s: nr = %d", k->name, k->nr);
+        ck_assert_msg(k->mr >= 1 && k->mr <= 16, "%s: mr = %d", k->name, k->mr);
+        ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&
+                          k->grad_row && k->accum_tn,
+                      "%s: a kernel is missing", k->name);
+    }
+    return n;
+}
+
+/* 64-byte aligned (as the driver's panels are) but of exactly `count` floats, so that ASan sees
+ * the true end of the buffer. */
+static float *fbuf(size_t count)
+{
+    void *p = NULL;
+    ck_assert_int_eq(posix_memalign(&p, 64, count ? count * sizeof(float) : 1), 0);
+    return p;
+}
+
+static const int64_t head_dims[] = {1, 7, 16, 40, 64, 100, 128, 256};
+#define N_HEAD_DIMS ((int)(sizeof head_dims / sizeof head_dims[0]))
+
+static int round_up(int a, int b) { return (a + b - 1) / b * b; }
+
+/* A random multiple of nr in [nr, DMA_CHUNK], biased to the ends. */
+static int draw_n(test_rng *r, int nr)
+{
+    int64_t u = rng_int(r, 0, 9);
+    if (u == 0)
+        return nr;
+    if (u == 1)
+        return DMA_CHUNK;
+    return (int)rng_int(r, 1, DMA_CHUNK / nr) * nr;
+}
+
+/* Guard pattern for "untouched" checks. */
+static const float GUARD = -12345.678f;
+
+static void fill_guard(float *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = GUARD;
+}
+
+/* Key rows of a random K: `nkeys` rows of `ld` floats (ld >= D, values past D are garbage the
+ * packers must not copy). */
+static float *random_rows(test_rng *r, int64_t nkeys, int64_t ld)
+{
+    float *x = fbuf((size_t)(nkeys * ld));
+    for (int64_t i = 0; i < nkeys * ld; i++)
+        x[i] = rng_float(r, -1.0f, 1.0f);
+    return x;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packing                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Addressing of the packers: key c is keys[c] or first + c. */
+typedef struct key_list {
+    int32_t *keys; /* NULL: contiguous from first */
+    int32_t first;
+} key_list;
+
+static key_list draw_keys(test_rng *r, int n, int64_t nkeys)
+{
+    key_list kl = {NULL, 0};
+    if (rng_bernoulli(r, 0.5)) {
+        kl.first = (int32_t)rng_int(r, 0, nkeys - n);
+    } else {
+        kl.keys = malloc(sizeof(int32_t) * (size_t)n);
+        ck_assert_ptr_nonnull(kl.keys);
+        for (int c = 0; c < n; c++) /* any keys, repeats allowed: the packers just gather */
+            kl.keys[c] = (int32_t)rng_int(r, 0, nkeys - 1);
+    }
+    return kl;
+}
+
+static int32_t key_of(const key_list *kl, int c) { return kl->keys ? kl->keys[c] : kl->first + c; }
+
+START_TEST(pack_layouts)
+{
+    table tb[4];
+    int nt = tables(tb);
+    test_rng r = rng_make(101);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int iter = 0; iter < 120; iter++) {
+            int D = (int)head_dims[iter % N_HEAD_DIMS];
+            int n = (int)rng_int(&r, 1, DMA_CHUNK);
+            int64_t ld = D + rng_int(&r, 0, 3) * 5; /* source row stride */
+            int64_t nkeys = n + rng_int(&r, 0, 40);
+            int ldv = round_up(D, 16) + (int)rng_int(&r, 0, 1) * 16;
+            float *base = random_rows(&r, nkeys, ld);
+            key_list kl = draw_keys(&r, n, nkeys);
+            int n_pad = round_up(n, k->nr);
+
+            /* K: exact layout, zeros past n, nothing written past n_pad keys. */
+            size_t kp_len = (size_t)n_pad * D, guard = 64;
+            float *kp = fbuf(kp_len + guard);
+            fill_guard(kp, kp_len + guard);
+            k->pack_k(kp, base, ld, kl.keys, kl.first, n, D);
+            for (int c = 0; c < n_pad; c++)
+                for (int d = 0; d < D; d++) {
+                    float got = kp[(size_t)(c / k->nr) * (size_t)(D * k->nr) +
+                                   (size_t)d * k->nr + c % k->nr];
+                    float want = c < n ? base[key_of(&kl, c) * ld + d] : 0.0f;
+                    ck_assert_msg(memcmp(&got, &want, sizeof got) == 0,
+                                  "%s pack_k D=%d n=%d key %d d %d: %g != %g", k->name, D, n, c,
+                                  d, (double)got, (double)want);
+                }
+            for (size_t i = kp_len; i < kp_len + guard; i++)
+                ck_assert_msg(kp[i] == GUARD, "%s pack_k wrote past the panel", k->name);
+
+            /* V: rows of ldv, zero-padded from D. */
+            size_t vp_len = (size_t)n * ldv;
+            float *vp = fbuf(vp_len + guard);
+            fill_guard(vp, vp_len + guard);
+            k->pack_v(vp, ldv, base, ld, kl.keys, kl.first, n, D);
+            for (int c = 0; c < n; c++)
+                for (int d = 0; d < ldv; d++) {
+                    float got = vp[(size_t)c * ldv + d];
+                    float want = d < D ? base[key_of(&kl, c) * ld + d] : 0.0f;
+                    ck_assert_msg(memcmp(&got, &want, sizeof got) == 0,
+                                  "%s pack_v D=%d n=%d key %d d %d: %g != %g", k->name, D, n, c,
+                                  d, (double)got, (double)want);
+                }
+            for (size_t i = vp_len; i < vp_len + guard; i++)
+                ck_assert_msg(vp[i] == GUARD, "%s pack_v wrote past the panel", k->name);
+            free(kp);
+            free(vp);
+            free(base);
+            free(kl.keys);
+        }
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------------------------ */
+/* scores                                                                                     */
+/* ------------------------------------------------------------------------------------------ */
+
+START_TEST(scores_vs_scalar)
+{
+    table tb[4];
+    int nt = tables(tb);
+    const dma_kernels *ref = &dma_kernels_scalar;
+    test_rng r = rng_make(202);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int di = 0; di < N_HEAD_DIMS; di++)
+            for (int m = 1; m <= k->mr; m++)
+                for (int rep = 0; rep < 3; rep++) {
+                    const int D = (int)head_dims[di], ldq = round_up(D, 16);
+                    /* A chunk of `total` keys; the call covers keys [ca, ca + n) as the driver's
+                     * column blocks do. */
+                    int total = draw_n(&r, k->nr);
+                    int ca = (int)rng_int(&r, 0, total / k->nr - 1) * k->nr;
+                    int n = (int)rng_int(&r, 1, (total - ca) / k->nr) * k->nr;
+                    float *kbase = random_rows(&r, total, D);
+                    float *q = fbuf((size_t)m * ldq);
+                    for (int i = 0; i < m; i++)
+                        for (int d = 0; d < ldq; d++)
+                            q[i * ldq + d] = d < D ? rng_float(&r, -2.0f, 2.0f) : 0.0f;
+                    float *kp = fbuf((size_t)total * D), *kp_ref = fbuf((size_t)total * D);
+                    k->pack_k(kp, kbase, D, NULL, 0, total, D);
+                    ref->pack_k(kp_ref, kbase, D, NULL, 0, total, D);
+                    /* S: rows of lds with guards around each row's n columns. */
+                    const int lds = DMA_CHUNK + 8, rows = k->mr;
+                    float *s = fbuf((size_t)rows * lds), *s_ref = fbuf((size_t)rows * lds);
+                    fill_guard(s, (size_t)rows * lds);
+                    k->scores(s + 4, lds, q, ldq, m, kp + (size_t)ca * D, n, D);
+                    ref->scores(s_ref + 4, lds, q, ldq, m, kp_ref + (size_t)ca * D, n, D);
+                    for (int i = 0; i < rows; i++)
+                        for (int x = 0; x < lds; x++) {
+                            float got = s[i * lds + x];
+                            int c = x - 4;
+                            if (i >= m || c < 0 || c >= n) {
+                                ck_assert_msg(got == GUARD, "%s scores wrote row %d col %d "
+                                              "(m=%d n=%d)", k->name, i, c, m, n);
+                                continue;
+                            }
+                            double mag = 0.0;
+                            for (int d = 0; d < D; d++)
+                                mag += fabs((double)q[i * ldq + d] *
+                                            (double)kbase[(int64_t)(ca + c) * D + d]);
+                            float want = s_ref[i * lds + x];
+                            ck_assert_msg(fabs((double)got - want) <= TOL * mag + 1e-30,
+                                          "%s scores D=%d m=%d n=%d ca=%d [%d][%d]: %.9g vs "
+                                          "%.9g", k->name, D, m, n, ca, i, c, (double)got,
+                                          (double)want);
+                        }
+                    free(kbase);
+                    free(q);
+                    free(kp);
+                    free(kp_ref);
+                    free(s);
+                    free(s_ref);
+                }
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------------------------ */
+/* Row selection: the bitmask, the span [lo, hi)                                              */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct row_sel {
+    uint64_t *bits; /* NULL: no mask */
+    int bit0, lo, hi;
+} row_sel;
+
+/* A random selection of an n-position chunk. The bitmask row is allocated with exactly the words
+ * that hold the bits of positions bit0 + [0, hi) (at least one word), as the shortest row the
+ * driver could hand over; bits past the row's end do not exist for the kernel. */
+static row_sel draw_sel(test_rng *r, int n, int use_bits)
+{
+    row_sel rs = {NULL, 0, 0, n};
+    switch (rng_int(r, 0, 5)) {
+    case 0: break;                                      /* whole chunk */
+    case 1: rs.lo = rs.hi = (int)rng_int(r, 0, n); break; /* empty */
+    default:
+        rs.lo = (int)rng_int(r, 0, n);
+        rs.hi = (int)rng_int(r, rs.lo, n);
+        break;
+    }
+    if (use_bits) {
+        rs.bit0 = (int)rng_int(r, 0, 3) == 0 ? (int)rng_int(r, 0, 8) * 64
+                                              : (int)rng_int(r, 0, 600);
+        int words = (rs.bit0 + rs.hi + 63) / 64;
+        if (words < 1)
+            words = 1;
+        rs.bits = malloc(sizeof(uint64_t) * (size_t)words);
+        ck_assert_ptr_nonnull(rs.bits);
+        double density = rng_unit(r);
+        for (int w = 0; w < words; w++) {
+            uint64_t x = 0;
+            for (int b = 0; b < 64; b++)
+                x |= (uint64_t)rng_bernoulli(r, density) << b;
+            rs.bits[w] = x;
+        }
+    }
+    return rs;
+}
+
+static int is_selected(const row_sel *rs, int c)
+{
+    if (c < rs->lo || c >= rs->hi)
+        return 0;
+    if (!rs->bits)
+        return 1;
+    int b = rs->bit0 + c;
+    return (int)((rs->bits[b >> 6] >> (b & 63)) & 1u);
+}
+
+static int close_rel(double got, double want, double rel, double abs_tol)
+{
+    if (isnan(want))
+        return isnan(got);
+    if (isinf(want))
+        return got == want;
+    return fabs(got - want) <= rel * fabs(want) + abs_tol;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* softmax_row                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+START_TEST(softmax_vs_scalar)
+{
+    table tb[4];
+    int nt = tables(tb);
+    const dma_kernels *ref = &dma_kernels_scalar;
+    test_rng r = rng_make(303);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int iter = 0; iter < 3000; iter++) {
+            int n = draw_n(&r, k->nr);
+            row_sel rs = draw_sel(&r, n, rng_bernoulli(&r, 0.6));
+            int use_bias = rng_bernoulli(&r, 0.5);
+            float softcap = rng_bernoulli(&r, 0.3) ? (rng_bernoulli(&r, 0.5) ? 5.0f : 30.0f)
+                                                   : 0.0f;
+            float sscale = (float)rng_pick(&r, (const int64_t[]){1, 4, 20}, 3);
+            float *s = fbuf((size_t)n), *s_ref = fbuf((size_t)n);
+            float *bias = use_bias ? fbuf((size_t)n) : NULL;
+            for (int c = 0; c < n; c++) {
+                s[c] = s_ref[c] = rng_float(&r, -sscale, sscale);
+                if (bias)
+                    bias[c] = rng_bernoulli(&r, 0.1) ? -INFINITY : rng_float(&r, -3.0f, 3.0f);
+            }
+            float m0, l0;
+            switch (rng_int(&r, 0, 2)) {
+            case 0: m0 = -INFINITY; l0 = 0.0f; break;
+            case 1: m0 = rng_float(&r, -sscale, sscale); l0 = rng_float(&r, 0.5f, 30.0f); break;
+            default: m0 = 3.0f * sscale + 10.0f; l0 = rng_float(&r, 0.5f, 30.0f); break;
+            }
+            float m = m0, l = l0, m_ref = m0, l_ref = l0;
+            float a = k->softmax_row(s, n, bias, rs.bits, rs.bit0, rs.lo, rs.hi, softcap, &m, &l);
+            float a_ref = ref->softmax_row(s_ref, n, bias, rs.bits, rs.bit0, rs.lo, rs.hi,
+                                           softcap, &m_ref, &l_ref);
+            const char *what = k->name;
+            ck_assert_msg(close_rel(m, m_ref, TOL, 1e-6) && close_rel(l, l_ref, TOL, 0.0) &&
+                              close_rel(a, a_ref, TOL, 1e-30),
+                          "%s softmax n=%d lo=%d hi=%d bits=%d bit0=%d cap=%g bias=%d m0=%g: "
+                          "m %.9g/%.9g l %.9g/%.9g alpha %.9g/%.9g",
+                          what, n, rs.lo, rs.hi, rs.bits != NULL, rs.bit0, (double)softcap,
+                          use_bias, (double)m0, (double)m, (double)m_ref, (double)l,
+                          (double)l_ref, (double)a, (double)a_ref);
+            for (int c = 0; c < n; c++) {
+                if (!is_selected(&rs, c))
+                    ck_assert_msg(s[c] == 0.0f && !signbit(s[c]),
+                                  "%s softmax: unselected position %d is %g", what, c,
+                                  (double)s[c]);
+                else
+                    ck_assert_msg(close_rel(s[c], s_ref[c], TOL, 1e-37),
+                                  "%s softmax n=%d cap=%g pos %d: %.9g vs %.9g", what, n,
+                                  (double)softcap, c, (double)s[c], (double)s_ref[c]);
+            }
+            free(s);
+            free(s_ref);
+            free(bias);
+            free(rs.bits);
+        }
+    }
+}
+END_TEST
+
+/* The m_new == -inf case: nothing selected (or every selected logit -inf) with *m = -inf gives
+ * alpha = 1, an all-zero row and *m, *l unchanged. */
+START_TEST(softmax_empty_rows)
+{
+    table tb[4];
+    int nt = tables(tb);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int variant = 0; variant < 3; variant++) {
+            int n = 2 * k->nr;
+            float *s = fbuf((size_t)n), *bias = fbuf((size_t)n);
+            for (int c = 0; c < n; c++) {
+                s[c] = (float)c;
+                bias[c] = -INFINITY;
+            }
+            uint64_t zero_bits[1] = {0};
+            float m = -INFINITY, l = 0.0f, a;
+            if (variant == 0) /* empty span */
+                a = k->softmax_row(s, n, NULL, NULL, 0, 3, 3, 0.0f, &m, &l);
+            else if (variant == 1) /* span without a set bit */
+                a = k->softmax_row(s, n, NULL, zero_bits, 0, 0, n < 64 ? n : 64, 0.0f, &m, &l);
+            else /* every selected logit -inf */
+                a = k->softmax_row(s, n, bias, NULL, 0, 0, n, 0.0f, &m, &l);
+            ck_assert_msg(a == 1.0f && m == -INFINITY && l == 0.0f,
+                          "%s empty row %d: alpha %g m %g l %g", k->name, variant, (double)a,
+                          (double)m, (double)l);
+            for (int c = 0; c < n; c++)
+                ck_assert_msg(s[c] == 0.0f, "%s empty row %d: s[%d] = %g", k->name, variant, c,
+                              (double)s[c]);
+            free(s);
+            free(bias);
+        }
+    }
+}
+END_TEST
+
+/* ulps between two finite floats of the same sign. */
+static double ulp_diff(float got, double want)
+{
+    float w = (float)want;
+    if (got == w)
+        return 0.0;
+    double ulp = nextafterf(fabsf(w), INFINITY) - fabsf(w);
+    return fabs((double)got - want) / ulp;
+}
+
+/* exp through softmax_row: s = {0, x_1, ...} with *m = -inf gives p_c = exp(x_c) exactly up to
+ * the kernel's exp; tanh through softcap = 1: p_c = exp(tanh(x_c) - max tanh). */
+START_TEST(exp_tanh_accuracy)
+{
+    table tb[4];
+    int nt = tables(tb);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        const int n = DMA_CHUNK;
+        float *s = fbuf(n);
+        double worst_exp = 0.0, worst_tanh = 0.0;
+        float at_exp = 0.0f, at_tanh = 0.0f;
+        for (int block = 0; block < 2000; block++) {
+            /* exp over [-87.3, 0]: the range the kernels see after max subtraction */
+            float x[DMA_CHUNK];
+            x[0] = 0.0f;
+            for (int c = 1; c < n; c++) {
+                double u = ((double)block * (n - 1) + (c - 1)) / (2000.0 * (n - 1));
+                x[c] = (float)(-87.3 * u);
+                if (block < 8) /* some tiny arguments too */
+                    x[c] = (float)(-ldexp(1.0, -(block * 4 + (c % 20))) * (c & 1 ? 1 : 0.7));
+                s[c] = x[c];
+            }
+            s[0] = 0.0f;
+            float m = -INFINITY, l = 0.0f;
+            k->softmax_row(s, n, NULL, NULL, 0, 0, n, 0.0f, &m, &l);
+            ck_assert(m == 0.0f);
+            for (int c = 0; c < n; c++) {
+                double e = ulp_diff(s[c], exp((double)x[c]));
+                if (e > worst_exp) {
+                    worst_exp = e;
+                    at_exp = x[c];
+                }
+            }
+            /* tanh over [-12, 12] (softcap 1: logits tanh(x) exactly up to the kernel's tanh) */
+            double tmax = -2.0;
+            for (int c = 0; c < n; c++) {
+                double u = ((double)block * n + c) / (2000.0 * n);
+                x[c] = (float)(-12.0 + 24.0 * u);
+                if (block < 8)
+                    x[c] = (float)(ldexp(1.0, -(block * 3 + (c % 24))) * (c & 1 ? 1 : -1));
+                s[c] = x[c];
+                if (tanh((double)x[c]) > tmax)
+                    tmax = tanh((double)x[c]);
+            }
+            m = -INFINITY;
+            l = 0.0f;
+            k->softmax_row(s, n, NULL, NULL, 0, 0, n, 1.0f, &m, &l);
+            ck_assert_msg(fabs(m - tmax) <= 3e-7 * fabs(tmax) + 1e-30, "%s tanh max %.9g vs %.9g",
+                          k->name, (double)m, tmax);
+            for (int c = 0; c < n; c++) {
+                /* p = exp(t - m) with t the kernel's tanh: the error of t shows up in p as an
+                 * absolute error of the exponent (|t| <= 1, so a few 1e-8). */
+                double want = exp(tanh((double)x[c]) - (double)m);
+                double e = fabs((double)s[c] - want) / (want * 0x1p-24);
+                if (e > worst_tanh) {
+                    worst_tanh = e;
+                    at_tanh = x[c];
+                }
+            }
+        }
+        ck_assert_msg(worst_exp <= 2.0, "%s exp: %.2f ulp at x = %.9g", k->name, worst_exp,
+                      (double)at_exp);
+        /* tanh: a couple of ulp of t plus the exp's ulp and the rounding of t - m */
+        ck_assert_msg(worst_tanh <= 6.0, "%s tanh: %.2f ulp(p) at x = %.9g", k->name,
+                      worst_tanh, (double)at_tanh);
+        free(s);
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------------------------ */
+/* accum_pv and accum_tn                                                                      */
+/* ------------------------------------------------------------------------------------------ */
+
+START_TEST(accum_pv_vs_scalar)
+{
+    table tb[4];
+    int nt = tables(tb);
+    const dma_kernels *ref = &dma_kernels_scalar;
+    test_rng r = rng_make(404);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int di = 0; di < N_HEAD_DIMS; di++)
+            for (int m = 1; m <= k->mr; m++)
+                for (int rep = 0; rep < 3; rep++) {
+                    const int D = (int)head_dims[di], ld = round_up(D, 16);
+                    const int ldo = ld + (int)rng_int(&r, 0, 1) * 16;
+                    const int ldv = ld + (int)rng_int(&r, 0, 1) * 16;
+                    const int n = draw_n(&r, k->nr);
+                    const int ldp = rng_bernoulli(&r, 0.5) ? DMA_CHUNK : n;
+                    const int rows = k->mr + 1; /* one more row than allowed: must stay put */
+                    float *o = fbuf((size_t)rows * ldo), *o_ref = fbuf((size_t)rows * ldo);
+                    float *p = fbuf((size_t)(m - 1) * ldp + n), *vp = fbuf((size_t)n * ldv);
+                    float alpha[16];
+                    for (int i = 0; i < rows; i++)
+                        for (int d = 0; d < ldo; d++)
+                            o[i * ldo + d] = d < D ? rng_float(&r, -3.0f, 3.0f) : 0.0f;
+                    memcpy(o_ref, o, sizeof(float) * (size_t)rows * ldo);
+                    for (int i = 0; i < m; i++) {
+                        int64_t kind = rng_int(&r, 0, 3);
+                        alpha[i] = kind == 0 ? 0.0f : kind == 1 ? 1.0f : rng_float(&r, 0.0f, 1.0f);
+                        for (int c = 0; c < n; c++)
+                            p[(size_t)i * ldp + c] =
+                                rng_bernoulli(&r, 0.2) ? 0.0f : rng_float(&r, 0.0f, 1.0f);
+                    }
+                    for (int c = 0; c < n; c++)
+                        for (int d = 0; d < ldv; d++)
+                            vp[(size_t)c * ldv + d] = d < D ? rng_float(&r, -1.0f, 1.0f) : 0.0f;
+                    k->accum_pv(o, ldo, alpha, p, ldp, m, vp, ldv, n, D);
+                    ref->accum_pv(o_ref, ldo, alpha, p, ldp, m, vp, ldv, n, D);
+                    for (int i = 0; i < rows; i++)
+                        for (int d = 0; d < ldo; d++) {
+                            float got = o[i * ldo + d], want = o_ref[i * ldo + d];
+                            if (i >= m) {
+                                ck_assert_msg(got == want, "%s accum_pv touched row %d", k->name,
+                                              i);
+                                continue;
+                            }
+                            if (d >= D) {
+                                ck_assert_msg(got == 0.0f, "%s accum_pv: padding column %d of "
+                                              "row %d is %g", k->name, d, i, (double)got);
+                                continue;
+                            }
+                            double mag = fabs((double)alpha[i] * o_ref[i * ldo + d]);
+                            for (int c = 0; c < n; c++)
+                                mag += fabs((double)p[(size_t)i * ldp + c] *
+                                            vp[(size_t)c * ldv + d]);
+                            ck_assert_msg(fabs((double)got - want) <= TOL * (mag + 1.0),
+                                          "%s accum_pv D=%d m=%d n=%d [%d][%d]: %.9g vs %.9g",
+                                          k->name, D, m, n, i, d, (double)got, (double)want);
+                        }
+                    free(o);
+                    free(o_ref);
+                    free(p);
+                    free(vp);
+                }
+    }
+}
+END_TEST
+
+START_TEST(accum_tn_vs_scalar)
+{
+    table tb[4];
+    int nt = tables(tb);
+    const dma_kernels *ref = &dma_kernels_scalar;
+    test_rng r = rng_make(505);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int di = 0; di < N_HEAD_DIMS; di++)
+            for (int m = 1; m <= k->mr; m++)
+                for (int rep = 0; rep < 3; rep++) {
+                    const int D = (int)head_dims[di], ld = round_up(D, 16);
+                    const int ldo = ld, ldx = ld + (int)rng_int(&r, 0, 1) * 16;
+                    const int kk = (int)rng_int(&r, 1, 80);
+                    const int ldp = (int)rng_int(&r, m, m + 40);
+                    const int rows = k->mr + 1;
+                    float *o = fbuf((size_t)rows * ldo), *o_ref = fbuf((size_t)rows * ldo);
+                    float *p = fbuf((size_t)(kk - 1) * ldp + m), *x = fbuf((size_t)kk * ldx);
+                    for (int i = 0; i < rows; i++)
+                        for (int d = 0; d < ldo; d++)
+                            o[i * ldo + d] = d < D ? rng_float(&r, -3.0f, 3.0f) : 0.0f;
+                    memcpy(o_ref, o, sizeof(float) * (size_t)rows * ldo);
+                    for (int i = 0; i < kk; i++)
+                        for (int c = 0; c < m; c++)
+                            p[(size_t)i * ldp + c] = rng_float(&r, -1.0f, 1.0f);
+                    for (int i = 0; i < kk; i++)
+                        for (int d = 0; d < ldx; d++)
+                            x[(size_t)i * ldx + d] = d < D ? rng_float(&r, -2.0f, 2.0f) : 0.0f;
+                    k->accum_tn(o, ldo, p, ldp, m, x, ldx, kk, D);
+                    ref->accum_tn(o_ref, ldo, p, ldp, m, x, ldx, kk, D);
+                    for (int c = 0; c < rows; c++)
+                        for (int d = 0; d < ldo; d++) {
+                            float got = o[c * ldo + d], want = o_ref[c * ldo + d];
+                            if (c >= m) {
+                                ck_assert_msg(got == want, "%s accum_tn touched row %d", k->name,
+                                              c);
+                                continue;
+                            }
+                            if (d >= D) {
+                                ck_assert_msg(got == 0.0f, "%s accum_tn: padding column %d is %g",
+                                              k->name, d, (double)got);
+                                continue;
+                            }
+                            double mag = fabs((double)o_ref[c * ldo + d]);
+                            for (int i = 0; i < kk; i++)
+                                mag += fabs((double)p[(size_t)i * ldp + c] * x[(size_t)i * ldx + d]);
+                            ck_assert_msg(fabs((double)got - want) <= TOL * (mag + 1.0),
+                                          "%s accum_tn D=%d m=%d k=%d [%d][%d]: %.9g vs %.9g",
+                                          k->name, D, m, kk, c, d, (double)got, (double)want);
+                        }
+                    free(o);
+                    free(o_ref);
+                    free(p);
+                    free(x);
+                }
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------------------------ */
+/* grad_row                                                                                   */
+/* ------------------------------------------------------------------------------------------ */
+
+START_TEST(grad_row_vs_scalar)
+{
+    table tb[4];
+    int nt = tables(tb);
+    const dma_kernels *ref = &dma_kernels_scalar;
+    test_rng r = rng_make(606);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int iter = 0; iter < 2000; iter++) {
+            int n = draw_n(&r, k->nr);
+            row_sel rs = draw_sel(&r, n, rng_bernoulli(&r, 0.6));
+            int use_bias = rng_bernoulli(&r, 0.5), use_sum = rng_bernoulli(&r, 0.5);
+            float softcap = rng_bernoulli(&r, 0.3) ? (rng_bernoulli(&r, 0.5) ? 5.0f : 30.0f)
+                                                   : 0.0f;
+            float *s = fbuf((size_t)n), *s_ref = fbuf((size_t)n);
+            float *dp = fbuf((size_t)n), *dp_ref = fbuf((size_t)n), *dp_in = fbuf((size_t)n);
+            float *bias = use_bias ? fbuf((size_t)n) : NULL;
+            float *sum = use_sum ? fbuf((size_t)n) : NULL, *sum_ref = use_sum ? fbuf((size_t)n) : NULL;
+            float smax = -INFINITY;
+            for (int c = 0; c < n; c++) {
+                s[c] = s_ref[c] = rng_float(&r, -6.0f, 6.0f);
+                dp[c] = dp_ref[c] = dp_in[c] = rng_float(&r, -1.0f, 1.0f);
+                if (bias)
+                    bias[c] = rng_bernoulli(&r, 0.1) ? -INFINITY : rng_float(&r, -2.0f, 2.0f);
+                if (sum)
+                    sum[c] = sum_ref[c] = rng_bernoulli(&r, 0.1) ? -0.0f : rng_float(&r, -1, 1);
+                if (s[c] > smax)
+                    smax = s[c];
+            }
+            /* an lse near the row's log-sum-exp keeps p in (0, 1]; sometimes -inf */
+            float lse = rng_bernoulli(&r, 0.1) ? -INFINITY
+                                               : smax + (bias ? 2.0f : 0.0f) +
+                                                     rng_float(&r, 0.0f, 5.0f);
+            float delta = rng_float(&r, -0.5f, 0.5f);
+            k->grad_row(s, dp, n, bias, rs.bits, rs.bit0, rs.lo, rs.hi, softcap, lse, delta, sum);
+            ref->grad_row(s_ref, dp_ref, n, bias, rs.bits, rs.bit0, rs.lo, rs.hi, softcap, lse,
+                          delta, sum_ref);
+            for (int c = 0; c < n; c++) {
+                int sel = lse != -INFINITY && is_selected(&rs, c);
+                if (!sel) {
+                    ck_assert_msg(s[c] == 0.0f && dp[c] == 0.0f,
+                                  "%s grad_row: unselected %d gives p %g ds %g", k->name, c,
+                                  (double)s[c], (double)dp[c]);
+                    if (sum)
+                        ck_assert_msg(memcmp(&sum[c], &sum_ref[c], sizeof(float)) == 0,
+                                      "%s grad_row added to dx_sum at unselected %d", k->name, c);
+                    continue;
+                }
+                double pm = fabs((double)s_ref[c]);
+                double dmag = pm * (fabs((double)dp_in[c]) + fabs((double)delta));
+                ck_assert_msg(close_rel(s[c], s_ref[c], TOL, 1e-37),
+                              "%s grad_row p n=%d cap=%g pos %d: %.9g vs %.9g", k->name, n,
+                              (double)softcap, c, (double)s[c], (double)s_ref[c]);
+                ck_assert_msg(fabs((double)dp[c] - dp_ref[c]) <= TOL * dmag + 1e-37,
+                              "%s grad_row ds n=%d cap=%g pos %d: %.9g vs %.9g", k->name, n,
+                              (double)softcap, c, (double)dp[c], (double)dp_ref[c]);
+                if (sum)
+                    ck_assert_msg(fabs((double)sum[c] - sum_ref[c]) <= TOL * (dmag + fabs(sum_ref[c])) + 1e-37,
+                                  "%s grad_row dx_sum pos %d: %.9g vs %.9g", k->name, c,
+                                  (double)sum[c], (double)sum_ref[c]);
+            }
+            free(s);
+            free(s_ref);
+            free(dp);
+            free(dp_ref);
+            free(dp_in);
+            free(bias);
+            free(sum);
+            free(sum_ref);
+            free(rs.bits);
+        }
+    }
+}
+END_TEST
+
+/* ------------------------------------------------------------------------------------------ */
+/* A whole chunk the way the driver runs it, twice: bitwise identical results                 */
+/* ------------------------------------------------------------------------------------------ */
+
+START_TEST(chunk_deterministic)
+{
+    table tb[4];
+    int nt = tables(tb);
+    test_rng r = rng_make(707);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        const int D = 100, ld = round_up(D, 16), n = DMA_CHUNK, m = k->mr;
+        float *kbase = random_rows(&r, n, D);
+        float *q = fbuf((size_t)m * ld), *kp = fbuf((size_t)n * D), *vp = fbuf((size_t)n * ld);
+        for (int i = 0; i < m * ld; i++)
+            q[i] = i % ld < D ? rng_float(&r, -1.0f, 1.0f) : 0.0f;
+        k->pack_k(kp, kbase, D, NULL, 0, n, D);
+        k->pack_v(vp, ld, kbase, D, NULL, 0, n, D);
+        float *o[2];
+        for (int run = 0; run < 2; run++) {
+            float *s = fbuf((size_t)m * DMA_CHUNK), alpha[16], mm[16], ll[16];
+            o[run] = fbuf((size_t)m * ld);
+            memset(o[run], 0, sizeof(float) * (size_t)m * ld);
+            k->scores(s, DMA_CHUNK, q, ld, m, kp, n, D);
+            for (int i = 0; i < m; i++) {
+                mm[i] = -INFINITY;
+                ll[i] = 0.0f;
+                alpha[i] = k->softmax_row(s + i * DMA_CHUNK, n, NULL, NULL, 0, i, n - i, 0.0f,
+                                          &mm[i], &ll[i]);
+            }
+            k->accum_pv(o[run], ld, alpha, s, DMA_CHUNK, m, vp, ld, n, D);
+            free(s);
+        }
+        ck_assert_msg(memcmp(o[0], o[1], sizeof(float) * (size_t)m * ld) == 0,
+                      "%s: two identical runs differ", k->name);
+        free(o[0]);
+        free(o[1]);
+        free(kbase);
+        free(q);
+        free(kp);
+        free(vp);
+    }
+}
+END_TEST
+
+static Suite *kernels_suite(void)
+{
+    Suite *s = suite_create("kernels");
+    TCase *tc = tcase_create("vs_scalar");
+    tcase_set_timeout(tc, 300);
+    tcase_add_test(tc, pack_layouts);
+    tcase_add_test(tc, scores_vs_scalar);
+    tcase_add_test(tc, softmax_vs_scalar);
+    tcase_add_test(tc, softmax_empty_rows);
+    tcase_add_test(tc, exp_tanh_accuracy);
+    tcase_add_test(tc, accum_pv_vs_scalar);
+    tcase_add_test(tc, accum_tn_vs_scalar);
+    tcase_add_test(tc, grad_row_vs_scalar);
+    tcase_add_test(tc, chunk_deterministic);
+    suite_add_tcase(s, tc);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(kernels_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
+}
