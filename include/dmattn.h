@@ -33,6 +33,13 @@
 extern "C" {
 #endif
 
+/* Marks the library's exported functions; everything else in the shared library is hidden. */
+#if defined(__GNUC__) && !defined(DMATTN_STATIC_ONLY)
+#define DMA_API __attribute__((visibility("default")))
+#else
+#define DMA_API
+#endif
+
 #define DMATTN_VERSION_MAJOR 0
 #define DMATTN_VERSION_MINOR 1
 #define DMATTN_VERSION_PATCH 0
@@ -65,7 +72,7 @@ typedef enum dma_status {
 
 /** A short, static, human-readable name for a status ("invalid head dimension", ...).
  *  Never NULL; unknown values give "unknown status". Thread-safe. */
-const char *dma_status_string(dma_status status);
+DMA_API const char *dma_status_string(dma_status status);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Tensors                                                                                    */
@@ -93,14 +100,14 @@ typedef struct dma_tensor {
 } dma_tensor;
 
 /** A contiguous row-major 4-D view (strides computed from the shape). No validation; pure. */
-dma_tensor dma_tensor_4d(void *data, dma_dtype dtype, int64_t d0, int64_t d1, int64_t d2,
+DMA_API dma_tensor dma_tensor_4d(void *data, dma_dtype dtype, int64_t d0, int64_t d1, int64_t d2,
                          int64_t d3);
 
 /** A contiguous row-major 3-D view, e.g. lse (B, Hq, Lq). No validation; pure. */
-dma_tensor dma_tensor_3d(void *data, dma_dtype dtype, int64_t d0, int64_t d1, int64_t d2);
+DMA_API dma_tensor dma_tensor_3d(void *data, dma_dtype dtype, int64_t d0, int64_t d1, int64_t d2);
 
 /** A contiguous row-major 2-D view, e.g. a key padding mask (B, Lk). No validation; pure. */
-dma_tensor dma_tensor_2d(void *data, dma_dtype dtype, int64_t d0, int64_t d1);
+DMA_API dma_tensor dma_tensor_2d(void *data, dma_dtype dtype, int64_t d0, int64_t d1);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Context                                                                                    */
@@ -134,26 +141,26 @@ typedef struct dma_context dma_context;
  *         or environment, is not supported by this CPU or was not built); DMA_ERR_NOMEM.
  * Thread-safe (no shared state). The environment is read only here.
  */
-dma_status dma_context_create(const dma_context_options *opts, dma_context **out);
+DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_context **out);
 
 /** Free a context. NULL is a no-op. */
-void dma_context_destroy(dma_context *ctx);
+DMA_API void dma_context_destroy(dma_context *ctx);
 
 /** The ISA the context's kernels use (never DMA_ISA_AUTO). ctx must not be NULL. */
-dma_isa dma_context_isa(const dma_context *ctx);
+DMA_API dma_isa dma_context_isa(const dma_context *ctx);
 
 /** The thread count the context's calls use (>= 1). ctx must not be NULL. */
-int dma_context_threads(const dma_context *ctx);
+DMA_API int dma_context_threads(const dma_context *ctx);
 
 /** Lower-case name of an ISA: "auto", "scalar", "avx2", "avx512", "neon"; "unknown" otherwise. */
-const char *dma_isa_name(dma_isa isa);
+DMA_API const char *dma_isa_name(dma_isa isa);
 
 /** 1 if this build and this CPU can run the ISA's kernels, else 0. Thread-safe. */
-int dma_isa_supported(dma_isa isa);
+DMA_API int dma_isa_supported(dma_isa isa);
 
 /** A sentence describing the latest error of a call made with ctx ("" if none yet). The string
  *  belongs to the context and is valid until the next call with it. ctx must not be NULL. */
-const char *dma_context_last_error(const dma_context *ctx);
+DMA_API const char *dma_context_last_error(const dma_context *ctx);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Sparsity: which keys each query row attends to                                             */
@@ -210,7 +217,7 @@ typedef struct dma_mask_params {
  * DMA_ERR_WINDOW (negative window or block_size), DMA_ERR_OVERFLOW, DMA_ERR_BAD_VALUE,
  * DMA_ERR_NOMEM.
  */
-dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
+DMA_API dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
                               int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
                               const dma_tensor *key_padding, dma_sparsity **out);
 
@@ -221,20 +228,20 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
  * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_OVERFLOW,
  * DMA_ERR_NOMEM.
  */
-dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_sparsity **out);
+DMA_API dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_sparsity **out);
 
 /** Free a sparsity object. NULL is a no-op. */
-void dma_sparsity_destroy(dma_sparsity *sp);
+DMA_API void dma_sparsity_destroy(dma_sparsity *sp);
 
 /** Sizes of a sparsity object; any output pointer may be NULL. sp must not be NULL. */
-void dma_sparsity_shape(const dma_sparsity *sp, int64_t *B, int64_t *H, int64_t *Lq,
+DMA_API void dma_sparsity_shape(const dma_sparsity *sp, int64_t *B, int64_t *H, int64_t *Lq,
                         int64_t *Lk);
 
 /** Number of selected (row, key) pairs over all batches and heads of the object. */
-int64_t dma_sparsity_nnz(const dma_sparsity *sp);
+DMA_API int64_t dma_sparsity_nnz(const dma_sparsity *sp);
 
 /** Bytes of memory the object holds (for reporting; not a promise about allocator overhead). */
-size_t dma_sparsity_bytes(const dma_sparsity *sp);
+DMA_API size_t dma_sparsity_bytes(const dma_sparsity *sp);
 
 /**
  * Write the selection as a dense boolean array (B, H, Lq, Lk), row-major, 1 = selected.
@@ -243,7 +250,7 @@ size_t dma_sparsity_bytes(const dma_sparsity *sp);
  *                   nothing is written.
  * Errors: DMA_ERR_NULL, DMA_ERR_BUFFER.
  */
-dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t out_bytes);
+DMA_API dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t out_bytes);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Attention                                                                                  */
@@ -279,7 +286,7 @@ typedef struct dma_attn_params {
  * DMA_ERR_HEAD_DIM, DMA_ERR_OVERFLOW, DMA_ERR_BAD_VALUE (non-finite scale or softcap, negative
  * softcap), DMA_ERR_NOMEM.
  */
-dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                        const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
                        const dma_attn_params *params, dma_tensor *out, dma_tensor *lse);
 
@@ -305,7 +312,7 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
  * Errors: those of dma_forward, plus DMA_ERR_NULL (lse, dout, dq, dk or dv missing; dbias without
  * bias) and DMA_ERR_SHAPE (a gradient's shape differs from its input's).
  */
-dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
+DMA_API dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                         const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
                         const dma_attn_params *params, const dma_tensor *out,
                         const dma_tensor *lse, const dma_tensor *dout, dma_tensor *dq,
