@@ -149,16 +149,16 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
 }
 
 void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
-                        const dma_tensor *src, float scale, float *dst)
+                        const dma_tensor *src, float scale, float *dst, int64_t ld)
 {
     for (int64_t hh = 0; hh < iv->nh; hh++)
         for (int64_t i = 0; i < iv->nrows; i++) {
             const float *s = f32(src) + it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
                              (iv->h0 + hh) * src->stride[2];
-            float *d = dst + (hh * iv->nrows + i) * a->ld;
+            float *d = dst + (hh * iv->nrows + i) * ld;
             for (int64_t x = 0; x < a->D; x++)
                 d[x] = scale * s[x];
-            memset(d + a->D, 0, sizeof(float) * (size_t)(a->ld - a->D));
+            memset(d + a->D, 0, sizeof(float) * (size_t)(ld - a->D));
         }
 }
 

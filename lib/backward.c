@@ -20,6 +20,14 @@
 #define WAVE_BUDGET_FLOATS ((int64_t)16 << 20)
 #define WAVE_MIN_ITEMS 8
 
+/* Row stride of the Q, dout and dQ panels: D rounded up to 16, plus 16 floats, for the same
+ * reason as PS_LD (accum_tn walks 64 of their rows at a time). */
+#define ROWS_LD(a) ((a)->ld + 16)
+
+/* Row stride of the P and dS panels: one chunk plus 16 floats, so that walking down a column (as
+ * accum_tn does) does not map every row to the same few L1 sets, as a 1 KiB stride would. */
+#define PS_LD (DMA_CHUNK + 16)
+
 static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
 
 typedef struct bwd {
@@ -54,8 +62,8 @@ static int64_t item_floats(const bwd *w, const dma_item *it, int64_t *nbh_out)
 static size_t backward_scratch_floats(const dma_attn *a)
 {
     int64_t M = DMA_HEADS_PER_ITEM * DMA_TILE;
-    size_t n = (size_t)(3 * M * a->ld + 2 * DMA_CHUNK * a->ld + DMA_CHUNK * a->ld +
-                        2 * M * DMA_CHUNK + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * M + 64);
+    size_t n = (size_t)(3 * M * ROWS_LD(a) + 2 * DMA_CHUNK * a->ld + DMA_CHUNK * a->ld +
+                        2 * M * PS_LD + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * M + 64);
     return (n + 15) / 16 * 16;
 }
 
@@ -63,27 +71,27 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
 {
     const dma_attn *a = &w->a;
     const dma_kernels *kern = a->kern;
-    const int64_t D = a->D, ld = a->ld, mr = kern->mr, nr = kern->nr;
+    const int64_t D = a->D, ld = a->ld, qld = ROWS_LD(a), mr = kern->mr, nr = kern->nr;
     dma_item_view iv;
     dma_item_view_init(a, it, &iv);
     const int64_t M = iv.M, nrows = iv.nrows;
 
-    float *Q = scratch;                     /* [M][ld] scaled queries */
-    float *dO = Q + M * ld;                 /* [M][ld] */
-    float *dQ = dO + M * ld;                /* [M][ld] accumulates dS K */
-    float *Kp = dQ + M * ld;                /* [DMA_CHUNK][D] K^T packed */
+    float *Q = scratch;                     /* [M][qld] scaled queries */
+    float *dO = Q + M * qld;                /* [M][qld] */
+    float *dQ = dO + M * qld;               /* [M][qld] accumulates dS K */
+    float *Kp = dQ + M * qld;               /* [DMA_CHUNK][D] K^T packed */
     float *Vt = Kp + DMA_CHUNK * ld;        /* [DMA_CHUNK][D] V^T packed */
     float *Kr = Vt + DMA_CHUNK * ld;        /* [DMA_CHUNK][ld] K rows */
-    float *P = Kr + DMA_CHUNK * ld;         /* [M][DMA_CHUNK] */
-    float *dS = P + M * DMA_CHUNK;          /* [M][DMA_CHUNK] */
-    float *bias_buf = dS + M * DMA_CHUNK;   /* [heads][DMA_CHUNK] */
+    float *P = Kr + DMA_CHUNK * ld;         /* [M][PS_LD] */
+    float *dS = P + M * PS_LD;              /* [M][PS_LD] */
+    float *bias_buf = dS + M * PS_LD;       /* [heads][DMA_CHUNK] */
     float *row_lse = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
     float *row_delta = row_lse + M;
     float *ones = row_delta + M;            /* [mr] */
 
-    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q);
-    dma_item_load_rows(a, it, &iv, w->dout, 1.0f, dO);
-    memset(dQ, 0, sizeof(float) * (size_t)(M * ld));
+    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, qld);
+    dma_item_load_rows(a, it, &iv, w->dout, 1.0f, dO, qld);
+    memset(dQ, 0, sizeof(float) * (size_t)(M * qld));
     for (int64_t r = 0; r < mr; r++)
         ones[r] = 1.0f;
     for (int64_t hh = 0; hh < iv.nh; hh++)
@@ -93,7 +101,7 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                                      row * a->lse->stride[2]];
             const float *o = f32(a->out) + it->b * a->out->stride[0] +
                              row * a->out->stride[1] + h * a->out->stride[2];
-            const float *d = dO + r * ld;
+            const float *d = dO + r * qld;
             float delta = 0.0f;
             for (int64_t x = 0; x < D; x++)
                 delta += d[x] * o[x];
@@ -122,7 +130,7 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                 bool active = dma_block_cols(&iv, rb, m, c0, n, nr, &ca, &cb);
                 /* Rows of P and dS are zero outside [ca, cb): accum_tn reads whole columns. */
                 for (int64_t r = 0; r < m; r++) {
-                    float *pr = P + (row0 + r) * DMA_CHUNK, *dr = dS + (row0 + r) * DMA_CHUNK;
+                    float *pr = P + (row0 + r) * PS_LD, *dr = dS + (row0 + r) * PS_LD;
                     memset(pr, 0, sizeof(float) * (size_t)ca);
                     memset(dr, 0, sizeof(float) * (size_t)ca);
                     memset(pr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
@@ -132,10 +140,10 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                     continue;
                 used_lo = ca < used_lo ? ca : used_lo;
                 used_hi = cb > used_hi ? cb : used_hi;
-                float *Pb = P + row0 * DMA_CHUNK + ca, *dSb = dS + row0 * DMA_CHUNK + ca;
-                kern->scores(Pb, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                float *Pb = P + row0 * PS_LD + ca, *dSb = dS + row0 * PS_LD + ca;
+                kern->scores(Pb, PS_LD, Q + row0 * qld, (int)qld, (int)m, Kp + ca * D,
                              (int)(cb - ca), (int)D);
-                kern->scores(dSb, DMA_CHUNK, dO + row0 * ld, (int)ld, (int)m, Vt + ca * D,
+                kern->scores(dSb, PS_LD, dO + row0 * qld, (int)qld, (int)m, Vt + ca * D,
                              (int)(cb - ca), (int)D);
                 for (int64_t r = 0; r < m; r++) {
                     const int64_t i = rb + r;
@@ -155,20 +163,20 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                     }
                     int lo, hi;
                     dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
-                    kern->grad_row(Pb + r * DMA_CHUNK, dSb + r * DMA_CHUNK, (int)(cb - ca), brow,
+                    kern->grad_row(Pb + r * PS_LD, dSb + r * PS_LD, (int)(cb - ca), brow,
                                    dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi, a->softcap,
                                    row_lse[row0 + r], row_delta[row0 + r], dx_sum);
                 }
                 /* dS is zero past n, and K rows past n were never packed: stop at n. */
-                kern->accum_pv(dQ + row0 * ld, (int)ld, ones, dSb, DMA_CHUNK, (int)m,
+                kern->accum_pv(dQ + row0 * qld, (int)qld, ones, dSb, PS_LD, (int)m,
                                Kr + ca * ld, (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
             }
         /* dK[U] += dS^T Q and dV[U] += P^T dO over all the item's rows, mr keys at a time. */
         for (int64_t c = used_lo; c < used_hi; c += mr) {
             const int64_t m = dma_min64(mr, used_hi - c);
-            kern->accum_tn(g->dk + (c0 + c) * ld, (int)ld, dS + c, DMA_CHUNK, (int)m, Q, (int)ld,
+            kern->accum_tn(g->dk + (c0 + c) * ld, (int)ld, dS + c, PS_LD, (int)m, Q, (int)qld,
                            (int)M, (int)D);
-            kern->accum_tn(g->dv + (c0 + c) * ld, (int)ld, P + c, DMA_CHUNK, (int)m, dO, (int)ld,
+            kern->accum_tn(g->dv + (c0 + c) * ld, (int)ld, P + c, PS_LD, (int)m, dO, (int)qld,
                            (int)M, (int)D);
         }
     }
@@ -177,7 +185,7 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
         for (int64_t i = 0; i < nrows; i++) {
             float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv.r0 + i) * w->dq->stride[1] +
                          (iv.h0 + hh) * w->dq->stride[2];
-            const float *src = dQ + (hh * nrows + i) * ld;
+            const float *src = dQ + (hh * nrows + i) * qld;
             for (int64_t x = 0; x < D; x++)
                 dst[x] = a->scale * src[x];
         }

@@ -45,7 +45,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
     float *row_l = row_m + M;
     float *alpha = row_l + M;                  /* [mr] */
 
-    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q);
+    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
         row_m[r] = -INFINITY;

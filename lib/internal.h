@@ -161,10 +161,10 @@ dma_status dma_attn_items(dma_context *ctx, const dma_attn *a, dma_item **items,
 
 void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv);
 
-/* Rows of a (B, L, H, D) tensor for the item's heads and rows into dst[M][ld], times `scale`,
- * zero-padded to ld; row r = hh * nrows + i. */
+/* Rows of a (B, L, H, D) tensor for the item's heads and rows into dst[M][ld] (ld >= D), times
+ * `scale`, zero-padded to ld; row r = hh * nrows + i. */
 void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
-                        const dma_tensor *src, float scale, float *dst);
+                        const dma_tensor *src, float scale, float *dst, int64_t ld);
 
 /* Whether any row selects a position of chunk [c0, c0 + n). */
 bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n);

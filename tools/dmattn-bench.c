@@ -14,10 +14,13 @@
  * call, stealing cores from OpenMP; the tool sleeps untimed until they are idle (settle_blas)
  * before timing anything else. The OpenBLAS kernel set is reported (blas_core) and checked.
  *
- * Extending with the backward (not implemented yet): add OP_BACKWARD to `enum op_kind` and its
- * name to op_names[], give it a flop count in flops_per_pair(), and add a measure_*_backward()
- * beside measure_dma()/measure_dense() that times dma_backward() on the saved out/lse; the
- * timing loop, the result record, the linking of ratios and both printers are op-agnostic.
+ * The backward (--backward): op "backward" lines for impl dma and dense time dma_backward() on
+ * the out/lse their own forward produced (each impl has its own out and lse buffers), with a
+ * random dout of a fixed seed; dq, dk, dv and dbias are allocated once per problem. dma uses the
+ * bias and sparsity of its forward, causal=1, and asks for dbias whenever there is a bias (the
+ * DMA bias is trainable); dense uses no sparsity, no bias and the dense forward's causal. Its
+ * effective GFLOP/s count 10 * D flops per pair: 5 matmuls of 2 * D each (QK^T recomputed, dP,
+ * dQ, dK, dV), i.e. 2.5x the forward's matrix work.
  *
  * Exit status: 0 success, 1 a library or allocation error (the library's status and last error
  * are printed), 2 a bad command line.
@@ -49,8 +52,8 @@
 enum mask_mode { MASK_TOPK, MASK_WINDOW, MASK_CAUSAL, MASK_DENSE };
 static const char *const mask_names[] = {"topk", "window", "causal", "dense"};
 
-enum op_kind { OP_FORWARD, OP_MASK_BUILD, OP_SGEMM /* , OP_BACKWARD: later */ };
-static const char *const op_names[] = {"forward", "mask_build", "sgemm"};
+enum op_kind { OP_FORWARD, OP_MASK_BUILD, OP_SGEMM, OP_BACKWARD };
+static const char *const op_names[] = {"forward", "mask_build", "sgemm", "backward"};
 
 enum impl_kind { IMPL_DMA, IMPL_DENSE, IMPL_OPENBLAS };
 static const char *const impl_names[] = {"dma", "dense", "openblas"};
@@ -80,6 +83,7 @@ typedef struct options {
     dma_isa isa;
     int no_dense, no_openblas;
     int sweep, sweep_quick;
+    int backward;
     int_list sw_lens, sw_windows, sw_dims, sw_hkvs, sw_threads;
 } options;
 
@@ -102,9 +106,10 @@ typedef struct result {
     double sparsity_bytes;
     /* ratios filled by link_results() */
     double pct_of_forward;      /* mask_build only */
-    double speedup_vs_dense;    /* forward lines: dense ms / this ms */
-    double speedup_vs_openblas; /* forward lines: openblas ms / this ms */
-    double gflops_vs_sgemm;     /* forward lines: this gflops / sgemm gflops (same threads) */
+    double speedup_vs_dense;    /* forward, backward lines: dense ms / this ms (same op) */
+    double speedup_vs_openblas; /* forward lines: openblas ms / this ms (backward: none) */
+    double gflops_vs_sgemm;     /* forward, backward: this gflops / sgemm gflops (same threads) */
+    double bwd_fwd_ratio;       /* backward lines: this ms / the same impl's forward ms */
     double max_abs_diff;        /* dense line: max |dense - openblas| */
     int64_t sgemm_n;
     const char *blas_core;      /* openblas lines: openblas_get_corename() */
@@ -224,11 +229,16 @@ static int64_t visible_pairs(int64_t Lq, int64_t Lk, int causal)
     return sum;
 }
 
-/* Effective flops per selected (row, key) pair: QK^T and PV, 2 * D each. (Backward: 8 * D
- * for dP, dQ, dK, dV plus the recomputed QK^T, i.e. 10 * D, when it arrives.) */
+/* Effective flops per selected (row, key) pair. Forward: QK^T and PV, 2 * D each. Backward:
+ * 5 matmuls of 2 * D each, i.e. 10 * D = 2.5x the forward: the recomputed QK^T, dP = dout V^T,
+ * dQ = dS K, dK = dS^T Q, dV = P^T dout (the elementwise softmax work is not counted). */
 static double flops_per_pair(int op, int64_t D)
 {
-    return op == OP_FORWARD ? 4.0 * (double)D : 0.0;
+    if (op == OP_FORWARD)
+        return 4.0 * (double)D;
+    if (op == OP_BACKWARD)
+        return 10.0 * (double)D;
+    return 0.0;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -306,6 +316,7 @@ static result new_result(int op, int impl, const char *isa, int threads, timing 
     r.speedup_vs_dense = NAN;
     r.speedup_vs_openblas = NAN;
     r.gflops_vs_sgemm = NAN;
+    r.bwd_fwd_ratio = NAN;
     r.max_abs_diff = NAN;
     r.sgemm_n = -1;
     r.blas_core = NULL;
@@ -316,16 +327,22 @@ static result new_result(int op, int impl, const char *isa, int threads, timing 
 /* The problem: inputs and outputs of one shape                                               */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Each impl has its own out and lse (lse: dma, lse_dense: dense), so that a backward always
+ * reads what its own forward wrote. With `backward`, dout (random, fixed seed) and the gradients
+ * dq, dk, dv, dbias are allocated too (once per problem; both backwards write them whole). */
 typedef struct problem {
     int64_t B, Lq, Lk, Hq, Hkv, D;
     int64_t n_q, n_kv, n_bias, n_lse;
+    int backward;
     float *q, *k, *v, *bias;
-    float *out_dma, *out_dense, *out_blas, *lse;
-    dma_tensor tq, tk, tv, tbias, tout_dma, tout_dense, tlse;
+    float *out_dma, *out_dense, *out_blas, *lse, *lse_dense;
+    float *dout, *dq, *dk, *dv, *dbias; /* NULL without backward */
+    dma_tensor tq, tk, tv, tbias, tout_dma, tout_dense, tlse, tlse_dense;
+    dma_tensor tdout, tdq, tdk, tdv, tdbias;
 } problem;
 
 static void problem_init(problem *p, int64_t B, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv,
-                         int64_t D)
+                         int64_t D, int backward)
 {
     memset(p, 0, sizeof *p);
     p->B = B;
@@ -345,7 +362,26 @@ static void problem_init(problem *p, int64_t B, int64_t Lq, int64_t Lk, int64_t 
     p->out_dma = xalloc(p->n_q, sizeof(float), "out (dma)");
     p->out_dense = xalloc(p->n_q, sizeof(float), "out (dense)");
     p->out_blas = xalloc(p->n_q, sizeof(float), "out (openblas)");
-    p->lse = xalloc(p->n_lse, sizeof(float), "lse");
+    p->lse = xalloc(p->n_lse, sizeof(float), "lse (dma)");
+    p->lse_dense = xalloc(p->n_lse, sizeof(float), "lse (dense)");
+    p->backward = backward;
+    if (backward) {
+        p->dout = xalloc(p->n_q, sizeof(float), "dout");
+        p->dq = xalloc(p->n_q, sizeof(float), "dq");
+        p->dk = xalloc(p->n_kv, sizeof(float), "dk");
+        p->dv = xalloc(p->n_kv, sizeof(float), "dv");
+        p->dbias = xalloc(p->n_bias, sizeof(float), "dbias");
+        fill_uniform(p->dout, p->n_q, 5, -1.0f, 1.0f);
+        memset(p->dq, 0, (size_t)p->n_q * sizeof(float));
+        memset(p->dk, 0, (size_t)p->n_kv * sizeof(float));
+        memset(p->dv, 0, (size_t)p->n_kv * sizeof(float));
+        memset(p->dbias, 0, (size_t)p->n_bias * sizeof(float));
+        p->tdout = dma_tensor_4d(p->dout, DMA_F32, B, Lq, Hq, D);
+        p->tdq = dma_tensor_4d(p->dq, DMA_F32, B, Lq, Hq, D);
+        p->tdk = dma_tensor_4d(p->dk, DMA_F32, B, Lk, Hkv, D);
+        p->tdv = dma_tensor_4d(p->dv, DMA_F32, B, Lk, Hkv, D);
+        p->tdbias = dma_tensor_4d(p->dbias, DMA_F32, B, Hkv, 1, Lk);
+    }
     /* Fixed seeds: the same shape always gets the same data. */
     fill_uniform(p->q, p->n_q, 1, -1.0f, 1.0f);
     fill_uniform(p->k, p->n_kv, 2, -1.0f, 1.0f);
@@ -361,6 +397,7 @@ static void problem_init(problem *p, int64_t B, int64_t Lq, int64_t Lk, int64_t 
     p->tout_dma = dma_tensor_4d(p->out_dma, DMA_F32, B, Lq, Hq, D);
     p->tout_dense = dma_tensor_4d(p->out_dense, DMA_F32, B, Lq, Hq, D);
     p->tlse = dma_tensor_3d(p->lse, DMA_F32, B, Hq, Lq);
+    p->tlse_dense = dma_tensor_3d(p->lse_dense, DMA_F32, B, Hq, Lq);
 }
 
 static void problem_free(problem *p)
@@ -373,6 +410,12 @@ static void problem_free(problem *p)
     free(p->out_dense);
     free(p->out_blas);
     free(p->lse);
+    free(p->lse_dense);
+    free(p->dout); /* the gradients are NULL without backward */
+    free(p->dq);
+    free(p->dk);
+    free(p->dv);
+    free(p->dbias);
     memset(p, 0, sizeof *p);
 }
 
@@ -424,6 +467,40 @@ static void run_forward(void *a)
           "dma_forward");
 }
 
+typedef struct bwd_arg {
+    dma_context *ctx;
+    const problem *p;
+    const dma_tensor *bias;
+    const dma_sparsity *sp;
+    dma_attn_params prm;
+    const dma_tensor *out, *lse;
+    dma_tensor *dq, *dk, *dv, *dbias;
+} bwd_arg;
+
+static void run_backward(void *a)
+{
+    bwd_arg *g = a;
+    check(g->ctx, dma_backward(g->ctx, &g->p->tq, &g->p->tk, &g->p->tv, g->bias, g->sp, &g->prm,
+                               g->out, g->lse, &g->p->tdout, g->dq, g->dk, g->dv, g->dbias),
+          "dma_backward");
+}
+
+/* Warn when a backward wrote a NaN or an infinity into a gradient. */
+static void check_grads_finite(const problem *p, int with_dbias, const char *impl)
+{
+    char what[64];
+    snprintf(what, sizeof what, "the %s dq", impl);
+    check_finite(p->dq, p->n_q, what);
+    snprintf(what, sizeof what, "the %s dk", impl);
+    check_finite(p->dk, p->n_kv, what);
+    snprintf(what, sizeof what, "the %s dv", impl);
+    check_finite(p->dv, p->n_kv, what);
+    if (with_dbias) {
+        snprintf(what, sizeof what, "the %s dbias", impl);
+        check_finite(p->dbias, p->n_bias, what);
+    }
+}
+
 typedef struct build_arg {
     dma_context *ctx;
     dma_mask_params mp;
@@ -448,10 +525,10 @@ static void run_build(void *a)
 }
 
 /* The library's dense path: no sparsity, no bias; causal as asked. The lse is written (the
- * training forward; the backward will need it). */
+ * training forward; the backward needs it). */
 static result measure_dense(dma_context *ctx, problem *p, int causal, runspec rs)
 {
-    fwd_arg f = {ctx, p, NULL, NULL, {0.0f, 0.0f, causal}, &p->tout_dense, &p->tlse};
+    fwd_arg f = {ctx, p, NULL, NULL, {0.0f, 0.0f, causal}, &p->tout_dense, &p->tlse_dense};
     timing tm = time_it(run_forward, NULL, &f, rs);
     result r = new_result(OP_FORWARD, IMPL_DENSE, dma_isa_name(dma_context_isa(ctx)),
                           dma_context_threads(ctx), tm);
@@ -464,12 +541,65 @@ static result measure_dense(dma_context *ctx, problem *p, int causal, runspec rs
     return r;
 }
 
-/* dma with a generated sparsity: mask_build line (res[0]) and forward line (res[1]).
+/* The dense backward: dma_backward with no sparsity and no bias (so no dbias), causal as the
+ * dense forward, on the out/lse that measure_dense() left (call it after that, same causal). */
+static result measure_dense_backward(dma_context *ctx, problem *p, int causal, runspec rs)
+{
+    if (!p->backward)
+        fatal("internal error: backward buffers were not allocated");
+    bwd_arg g = {.ctx = ctx,
+                 .p = p,
+                 .bias = NULL,
+                 .sp = NULL,
+                 .prm = {0.0f, 0.0f, causal},
+                 .out = &p->tout_dense,
+                 .lse = &p->tlse_dense,
+                 .dq = &p->tdq,
+                 .dk = &p->tdk,
+                 .dv = &p->tdv,
+                 .dbias = NULL};
+    timing tm = time_it(run_backward, NULL, &g, rs);
+    result r = new_result(OP_BACKWARD, IMPL_DENSE, dma_isa_name(dma_context_isa(ctx)),
+                          dma_context_threads(ctx), tm);
+    fill_shape(&r, p);
+    r.mask = causal ? "causal" : "dense";
+    r.causal = causal;
+    r.pairs = visible_pairs(p->Lq, p->Lk, causal) * p->B * p->Hq;
+    set_gflops(&r);
+    check_grads_finite(p, 0, "dense");
+    return r;
+}
+
+/* The dma backward: dma_backward with the forward's bias, sparsity and params, on the out/lse
+ * the dma forward left; dbias is requested whenever there is a bias (it is trainable). */
+static timing time_dma_backward(dma_context *ctx, problem *p, const dma_tensor *bias,
+                                const dma_sparsity *sp, dma_attn_params prm, runspec rs)
+{
+    if (!p->backward)
+        fatal("internal error: backward buffers were not allocated");
+    bwd_arg g = {.ctx = ctx,
+                 .p = p,
+                 .bias = bias,
+                 .sp = sp,
+                 .prm = prm,
+                 .out = &p->tout_dma,
+                 .lse = &p->tlse,
+                 .dq = &p->tdq,
+                 .dk = &p->tdk,
+                 .dv = &p->tdv,
+                 .dbias = bias ? &p->tdbias : NULL};
+    timing tm = time_it(run_backward, NULL, &g, rs);
+    check_grads_finite(p, bias != NULL, "dma");
+    return tm;
+}
+
+/* dma with a generated sparsity: mask_build line (res[0]) and forward line (res[1]); with
+ * p->backward also a backward line (res[2]), timed while the sparsity object still exists.
  * topk: per-key bias (B, Hkv, 1, Lk), causal top-k, object (B, Hkv); the forward gets the bias.
  * window: sliding window, object (1, 1) (it is the same for every batch and head), no bias.
- * Both causal. */
-static void measure_dma(dma_context *ctx, problem *p, int mask, int64_t window, runspec rs,
-                        result res[2])
+ * Both causal. Returns the number of lines written (2 or 3). */
+static int measure_dma(dma_context *ctx, problem *p, int mask, int64_t window, runspec rs,
+                       result res[3])
 {
     const char *isa = dma_isa_name(dma_context_isa(ctx));
     int threads = dma_context_threads(ctx);
@@ -511,10 +641,15 @@ static void measure_dma(dma_context *ctx, problem *p, int mask, int64_t window, 
     timing tf = time_it(run_forward, NULL, &f, rs);
     check_finite(p->out_dma, p->n_q, "the dma output");
 
+    const int nres = p->backward ? 3 : 2;
     result *rb = &res[0], *rf = &res[1];
     *rb = new_result(OP_MASK_BUILD, IMPL_DMA, isa, threads, tb);
     *rf = new_result(OP_FORWARD, IMPL_DMA, isa, threads, tf);
-    for (int i = 0; i < 2; i++) {
+    if (p->backward) {
+        timing tg = time_dma_backward(ctx, p, f.bias, sp, f.prm, rs);
+        res[2] = new_result(OP_BACKWARD, IMPL_DMA, isa, threads, tg);
+    }
+    for (int i = 0; i < nres; i++) {
         result *r = &res[i];
         fill_shape(r, p);
         r->mask = mask_names[mask];
@@ -529,7 +664,10 @@ static void measure_dma(dma_context *ctx, problem *p, int mask, int64_t window, 
     }
     rb->gflops = 0.0;
     set_gflops(rf);
+    if (p->backward)
+        set_gflops(&res[2]);
     dma_sparsity_destroy(sp);
+    return nres;
 }
 
 /* ------------------------------------------------------------------------------------------ */
@@ -816,6 +954,24 @@ static void link_results(result *r, int n, const result *sgemm)
                 r[j].window == r[i].window && r[j].mask == r[i].mask && r[j].ms_median > 0)
                 r[i].pct_of_forward = 100.0 * r[i].ms_median / r[j].ms_median;
     }
+    /* backward lines: vs the dense backward of the shape, and vs the forward of the same impl
+     * (and, for dma, the same mask and window) */
+    for (int i = 0; i < n; i++) {
+        if (r[i].op != OP_BACKWARD || r[i].ms_median <= 0)
+            continue;
+        for (int j = 0; j < n; j++) {
+            if (!same_shape(&r[i], &r[j]) || r[j].ms_median <= 0)
+                continue;
+            if (r[j].op == OP_BACKWARD && r[j].impl == IMPL_DENSE)
+                r[i].speedup_vs_dense = r[j].ms_median / r[i].ms_median;
+            if (r[j].op == OP_FORWARD && r[j].impl == r[i].impl && r[j].window == r[i].window &&
+                r[j].causal == r[i].causal && r[j].mask && r[i].mask &&
+                !strcmp(r[j].mask, r[i].mask))
+                r[i].bwd_fwd_ratio = r[i].ms_median / r[j].ms_median;
+        }
+        if (sgemm && sgemm->threads == r[i].threads && sgemm->gflops > 0)
+            r[i].gflops_vs_sgemm = r[i].gflops / sgemm->gflops;
+    }
 }
 
 static double max_abs_diff(const float *a, const float *b, int64_t n)
@@ -887,11 +1043,13 @@ static void print_json(const result *r)
     }
     if (r->op == OP_MASK_BUILD)
         json_num("pct_of_forward", r->pct_of_forward);
-    if (r->op == OP_FORWARD) {
+    if (r->op == OP_FORWARD || r->op == OP_BACKWARD) {
         json_num("speedup_vs_dense", r->speedup_vs_dense);
-        json_num("speedup_vs_openblas", r->speedup_vs_openblas);
+        json_num("speedup_vs_openblas", r->speedup_vs_openblas); /* backward: always null */
         json_num("gflops_vs_sgemm", r->gflops_vs_sgemm);
     }
+    if (r->op == OP_BACKWARD)
+        json_num("bwd_fwd_ratio", r->bwd_fwd_ratio);
     if (r->impl == IMPL_DENSE && r->op == OP_FORWARD)
         json_num("max_abs_diff_vs_openblas", r->max_abs_diff);
     if (r->op == OP_SGEMM)
@@ -936,11 +1094,13 @@ static void print_table_row(const result *r, int with_shape)
         NOTE("%.1f%% of dma forward", r->pct_of_forward);
     if (r->op == OP_MASK_BUILD && isfinite(r->sparsity_bytes))
         NOTE("%ssparsity %.2f MiB", o ? ", " : "", r->sparsity_bytes / 1048576.0);
-    if (r->op == OP_FORWARD && r->impl == IMPL_DMA)
-        NOTE("nnz=%lld work_ratio=%.2f", (long long)r->nnz, r->work_ratio);
+    if (r->op == OP_BACKWARD && isfinite(r->bwd_fwd_ratio))
+        NOTE("bwd/fwd=%.2fx", r->bwd_fwd_ratio);
+    if ((r->op == OP_FORWARD || r->op == OP_BACKWARD) && r->impl == IMPL_DMA)
+        NOTE("%snnz=%lld work_ratio=%.2f", o ? " " : "", (long long)r->nnz, r->work_ratio);
     if (r->op == OP_FORWARD && isfinite(r->speedup_vs_openblas) && r->impl != IMPL_OPENBLAS)
         NOTE("%svs_openblas=%.2fx", o ? " " : "", r->speedup_vs_openblas);
-    if (r->op == OP_FORWARD && isfinite(r->gflops_vs_sgemm))
+    if ((r->op == OP_FORWARD || r->op == OP_BACKWARD) && isfinite(r->gflops_vs_sgemm))
         NOTE("%sof_sgemm=%.3f", o ? " " : "", r->gflops_vs_sgemm);
     if (r->impl == IMPL_DENSE && r->op == OP_FORWARD && !isnan(r->max_abs_diff))
         NOTE("%smax|dense-openblas|=%.1e", o ? " " : "", r->max_abs_diff);
@@ -978,8 +1138,8 @@ static void emit(const options *o, const result *r, int with_shape)
         print_table_row(r, with_shape);
 }
 
-/* Lines of one shape in a fixed order: dma (mask_build, forward; per window, in the order
- * measured), then dense, then openblas. */
+/* Lines of one shape in a fixed order: dma (mask_build, forward[, backward]; per window, in the
+ * order measured), then dense (forward[, backward]), then openblas. */
 static void emit_group(const options *o, const result *r, int n, int with_shape)
 {
     static const int order[] = {IMPL_DMA, IMPL_DENSE, IMPL_OPENBLAS};
@@ -999,8 +1159,8 @@ static void print_help(void)
     printf(
         "Usage: " PROG " [options]\n"
         "Times the dmattn forward (impl dma) against the library's dense path (impl dense) and a\n"
-        "plain OpenBLAS dense attention (impl openblas). Median wall-clock time of --runs calls\n"
-        "after --warmup untimed calls.\n"
+        "plain OpenBLAS dense attention (impl openblas); with --backward also the backward of\n"
+        "dma and dense. Median wall-clock time of --runs calls after --warmup untimed calls.\n"
         "\n"
         "Shape and mask (one shape unless --sweep):\n"
         "  --batch N        batch B (default 1)\n"
@@ -1031,6 +1191,11 @@ static void print_help(void)
         "  --sgemm-n N      its size (default 2048; implies --sgemm)\n"
         "  --no-dense       skip the library's dense path\n"
         "  --no-openblas    skip the OpenBLAS dense attention\n"
+        "  --backward       also time dma_backward (op backward) for impl dma and dense, on the\n"
+        "                   out/lse their forward produced and a random dout (fixed seed):\n"
+        "                   dma with the forward's bias and sparsity, causal=1, dbias requested\n"
+        "                   when there is a bias (topk); dense with no sparsity, no bias, causal\n"
+        "                   as the dense forward. Works with --sweep too. (No OpenBLAS backward.)\n"
         "  --json           JSON lines only (one object per measurement) instead of the table\n"
         "\n"
         "Sweep (--sweep): mask topk (or --mask window), causal, impls dma, dense, openblas, and\n"
@@ -1039,7 +1204,8 @@ static void print_help(void)
         "  Hq = --hq (8), Hkv in {8, 2}, threads in {1, 2}, B = --batch.\n"
         "  dense and openblas do not depend on the window: they are timed once per\n"
         "  (L, D, Hkv, threads), with window null; at L >= %d they get 1 run and no warm-up\n"
-        "  (their lines say so in \"runs\"/\"warmup\").\n"
+        "  (their lines say so in \"runs\"/\"warmup\"). --backward adds a backward line per dma\n"
+        "  forward and per dense forward (the dense backward runs like the dense forward).\n"
         "  --sweep-quick          L in {1024, 4096} only\n"
         "  --sweep-lens LIST      override the lists (comma-separated integers), e.g.\n"
         "  --sweep-windows LIST   --sweep-threads 1,2,16\n"
@@ -1047,16 +1213,20 @@ static void print_help(void)
         "  --sweep-hkvs LIST\n"
         "  --sweep-threads LIST\n"
         "\n"
-        "JSON fields: op (forward|mask_build|sgemm), impl (dma|dense|openblas), mask (the mask\n"
-        "the line computed: topk|window for dma, causal|dense for dense/openblas, null for\n"
-        "sgemm), B, Lq, Lk, Hq, Hkv, D, window (null where the line does not depend on it),\n"
+        "JSON fields: op (forward|mask_build|sgemm|backward), impl (dma|dense|openblas), mask\n"
+        "(the mask the line computed: topk|window for dma, causal|dense for dense/openblas, null\n"
+        "for sgemm), B, Lq, Lk, Hq, Hkv, D, window (null where the line does not depend on it),\n"
         "causal, threads, isa (the dmattn context's ISA, on every line), runs, warmup,\n"
-        "ms_median, ms_min, ms_max, gflops (effective: 4*D*pairs/time; 0 for mask_build;\n"
+        "ms_median, ms_min, ms_max, gflops (effective: 4*D*pairs/time; backward: 10*D*pairs/time,\n"
+        "i.e. 5 matmuls of 2*D flops per pair, 2.5x the forward; 0 for mask_build;\n"
         "2*N^3/time for sgemm), pairs (selected (row, key) pairs over all batches and query\n"
         "heads; dma: dma_sparsity_nnz scaled to B and Hq). dma lines add nnz, work_ratio (dense\n"
         "pairs / dma pairs), sparsity_bytes; mask_build adds pct_of_forward; forward lines add\n"
         "speedup_vs_dense, speedup_vs_openblas, gflops_vs_sgemm (null when not measured); the\n"
-        "dense line adds max_abs_diff_vs_openblas; sgemm adds N.\n"
+        "dense line adds max_abs_diff_vs_openblas; sgemm adds N. backward lines carry the\n"
+        "forward lines' fields (speedup_vs_dense: dense backward ms / this ms;\n"
+        "speedup_vs_openblas always null) plus bwd_fwd_ratio (this ms / the forward ms of the\n"
+        "same impl, mask and window).\n"
         "\n"
         "The OpenBLAS attention: per (batch, query head, block of %d rows) cblas_sgemm\n"
         "S = scale Q K^T over the block's visible key prefix, masked softmax, cblas_sgemm O = P V;\n"
@@ -1224,6 +1394,9 @@ static void parse_args(int argc, char **argv, options *o)
         } else if (IS("--no-openblas")) {
             FLAG();
             o->no_openblas = 1;
+        } else if (IS("--backward")) {
+            FLAG();
+            o->backward = 1;
         } else if (IS("--sweep")) {
             FLAG();
             o->sweep = 1;
@@ -1322,9 +1495,9 @@ static int run_single(const options *o)
     dma_context *ctx = make_context(o->threads, o->isa);
     const char *isa = dma_isa_name(dma_context_isa(ctx));
     problem p;
-    problem_init(&p, o->B, o->Lq, o->Lk, o->Hq, o->Hkv, o->D);
+    problem_init(&p, o->B, o->Lq, o->Lk, o->Hq, o->Hkv, o->D, o->backward);
 
-    result r[4], sg;
+    result r[6], sg;
     int n = 0, have_sg = 0;
     memset(&sg, 0, sizeof sg);
     const int causal = o->mask != MASK_DENSE;
@@ -1335,14 +1508,14 @@ static int run_single(const options *o)
         have_sg = 1;
     }
 #endif
-    if (o->mask == MASK_TOPK || o->mask == MASK_WINDOW) {
-        measure_dma(ctx, &p, o->mask, o->window, rs, &r[n]);
-        n += 2;
-    }
+    if (o->mask == MASK_TOPK || o->mask == MASK_WINDOW)
+        n += measure_dma(ctx, &p, o->mask, o->window, rs, &r[n]);
     int i_dense = -1, i_blas = -1;
     if (!o->no_dense) {
         i_dense = n;
         r[n++] = measure_dense(ctx, &p, causal, rs);
+        if (o->backward)
+            r[n++] = measure_dense_backward(ctx, &p, causal, rs);
     }
 #if HAVE_OPENBLAS
     if (!o->no_openblas) {
@@ -1367,10 +1540,11 @@ static int run_single(const options *o)
         emit(o, &sg, 0);
         if (!o->json) {
             for (int i = 0; i < n; i++)
-                if (r[i].op == OP_FORWARD && isfinite(r[i].gflops_vs_sgemm))
-                    printf("  %s forward: %.2f GFLOP/s = %.3f of SGEMM (%.2f GFLOP/s)\n",
-                           impl_names[r[i].impl], r[i].gflops, r[i].gflops_vs_sgemm,
-                           sg.gflops);
+                if ((r[i].op == OP_FORWARD || r[i].op == OP_BACKWARD) &&
+                    isfinite(r[i].gflops_vs_sgemm))
+                    printf("  %s %s: %.2f GFLOP/s = %.3f of SGEMM (%.2f GFLOP/s)\n",
+                           impl_names[r[i].impl], op_names[r[i].op], r[i].gflops,
+                           r[i].gflops_vs_sgemm, sg.gflops);
         }
     }
     problem_free(&p);
@@ -1390,7 +1564,7 @@ static int run_sweep(const options *o)
     }
     const int nwin = o->sw_windows.n;
     const runspec rs = {o->warmup, o->runs, o->max_ms};
-    result *r = xalloc(2 * nwin + 2, sizeof *r, "results");
+    result *r = xalloc(3 * nwin + 3, sizeof *r, "results");
     for (int ti = 0; ti < o->sw_threads.n; ti++) {
         const int threads = (int)o->sw_threads.v[ti];
         dma_context *ctx = make_context(threads, o->isa);
@@ -1418,7 +1592,7 @@ static int run_sweep(const options *o)
                         fprintf(stderr, "[sweep] threads=%d D=%lld Hkv=%lld L=%lld\n", threads,
                                 (long long)D, (long long)Hkv, (long long)L);
                     problem p;
-                    problem_init(&p, o->B, L, L, o->Hq, Hkv, D);
+                    problem_init(&p, o->B, L, L, o->Hq, Hkv, D, o->backward);
                     const int long_l = L >= SWEEP_LONG_L;
                     /* dense and openblas are slow at long L: 1 run, no warm-up there */
                     const runspec brs = long_l ? (runspec){0, 1, 0.0} : rs;
@@ -1426,6 +1600,8 @@ static int run_sweep(const options *o)
                     if (!o->no_dense) {
                         i_dense = n;
                         r[n++] = measure_dense(ctx, &p, 1, brs);
+                        if (o->backward)
+                            r[n++] = measure_dense_backward(ctx, &p, 1, brs);
                     }
 #if HAVE_OPENBLAS
                     if (!o->no_openblas) {
@@ -1435,10 +1611,8 @@ static int run_sweep(const options *o)
 #endif
                     if (i_dense >= 0 && i_blas >= 0)
                         r[i_dense].max_abs_diff = max_abs_diff(p.out_dense, p.out_blas, p.n_q);
-                    for (int wi = 0; wi < nwin; wi++) {
-                        measure_dma(ctx, &p, o->mask, o->sw_windows.v[wi], rs, &r[n]);
-                        n += 2;
-                    }
+                    for (int wi = 0; wi < nwin; wi++)
+                        n += measure_dma(ctx, &p, o->mask, o->sw_windows.v[wi], rs, &r[n]);
                     link_results(r, n, have_sg ? &sg : NULL);
                     emit_group(o, r, n, 1);
                     problem_free(&p);

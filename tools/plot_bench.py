@@ -16,6 +16,12 @@ objects (e.g. the table) are skipped. Writes, into OUTDIR (default '.'):
     NAME_gflops_vs_L.png   effective GFLOP/s vs L per impl, with the OpenBLAS SGEMM of the
                            same thread count as a dashed line
 
+and, when the input has op "backward" lines (dmattn-bench --backward):
+
+    NAME_backward_time_vs_L.png   backward time (ms) vs L, as NAME_time_vs_L.png
+    NAME_backward_speedup.png     speed-up of the dma backward over the dense backward vs
+                                  window, as NAME_speedup.png
+
 and prints the path of each file written. Needs only matplotlib.
 """
 import argparse
@@ -100,11 +106,11 @@ def plain_ticks(ax, minor_y=True):
     ax.tick_params(axis="y", which="minor", labelsize=6)
 
 
-def forward_records(recs):
+def op_records(recs, op):
     # last record wins for a repeated (impl, mask, window, shape) measurement
     seen = {}
     for r in recs:
-        if r.get("op") != "forward" or num(r.get("ms_median")) is None or r.get("Lq") is None:
+        if r.get("op") != op or num(r.get("ms_median")) is None or r.get("Lq") is None:
             continue
         seen[(r["impl"], r.get("mask"), r.get("window")) + tuple(r.get(k) for k in SHAPE_KEYS)] = r
     return list(seen.values())
@@ -157,7 +163,11 @@ def plot_metric_vs_L(fwd, sgemm, metric, ylabel, title, path):
     return True
 
 
-def plot_speedup(fwd, path):
+def forward_records(recs):
+    return op_records(recs, "forward")
+
+
+def plot_speedup(fwd, path, what="forward"):
     dense = {}
     for r in fwd:
         if r["impl"] == "dense":
@@ -194,7 +204,10 @@ def plot_speedup(fwd, path):
         ax.set_title(panel_title(k, hq), fontsize=9)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle("dma forward speed-up over the library's dense (causal) path")
+    if what == "forward":
+        fig.suptitle("dma forward speed-up over the library's dense (causal) path")
+    else:
+        fig.suptitle(f"dma {what} speed-up over the dense (causal) {what}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -227,8 +240,16 @@ def main(argv=None):
     if plot_metric_vs_L(fwd, sgemm, "gflops", "effective GFLOP/s",
                         "effective GFLOP/s vs L (dashed: OpenBLAS SGEMM, same threads)", p):
         written.append(p)
+    bwd = op_records(recs, "backward")
+    p = os.path.join(a.outdir, f"{a.prefix}_backward_time_vs_L.png")
+    if plot_metric_vs_L(bwd, None, "ms_median", "backward time (ms, median)",
+                        "dmattn backward time vs L (causal)", p):
+        written.append(p)
+    p = os.path.join(a.outdir, f"{a.prefix}_backward_speedup.png")
+    if plot_speedup(bwd, p, "backward"):
+        written.append(p)
     if not written:
-        print("plot_bench: nothing to plot (no forward records)", file=sys.stderr)
+        print("plot_bench: nothing to plot (no forward or backward records)", file=sys.stderr)
         return 1
     for p in written:
         print(f"wrote {p}")

@@ -25,6 +25,7 @@
 
 #define NR 32
 #define MR 8
+#define TN_ROWS 64 /* query rows per pass of accum_tn */
 #define VW 16 /* floats per vector */
 
 #define INLINE static inline __attribute__((always_inline))
@@ -343,7 +344,10 @@ INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, i
     static void tn_##M(float *o, int ldo, const float *p, int ldp, const float *x, int ldx,     \
                        int k, int D)                                                           \
     {                                                                                          \
-        rank_update(o, ldo, NULL, p, 1, ldp, x, ldx, k, D, M);                                 \
+        /* 64 query rows at a time: their strips of p and x stay in L1 across the D blocks. */ \
+        for (int r0 = 0; r0 < k; r0 += TN_ROWS)                                                \
+            rank_update(o, ldo, NULL, p + (int64_t)r0 * ldp, 1, ldp, x + (int64_t)r0 * ldx, ldx, \
+                        k - r0 < TN_ROWS ? k - r0 : TN_ROWS, D, M);                            \
     }
 PV_M(1)
 PV_M(2)
