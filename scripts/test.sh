@@ -8,9 +8,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
 
+# Configure a build directory from scratch; meson's own report is shown only when it fails.
+setup() {
+  local dir=$1; shift
+  local log; log=$(mktemp)
+  if [ -d "$dir" ]; then set -- --wipe "$@"; fi
+  if ! meson setup "$dir" "$@" >"$log" 2>&1; then cat "$log"; rm -f "$log"; return 1; fi
+  rm -f "$log"
+}
+
 echo "== release build (-Werror) and tests"
-meson setup build-test --buildtype=release -Dwerror=true --wipe >/dev/null 2>&1 ||
-  meson setup build-test --buildtype=release -Dwerror=true >/dev/null
+setup build-test --buildtype=release -Dwerror=true
 ninja -C build-test
 meson test -C build-test --print-errorlogs
 
@@ -18,10 +26,8 @@ echo "== README example"
 scripts/readme-example.sh build-test
 
 echo "== ASan + UBSan build and tests"
-meson setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined \
-  -Db_lundef=false -Dwerror=true --wipe >/dev/null 2>&1 ||
-  meson setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined \
-    -Db_lundef=false -Dwerror=true >/dev/null
+setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false \
+  -Dwerror=true
 ninja -C build-asan
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   meson test -C build-asan --print-errorlogs --timeout-multiplier 3
