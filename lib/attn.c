@@ -174,7 +174,8 @@ bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0, 
                     int64_t nr, int64_t *ca, int64_t *cb)
 {
     int64_t lo = n, hi = 0;
-    for (int64_t i = rb; i < rb + m; i++) {
+    for (int64_t r = rb; r < rb + m; r++) {
+        int64_t i = r % iv->nrows;
         int64_t s = dma_max64(iv->lo[i], c0) - c0, e = dma_min64(iv->hi[i], c0 + n) - c0;
         if (e > s) {
             lo = s < lo ? s : lo;

@@ -4,9 +4,9 @@
  * Per work item (the forward's items) and chunk of the tile's union it recomputes P from the
  * saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the item's own),
  * and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's private buffers.
- * Items run in waves of a fixed composition (natural order, bounded memory); after each wave
- * the private buffers are added into dk, dv and dbias in item order, so every element is summed
- * in the same order whatever the thread count: results are bitwise reproducible.
+ * Items run in waves (natural order, bounded memory); after each wave the private buffers are
+ * added into dk, dv and dbias in item order, so every element is summed in the same order
+ * whatever the thread count or the waves' sizes: results are bitwise reproducible.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -16,9 +16,9 @@
 
 #include "internal.h"
 
-/* Private gradient buffers of one wave, in floats; a wave holds at least WAVE_MIN_ITEMS. */
-#define WAVE_BUDGET_FLOATS ((int64_t)16 << 20)
-#define WAVE_MIN_ITEMS 8
+/* Private gradient buffers of one wave, in floats (16 MiB: they are still in the last-level
+ * cache when the wave is reduced); a wave holds at least 2 items per thread. */
+#define WAVE_BUDGET_FLOATS ((int64_t)4 << 20)
 
 /* Row stride of the Q, dout and dQ panels: D rounded up to 16, plus 16 floats, for the same
  * reason as PS_LD (accum_tn walks 64 of their rows at a time). */
@@ -123,54 +123,53 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
             for (int64_t hh = 0; hh < iv.nh; hh++)
                 dma_gather_key_bias(a, it, &iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
         int64_t used_lo = n_pad, used_hi = 0; /* columns any block touched */
-        for (int64_t hh = 0; hh < iv.nh; hh++)
-            for (int64_t rb = 0; rb < nrows; rb += mr) {
-                const int64_t m = dma_min64(mr, nrows - rb), row0 = hh * nrows + rb;
-                int64_t ca = 0, cb = 0;
-                bool active = dma_block_cols(&iv, rb, m, c0, n, nr, &ca, &cb);
-                /* Rows of P and dS are zero outside [ca, cb): accum_tn reads whole columns. */
-                for (int64_t r = 0; r < m; r++) {
-                    float *pr = P + (row0 + r) * PS_LD, *dr = dS + (row0 + r) * PS_LD;
-                    memset(pr, 0, sizeof(float) * (size_t)ca);
-                    memset(dr, 0, sizeof(float) * (size_t)ca);
-                    memset(pr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
-                    memset(dr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
-                }
-                if (!active)
-                    continue;
-                used_lo = ca < used_lo ? ca : used_lo;
-                used_hi = cb > used_hi ? cb : used_hi;
-                float *Pb = P + row0 * PS_LD + ca, *dSb = dS + row0 * PS_LD + ca;
-                kern->scores(Pb, PS_LD, Q + row0 * qld, (int)qld, (int)m, Kp + ca * D,
-                             (int)(cb - ca), (int)D);
-                kern->scores(dSb, PS_LD, dO + row0 * qld, (int)qld, (int)m, Vt + ca * D,
-                             (int)(cb - ca), (int)D);
-                for (int64_t r = 0; r < m; r++) {
-                    const int64_t i = rb + r;
-                    const float *brow = NULL;
-                    if (w->per_row_bias) {
-                        brow = bias_buf + hh * DMA_CHUNK;
-                        dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n,
-                                            bias_buf + hh * DMA_CHUNK);
-                    } else if (a->bias) {
-                        brow = bias_buf + hh * DMA_CHUNK + ca;
-                    }
-                    float *dx_sum = NULL;
-                    if (w->dbias) {
-                        int64_t hbi = bias_head(w, iv.h0 + hh) - hb0;
-                        dx_sum = g->dbias + (w->per_row_bias ? hbi * nrows + i : hbi) *
-                                                g->count_pad + c0 + ca;
-                    }
-                    int lo, hi;
-                    dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
-                    kern->grad_row(Pb + r * PS_LD, dSb + r * PS_LD, (int)(cb - ca), brow,
-                                   dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi, a->softcap,
-                                   row_lse[row0 + r], row_delta[row0 + r], dx_sum);
-                }
-                /* dS is zero past n, and K rows past n were never packed: stop at n. */
-                kern->accum_pv(dQ + row0 * qld, (int)qld, ones, dSb, PS_LD, (int)m,
-                               Kr + ca * ld, (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
+        /* Blocks of mr rows run across head boundaries, as in the forward. */
+        for (int64_t row0 = 0; row0 < M; row0 += mr) {
+            const int64_t m = dma_min64(mr, M - row0);
+            int64_t ca = 0, cb = 0;
+            bool active = dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb);
+            /* Rows of P and dS are zero outside [ca, cb): accum_tn reads whole columns. */
+            for (int64_t r = 0; r < m; r++) {
+                float *pr = P + (row0 + r) * PS_LD, *dr = dS + (row0 + r) * PS_LD;
+                memset(pr, 0, sizeof(float) * (size_t)ca);
+                memset(dr, 0, sizeof(float) * (size_t)ca);
+                memset(pr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
+                memset(dr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
             }
+            if (!active)
+                continue;
+            used_lo = ca < used_lo ? ca : used_lo;
+            used_hi = cb > used_hi ? cb : used_hi;
+            float *Pb = P + row0 * PS_LD + ca, *dSb = dS + row0 * PS_LD + ca;
+            kern->scores(Pb, PS_LD, Q + row0 * qld, (int)qld, (int)m, Kp + ca * D,
+                         (int)(cb - ca), (int)D);
+            kern->scores(dSb, PS_LD, dO + row0 * qld, (int)qld, (int)m, Vt + ca * D,
+                         (int)(cb - ca), (int)D);
+            for (int64_t r = 0; r < m; r++) {
+                const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
+                const float *brow = NULL;
+                if (w->per_row_bias) {
+                    brow = bias_buf;
+                    dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n, bias_buf);
+                } else if (a->bias) {
+                    brow = bias_buf + hh * DMA_CHUNK + ca;
+                }
+                float *dx_sum = NULL;
+                if (w->dbias) {
+                    int64_t hbi = bias_head(w, iv.h0 + hh) - hb0;
+                    dx_sum = g->dbias + (w->per_row_bias ? hbi * nrows + i : hbi) *
+                                            g->count_pad + c0 + ca;
+                }
+                int lo, hi;
+                dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
+                kern->grad_row(Pb + r * PS_LD, dSb + r * PS_LD, (int)(cb - ca), brow,
+                               dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi, a->softcap,
+                               row_lse[row0 + r], row_delta[row0 + r], dx_sum);
+            }
+            /* dS is zero past n, and K rows past n were never packed: stop at n. */
+            kern->accum_pv(dQ + row0 * qld, (int)qld, ones, dSb, PS_LD, (int)m, Kr + ca * ld,
+                           (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
+        }
         /* dK[U] += dS^T Q and dV[U] += P^T dO over all the item's rows, mr keys at a time. */
         for (int64_t c = used_lo; c < used_hi; c += mr) {
             const int64_t m = dma_min64(mr, used_hi - c);
@@ -294,8 +293,10 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     int64_t *wave_end = NULL, nwaves = 0, wave_floats = 0;
     if ((st = dma_attn_items(ctx, &w.a, &items, &nitems)) != DMA_OK)
         goto done;
-    /* Waves: consecutive items, closed when the budget is reached (and never below the
-     * minimum). The composition depends on the problem only, never on the thread count. */
+    /* Waves: consecutive items, closed once the budget is reached and every thread has two
+     * items. Any grouping gives the same results: each element of dk, dv and dbias receives
+     * its contributions in item order, wave after wave. */
+    int threads = (int)dma_max64(1, ctx->threads);
     wave_end = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
     int64_t max_items = 0;
     if (!wave_end) {
@@ -304,7 +305,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     }
     for (int64_t x = 0, start = 0, floats = 0; x < nitems; x++) {
         floats += item_floats(&w, &items[x], NULL);
-        if (x + 1 == nitems || (x + 1 - start >= WAVE_MIN_ITEMS &&
+        if (x + 1 == nitems || (x + 1 - start >= 2 * threads &&
                                 floats + item_floats(&w, &items[x + 1], NULL) > WAVE_BUDGET_FLOATS)) {
             wave_end[nwaves++] = x + 1;
             wave_floats = floats > wave_floats ? floats : wave_floats;
@@ -313,7 +314,6 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
             floats = 0;
         }
     }
-    int threads = (int)dma_max64(1, ctx->threads);
     size_t per_thread = backward_scratch_floats(&w.a);
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
     wave_buf = dma_alloc(sizeof(float) * (size_t)wave_floats);

@@ -64,34 +64,34 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
             for (int64_t hh = 0; hh < iv.nh; hh++)
                 dma_gather_key_bias(a, it, &iv, hh, c0, n, dma_div_up(n, nr) * nr,
                                     bias_buf + hh * DMA_CHUNK);
-        for (int64_t hh = 0; hh < iv.nh; hh++)
-            for (int64_t rb = 0; rb < nrows; rb += mr) {
-                const int64_t m = dma_min64(mr, nrows - rb), row0 = hh * nrows + rb;
-                int64_t ca, cb;
-                if (!dma_block_cols(&iv, rb, m, c0, n, nr, &ca, &cb))
-                    continue;
-                kern->scores(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
-                             (int)(cb - ca), (int)D);
-                for (int64_t r = 0; r < m; r++) {
-                    const int64_t i = rb + r;
-                    const float *brow = NULL;
-                    if (per_row_bias) {
-                        brow = bias_buf + hh * DMA_CHUNK;
-                        dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n,
-                                            bias_buf + hh * DMA_CHUNK);
-                    } else if (a->bias) {
-                        brow = bias_buf + hh * DMA_CHUNK + ca;
-                    }
-                    int lo, hi;
-                    dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
-                    alpha[r] = kern->softmax_row(S + r * DMA_CHUNK, (int)(cb - ca), brow,
-                                                 dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi,
-                                                 a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
+        /* Blocks of mr rows run across head boundaries (rows of all heads are contiguous in Q),
+         * so only the item's last block is short. */
+        for (int64_t row0 = 0; row0 < M; row0 += mr) {
+            const int64_t m = dma_min64(mr, M - row0);
+            int64_t ca, cb;
+            if (!dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb))
+                continue;
+            kern->scores(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                         (int)(cb - ca), (int)D);
+            for (int64_t r = 0; r < m; r++) {
+                const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
+                const float *brow = NULL;
+                if (per_row_bias) {
+                    brow = bias_buf;
+                    dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n, bias_buf);
+                } else if (a->bias) {
+                    brow = bias_buf + hh * DMA_CHUNK + ca;
                 }
-                /* P is zero past n, and V rows past n were never packed: stop at n. */
-                kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, Vp + ca * ld,
-                               (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
+                int lo, hi;
+                dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
+                alpha[r] = kern->softmax_row(S + r * DMA_CHUNK, (int)(cb - ca), brow,
+                                             dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi,
+                                             a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
             }
+            /* P is zero past n, and V rows past n were never packed: stop at n. */
+            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, Vp + ca * ld,
+                           (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
+        }
     }
 
     /* Normalise and write out; rows that selected nothing give 0 and lse = -inf. */

@@ -169,8 +169,8 @@ void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_vi
 /* Whether any row selects a position of chunk [c0, c0 + n). */
 bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n);
 
-/* Columns [ca, cb) of the chunk that rows rb .. rb+m-1 select, widened to whole nr blocks;
- * false if none. */
+/* Columns [ca, cb) of the chunk that item rows rb .. rb+m-1 select (row r is tile row
+ * r % nrows of head r / nrows), widened to whole nr blocks; false if none. */
 bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0, int64_t n,
                     int64_t nr, int64_t *ca, int64_t *cb);
 
