@@ -33,6 +33,14 @@ void ref_backward(const ref_fwd_args *a, const float *dout, const ref_bwd_out *o
         memset(o->live_kv, 0, (size_t)(B * Lk * Hkv));
     if (o->live_bias != NULL && a->bias != NULL)
         memset(o->live_bias, 0, (size_t)nbias);
+    if (o->dq_mag != NULL)
+        memset(o->dq_mag, 0, (size_t)(B * Lq * Hq * D) * sizeof(double));
+    if (o->dk_mag != NULL)
+        memset(o->dk_mag, 0, (size_t)(B * Lk * Hkv * D) * sizeof(double));
+    if (o->dv_mag != NULL)
+        memset(o->dv_mag, 0, (size_t)(B * Lk * Hkv * D) * sizeof(double));
+    if (o->dbias_mag != NULL && a->bias != NULL)
+        memset(o->dbias_mag, 0, (size_t)nbias * sizeof(double));
 
     for (int64_t b = 0; b < B; b++) {
         for (int64_t h = 0; h < Hq; h++) {
@@ -103,9 +111,11 @@ void ref_backward(const ref_fwd_args *a, const float *dout, const ref_bwd_out *o
                 }
 
                 /* delta = <dout, O> */
-                double delta = 0.0;
-                for (int64_t d = 0; d < D; d++)
+                double delta = 0.0, delta_mag = 0.0;
+                for (int64_t d = 0; d < D; d++) {
                     delta += (double)gi[d] * outrow[d];
+                    delta_mag += fabs((double)gi[d] * outrow[d]);
+                }
 
                 double *dqi = o->dq + row * D;
                 for (int64_t j = 0; j < Lk; j++) {
@@ -117,14 +127,18 @@ void ref_backward(const ref_fwd_args *a, const float *dout, const ref_bwd_out *o
                     double *dkj = o->dk + kvrow * D;
                     double *dvj = o->dv + kvrow * D;
 
-                    double dp = 0.0; /* <dout, v_j> */
-                    for (int64_t d = 0; d < D; d++)
+                    double dp = 0.0, dp_mag = 0.0; /* <dout, v_j> */
+                    for (int64_t d = 0; d < D; d++) {
                         dp += (double)gi[d] * (double)vj[d];
+                        dp_mag += fabs((double)gi[d] * (double)vj[d]);
+                    }
                     double dx = p[j] * (dp - delta);
                     double ds = dx;
+                    double dcap = 1.0; /* d t / d s */
                     if (softcap > 0.0) {
                         double th = t[j] / softcap;
-                        ds = dx * (1.0 - th * th);
+                        dcap = 1.0 - th * th;
+                        ds = dx * dcap;
                     }
 
                     for (int64_t d = 0; d < D; d++) {
@@ -132,6 +146,20 @@ void ref_backward(const ref_fwd_args *a, const float *dout, const ref_bwd_out *o
                         dkj[d] += scale * ds * (double)qi[d];
                         dvj[d] += p[j] * (double)gi[d];
                     }
+
+                    /* the same sums over absolute values */
+                    double dx_mag = p[j] * (dp_mag + delta_mag);
+                    double ds_mag = dx_mag * fabs(dcap);
+                    for (int64_t d = 0; d < D; d++) {
+                        if (o->dq_mag != NULL)
+                            o->dq_mag[row * D + d] += fabs(scale) * ds_mag * fabs((double)kj[d]);
+                        if (o->dk_mag != NULL)
+                            o->dk_mag[kvrow * D + d] += fabs(scale) * ds_mag * fabs((double)qi[d]);
+                        if (o->dv_mag != NULL)
+                            o->dv_mag[kvrow * D + d] += p[j] * fabs((double)gi[d]);
+                    }
+                    if (o->dbias_mag != NULL && bias_at[j] >= 0)
+                        o->dbias_mag[bias_at[j]] += dx_mag;
                     if (o->live_kv != NULL)
                         o->live_kv[kvrow] = 1;
                     if (bias_at[j] >= 0) {

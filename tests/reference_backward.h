@@ -25,6 +25,11 @@ typedef struct ref_bwd_out {
     uint8_t *live_q;    /* (B, Lq, Hq): the row has a key with a finite score */
     uint8_t *live_kv;   /* (B, Lk, Hkv): some non-empty row selected the key */
     uint8_t *live_bias; /* (Bb, Hb, Lb, Lk): some non-empty row selected the key through it */
+    /* Optional, same shapes as dq, dk, dv, dbias: the same sums with every factor replaced by
+     * its absolute value (|dout|.|v_j| + |dout|.|O| for dP - delta, |k|, |q|, |dout|, and
+     * |softcap'|). Rounding errors of a float computation of an entry are proportional to this,
+     * not to the entry itself, which may cancel to ~0 (e.g. a row with one key: dP = delta). */
+    double *dq_mag, *dk_mag, *dv_mag, *dbias_mag;
 } ref_bwd_out;
 
 /**

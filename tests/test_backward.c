@@ -26,21 +26,22 @@
     } while (0)
 
 /*
- * Tolerance against the reference: |got - ref| <= ATOL + RTOL * max|ref| over the tensor.
- * The library computes in float32 (24-bit mantissa, eps ~ 6e-8) from float32 out and lse: every
- * gradient entry is a sum of up to Lq * Hq / Hkv (<= 1200 here) products of P (itself exp(x - lse)
- * with x a D-term dot product, D <= 256) with a difference dP - delta that cancels (sum_j dS_j
- * is 0 for every row). Rounding errors of such sums grow like sqrt(n) * eps * max|term| in
- * practice and n * eps * max|term| at worst; 300 terms of eps give ~2e-5 worst case relative to
- * the largest term, and the largest term is bounded by the largest gradient entry times a small
- * factor, so 1e-4 of the tensor's largest entry leaves a margin of ~5-10x over the worst case
- * (measured: the largest error in this suite is 0.16 of the tolerance; DMATTN_TEST_VERBOSE=1
- * prints it) while any real error (a missing softcap derivative, a wrong scale, a dropped or
- * doubled key, a wrong reduction over broadcast axes) is off by a large fraction of max|ref|.
- * The relative part is per tensor, not per entry: small entries are sums that cancel and carry
- * the absolute error of the large ones. ATOL covers tensors whose entries are all tiny.
+ * Tolerance against the reference, per entry: |got - ref| <= ATOL + RTOL * mag, where mag is
+ * the same sum as the entry with every factor replaced by its absolute value (the reference
+ * computes it: reference_backward.h). That is the scale of the entry's float32 rounding error:
+ * an entry is a sum over up to Lq * Hq / Hkv (<= 1200 here) rows of products whose factor
+ * dP - delta is itself the difference of two D-term dot products (D <= 256) that cancel (a row
+ * with one key has dP == delta exactly, so its exact dbias is 0 while the float one is not).
+ * Error bounds for such sums are ~n * eps * mag with eps = 6e-8 and n the number of terms on
+ * the longest path (D + rows + keys, < 2000 here): 1e-4 * mag covers it, and real rounding
+ * errors grow like sqrt(n) * eps * mag: the largest measured in this suite is 0.015 of the
+ * tolerance (x86 scalar/AVX2, aarch64 scalar/NEON; DMATTN_TEST_VERBOSE=1 prints it). Any real
+ * error (a missing softcap derivative, a wrong scale, a dropped or doubled key, a wrong
+ * reduction over broadcast axes) is off by a large fraction of mag. A tolerance relative to
+ * the entry or to the tensor's largest entry would fail on those cancelling entries. ATOL
+ * covers entries whose every term is tiny.
  */
-#define ATOL 1e-5
+#define ATOL 1e-6
 #define RTOL 1e-4
 #define FWD_TOL 1e-4 /* out and lse of the forward (only to name a forward failure as one) */
 
@@ -299,6 +300,7 @@ typedef struct bwd_data {
     /* reference */
     double *out_ref, *lse_ref; /* the forward, to tell forward failures from backward ones */
     double *dq_ref, *dk_ref, *dv_ref, *dbias_ref;
+    double *dq_mag, *dk_mag, *dv_mag, *dbias_mag; /* error scale of each entry */
     uint8_t *live_q, *live_kv, *live_bias;
     /* as given to dmattn */
     ptensor pq, pk, pv, pbias, pdout, pout, plse, pdq, pdk, pdv, pdbias;
@@ -330,6 +332,7 @@ static void run_reference(const bwd_case *c, bwd_data *f)
     ref_bwd_out o = {
         .dq = f->dq_ref, .dk = f->dk_ref, .dv = f->dv_ref, .dbias = f->dbias_ref,
         .live_q = f->live_q, .live_kv = f->live_kv, .live_bias = f->live_bias,
+        .dq_mag = f->dq_mag, .dk_mag = f->dk_mag, .dv_mag = f->dv_mag, .dbias_mag = f->dbias_mag,
     };
     ref_backward(&ra, f->dout, &o);
     ref_forward(&ra, f->out_ref, f->lse_ref);
@@ -406,6 +409,10 @@ static void data_make(const bwd_case *c, bwd_data *f)
     f->dk_ref = test_malloc((size_t)nkv * sizeof(double));
     f->dv_ref = test_malloc((size_t)nkv * sizeof(double));
     f->dbias_ref = test_malloc((size_t)nbias * sizeof(double));
+    f->dq_mag = test_malloc((size_t)nq * sizeof(double));
+    f->dk_mag = test_malloc((size_t)nkv * sizeof(double));
+    f->dv_mag = test_malloc((size_t)nkv * sizeof(double));
+    f->dbias_mag = test_malloc((size_t)nbias * sizeof(double));
     f->live_q = test_malloc((size_t)(B * Lq * Hq));
     f->live_kv = test_malloc((size_t)(B * Lk * Hkv));
     f->live_bias = test_malloc((size_t)nbias);
@@ -438,6 +445,7 @@ static void data_free(bwd_data *f)
     free(f->mbias); free(f->pad); free(f->mask); free(f->sel);
     free(f->out_ref); free(f->lse_ref);
     free(f->dq_ref); free(f->dk_ref); free(f->dv_ref); free(f->dbias_ref);
+    free(f->dq_mag); free(f->dk_mag); free(f->dv_mag); free(f->dbias_mag);
     free(f->live_q); free(f->live_kv); free(f->live_bias);
     pt_free(&f->pq); pt_free(&f->pk); pt_free(&f->pv); pt_free(&f->pbias);
     pt_free(&f->pdout); pt_free(&f->pout); pt_free(&f->plse);
@@ -536,45 +544,44 @@ static void call_backward(const bwd_case *c, bwd_data *f, dma_context *ctx, cons
 
 /* Largest |got - ref| / (ATOL + RTOL * max|ref|) seen (printed with DMATTN_TEST_VERBOSE). */
 static double worst_ratio = 0.0;
+static char worst_where[1024];
 
-/* One gradient tensor against the reference. live[x / live_div] == 0 means nothing reaches the
- * entry: it must be exactly zero. */
-static void check_grad(const char *name, const ptensor *got, const double *ref,
+/* One gradient tensor against the reference: entry x within ATOL + RTOL * mag[x]. live[x /
+ * live_div] == 0 means nothing reaches the entry: it must be exactly zero. */
+static void check_grad(const char *name, const ptensor *got, const double *ref, const double *mag,
                        const uint8_t *live, int64_t live_div, const bwd_case *c, dma_context *ctx)
 {
     const int64_t n = pt_count(got);
-    double maxref = 0.0;
-    for (int64_t x = 0; x < n; x++)
-        if (fabs(ref[x]) > maxref)
-            maxref = fabs(ref[x]);
-    const double tol = ATOL + RTOL * maxref;
     for (int64_t x = 0; x < n; x++) {
-        float g = *pt_at(got, x);
-        int is_live = live[x / live_div] != 0;
-        double err = fabs((double)g - ref[x]);
+        const float g = *pt_at(got, x);
+        const int is_live = live[x / live_div] != 0;
+        const double tol = ATOL + RTOL * mag[x];
+        const double err = fabs((double)g - ref[x]);
         int ok = is_live ? (isfinite(g) && err <= tol) : g == 0.0f;
-        if (is_live && isfinite(g) && err / tol > worst_ratio)
+        if (is_live && isfinite(g) && err / tol > worst_ratio) {
             worst_ratio = err / tol;
+            snprintf(worst_where, sizeof worst_where, "%s/%d %s[%lld] got %.9g ref %.9g %s",
+                     dma_isa_name(dma_context_isa(ctx)), dma_context_threads(ctx), name,
+                     (long long)x, (double)g, ref[x], describe(c));
+        }
         CHECK(ok,
-                      "%s/%d: %s[%lld] (row %lld of %lld, col %lld): %.9g, expected %.9g "
-                      "(tol %.3g, max|ref| %.3g)%s %s",
-                      dma_isa_name(dma_context_isa(ctx)), dma_context_threads(ctx), name,
-                      (long long)x, (long long)(x / got->inner), (long long)got->rows,
-                      (long long)(x % got->inner), (double)g, ref[x], tol, maxref,
-                      is_live ? "" : " (nothing reaches it: must be 0)", describe(c));
+              "%s/%d: %s[%lld] (row %lld of %lld, col %lld): %.9g, expected %.9g (tol %.3g)%s %s",
+              dma_isa_name(dma_context_isa(ctx)), dma_context_threads(ctx), name, (long long)x,
+              (long long)(x / got->inner), (long long)got->rows, (long long)(x % got->inner),
+              (double)g, ref[x], tol, is_live ? "" : " (nothing reaches it: must be 0)",
+              describe(c));
     }
     CHECK(pt_gaps_untouched(got), "%s/%d: %s written outside its view %s",
-                  dma_isa_name(dma_context_isa(ctx)), dma_context_threads(ctx), name,
-                  describe(c));
+          dma_isa_name(dma_context_isa(ctx)), dma_context_threads(ctx), name, describe(c));
 }
 
 static void check_against_reference(const bwd_case *c, const bwd_data *f, dma_context *ctx)
 {
-    check_grad("dq", &f->pdq, f->dq_ref, f->live_q, c->D, c, ctx);
-    check_grad("dk", &f->pdk, f->dk_ref, f->live_kv, c->D, c, ctx);
-    check_grad("dv", &f->pdv, f->dv_ref, f->live_kv, c->D, c, ctx);
+    check_grad("dq", &f->pdq, f->dq_ref, f->dq_mag, f->live_q, c->D, c, ctx);
+    check_grad("dk", &f->pdk, f->dk_ref, f->dk_mag, f->live_kv, c->D, c, ctx);
+    check_grad("dv", &f->pdv, f->dv_ref, f->dv_mag, f->live_kv, c->D, c, ctx);
     if (c->Bb && !c->no_dbias)
-        check_grad("dbias", &f->pdbias, f->dbias_ref, f->live_bias, 1, c, ctx);
+        check_grad("dbias", &f->pdbias, f->dbias_ref, f->dbias_mag, f->live_bias, 1, c, ctx);
     else
         CHECK(is_sentinel(f->pdbias.buf, f->pdbias.bytes), "dbias written though NULL");
 }
@@ -698,7 +705,7 @@ static void run_cases(const bwd_case *cases, int n)
         run_case(&cases[i], ctxs, nctx);
     test_contexts_destroy(ctxs, nctx);
     if (getenv("DMATTN_TEST_VERBOSE"))
-        fprintf(stderr, "worst error / tolerance so far: %.3g\n", worst_ratio);
+        fprintf(stderr, "worst error / tolerance so far: %.3g (%s)\n", worst_ratio, worst_where);
 }
 
 static void run_random(uint64_t seed, int n, int64_t max_len, double max_work)
@@ -723,7 +730,7 @@ END_TEST
 
 START_TEST(random_medium)
 {
-    run_random(102, 24, 300, 2e6);
+    run_random(102, 16, 300, 2e6);
 }
 END_TEST
 
@@ -755,24 +762,24 @@ START_TEST(large)
     /* the largest shapes, a few times */
     bwd_case cases[4];
     test_rng r = rng_make(104);
-    cases[0] = plain_case(1, 300, 300, 2, 1, 256, rng_u64(&r)); /* dense causal, D = 256 */
+    cases[0] = plain_case(1, 300, 300, 1, 1, 256, rng_u64(&r)); /* dense causal, D = 256 */
     cases[0].causal = 1;
     cases[0].Bb = 1;
     cases[0].Hb = 1;
     cases[0].Lb = 1;
-    cases[1] = plain_case(1, 300, 300, 4, 2, 128, rng_u64(&r)); /* top-k 64, per-key bias */
+    cases[1] = plain_case(1, 300, 300, 2, 1, 128, rng_u64(&r)); /* top-k 64, per-key bias */
     cases[1].causal = 1;
     set_topk(&r, &cases[1], 0, 64);
     cases[1].mask_causal = 1;
-    cases[1].Hs = cases[1].mHb = 2;
+    cases[1].Hs = cases[1].mHb = 1;
     bias_from_mbias(&cases[1]);
-    cases[2] = plain_case(1, 257, 300, 4, 4, 100, rng_u64(&r)); /* per-row bias top-k 64 */
+    cases[2] = plain_case(1, 257, 300, 2, 2, 100, rng_u64(&r)); /* per-row bias top-k 64 */
     cases[2].softcap = 5.0f;
     set_topk(&r, &cases[2], 1, 64);
-    cases[2].Hs = cases[2].mHb = 4;
+    cases[2].Hs = cases[2].mHb = 2;
     cases[2].Bs = cases[2].mBb = 1;
     bias_from_mbias(&cases[2]);
-    cases[3] = plain_case(1, 280, 300, 4, 4, 64, rng_u64(&r)); /* window >= Lk, strided */
+    cases[3] = plain_case(1, 280, 300, 4, 1, 64, rng_u64(&r)); /* window >= Lk, strided */
     set_topk(&r, &cases[3], 0, 300);
     bias_from_mbias(&cases[3]);
     cases[3].strided = 1;
@@ -844,7 +851,7 @@ START_TEST(topk_windows)
         for (int per_row = 0; per_row < 2; per_row++)
             for (int padded = 0; padded < 2; padded++) {
                 int hp = (int)rng_int(&r, 0, 3);
-                bwd_case c = plain_case(2, 71, 97, HEADS[hp][0], HEADS[hp][1], 40, rng_u64(&r));
+                bwd_case c = plain_case(1 + padded, 71, 97, HEADS[hp][0], HEADS[hp][1], 40, rng_u64(&r));
                 c.causal = (int)rng_int(&r, 0, 1);
                 set_topk(&r, &c, per_row, windows[w]);
                 c.mask_causal = c.causal;
@@ -1020,7 +1027,7 @@ END_TEST
  * bitwise unchanged.
  *
  * The reference (double forward): Richardson extrapolation of the h = 2^-6 and 2^-7 central
- * differences, error O(h^4) ~ 1e-8 (measured: < 1e-10); checks reference_backward.c itself
+ * differences, error O(h^4) ~ 1e-8 (measured: < 1e-9); checks reference_backward.c itself
  * to 1e-7 + 1e-6 |g|.
  */
 #define FD_H (1.0f / 128.0f)
