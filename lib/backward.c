@@ -36,27 +36,25 @@ typedef struct bwd {
     bool per_row_bias;
 } bwd;
 
-/* The private buffers of an item: dk and dv [count_pad][ld], then dbias. */
+/* The private buffers of an item: dk and dv [count_pad][ld], then dbias; placed at `offset`
+ * floats into the buffer of the item's wave. */
 typedef struct item_grads {
     float *dk, *dv, *dbias;
+    int64_t offset, floats; /* place and size in the wave's buffer */
     int64_t count_pad, nbh; /* union rounded up to DMA_CHUNK; bias heads the item touches */
 } item_grads;
 
 static int64_t bias_head(const bwd *w, int64_t h) { return h / (w->a.Hq / w->dbias->shape[1]); }
 
-static int64_t item_floats(const bwd *w, const dma_item *it, int64_t *nbh_out)
+/* Sizes of an item's private buffers. */
+static void item_layout(const bwd *w, const dma_item *it, item_grads *g)
 {
     dma_item_view iv;
     dma_item_view_init(&w->a, it, &iv);
-    int64_t count_pad = dma_div_up(iv.tile->count, DMA_CHUNK) * DMA_CHUNK;
-    int64_t n = 2 * count_pad * w->a.ld, nbh = 0;
-    if (w->dbias) {
-        nbh = bias_head(w, iv.h0 + iv.nh - 1) - bias_head(w, iv.h0) + 1;
-        n += nbh * (w->per_row_bias ? iv.nrows : 1) * count_pad;
-    }
-    if (nbh_out)
-        *nbh_out = nbh;
-    return (n + 15) / 16 * 16;
+    g->count_pad = dma_div_up(iv.tile->count, DMA_CHUNK) * DMA_CHUNK;
+    g->nbh = w->dbias ? bias_head(w, iv.h0 + iv.nh - 1) - bias_head(w, iv.h0) + 1 : 0;
+    int64_t n = 2 * g->count_pad * w->a.ld + g->nbh * (w->per_row_bias ? iv.nrows : 1) * g->count_pad;
+    g->floats = (n + 15) / 16 * 16;
 }
 
 static size_t backward_scratch_floats(const dma_attn *a)
@@ -198,7 +196,7 @@ static void reduce_wave(const bwd *w, const dma_item *items, const item_grads *g
     const dma_attn *a = &w->a;
     for (int64_t x = first; x < last; x++) {
         const dma_item *it = &items[x];
-        const item_grads *g = &grads[x - first];
+        const item_grads *g = &grads[x];
         dma_item_view iv;
         dma_item_view_init(a, it, &iv);
         for (int64_t u = 0; u < iv.tile->count; u++) {
@@ -298,18 +296,20 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
      * its contributions in item order, wave after wave. */
     int threads = (int)dma_max64(1, ctx->threads);
     wave_end = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
-    int64_t max_items = 0;
-    if (!wave_end) {
+    grads = malloc(sizeof(item_grads) * (size_t)(nitems + 1));
+    if (!wave_end || !grads) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }
+    for (int64_t x = 0; x < nitems; x++)
+        item_layout(&w, &items[x], &grads[x]);
     for (int64_t x = 0, start = 0, floats = 0; x < nitems; x++) {
-        floats += item_floats(&w, &items[x], NULL);
+        grads[x].offset = floats;
+        floats += grads[x].floats;
         if (x + 1 == nitems || (x + 1 - start >= 2 * threads &&
-                                floats + item_floats(&w, &items[x + 1], NULL) > WAVE_BUDGET_FLOATS)) {
+                                floats + grads[x + 1].floats > WAVE_BUDGET_FLOATS)) {
             wave_end[nwaves++] = x + 1;
             wave_floats = floats > wave_floats ? floats : wave_floats;
-            max_items = x + 1 - start > max_items ? x + 1 - start : max_items;
             start = x + 1;
             floats = 0;
         }
@@ -317,10 +317,15 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     size_t per_thread = backward_scratch_floats(&w.a);
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
     wave_buf = dma_alloc(sizeof(float) * (size_t)wave_floats);
-    grads = malloc(sizeof(item_grads) * (size_t)(max_items + 1));
-    if (!scratch || !wave_buf || !grads) {
+    if (!scratch || !wave_buf) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
         goto done;
+    }
+    for (int64_t x = 0; x < nitems; x++) {
+        item_grads *g = &grads[x];
+        g->dk = wave_buf + g->offset;
+        g->dv = g->dk + g->count_pad * w.a.ld;
+        g->dbias = g->dv + g->count_pad * w.a.ld;
     }
 
     zero_tensor(dk);
@@ -335,26 +340,10 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         float *mine = scratch + per_thread * (size_t)tid;
         for (int64_t wv = 0; wv < nwaves; wv++) {
             const int64_t first = wv ? wave_end[wv - 1] : 0, last = wave_end[wv];
-#pragma omp single
-            {
-                float *p = wave_buf;
-                for (int64_t x = first; x < last; x++) {
-                    item_grads *g = &grads[x - first];
-                    int64_t floats = item_floats(&w, &items[x], &g->nbh);
-                    dma_item_view iv;
-                    dma_item_view_init(&w.a, &items[x], &iv);
-                    g->count_pad = dma_div_up(iv.tile->count, DMA_CHUNK) * DMA_CHUNK;
-                    g->dk = p;
-                    g->dv = p + g->count_pad * w.a.ld;
-                    g->dbias = p + 2 * g->count_pad * w.a.ld;
-                    p += floats;
-                }
-            }
 #pragma omp for schedule(dynamic, 1)
             for (int64_t x = first; x < last; x++) {
-                item_grads *g = &grads[x - first];
-                memset(g->dk, 0, sizeof(float) * (size_t)item_floats(&w, &items[x], NULL));
-                backward_item(&w, &items[x], g, mine);
+                memset(grads[x].dk, 0, sizeof(float) * (size_t)grads[x].floats);
+                backward_item(&w, &items[x], &grads[x], mine);
             }
             /* Each thread adds a fixed slice of the columns (and its dbias rows). */
             int64_t d0 = w.a.D * tid / nth, d1 = w.a.D * (tid + 1) / nth;
