@@ -316,17 +316,19 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     }
     size_t per_thread = backward_scratch_floats(&w.a);
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
-    wave_buf = dma_alloc(sizeof(float) * (size_t)wave_floats);
+    /* Two wave buffers: wave k + 1 computes into one while wave k is reduced from the other. */
+    wave_buf = dma_alloc(sizeof(float) * (size_t)(2 * wave_floats));
     if (!scratch || !wave_buf) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
         goto done;
     }
-    for (int64_t x = 0; x < nitems; x++) {
-        item_grads *g = &grads[x];
-        g->dk = wave_buf + g->offset;
-        g->dv = g->dk + g->count_pad * w.a.ld;
-        g->dbias = g->dv + g->count_pad * w.a.ld;
-    }
+    for (int64_t wv = 0; wv < nwaves; wv++)
+        for (int64_t x = wv ? wave_end[wv - 1] : 0; x < wave_end[wv]; x++) {
+            item_grads *g = &grads[x];
+            g->dk = wave_buf + (wv % 2) * wave_floats + g->offset;
+            g->dv = g->dk + g->count_pad * w.a.ld;
+            g->dbias = g->dv + g->count_pad * w.a.ld;
+        }
 
     zero_tensor(dk);
     zero_tensor(dv);
@@ -334,21 +336,27 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         zero_tensor(dbias);
     if (nitems == 0)
         goto done;
+    /* Tasks: the items of a wave compute in any order on any thread; once they are all done,
+     * one reduction task per slice of D columns adds the wave into dk/dv/dbias, overlapping
+     * with the next wave's items. The taskwait before each wave's reductions also waits for the
+     * previous wave's, so every element still receives its contributions in item order. */
 #pragma omp parallel num_threads(threads)
-    {
-        const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-        float *mine = scratch + per_thread * (size_t)tid;
-        for (int64_t wv = 0; wv < nwaves; wv++) {
-            const int64_t first = wv ? wave_end[wv - 1] : 0, last = wave_end[wv];
-#pragma omp for schedule(dynamic, 1)
-            for (int64_t x = first; x < last; x++) {
+#pragma omp single
+    for (int64_t wv = 0; wv < nwaves; wv++) {
+        const int64_t first = wv ? wave_end[wv - 1] : 0, last = wave_end[wv];
+        for (int64_t x = first; x < last; x++) {
+#pragma omp task firstprivate(x)
+            {
+                float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
                 memset(grads[x].dk, 0, sizeof(float) * (size_t)grads[x].floats);
                 backward_item(&w, &items[x], &grads[x], mine);
             }
-            /* Each thread adds a fixed slice of the columns (and its dbias rows). */
-            int64_t d0 = w.a.D * tid / nth, d1 = w.a.D * (tid + 1) / nth;
-            reduce_wave(&w, items, grads, first, last, d0, d1, tid, nth);
-#pragma omp barrier
+        }
+#pragma omp taskwait
+        for (int part = 0; part < threads; part++) {
+#pragma omp task firstprivate(part)
+            reduce_wave(&w, items, grads, first, last, w.a.D * part / threads,
+                        w.a.D * (part + 1) / threads, part, threads);
         }
     }
 done:
