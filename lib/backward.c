@@ -110,6 +110,9 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
     for (int64_t c0 = 0; c0 < iv.tile->count; c0 += DMA_CHUNK) {
         const int64_t n = dma_min64(DMA_CHUNK, iv.tile->count - c0);
         const int64_t n_pad = dma_div_up(n, nr) * nr;
+        /* The chunk's rows of the private dk/dv, zeroed here while they are about to be used. */
+        memset(g->dk + c0 * ld, 0, sizeof(float) * (size_t)(n_pad * ld));
+        memset(g->dv + c0 * ld, 0, sizeof(float) * (size_t)(n_pad * ld));
         if (!dma_chunk_active(&iv, c0, n))
             continue;
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
@@ -348,8 +351,9 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
 #pragma omp task firstprivate(x)
             {
                 float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
-                memset(grads[x].dk, 0, sizeof(float) * (size_t)grads[x].floats);
-                backward_item(&w, &items[x], &grads[x], mine);
+                item_grads *g = &grads[x];
+                memset(g->dbias, 0, sizeof(float) * (size_t)(g->floats - (g->dbias - g->dk)));
+                backward_item(&w, &items[x], g, mine);
             }
         }
 #pragma omp taskwait
