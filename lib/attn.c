@@ -8,8 +8,6 @@
 
 #include "internal.h"
 
-static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
-
 dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                           const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
                           const dma_attn_params *params, const dma_tensor *out,
@@ -88,7 +86,9 @@ dma_status dma_attn_prepare(dma_context *ctx, dma_attn *a)
 {
     if (a->sp)
         return DMA_OK;
-    dma_status st = dma_sparsity_dense(ctx, a->Lq, a->Lk, a->causal, &a->owned_sp);
+    /* Every visible key: the DENSE builder makes contiguous unions and row ranges, no masks. */
+    dma_mask_params dense = {.kind = DMA_MASK_DENSE, .causal = a->causal};
+    dma_status st = dma_sparsity_build(ctx, &dense, 1, 1, a->Lq, a->Lk, NULL, NULL, &a->owned_sp);
     a->sp = a->owned_sp;
     return st;
 }

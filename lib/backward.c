@@ -28,8 +28,6 @@
  * accum_tn does) does not map every row to the same few L1 sets, as a 1 KiB stride would. */
 #define PS_LD (DMA_CHUNK + 16)
 
-static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
-
 typedef struct bwd {
     dma_attn a;
     const dma_tensor *dout, *dq, *dk, *dv, *dbias;

@@ -15,8 +15,6 @@
 
 #include "internal.h"
 
-static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
-
 /* Floats of per-thread scratch forward_item() uses. */
 static size_t forward_scratch_floats(const dma_attn *a)
 {

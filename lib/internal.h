@@ -57,6 +57,9 @@ struct dma_sparsity {
     int64_t nnz;
 };
 
+/* The float data of a validated DMA_F32 tensor. */
+static inline float *f32(const dma_tensor *t) { return (float *)t->data; }
+
 static inline int64_t dma_div_up(int64_t a, int64_t b) { return (a + b - 1) / b; }
 static inline int64_t dma_min64(int64_t a, int64_t b) { return a < b ? a : b; }
 static inline int64_t dma_max64(int64_t a, int64_t b) { return a > b ? a : b; }
@@ -104,11 +107,6 @@ void dma_free(void *p);
 
 /* Allocate an empty object with B*H*ntiles tiles and B*H*Lq row ranges (keys/words NULL). */
 dma_status dma_sparsity_alloc(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
-                              dma_sparsity **out);
-
-/* A dense (or causal) object over every visible key, B = H = 1, contiguous unions, no masks.
- * Used by the forward when no sparsity is given. */
-dma_status dma_sparsity_dense(dma_context *ctx, int64_t Lq, int64_t Lk, bool causal,
                               dma_sparsity **out);
 
 /* ---- attention problems shared by the forward and the backward (lib/attn.c) ---- */

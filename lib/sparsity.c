@@ -1,6 +1,7 @@
 /*
- * sparsity.c - the sparsity object (DESIGN §2): allocation, inspection, and the dense/causal
- * object the forward uses when it is given none. The mask generators are in mask_build.c.
+ * sparsity.c - the sparsity object (DESIGN §2): allocation and inspection. The mask generators
+ * (including the dense/causal object the forward makes when it is given none) are in
+ * mask_build.c.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -101,28 +102,5 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
                 if (!bits || ((bits[pos >> 6] >> (pos & 63)) & 1u))
                     dst[dma_tile_key(sp, t, pos)] = 1;
         }
-    return DMA_OK;
-}
-
-dma_status dma_sparsity_dense(dma_context *ctx, int64_t Lq, int64_t Lk, bool causal,
-                              dma_sparsity **out)
-{
-    dma_sparsity *sp;
-    dma_status st = dma_sparsity_alloc(ctx, 1, 1, Lq, Lk, &sp);
-    if (st != DMA_OK)
-        return st;
-    int64_t off = Lk - Lq;
-    for (int64_t t = 0; t < sp->ntiles; t++) {
-        int64_t r0 = t * DMA_TILE, r1 = dma_min64(Lq, r0 + DMA_TILE);
-        int64_t n = causal ? dma_max64(0, dma_min64(Lk, r1 - 1 + off + 1)) : Lk;
-        sp->tiles[t] = (dma_tile){.key_off = -1, .word_off = -1, .first = 0, .count = (int32_t)n};
-        for (int64_t i = r0; i < r1; i++) {
-            int64_t hi = causal ? dma_max64(0, dma_min64(Lk, i + off + 1)) : Lk;
-            sp->row_lo[i] = 0;
-            sp->row_hi[i] = (int32_t)hi;
-            sp->nnz += hi;
-        }
-    }
-    *out = sp;
     return DMA_OK;
 }
