@@ -14,8 +14,11 @@
  * call, stealing cores from OpenMP; the tool sleeps untimed until they are idle (settle_blas)
  * before timing anything else. The OpenBLAS kernel set is reported (blas_core) and checked.
  *
- * The backward (--backward): op "backward" lines for impl dma and dense time dma_backward() on
- * the out/lse their own forward produced (each impl has its own out and lse buffers), with a
+ * The backward (--backward): the dma forward and backward calls alternate (forward, backward,
+ * forward, ...), so that the bwd/fwd ratio compares calls that saw the same machine: on a shared
+ * machine whose speed drifts by 10-20% from second to second, two series timed one after the
+ * other give a ratio that drifts as much. Op "backward" lines for impl dma and dense time
+ * dma_backward() on the out/lse their own forward produced (each impl has its own out and lse buffers), with a
  * random dout of a fixed seed; dq, dk, dv and dbias are allocated once per problem. dma uses the
  * bias and sparsity of its forward, causal=1, and asks for dbias whenever there is a bias (the
  * DMA bias is trainable); dense uses no sparsity, no bias and the dense forward's causal. Its
@@ -259,27 +262,8 @@ typedef struct timing {
     int runs, warmup;
 } timing;
 
-/* `before` (optional, untimed) runs before every call of `fn`. */
-static timing time_it(bench_fn fn, bench_fn before, void *arg, runspec rs)
+static timing summarize(double *t, int runs, int warmup)
 {
-    const int warmup = rs.warmup;
-    int runs = rs.runs;
-    double *t = xalloc(runs, sizeof *t, "timings"), total = 0.0;
-    for (int i = 0; i < warmup + runs; i++) {
-        if (before)
-            before(arg);
-        double t0 = now_ms();
-        fn(arg);
-        double t1 = now_ms();
-        if (i >= warmup) {
-            t[i - warmup] = t1 - t0;
-            total += t1 - t0;
-            if (rs.max_ms > 0 && total >= rs.max_ms) {
-                runs = i - warmup + 1;
-                break;
-            }
-        }
-    }
     qsort(t, (size_t)runs, sizeof *t, cmp_double);
     timing r;
     r.median = runs % 2 ? t[runs / 2] : 0.5 * (t[runs / 2 - 1] + t[runs / 2]);
@@ -287,8 +271,47 @@ static timing time_it(bench_fn fn, bench_fn before, void *arg, runspec rs)
     r.max = t[runs - 1];
     r.runs = runs;
     r.warmup = warmup;
-    free(t);
     return r;
+}
+
+/* Time `nfn` (1 or 2) functions, alternating between them call by call: two measurements taken
+ * this way see the same machine (frequency, neighbours), so their ratio is steadier than that
+ * of two measurements taken one after the other. `before` (optional, untimed) runs before
+ * every call of fn[0]. max_ms bounds the total of all timed calls. */
+static void time_alternating(int nfn, bench_fn const fn[], void *const arg[], bench_fn before,
+                             runspec rs, timing out[])
+{
+    const int warmup = rs.warmup;
+    int runs = rs.runs;
+    double *t = xalloc(2 * runs, sizeof *t, "timings"), total = 0.0;
+    for (int i = 0; i < warmup + runs; i++) {
+        for (int f = 0; f < nfn; f++) {
+            if (before && f == 0)
+                before(arg[0]);
+            double t0 = now_ms();
+            fn[f](arg[f]);
+            double t1 = now_ms();
+            if (i >= warmup) {
+                t[f * rs.runs + i - warmup] = t1 - t0;
+                total += t1 - t0;
+            }
+        }
+        if (i >= warmup && rs.max_ms > 0 && total >= rs.max_ms) {
+            runs = i - warmup + 1;
+            break;
+        }
+    }
+    for (int f = 0; f < nfn; f++)
+        out[f] = summarize(t + f * rs.runs, runs, warmup);
+    free(t);
+}
+
+/* `before` (optional, untimed) runs before every call of `fn`. */
+static timing time_it(bench_fn fn, bench_fn before, void *arg, runspec rs)
+{
+    timing tm;
+    time_alternating(1, &fn, &arg, before, rs, &tm);
+    return tm;
 }
 
 static result new_result(int op, int impl, const char *isa, int threads, timing tm)
@@ -570,27 +593,25 @@ static result measure_dense_backward(dma_context *ctx, problem *p, int causal, r
     return r;
 }
 
-/* The dma backward: dma_backward with the forward's bias, sparsity and params, on the out/lse
- * the dma forward left; dbias is requested whenever there is a bias (it is trainable). */
-static timing time_dma_backward(dma_context *ctx, problem *p, const dma_tensor *bias,
-                                const dma_sparsity *sp, dma_attn_params prm, runspec rs)
+/* The dma backward's arguments: dma_backward with the forward's bias, sparsity and params, on
+ * the out/lse the dma forward leaves; dbias is requested whenever there is a bias (it is
+ * trainable). */
+static bwd_arg dma_backward_arg(dma_context *ctx, problem *p, const dma_tensor *bias,
+                                const dma_sparsity *sp, dma_attn_params prm)
 {
     if (!p->backward)
         fatal("internal error: backward buffers were not allocated");
-    bwd_arg g = {.ctx = ctx,
-                 .p = p,
-                 .bias = bias,
-                 .sp = sp,
-                 .prm = prm,
-                 .out = &p->tout_dma,
-                 .lse = &p->tlse,
-                 .dq = &p->tdq,
-                 .dk = &p->tdk,
-                 .dv = &p->tdv,
-                 .dbias = bias ? &p->tdbias : NULL};
-    timing tm = time_it(run_backward, NULL, &g, rs);
-    check_grads_finite(p, bias != NULL, "dma");
-    return tm;
+    return (bwd_arg){.ctx = ctx,
+                     .p = p,
+                     .bias = bias,
+                     .sp = sp,
+                     .prm = prm,
+                     .out = &p->tout_dma,
+                     .lse = &p->tlse,
+                     .dq = &p->tdq,
+                     .dk = &p->tdk,
+                     .dv = &p->tdv,
+                     .dbias = bias ? &p->tdbias : NULL};
 }
 
 /* dma with a generated sparsity: mask_build line (res[0]) and forward line (res[1]); with
@@ -638,17 +659,26 @@ static int measure_dma(dma_context *ctx, problem *p, int mask, int64_t window, r
 
     fwd_arg f = {ctx, p, mask == MASK_TOPK ? &p->tbias : NULL, sp, {0.0f, 0.0f, 1},
                  &p->tout_dma, &p->tlse};
-    timing tf = time_it(run_forward, NULL, &f, rs);
+    /* With the backward, forward and backward calls alternate (each backward runs on the
+     * forward just before it), so that the bwd/fwd ratio compares like with like. */
+    timing tfg[2];
+    bwd_arg g;
+    if (p->backward) {
+        g = dma_backward_arg(ctx, p, f.bias, sp, f.prm);
+        time_alternating(2, (bench_fn[]){run_forward, run_backward}, (void *[]){&f, &g}, NULL,
+                         rs, tfg);
+        check_grads_finite(p, f.bias != NULL, "dma");
+    } else {
+        tfg[0] = time_it(run_forward, NULL, &f, rs);
+    }
     check_finite(p->out_dma, p->n_q, "the dma output");
 
     const int nres = p->backward ? 3 : 2;
     result *rb = &res[0], *rf = &res[1];
     *rb = new_result(OP_MASK_BUILD, IMPL_DMA, isa, threads, tb);
-    *rf = new_result(OP_FORWARD, IMPL_DMA, isa, threads, tf);
-    if (p->backward) {
-        timing tg = time_dma_backward(ctx, p, f.bias, sp, f.prm, rs);
-        res[2] = new_result(OP_BACKWARD, IMPL_DMA, isa, threads, tg);
-    }
+    *rf = new_result(OP_FORWARD, IMPL_DMA, isa, threads, tfg[0]);
+    if (p->backward)
+        res[2] = new_result(OP_BACKWARD, IMPL_DMA, isa, threads, tfg[1]);
     for (int i = 0; i < nres; i++) {
         result *r = &res[i];
         fill_shape(r, p);
