@@ -306,9 +306,10 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  * @param dbias     optional float32 with the bias's shape, written whole; requires bias.
  *                  NULL: not computed.
  * Results are bitwise identical for any thread count: contributions to dk, dv and dbias are
- * summed in a fixed order. Scratch memory is O(Lq * (window + tile) * D), about 16 MiB per
- * wave of work items plus per-thread panels; nothing is O(Lq * Lk) except a per-row dbias, which
- * is that size itself.
+ * summed in a fixed order (work items add into them in turn). Scratch memory is per thread: the
+ * panels of one work item (2.3 MiB at D = 128) and the private dk/dv/dbias of one work item,
+ * O((window + tile) * D); nothing is O(Lq * Lk) except a per-row dbias, which is that size
+ * itself.
  * Errors: those of dma_forward, plus DMA_ERR_NULL (lse, dout, dq, dk or dv missing; dbias without
  * bias) and DMA_ERR_SHAPE (a gradient's shape differs from its input's).
  */

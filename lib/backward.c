@@ -4,21 +4,21 @@
  * Per work item (the forward's items) and chunk of the tile's union it recomputes P from the
  * saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the item's own),
  * and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's private buffers.
- * Items run in waves (natural order, bounded memory); after each wave the private buffers are
- * added into dk, dv and dbias in item order, so every element is summed in the same order
- * whatever the thread count or the waves' sizes: results are bitwise reproducible.
+ * Each thread keeps one item's private buffers. Items add them into dk, dv and dbias in turn:
+ * turns follow item order within each stream of items that add into the same elements, so every
+ * element is summed in the same order whatever the thread count (results are bitwise
+ * reproducible). Once an item's turn has come it adds each chunk as soon as the chunk is done,
+ * while its rows are in cache; chunks done before that are added after the item has waited.
  */
 #include <math.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <omp.h>
 
 #include "internal.h"
-
-/* Private gradient buffers of one wave, in floats (16 MiB: they are still in the last-level
- * cache when the wave is reduced); a wave holds at least 2 items per thread. */
-#define WAVE_BUDGET_FLOATS ((int64_t)4 << 20)
 
 /* Row stride of the Q, dout and dQ panels: D rounded up to 16, plus 16 floats, for the same
  * reason as PS_LD (accum_tn walks 64 of their rows at a time). */
@@ -28,17 +28,24 @@
  * accum_tn does) does not map every row to the same few L1 sets, as a 1 KiB stride would. */
 #define PS_LD (DMA_CHUNK + 16)
 
+/* Columns of D and rows of Q per call of accum_tn: DB is a multiple of 16 (the kernels round D
+ * up to 16, so a block must not end inside a group of 16) and wide enough for a full register
+ * block; a DB x TN_ROWS block of Q is 8 KiB, which stays in L1. */
+#define DB 32
+#define TN_ROWS 64
+
 typedef struct bwd {
     dma_attn a;
     const dma_tensor *dout, *dq, *dk, *dv, *dbias;
     bool per_row_bias;
+    const dma_item *items;
 } bwd;
 
-/* The private buffers of an item: dk and dv [count_pad][ld], then dbias; placed at `offset`
- * floats into the buffer of the item's wave. */
+/* The private buffers of an item: dk and dv [count_pad][ld], then dbias [nbh][rows][count_pad]
+ * (rows = the tile's rows for a per-row bias, else 1); they live in the thread's scratch. */
 typedef struct item_grads {
     float *dk, *dv, *dbias;
-    int64_t offset, floats; /* place and size in the wave's buffer */
+    int64_t floats;         /* size of all three */
     int64_t count_pad, nbh; /* union rounded up to DMA_CHUNK; bias heads the item touches */
 } item_grads;
 
@@ -63,8 +70,165 @@ static size_t backward_scratch_floats(const dma_attn *a)
     return (n + 15) / 16 * 16;
 }
 
-static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float *scratch)
+static inline float *grad_row_of(const dma_tensor *t, int64_t b, int64_t key, int64_t h)
 {
+    return f32(t) + b * t->stride[0] + key * t->stride[1] + h * t->stride[2];
+}
+
+/* Ask for the dk and dv rows of union positions [u0, u1) to be brought into the cache: they are
+ * scattered over the sequence, so the hardware cannot guess them. Always inlined: GCC takes a
+ * function whose only effect is prefetching for one without effect, and drops its calls. */
+static inline __attribute__((always_inline)) void
+prefetch_rows(const bwd *w, const dma_item *it, const dma_item_view *iv, int64_t u0, int64_t u1)
+{
+    for (int64_t u = u0; u < u1; u++) {
+        int64_t key = dma_tile_key(w->a.sp, iv->tile, (int32_t)u);
+        const char *pk = (const char *)grad_row_of(w->dk, it->b, key, iv->hkv);
+        const char *pv = (const char *)grad_row_of(w->dv, it->b, key, iv->hkv);
+        for (int64_t byte = 0; byte < w->a.D * 4; byte += 64) {
+            __builtin_prefetch(pk + byte, 0, 2);
+            __builtin_prefetch(pv + byte, 0, 2);
+        }
+    }
+}
+
+/* Keys ahead whose dk/dv rows reduce_range() prefetches. */
+#define REDUCE_AHEAD 4
+
+/* Add positions [u0, u1) of an item's private buffers into dk, dv and dbias. */
+static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *iv,
+                         const item_grads *g, int64_t u0, int64_t u1)
+{
+    const dma_attn *a = &w->a;
+    for (int64_t u = u0; u < u1; u++) {
+        if (u + REDUCE_AHEAD < u1)
+            prefetch_rows(w, it, iv, u + REDUCE_AHEAD, u + REDUCE_AHEAD + 1);
+        int64_t key = dma_tile_key(a->sp, iv->tile, (int32_t)u);
+        float *dk = grad_row_of(w->dk, it->b, key, iv->hkv);
+        float *dv = grad_row_of(w->dv, it->b, key, iv->hkv);
+        const float *gk = g->dk + u * a->ld, *gv = g->dv + u * a->ld;
+#pragma omp simd
+        for (int64_t d = 0; d < a->D; d++) {
+            dk[d] += gk[d];
+            dv[d] += gv[d];
+        }
+    }
+    if (!w->dbias)
+        return;
+    const dma_tensor *db = w->dbias;
+    const int64_t hb0 = bias_head(w, iv->h0), rows = w->per_row_bias ? iv->nrows : 1;
+    for (int64_t hbi = 0; hbi < g->nbh; hbi++)
+        for (int64_t i = 0; i < rows; i++) {
+            const float *src = g->dbias + (hbi * rows + i) * g->count_pad;
+            for (int64_t u = u0; u < u1; u++)
+                if (src[u] != 0.0f)
+                    f32(db)[dma_offset4(db, it->b, hb0 + hbi, iv->r0 + i,
+                                        dma_tile_key(a->sp, iv->tile, (int32_t)u))] += src[u];
+        }
+}
+
+/*
+ * Streams and turns. Items whose private buffers add into the same elements of dk/dv (same batch
+ * and kv head) form a stream, and add in natural item order: item x waits for its turn, i.e. for
+ * the stream's previous item to have added. Every element therefore receives its contributions in
+ * the same order whatever the thread count. A dbias that one item of another stream also adds
+ * into (a bias broadcast over the batch, or over more than one kv head) makes one stream of all.
+ */
+typedef struct turn_plan {
+    int64_t *by_stream;       /* the items grouped by stream, each stream's in turn order */
+    int64_t *first;           /* [stream + 1]: where each stream starts in by_stream */
+    int64_t *stream;          /* [item] */
+    int64_t *turn;            /* [item] rank within its stream */
+    _Atomic int64_t *done;    /* [stream] items of the stream that have added */
+    int64_t nstreams;
+} turn_plan;
+
+static void plan_free(turn_plan *p)
+{
+    free(p->by_stream);
+    free(p->first);
+    free(p->stream);
+    free(p->turn);
+    free((void *)p->done);
+}
+
+static bool plan_turns(const bwd *w, const dma_item *items, int64_t nitems, turn_plan *p)
+{
+    const dma_attn *a = &w->a;
+    bool one_stream = w->dbias && ((w->dbias->shape[0] == 1 && a->B > 1) ||
+                                   w->dbias->shape[1] < a->Hkv);
+    p->nstreams = one_stream ? 1 : a->B * a->Hkv;
+    p->by_stream = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
+    p->first = calloc((size_t)p->nstreams + 1, sizeof(int64_t));
+    p->stream = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
+    p->turn = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
+    p->done = calloc((size_t)p->nstreams, sizeof(_Atomic int64_t));
+    if (!p->by_stream || !p->first || !p->stream || !p->turn || !p->done)
+        return false;
+    /* Items are in natural order, so each stream's items come in turn order. */
+    for (int64_t x = 0; x < nitems; x++) {
+        dma_item_view iv;
+        dma_item_view_init(a, &items[x], &iv);
+        int64_t s = one_stream ? 0 : items[x].b * a->Hkv + iv.hkv;
+        p->stream[x] = s;
+        p->turn[x] = p->first[s + 1]++;
+    }
+    for (int64_t s = 0; s < p->nstreams; s++)
+        p->first[s + 1] += p->first[s];
+    for (int64_t x = 0; x < nitems; x++)
+        p->by_stream[p->first[p->stream[x]] + p->turn[x]] = x;
+    return true;
+}
+
+/* The k-th item threads take: turn by turn across the streams (every stream has as many items),
+ * so that threads working at the same time mostly belong to different streams and rarely
+ * wait for each other. */
+static int64_t item_to_take(const turn_plan *p, int64_t k)
+{
+    int64_t s = k % p->nstreams, t = k / p->nstreams;
+    return p->by_stream[p->first[s] + t];
+}
+
+static void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+/* Wait until `done` reaches `turn`: spin briefly (the previous item is usually adding), then
+ * yield the CPU so that an oversubscribed machine still makes progress. */
+static void wait_turn(_Atomic int64_t *done, int64_t turn)
+{
+    for (int spins = 0; atomic_load_explicit(done, memory_order_acquire) != turn; spins++) {
+        if (spins < 4096)
+            cpu_relax();
+        else
+            sched_yield();
+    }
+}
+
+/* Whether item x's turn has come (the stream's earlier items have all added). */
+static bool my_turn(const turn_plan *p, int64_t x)
+{
+    return atomic_load_explicit(&p->done[p->stream[x]], memory_order_acquire) == p->turn[x];
+}
+
+/* Item x has added everything: pass the turn on. */
+static void end_turn(const turn_plan *p, int64_t x)
+{
+    atomic_store_explicit(&p->done[p->stream[x]], p->turn[x] + 1, memory_order_release);
+}
+
+/* Item x's gradients. Each chunk's private dk/dv rows are added into dk/dv as soon as the
+ * chunk is done (while they are still in cache) once the item's turn has come; returns the end
+ * of the positions [0, end) left for the caller to add once it has waited for its turn. */
+static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, item_grads *g,
+                             float *scratch)
+{
+    const dma_item *it = &w->items[x];
     const dma_attn *a = &w->a;
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, qld = ROWS_LD(a), mr = kern->mr, nr = kern->nr;
@@ -104,6 +268,10 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
             row_delta[r] = delta;
         }
     const int64_t hb0 = w->dbias ? bias_head(w, iv.h0) : 0;
+    const int64_t nblocks = dma_div_up(M, mr);
+    int64_t deferred = 0; /* positions [0, deferred) are left to the caller */
+    bool direct = false;   /* the turn has come: chunks are added here */
+    int64_t blk_ca[DMA_HEADS_PER_ITEM * DMA_TILE], blk_cb[DMA_HEADS_PER_ITEM * DMA_TILE];
 
     for (int64_t c0 = 0; c0 < iv.tile->count; c0 += DMA_CHUNK) {
         const int64_t n = dma_min64(DMA_CHUNK, iv.tile->count - c0);
@@ -111,8 +279,11 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
         /* The chunk's rows of the private dk/dv, zeroed here while they are about to be used. */
         memset(g->dk + c0 * ld, 0, sizeof(float) * (size_t)(n_pad * ld));
         memset(g->dv + c0 * ld, 0, sizeof(float) * (size_t)(n_pad * ld));
-        if (!dma_chunk_active(&iv, c0, n))
+        if (!dma_chunk_active(&iv, c0, n)) {
+            if (!direct)
+                deferred = c0 + n; /* zeros: added with the rest, or not at all */
             continue;
+        }
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
         const int32_t first = (int32_t)(iv.tile->first + c0);
         kern->pack_k(Kp, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
@@ -121,13 +292,17 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
         if (a->bias && !w->per_row_bias)
             for (int64_t hh = 0; hh < iv.nh; hh++)
                 dma_gather_key_bias(a, it, &iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
-        int64_t used_lo = n_pad, used_hi = 0; /* columns any block touched */
-        /* Blocks of mr rows run across head boundaries, as in the forward. */
-        for (int64_t row0 = 0; row0 < M; row0 += mr) {
-            const int64_t m = dma_min64(mr, M - row0);
+        /* Each block of mr rows (blocks run across head boundaries, as in the forward) covers
+         * the columns [ca, cb) of the chunk; its rows of P and dS are zero outside them, since
+         * accum_tn reads whole columns. */
+        int64_t used_lo = n_pad, used_hi = 0; /* columns any block covers */
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t row0 = b * mr, m = dma_min64(mr, M - row0);
             int64_t ca = 0, cb = 0;
-            bool active = dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb);
-            /* Rows of P and dS are zero outside [ca, cb): accum_tn reads whole columns. */
+            if (!dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb))
+                ca = cb = 0;
+            blk_ca[b] = ca;
+            blk_cb[b] = cb;
             for (int64_t r = 0; r < m; r++) {
                 float *pr = P + (row0 + r) * PS_LD, *dr = dS + (row0 + r) * PS_LD;
                 memset(pr, 0, sizeof(float) * (size_t)ca);
@@ -135,15 +310,30 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                 memset(pr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
                 memset(dr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
             }
-            if (!active)
+            if (cb > ca) {
+                used_lo = ca < used_lo ? ca : used_lo;
+                used_hi = cb > used_hi ? cb : used_hi;
+            }
+        }
+        /* The loops below run over the operand that stays in L1 on the outside: one packed
+         * panel of nr keys (scores) or one column block of K rows, Q or dout (accum_pv,
+         * accum_tn), while the rows of the other operand stream past it. */
+        /* S = Q K^T and dP = dout V^T, one panel of nr keys at a time. */
+        for (int pass = 0; pass < 2; pass++) {
+            float *dst = pass ? dS : P;
+            const float *rows = pass ? dO : Q, *panel = pass ? Vt : Kp;
+            for (int64_t c = used_lo; c < used_hi; c += nr)
+                for (int64_t b = 0; b < nblocks; b++)
+                    if (blk_ca[b] <= c && c < blk_cb[b])
+                        kern->scores(dst + b * mr * PS_LD + c, PS_LD, rows + b * mr * qld,
+                                     (int)qld, (int)dma_min64(mr, M - b * mr), panel + c * D,
+                                     (int)nr, (int)D);
+        }
+        /* P and dS, row by row. */
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t row0 = b * mr, m = dma_min64(mr, M - row0), ca = blk_ca[b], cb = blk_cb[b];
+            if (cb <= ca)
                 continue;
-            used_lo = ca < used_lo ? ca : used_lo;
-            used_hi = cb > used_hi ? cb : used_hi;
-            float *Pb = P + row0 * PS_LD + ca, *dSb = dS + row0 * PS_LD + ca;
-            kern->scores(Pb, PS_LD, Q + row0 * qld, (int)qld, (int)m, Kp + ca * D,
-                         (int)(cb - ca), (int)D);
-            kern->scores(dSb, PS_LD, dO + row0 * qld, (int)qld, (int)m, Vt + ca * D,
-                         (int)(cb - ca), (int)D);
             for (int64_t r = 0; r < m; r++) {
                 const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
                 const float *brow = NULL;
@@ -161,22 +351,39 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
                 }
                 int lo, hi;
                 dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
-                kern->grad_row(Pb + r * PS_LD, dSb + r * PS_LD, (int)(cb - ca), brow,
-                               dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi, a->softcap,
-                               row_lse[row0 + r], row_delta[row0 + r], dx_sum);
+                kern->grad_row(P + (row0 + r) * PS_LD + ca, dS + (row0 + r) * PS_LD + ca,
+                               (int)(cb - ca), brow, dma_row_bits(a, &iv, i), (int)(c0 + ca),
+                               lo, hi, a->softcap, row_lse[row0 + r], row_delta[row0 + r],
+                               dx_sum);
             }
-            /* dS is zero past n, and K rows past n were never packed: stop at n. */
-            kern->accum_pv(dQ + row0 * qld, (int)qld, ones, dSb, PS_LD, (int)m, Kr + ca * ld,
-                           (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
         }
-        /* dK[U] += dS^T Q and dV[U] += P^T dO over all the item's rows, mr keys at a time. */
-        for (int64_t c = used_lo; c < used_hi; c += mr) {
-            const int64_t m = dma_min64(mr, used_hi - c);
-            kern->accum_tn(g->dk + (c0 + c) * ld, (int)ld, dS + c, PS_LD, (int)m, Q, (int)qld,
-                           (int)M, (int)D);
-            kern->accum_tn(g->dv + (c0 + c) * ld, (int)ld, P + c, PS_LD, (int)m, dO, (int)qld,
-                           (int)M, (int)D);
+        /* dQ += dS K. dS is zero past n, and K rows past n were never packed: stop at n. */
+        for (int64_t b = 0; b < nblocks; b++) {
+            const int64_t ca = blk_ca[b], cb = dma_min64(blk_cb[b], n);
+            if (cb > ca)
+                kern->accum_pv(dQ + b * mr * qld, (int)qld, ones, dS + b * mr * PS_LD + ca, PS_LD,
+                               (int)dma_min64(mr, M - b * mr), Kr + ca * ld, (int)ld,
+                               (int)(cb - ca), (int)D);
         }
+        /* dK[U] += dS^T Q and dV[U] += P^T dout, mr keys at a time, over blocks of DB columns
+         * and TN_ROWS rows of Q (or dout): that block stays in L1 while the keys run past it. */
+        for (int pass = 0; pass < 2; pass++) {
+            float *dst = pass ? g->dv : g->dk;
+            const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
+            for (int64_t d0 = 0; d0 < ld; d0 += DB)
+                for (int64_t r0 = 0; r0 < M; r0 += TN_ROWS)
+                    for (int64_t c = used_lo; c < used_hi; c += mr)
+                        kern->accum_tn(dst + (c0 + c) * ld + d0, (int)ld, weights + r0 * PS_LD + c,
+                                       PS_LD, (int)dma_min64(mr, used_hi - c), rows + r0 * qld + d0,
+                                       (int)qld, (int)dma_min64(TN_ROWS, M - r0),
+                                       (int)dma_min64(DB, ld - d0));
+        }
+        /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.
+         * Once it has come, each chunk is added as soon as it is done, while in cache. */
+        if (direct || (direct = my_turn(plan, x)))
+            reduce_range(w, it, &iv, g, c0, c0 + n);
+        else
+            deferred = c0 + n;
     }
 
     for (int64_t hh = 0; hh < iv.nh; hh++)
@@ -184,52 +391,10 @@ static void backward_item(const bwd *w, const dma_item *it, item_grads *g, float
             float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv.r0 + i) * w->dq->stride[1] +
                          (iv.h0 + hh) * w->dq->stride[2];
             const float *src = dQ + (hh * nrows + i) * qld;
-            for (int64_t x = 0; x < D; x++)
-                dst[x] = a->scale * src[x];
+            for (int64_t d = 0; d < D; d++)
+                dst[d] = a->scale * src[d];
         }
-}
-
-/* Add a wave's private buffers into dk/dv columns [d0, d1), and (when `bias_part`) the dbias
- * entries this thread owns, always in item order. */
-static void reduce_wave(const bwd *w, const dma_item *items, const item_grads *grads,
-                        int64_t first, int64_t last, int64_t d0, int64_t d1, int part, int parts)
-{
-    const dma_attn *a = &w->a;
-    for (int64_t x = first; x < last; x++) {
-        const dma_item *it = &items[x];
-        const item_grads *g = &grads[x];
-        dma_item_view iv;
-        dma_item_view_init(a, it, &iv);
-        for (int64_t u = 0; u < iv.tile->count; u++) {
-            int64_t key = dma_tile_key(a->sp, iv.tile, (int32_t)u);
-            float *dk = f32(w->dk) + it->b * w->dk->stride[0] + key * w->dk->stride[1] +
-                        iv.hkv * w->dk->stride[2];
-            float *dv = f32(w->dv) + it->b * w->dv->stride[0] + key * w->dv->stride[1] +
-                        iv.hkv * w->dv->stride[2];
-            const float *gk = g->dk + u * a->ld, *gv = g->dv + u * a->ld;
-            for (int64_t d = d0; d < d1; d++) {
-                dk[d] += gk[d];
-                dv[d] += gv[d];
-            }
-        }
-        if (!w->dbias)
-            continue;
-        const dma_tensor *db = w->dbias;
-        int64_t hb0 = bias_head(w, iv.h0);
-        for (int64_t hbi = 0; hbi < g->nbh; hbi++) {
-            int64_t rows = w->per_row_bias ? iv.nrows : 1;
-            for (int64_t i = 0; i < rows; i++) {
-                /* Per-key dbias belongs to part 0; per-row dbias rows are dealt round-robin. */
-                if ((w->per_row_bias ? (iv.r0 + i) % parts : 0) != part)
-                    continue;
-                const float *src = g->dbias + (hbi * rows + i) * g->count_pad;
-                for (int64_t u = 0; u < iv.tile->count; u++)
-                    if (src[u] != 0.0f)
-                        f32(db)[dma_offset4(db, it->b, hb0 + hbi, iv.r0 + i,
-                                            dma_tile_key(a->sp, iv.tile, (int32_t)u))] += src[u];
-            }
-        }
-    }
+    return deferred;
 }
 
 /* Zero a 4-D float tensor, one last-dimension row at a time (any strides). */
@@ -240,6 +405,15 @@ static void zero_tensor(const dma_tensor *t)
             for (int64_t c = 0; c < t->shape[2]; c++)
                 memset(f32(t) + a * t->stride[0] + b * t->stride[1] + c * t->stride[2], 0,
                        sizeof(float) * (size_t)t->shape[3]);
+}
+
+/* dk, dv and dbias start at zero: items add into them. */
+static void zero_grads(const bwd *w)
+{
+    zero_tensor(w->dk);
+    zero_tensor(w->dv);
+    if (w->dbias)
+        zero_tensor(w->dbias);
 }
 
 static dma_status check_grad(dma_context *ctx, const char *name, const dma_tensor *g,
@@ -287,86 +461,66 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
 
     dma_item *items = NULL;
     int64_t nitems = 0;
-    float *scratch = NULL, *wave_buf = NULL;
-    item_grads *grads = NULL;
-    int64_t *wave_end = NULL, nwaves = 0, wave_floats = 0;
+    float *scratch = NULL;
+    turn_plan plan = {0};
     if ((st = dma_attn_items(ctx, &w.a, &items, &nitems)) != DMA_OK)
         goto done;
-    /* Waves: consecutive items, closed once the budget is reached and every thread has two
-     * items. Any grouping gives the same results: each element of dk, dv and dbias receives
-     * its contributions in item order, wave after wave. */
-    int threads = (int)dma_max64(1, ctx->threads);
-    wave_end = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
-    grads = malloc(sizeof(item_grads) * (size_t)(nitems + 1));
-    if (!wave_end || !grads) {
+    w.items = items;
+    if (nitems == 0) { /* B or Lq is 0: nothing to add */
+        zero_grads(&w);
+        goto done;
+    }
+    if (!plan_turns(&w, items, nitems, &plan)) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }
-    for (int64_t x = 0; x < nitems; x++)
-        item_layout(&w, &items[x], &grads[x]);
-    for (int64_t x = 0, start = 0, floats = 0; x < nitems; x++) {
-        grads[x].offset = floats;
-        floats += grads[x].floats;
-        if (x + 1 == nitems || (x + 1 - start >= 2 * threads &&
-                                floats + grads[x + 1].floats > WAVE_BUDGET_FLOATS)) {
-            wave_end[nwaves++] = x + 1;
-            wave_floats = floats > wave_floats ? floats : wave_floats;
-            start = x + 1;
-            floats = 0;
-        }
+    /* Per thread: the panels, then the private buffers of the largest item. */
+    int threads = (int)dma_max64(1, dma_min64(ctx->threads, nitems));
+    int64_t grads_floats = 0;
+    for (int64_t x = 0; x < nitems; x++) {
+        item_grads g;
+        item_layout(&w, &items[x], &g);
+        grads_floats = dma_max64(grads_floats, g.floats);
     }
-    size_t per_thread = backward_scratch_floats(&w.a);
+    size_t per_thread = backward_scratch_floats(&w.a) + (size_t)grads_floats;
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
-    /* Two wave buffers: wave k + 1 computes into one while wave k is reduced from the other. */
-    wave_buf = dma_alloc(sizeof(float) * (size_t)(2 * wave_floats));
-    if (!scratch || !wave_buf) {
+    if (!scratch) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
         goto done;
     }
-    for (int64_t wv = 0; wv < nwaves; wv++)
-        for (int64_t x = wv ? wave_end[wv - 1] : 0; x < wave_end[wv]; x++) {
-            item_grads *g = &grads[x];
-            g->dk = wave_buf + (wv % 2) * wave_floats + g->offset;
-            g->dv = g->dk + g->count_pad * w.a.ld;
-            g->dbias = g->dv + g->count_pad * w.a.ld;
-        }
-
-    zero_tensor(dk);
-    zero_tensor(dv);
-    if (dbias)
-        zero_tensor(dbias);
-    if (nitems == 0)
-        goto done;
-    /* Tasks: the items of a wave compute in any order on any thread; once they are all done,
-     * one reduction task per slice of D columns adds the wave into dk/dv/dbias, overlapping
-     * with the next wave's items. The taskwait before each wave's reductions also waits for the
-     * previous wave's, so every element still receives its contributions in item order. */
+    zero_grads(&w);
+    _Atomic int64_t next = 0;
 #pragma omp parallel num_threads(threads)
-#pragma omp single
-    for (int64_t wv = 0; wv < nwaves; wv++) {
-        const int64_t first = wv ? wave_end[wv - 1] : 0, last = wave_end[wv];
-        for (int64_t x = first; x < last; x++) {
-#pragma omp task firstprivate(x)
-            {
-                float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
-                item_grads *g = &grads[x];
-                memset(g->dbias, 0, sizeof(float) * (size_t)(g->floats - (g->dbias - g->dk)));
-                backward_item(&w, &items[x], g, mine);
+    {
+        float *panels = scratch + per_thread * (size_t)omp_get_thread_num();
+        float *mine = panels + backward_scratch_floats(&w.a);
+        for (;;) {
+            int64_t k = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed);
+            if (k >= nitems)
+                break;
+            const int64_t x = item_to_take(&plan, k);
+            item_grads g;
+            item_layout(&w, &items[x], &g);
+            g.dk = mine;
+            g.dv = g.dk + g.count_pad * w.a.ld;
+            g.dbias = g.dv + g.count_pad * w.a.ld;
+            memset(g.dbias, 0, sizeof(float) * (size_t)(g.floats - (g.dbias - g.dk)));
+            int64_t deferred = backward_item(&w, &plan, x, &g, panels);
+            /* A stream's items are taken in turn order, so its earlier items are already taken
+             * and, each waiting only on earlier ones, certain to add: no deadlock. */
+            wait_turn(&plan.done[plan.stream[x]], plan.turn[x]);
+            if (deferred > 0) {
+                dma_item_view iv;
+                dma_item_view_init(&w.a, &items[x], &iv);
+                reduce_range(&w, &items[x], &iv, &g, 0, deferred);
             }
-        }
-#pragma omp taskwait
-        for (int part = 0; part < threads; part++) {
-#pragma omp task firstprivate(part)
-            reduce_wave(&w, items, grads, first, last, w.a.D * part / threads,
-                        w.a.D * (part + 1) / threads, part, threads);
+            end_turn(&plan, x);
         }
     }
 done:
     free(items);
-    free(wave_end);
-    free(grads);
+    plan_free(&plan);
     dma_free(scratch);
-    dma_free(wave_buf);
     dma_attn_release(&w.a);
     return st;
 }

@@ -1276,7 +1276,7 @@ START_TEST(deterministic)
 {
     /* one forward; backward with threads 1, 2, 3 and again 1 and 2, on every ISA: the gradients
      * must be bitwise identical (dk, dv, dbias sum over rows, heads and batches here) */
-    bwd_case cases[3];
+    bwd_case cases[4];
     test_rng r = rng_make(130);
     cases[0] = plain_case(2, 200, 200, 8, 2, 64, rng_u64(&r)); /* DMA: causal top-16 */
     cases[0].causal = 1;
@@ -1293,6 +1293,15 @@ START_TEST(deterministic)
     cases[2] = plain_case(2, 130, 130, 4, 4, 16, rng_u64(&r)); /* dense causal, bias (1,1,1,Lk) */
     cases[2].causal = 1;
     cases[2].Bb = cases[2].Hb = cases[2].Lb = 1;
+    /* unions of several chunks (the backward adds a chunk as soon as it is done once the
+     * item's turn has come, else at the item's end: both must give the same bits), two kv
+     * heads adding independently */
+    cases[3] = plain_case(1, 700, 700, 4, 2, 32, rng_u64(&r));
+    cases[3].causal = 1;
+    set_topk(&r, &cases[3], 0, 400);
+    cases[3].mask_causal = 1;
+    cases[3].Hs = cases[3].mHb = 2;
+    bias_from_mbias(&cases[3]);
 
     static const dma_isa isas[] = {DMA_ISA_SCALAR, DMA_ISA_AVX2, DMA_ISA_AVX512, DMA_ISA_NEON};
     static const int threads[] = {1, 2, 3, 1, 2};
@@ -1308,7 +1317,7 @@ START_TEST(deterministic)
             ctx[t] = NULL;
             ck_assert_int_eq(dma_context_create(&opts, &ctx[t]), DMA_OK);
         }
-        for (int i = 0; i < 3; i++) {
+        for (int i = 0; i < 4; i++) {
             const bwd_case *c = &cases[i];
             bwd_data f;
             data_make(c, &f);
