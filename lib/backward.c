@@ -92,6 +92,15 @@ prefetch_rows(const bwd *w, const dma_item *it, const dma_item_view *iv, int64_t
     }
 }
 
+/* Zero the private dk/dv rows [u0, u1) (u0 > u1 does nothing). */
+static void zero_rows(const item_grads *g, int64_t u0, int64_t u1, int64_t ld)
+{
+    if (u1 <= u0)
+        return;
+    memset(g->dk + u0 * ld, 0, sizeof(float) * (size_t)((u1 - u0) * ld));
+    memset(g->dv + u0 * ld, 0, sizeof(float) * (size_t)((u1 - u0) * ld));
+}
+
 /* Keys ahead whose dk/dv rows reduce_range() prefetches. */
 #define REDUCE_AHEAD 4
 
@@ -276,12 +285,11 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
     for (int64_t c0 = 0; c0 < iv.tile->count; c0 += DMA_CHUNK) {
         const int64_t n = dma_min64(DMA_CHUNK, iv.tile->count - c0);
         const int64_t n_pad = dma_div_up(n, nr) * nr;
-        /* The chunk's rows of the private dk/dv, zeroed here while they are about to be used. */
-        memset(g->dk + c0 * ld, 0, sizeof(float) * (size_t)(n_pad * ld));
-        memset(g->dv + c0 * ld, 0, sizeof(float) * (size_t)(n_pad * ld));
         if (!dma_chunk_active(&iv, c0, n)) {
-            if (!direct)
-                deferred = c0 + n; /* zeros: added with the rest, or not at all */
+            if (!direct) { /* zeros: added with the rest */
+                zero_rows(g, c0, c0 + n_pad, ld);
+                deferred = c0 + n;
+            }
             continue;
         }
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
@@ -365,8 +373,12 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
                                (int)dma_min64(mr, M - b * mr), Kr + ca * ld, (int)ld,
                                (int)(cb - ca), (int)D);
         }
-        /* dK[U] += dS^T Q and dV[U] += P^T dout, mr keys at a time, over blocks of DB columns
-         * and TN_ROWS rows of Q (or dout): that block stays in L1 while the keys run past it. */
+        /* dK[U] = dS^T Q and dV[U] = P^T dout, mr keys at a time, over blocks of DB columns
+         * and TN_ROWS rows of Q (or dout): that block stays in L1 while the keys run past it.
+         * The first block of rows overwrites the private rows, the others add; rows no block
+         * covers are zeroed. */
+        zero_rows(g, c0, c0 + used_lo, ld);
+        zero_rows(g, c0 + used_hi, c0 + n_pad, ld);
         for (int pass = 0; pass < 2; pass++) {
             float *dst = pass ? g->dv : g->dk;
             const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
@@ -376,7 +388,7 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
                         kern->accum_tn(dst + (c0 + c) * ld + d0, (int)ld, weights + r0 * PS_LD + c,
                                        PS_LD, (int)dma_min64(mr, used_hi - c), rows + r0 * qld + d0,
                                        (int)qld, (int)dma_min64(TN_ROWS, M - r0),
-                                       (int)dma_min64(DB, ld - d0));
+                                       (int)dma_min64(DB, ld - d0), r0 == 0);
         }
         /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.
          * Once it has come, each chunk is added as soon as it is done, while in cache. */

@@ -73,9 +73,10 @@ typedef struct dma_kernels {
 
     /* o[c][d] += sum_{r<k} p[r][c] * x[r][d] for c < m (m <= mr), d < D: the transposed-P
      * product that accumulates dK (p = dS, x = Q) and dV (p = P, x = dout) over k query rows.
+     * With `overwrite` o is not read: o[c][d] = the sum (so the caller need not zero it first).
      * p has row stride ldp, x and o row strides ldx and ldo (multiples of 16, zero-padded). */
     void (*accum_tn)(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
-                     int k, int D);
+                     int k, int D, int overwrite);
 } dma_kernels;
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */

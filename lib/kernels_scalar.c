@@ -142,10 +142,13 @@ static void grad_row(float *s, float *dp, int n, const float *bias, const uint64
 }
 
 static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
-                     int k, int D)
+                     int k, int D, int overwrite)
 {
     for (int c = 0; c < m; c++) {
         float *orow = o + (int64_t)c * ldo;
+        if (overwrite)
+            for (int d = 0; d < D; d++)
+                orow[d] = 0.0f;
         for (int r = 0; r < k; r++) {
             float pc = p[(int64_t)r * ldp + c];
             const float *xrow = x + (int64_t)r * ldx;

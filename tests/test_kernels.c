@@ -583,17 +583,22 @@ START_TEST(accum_tn_vs_scalar)
         const dma_kernels *k = tb[t].k;
         for (int di = 0; di < N_HEAD_DIMS; di++)
             for (int m = 1; m <= k->mr; m++)
-                for (int rep = 0; rep < 3; rep++) {
+                for (int rep = 0; rep < 4; rep++) {
+                    /* overwrite: o's old values (NaN here) must not be read; k > 64 rows
+                     * covers the kernels' later passes over rows, which accumulate */
+                    const int overwrite = rep % 2;
                     const int D = (int)head_dims[di], ld = round_up(D, 16);
                     const int ldo = ld, ldx = ld + (int)rng_int(&r, 0, 1) * 16;
-                    const int kk = (int)rng_int(&r, 1, 80);
+                    const int kk = (int)rng_int(&r, 1, 150);
                     const int ldp = (int)rng_int(&r, m, m + 40);
                     const int rows = k->mr + 1;
                     float *o = fbuf((size_t)rows * ldo), *o_ref = fbuf((size_t)rows * ldo);
                     float *p = fbuf((size_t)(kk - 1) * ldp + m), *x = fbuf((size_t)kk * ldx);
                     for (int i = 0; i < rows; i++)
                         for (int d = 0; d < ldo; d++)
-                            o[i * ldo + d] = d < D ? rng_float(&r, -3.0f, 3.0f) : 0.0f;
+                            o[i * ldo + d] = d >= D                ? 0.0f
+                                             : overwrite && i < m ? NAN
+                                                                  : rng_float(&r, -3.0f, 3.0f);
                     memcpy(o_ref, o, sizeof(float) * (size_t)rows * ldo);
                     for (int i = 0; i < kk; i++)
                         for (int c = 0; c < m; c++)
@@ -601,8 +606,8 @@ START_TEST(accum_tn_vs_scalar)
                     for (int i = 0; i < kk; i++)
                         for (int d = 0; d < ldx; d++)
                             x[(size_t)i * ldx + d] = d < D ? rng_float(&r, -2.0f, 2.0f) : 0.0f;
-                    k->accum_tn(o, ldo, p, ldp, m, x, ldx, kk, D);
-                    ref->accum_tn(o_ref, ldo, p, ldp, m, x, ldx, kk, D);
+                    k->accum_tn(o, ldo, p, ldp, m, x, ldx, kk, D, overwrite);
+                    ref->accum_tn(o_ref, ldo, p, ldp, m, x, ldx, kk, D, overwrite);
                     for (int c = 0; c < rows; c++)
                         for (int d = 0; d < ldo; d++) {
                             float got = o[c * ldo + d], want = o_ref[c * ldo + d];
@@ -611,6 +616,8 @@ START_TEST(accum_tn_vs_scalar)
                                               c);
                                 continue;
                             }
+                            ck_assert_msg(isfinite(got), "%s accum_tn (overwrite %d) [%d][%d] "
+                                          "is %g", k->name, overwrite, c, d, (double)got);
                             if (d >= D) {
                                 ck_assert_msg(got == 0.0f, "%s accum_tn: padding column %d is %g",
                                               k->name, d, (double)got);
@@ -620,8 +627,9 @@ START_TEST(accum_tn_vs_scalar)
                             for (int i = 0; i < kk; i++)
                                 mag += fabs((double)p[(size_t)i * ldp + c] * x[(size_t)i * ldx + d]);
                             ck_assert_msg(fabs((double)got - want) <= TOL * (mag + 1.0),
-                                          "%s accum_tn D=%d m=%d k=%d [%d][%d]: %.9g vs %.9g",
-                                          k->name, D, m, kk, c, d, (double)got, (double)want);
+                                          "%s accum_tn D=%d m=%d k=%d overwrite %d [%d][%d]: "
+                                          "%.9g vs %.9g", k->name, D, m, kk, overwrite, c, d,
+                                          (double)got, (double)want);
                         }
                     free(o);
                     free(o_ref);

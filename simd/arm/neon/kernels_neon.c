@@ -578,15 +578,16 @@ ALWAYS_INLINE float32x4_t load_part(const float *p, const int cnt)
 /* Rows of x (and of p) per pass over a column strip: keeps the strip of x in L1. */
 #define TN_KC 64
 
-/* M keys x 4 W columns (W = 1 or 2) of o += p^T x over k rows, starting at column o / x. */
+/* M keys x 4 W columns (W = 1 or 2) of o += p^T x over k rows, starting at column o / x;
+ * with `fresh`, o = p^T x (o is not read). */
 ALWAYS_INLINE void tn_block(const int M, const int W, float *o, int ldo, const float *p, int ldp,
-                            const float *x, int ldx, int k)
+                            const float *x, int ldx, int k, int fresh)
 {
     float32x4_t acc0[MR], acc1[MR];
     _Pragma("GCC unroll 8") for (int c = 0; c < M; c++)
     {
-        acc0[c] = vld1q_f32(o + (ptrdiff_t)c * ldo);
-        acc1[c] = W > 1 ? vld1q_f32(o + (ptrdiff_t)c * ldo + 4) : acc0[c];
+        acc0[c] = fresh ? vdupq_n_f32(0.0f) : vld1q_f32(o + (ptrdiff_t)c * ldo);
+        acc1[c] = fresh ? acc0[c] : W > 1 ? vld1q_f32(o + (ptrdiff_t)c * ldo + 4) : acc0[c];
     }
     for (int r = 0; r < k; r++) {
         const float *pr = p + (ptrdiff_t)r * ldp, *xr = x + (ptrdiff_t)r * ldx;
@@ -612,7 +613,7 @@ ALWAYS_INLINE void tn_block(const int M, const int W, float *o, int ldo, const f
 
 #define TN_M(M)                                                                                \
     static void tn_m##M(float *o, int ldo, const float *p, int ldp, const float *x, int ldx,  \
-                        int k, int D)                                                          \
+                        int k, int D, int overwrite)                                           \
     {                                                                                          \
         const int D4 = (D + 3) & ~3; /* <= ldo, ldx; columns D..D4-1 are zero-padding */       \
         for (int r0 = 0; r0 < k; r0 += TN_KC) {                                                \
@@ -620,9 +621,9 @@ ALWAYS_INLINE void tn_block(const int M, const int W, float *o, int ldo, const f
             const float *pc = p + (ptrdiff_t)r0 * ldp, *xc = x + (ptrdiff_t)r0 * ldx;          \
             int d = 0;                                                                         \
             for (; d + 8 <= D4; d += 8)                                                        \
-                tn_block(M, 2, o + d, ldo, pc, ldp, xc + d, ldx, kc);                          \
+                tn_block(M, 2, o + d, ldo, pc, ldp, xc + d, ldx, kc, overwrite && r0 == 0);    \
             if (d < D4)                                                                        \
-                tn_block(M, 1, o + d, ldo, pc, ldp, xc + d, ldx, kc);                          \
+                tn_block(M, 1, o + d, ldo, pc, ldp, xc + d, ldx, kc, overwrite && r0 == 0);    \
         }                                                                                      \
     }
 TN_M(1)
@@ -635,21 +636,21 @@ TN_M(7)
 TN_M(8)
 
 static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
-                     int k, int D)
+                     int k, int D, int overwrite)
 {
     switch (m) {
-    case 1: tn_m1(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 2: tn_m2(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 3: tn_m3(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 4: tn_m4(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 5: tn_m5(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 6: tn_m6(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 7: tn_m7(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 8: tn_m8(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 1: tn_m1(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 2: tn_m2(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 3: tn_m3(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 4: tn_m4(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 5: tn_m5(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 6: tn_m6(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 7: tn_m7(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 8: tn_m8(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     default: /* m > MR is outside the contract; split it anyway */
         for (int c = 0; c < m; c += MR)
             accum_tn(o + (ptrdiff_t)c * ldo, ldo, p + c, ldp, m - c < MR ? m - c : MR, x, ldx, k,
-                     D);
+                     D, overwrite);
         break;
     }
 }

@@ -294,10 +294,10 @@ static void scores(float *s, int lds, const float *q, int ldq, int m, const floa
 /* ------------------------------------------------------------------------------------------ */
 
 /* Rows r < M of o, 16 floats at a time over D rounded up to 16:
- *   o[r][d] = (alpha ? alpha[r] : 1) * o[r][d] + sum_{c < n} w(r, c) * x[c][d],
+ *   o[r][d] = (fresh ? 0 : (alpha ? alpha[r] : 1) * o[r][d]) + sum_{c < n} w(r, c) * x[c][d],
  * where w(r, c) = w[r * wr + c * wc] (accum_pv: wr = ldp, wc = 1; accum_tn: wr = 1, wc = ldp). */
 INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, int64_t wr,
-                        int64_t wc, const float *x, int ldx, int n, int D, const int M)
+                        int64_t wc, const float *x, int ldx, int n, int D, const int M, int fresh)
 {
     const int D16 = (D + 15) & ~15;
     for (int d0 = 0; d0 < D16; d0 += 2 * VW) {
@@ -305,6 +305,10 @@ INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, i
 #pragma GCC unroll 8
         for (int r = 0; r < M; r++) {
             const float *orow = o + (int64_t)r * ldo + d0;
+            if (fresh) {
+                acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+                continue;
+            }
             acc[r][0] = _mm256_loadu_ps(orow);
             acc[r][1] = _mm256_loadu_ps(orow + VW);
             if (alpha) {
@@ -337,15 +341,15 @@ INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, i
     static void pv_##M(float *o, int ldo, const float *alpha, const float *p, int ldp,          \
                        const float *vp, int ldv, int n, int D)                                 \
     {                                                                                          \
-        rank_update(o, ldo, alpha, p, ldp, 1, vp, ldv, n, D, M);                               \
+        rank_update(o, ldo, alpha, p, ldp, 1, vp, ldv, n, D, M, 0);                            \
     }                                                                                          \
     static void tn_##M(float *o, int ldo, const float *p, int ldp, const float *x, int ldx,     \
-                       int k, int D)                                                           \
+                       int k, int D, int overwrite)                                            \
     {                                                                                          \
         /* 64 query rows at a time: their strips of p and x stay in L1 across the D blocks. */ \
         for (int r0 = 0; r0 < k; r0 += TN_ROWS)                                                \
             rank_update(o, ldo, NULL, p + (int64_t)r0 * ldp, 1, ldp, x + (int64_t)r0 * ldx, ldx, \
-                        k - r0 < TN_ROWS ? k - r0 : TN_ROWS, D, M);                            \
+                        k - r0 < TN_ROWS ? k - r0 : TN_ROWS, D, M, overwrite && r0 == 0);      \
     }
 PV_M(1)
 PV_M(2)
@@ -369,15 +373,15 @@ static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int 
 }
 
 static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
-                     int k, int D)
+                     int k, int D, int overwrite)
 {
     switch (m) {
-    case 1: tn_1(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 2: tn_2(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 3: tn_3(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 4: tn_4(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 5: tn_5(o, ldo, p, ldp, x, ldx, k, D); break;
-    case 6: tn_6(o, ldo, p, ldp, x, ldx, k, D); break;
+    case 1: tn_1(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 2: tn_2(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 3: tn_3(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 4: tn_4(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 5: tn_5(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
+    case 6: tn_6(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     default: break;
     }
 }
