@@ -272,8 +272,8 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
                              row * a->out->stride[1] + h * a->out->stride[2];
             const float *d = dO + r * qld;
             float delta = 0.0f;
-            for (int64_t x = 0; x < D; x++)
-                delta += d[x] * o[x];
+            for (int64_t e = 0; e < D; e++)
+                delta += d[e] * o[e];
             row_delta[r] = delta;
         }
     const int64_t hb0 = w->dbias ? bias_head(w, iv.h0) : 0;
