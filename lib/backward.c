@@ -51,14 +51,13 @@ typedef struct item_grads {
 
 static int64_t bias_head(const bwd *w, int64_t h) { return h / (w->a.Hq / w->dbias->shape[1]); }
 
-/* Sizes of an item's private buffers. */
-static void item_layout(const bwd *w, const dma_item *it, item_grads *g)
+/* Sizes of the private buffers of the item whose view is iv. */
+static void item_layout(const bwd *w, const dma_item_view *iv, item_grads *g)
 {
-    dma_item_view iv;
-    dma_item_view_init(&w->a, it, &iv);
-    g->count_pad = dma_div_up(iv.tile->count, DMA_CHUNK) * DMA_CHUNK;
-    g->nbh = w->dbias ? bias_head(w, iv.h0 + iv.nh - 1) - bias_head(w, iv.h0) + 1 : 0;
-    int64_t n = 2 * g->count_pad * w->a.ld + g->nbh * (w->per_row_bias ? iv.nrows : 1) * g->count_pad;
+    g->count_pad = dma_div_up(iv->tile->count, DMA_CHUNK) * DMA_CHUNK;
+    g->nbh = w->dbias ? bias_head(w, iv->h0 + iv->nh - 1) - bias_head(w, iv->h0) + 1 : 0;
+    int64_t rows = w->per_row_bias ? iv->nrows : 1;
+    int64_t n = 2 * g->count_pad * w->a.ld + g->nbh * rows * g->count_pad;
     g->floats = (n + 15) / 16 * 16;
 }
 
@@ -75,20 +74,19 @@ static inline float *grad_row_of(const dma_tensor *t, int64_t b, int64_t key, in
     return f32(t) + b * t->stride[0] + key * t->stride[1] + h * t->stride[2];
 }
 
-/* Ask for the dk and dv rows of union positions [u0, u1) to be brought into the cache: they are
- * scattered over the sequence, so the hardware cannot guess them. Always inlined: GCC takes a
- * function whose only effect is prefetching for one without effect, and drops its calls. */
+/* Ask for the dk and dv rows of union position u to be brought into the cache: the rows of a
+ * union are scattered over the sequence, so the hardware cannot guess them. Always inlined: GCC
+ * takes a function whose only effect is prefetching for one without effect, and drops its
+ * calls. */
 static inline __attribute__((always_inline)) void
-prefetch_rows(const bwd *w, const dma_item *it, const dma_item_view *iv, int64_t u0, int64_t u1)
+prefetch_rows(const bwd *w, const dma_item *it, const dma_item_view *iv, int64_t u)
 {
-    for (int64_t u = u0; u < u1; u++) {
-        int64_t key = dma_tile_key(w->a.sp, iv->tile, (int32_t)u);
-        const char *pk = (const char *)grad_row_of(w->dk, it->b, key, iv->hkv);
-        const char *pv = (const char *)grad_row_of(w->dv, it->b, key, iv->hkv);
-        for (int64_t byte = 0; byte < w->a.D * 4; byte += 64) {
-            __builtin_prefetch(pk + byte, 0, 2);
-            __builtin_prefetch(pv + byte, 0, 2);
-        }
+    int64_t key = dma_tile_key(w->a.sp, iv->tile, (int32_t)u);
+    const char *pk = (const char *)grad_row_of(w->dk, it->b, key, iv->hkv);
+    const char *pv = (const char *)grad_row_of(w->dv, it->b, key, iv->hkv);
+    for (int64_t byte = 0; byte < w->a.D * 4; byte += 64) {
+        __builtin_prefetch(pk + byte, 0, 2);
+        __builtin_prefetch(pv + byte, 0, 2);
     }
 }
 
@@ -111,7 +109,7 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
     const dma_attn *a = &w->a;
     for (int64_t u = u0; u < u1; u++) {
         if (u + REDUCE_AHEAD < u1)
-            prefetch_rows(w, it, iv, u + REDUCE_AHEAD, u + REDUCE_AHEAD + 1);
+            prefetch_rows(w, it, iv, u + REDUCE_AHEAD);
         int64_t key = dma_tile_key(a->sp, iv->tile, (int32_t)u);
         float *dk = grad_row_of(w->dk, it->b, key, iv->hkv);
         float *dv = grad_row_of(w->dv, it->b, key, iv->hkv);
@@ -234,16 +232,14 @@ static void end_turn(const turn_plan *p, int64_t x)
 /* Item x's gradients. Each chunk's private dk/dv rows are added into dk/dv as soon as the
  * chunk is done (while they are still in cache) once the item's turn has come; returns the end
  * of the positions [0, end) left for the caller to add once it has waited for its turn. */
-static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, item_grads *g,
-                             float *scratch)
+static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
+                             const dma_item_view *iv, item_grads *g, float *scratch)
 {
     const dma_item *it = &w->items[x];
     const dma_attn *a = &w->a;
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, qld = ROWS_LD(a), mr = kern->mr, nr = kern->nr;
-    dma_item_view iv;
-    dma_item_view_init(a, it, &iv);
-    const int64_t M = iv.M, nrows = iv.nrows;
+    const int64_t M = iv->M, nrows = iv->nrows;
 
     float *Q = scratch;                     /* [M][qld] scaled queries */
     float *dO = Q + M * qld;                /* [M][qld] */
@@ -258,14 +254,14 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
     float *row_delta = row_lse + M;
     float *ones = row_delta + M;            /* [mr] */
 
-    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, qld);
-    dma_item_load_rows(a, it, &iv, w->dout, 1.0f, dO, qld);
+    dma_item_load_rows(a, it, iv, a->q, a->scale, Q, qld);
+    dma_item_load_rows(a, it, iv, w->dout, 1.0f, dO, qld);
     memset(dQ, 0, sizeof(float) * (size_t)(M * qld));
     for (int64_t r = 0; r < mr; r++)
         ones[r] = 1.0f;
-    for (int64_t hh = 0; hh < iv.nh; hh++)
+    for (int64_t hh = 0; hh < iv->nh; hh++)
         for (int64_t i = 0; i < nrows; i++) {
-            int64_t r = hh * nrows + i, h = iv.h0 + hh, row = iv.r0 + i;
+            int64_t r = hh * nrows + i, h = iv->h0 + hh, row = iv->r0 + i;
             row_lse[r] = f32(a->lse)[it->b * a->lse->stride[0] + h * a->lse->stride[1] +
                                      row * a->lse->stride[2]];
             const float *o = f32(a->out) + it->b * a->out->stride[0] +
@@ -276,30 +272,30 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
                 delta += d[e] * o[e];
             row_delta[r] = delta;
         }
-    const int64_t hb0 = w->dbias ? bias_head(w, iv.h0) : 0;
+    const int64_t hb0 = w->dbias ? bias_head(w, iv->h0) : 0;
     const int64_t nblocks = dma_div_up(M, mr);
     int64_t deferred = 0; /* positions [0, deferred) are left to the caller */
     bool direct = false;   /* the turn has come: chunks are added here */
     int64_t blk_ca[DMA_HEADS_PER_ITEM * DMA_TILE], blk_cb[DMA_HEADS_PER_ITEM * DMA_TILE];
 
-    for (int64_t c0 = 0; c0 < iv.tile->count; c0 += DMA_CHUNK) {
-        const int64_t n = dma_min64(DMA_CHUNK, iv.tile->count - c0);
+    for (int64_t c0 = 0; c0 < iv->tile->count; c0 += DMA_CHUNK) {
+        const int64_t n = dma_min64(DMA_CHUNK, iv->tile->count - c0);
         const int64_t n_pad = dma_div_up(n, nr) * nr;
-        if (!dma_chunk_active(&iv, c0, n)) {
+        if (!dma_chunk_active(iv, c0, n)) {
             if (!direct) { /* zeros: added with the rest */
                 zero_rows(g, c0, c0 + n_pad, ld);
                 deferred = c0 + n;
             }
             continue;
         }
-        const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
-        const int32_t first = (int32_t)(iv.tile->first + c0);
-        kern->pack_k(Kp, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
-        kern->pack_k(Vt, iv.vbase, a->v->stride[1], keys, first, (int)n, (int)D);
-        kern->pack_v(Kr, (int)ld, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+        const int32_t *keys = iv->keys ? iv->keys + c0 : NULL;
+        const int32_t first = (int32_t)(iv->tile->first + c0);
+        kern->pack_k(Kp, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+        kern->pack_k(Vt, iv->vbase, a->v->stride[1], keys, first, (int)n, (int)D);
+        kern->pack_v(Kr, (int)ld, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
         if (a->bias && !w->per_row_bias)
-            for (int64_t hh = 0; hh < iv.nh; hh++)
-                dma_gather_key_bias(a, it, &iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
+            for (int64_t hh = 0; hh < iv->nh; hh++)
+                dma_gather_key_bias(a, it, iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
         /* Each block of mr rows (blocks run across head boundaries, as in the forward) covers
          * the columns [ca, cb) of the chunk; its rows of P and dS are zero outside them, since
          * accum_tn reads whole columns. */
@@ -307,7 +303,7 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
         for (int64_t b = 0; b < nblocks; b++) {
             const int64_t row0 = b * mr, m = dma_min64(mr, M - row0);
             int64_t ca = 0, cb = 0;
-            if (!dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb))
+            if (!dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb))
                 ca = cb = 0;
             blk_ca[b] = ca;
             blk_cb[b] = cb;
@@ -347,20 +343,20 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
                 const float *brow = NULL;
                 if (w->per_row_bias) {
                     brow = bias_buf;
-                    dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n, bias_buf);
+                    dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
                 } else if (a->bias) {
                     brow = bias_buf + hh * DMA_CHUNK + ca;
                 }
                 float *dx_sum = NULL;
                 if (w->dbias) {
-                    int64_t hbi = bias_head(w, iv.h0 + hh) - hb0;
+                    int64_t hbi = bias_head(w, iv->h0 + hh) - hb0;
                     dx_sum = g->dbias + (w->per_row_bias ? hbi * nrows + i : hbi) *
                                             g->count_pad + c0 + ca;
                 }
                 int lo, hi;
-                dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
+                dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
                 kern->grad_row(P + (row0 + r) * PS_LD + ca, dS + (row0 + r) * PS_LD + ca,
-                               (int)(cb - ca), brow, dma_row_bits(a, &iv, i), (int)(c0 + ca),
+                               (int)(cb - ca), brow, dma_row_bits(a, iv, i), (int)(c0 + ca),
                                lo, hi, a->softcap, row_lse[row0 + r], row_delta[row0 + r],
                                dx_sum);
             }
@@ -393,15 +389,15 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x, ite
         /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.
          * Once it has come, each chunk is added as soon as it is done, while in cache. */
         if (direct || (direct = my_turn(plan, x)))
-            reduce_range(w, it, &iv, g, c0, c0 + n);
+            reduce_range(w, it, iv, g, c0, c0 + n);
         else
             deferred = c0 + n;
     }
 
-    for (int64_t hh = 0; hh < iv.nh; hh++)
+    for (int64_t hh = 0; hh < iv->nh; hh++)
         for (int64_t i = 0; i < nrows; i++) {
-            float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv.r0 + i) * w->dq->stride[1] +
-                         (iv.h0 + hh) * w->dq->stride[2];
+            float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv->r0 + i) * w->dq->stride[1] +
+                         (iv->h0 + hh) * w->dq->stride[2];
             const float *src = dQ + (hh * nrows + i) * qld;
             for (int64_t d = 0; d < D; d++)
                 dst[d] = a->scale * src[d];
@@ -490,8 +486,10 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, nitems));
     int64_t grads_floats = 0;
     for (int64_t x = 0; x < nitems; x++) {
+        dma_item_view iv;
+        dma_item_view_init(&w.a, &items[x], &iv);
         item_grads g;
-        item_layout(&w, &items[x], &g);
+        item_layout(&w, &iv, &g);
         grads_floats = dma_max64(grads_floats, g.floats);
     }
     size_t per_thread = backward_scratch_floats(&w.a) + (size_t)grads_floats;
@@ -511,21 +509,20 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
             if (k >= nitems)
                 break;
             const int64_t x = item_to_take(&plan, k);
+            dma_item_view iv;
+            dma_item_view_init(&w.a, &items[x], &iv);
             item_grads g;
-            item_layout(&w, &items[x], &g);
+            item_layout(&w, &iv, &g);
             g.dk = mine;
             g.dv = g.dk + g.count_pad * w.a.ld;
             g.dbias = g.dv + g.count_pad * w.a.ld;
             memset(g.dbias, 0, sizeof(float) * (size_t)(g.floats - (g.dbias - g.dk)));
-            int64_t deferred = backward_item(&w, &plan, x, &g, panels);
+            int64_t deferred = backward_item(&w, &plan, x, &iv, &g, panels);
             /* A stream's items are taken in turn order, so its earlier items are already taken
              * and, each waiting only on earlier ones, certain to add: no deadlock. */
             wait_turn(&plan.done[plan.stream[x]], plan.turn[x]);
-            if (deferred > 0) {
-                dma_item_view iv;
-                dma_item_view_init(&w.a, &items[x], &iv);
+            if (deferred > 0)
                 reduce_range(&w, &items[x], &iv, &g, 0, deferred);
-            }
             end_turn(&plan, x);
         }
     }
