@@ -1,0 +1,140 @@
+/*
+ * x86_shared.h - the parts of the AVX2 and AVX-512 kernels that are the same code in both: the
+ * reading of a row's selection, 64 positions at a time, and the packing of K and V (256-bit
+ * loads, stores and transposes, which AVX-512 machines run as well). Included by
+ * simd/x86/avx2/kernels_avx2.c and simd/x86/avx512/kernels_avx512.c, each compiled with its own
+ * flags; everything here is static inline.
+ */
+#ifndef DMATTN_X86_SHARED_H
+#define DMATTN_X86_SHARED_H
+
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* ------------------------------------------------------------------------------------------ */
+/* Selection: positions c .. c+63 of a row, as one 64-bit word                                */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Bit j set iff lo <= c + j < hi. */
+INLINE uint64_t range_bits(int c, int lo, int hi)
+{
+    int a = lo - c, b = hi - c;
+    if (a < 0)
+        a = 0;
+    if (b > 64)
+        b = 64;
+    if (b <= a)
+        return 0;
+    uint64_t m = b - a == 64 ? ~(uint64_t)0 : ((uint64_t)1 << (b - a)) - 1;
+    return m << a;
+}
+
+/* Bit j set iff position c + j is selected. Reads only the words of `bits` that hold a bit of a
+ * position in [lo, hi), so it never reads past the row's last word. */
+INLINE uint64_t sel_bits(const uint64_t *bits, int bit0, int c, int lo, int hi)
+{
+    uint64_t r = range_bits(c, lo, hi);
+    if (!r || !bits)
+        return r;
+    int64_t b = (int64_t)bit0 + c;
+    int64_t first = b + __builtin_ctzll(r), last = b + 63 - __builtin_clzll(r);
+    int64_t w0 = b >> 6;
+    int sh = (int)(b & 63);
+    uint64_t win = (first >> 6) == w0 ? bits[w0] >> sh : 0;
+    if (sh && (last >> 6) > w0)
+        win |= bits[w0 + 1] << (64 - sh);
+    return win & r;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Packing                                                                                    */
+/* ------------------------------------------------------------------------------------------ */
+
+static const float zero_row[256]; /* D <= 256: the source of the zero keys past n */
+
+INLINE const float *key_row(const float *base, int64_t ld, const int32_t *keys, int32_t first,
+                            int c)
+{
+    return base + (int64_t)(keys ? keys[c] : first + c) * ld;
+}
+
+INLINE void transpose8(__m256 r[8])
+{
+    __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    r[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    r[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    r[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    r[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    r[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    r[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    r[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    r[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* Software prefetch of the D floats of a key row (the gathers of a sparse union defeat the
+ * hardware prefetcher). */
+INLINE void prefetch_row(const float *row, int D)
+{
+    for (int d = 0; d < D; d += 16)
+        _mm_prefetch((const char *)(row + d), _MM_HINT_T0);
+    _mm_prefetch((const char *)(row + D - 1), _MM_HINT_T0);
+}
+
+/* pack_k of lib/kernels.h for blocks of nr keys (a multiple of 8, at most 32), 8 keys at a time
+ * through a transpose of 8 x 8 floats. */
+INLINE void pack_k_blocks(float *kp, const float *base, int64_t ld, const int32_t *keys,
+                          int32_t first, int n, int D, const int nr)
+{
+    const float *src[32];
+    for (int c0 = 0; c0 < n; c0 += nr) {
+        float *blk = kp + (int64_t)c0 * D;
+        for (int j = 0; j < nr; j++)
+            src[j] = c0 + j < n ? key_row(base, ld, keys, first, c0 + j) : zero_row;
+        for (int j = nr; j < 2 * nr && c0 + j < n; j++)
+            prefetch_row(key_row(base, ld, keys, first, c0 + j), D);
+        for (int j0 = 0; j0 < nr; j0 += 8) {
+            const float *const *s8 = src + j0;
+            int d = 0;
+            for (; d + 8 <= D; d += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++)
+                    r[j] = _mm256_loadu_ps(s8[j] + d);
+                transpose8(r);
+                for (int j = 0; j < 8; j++)
+                    _mm256_storeu_ps(blk + (int64_t)(d + j) * nr + j0, r[j]);
+            }
+            for (; d < D; d++)
+                for (int j = 0; j < 8; j++)
+                    blk[(int64_t)d * nr + j0 + j] = s8[j][d];
+        }
+    }
+}
+
+/* pack_v of lib/kernels.h. */
+INLINE void pack_rows(float *vp, int ldv, const float *base, int64_t ld, const int32_t *keys,
+                      int32_t first, int n, int D)
+{
+    for (int c = 0; c < n; c++) {
+        if (c + 8 < n)
+            prefetch_row(key_row(base, ld, keys, first, c + 8), D);
+        float *dst = vp + (int64_t)c * ldv;
+        memcpy(dst, key_row(base, ld, keys, first, c), sizeof(float) * (size_t)D);
+        memset(dst + D, 0, sizeof(float) * (size_t)(ldv - D));
+    }
+}
+
+#endif /* DMATTN_X86_SHARED_H */
