@@ -128,6 +128,22 @@ int64_t ref_popcount(const uint8_t *p, int64_t n)
 /* Forward                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
+void ref_row_keys(const ref_fwd_args *a, int64_t b, int64_t h, int64_t i, uint8_t *use)
+{
+    const int64_t Lq = a->Lq, Lk = a->Lk;
+    for (int64_t j = 0; j < Lk; j++) {
+        int selected = 1;
+        if (a->sel != NULL) {
+            int64_t bs = (a->Bs == 1) ? 0 : b;
+            int64_t hs = h / (a->Hq / a->Hs);
+            selected = a->sel[((bs * a->Hs + hs) * Lq + i) * Lk + j] != 0;
+        }
+        if (a->causal && j > i + (Lk - Lq))
+            selected = 0;
+        use[j] = (uint8_t)selected;
+    }
+}
+
 void ref_forward(const ref_fwd_args *a, double *out, double *lse)
 {
     const int64_t B = a->B, Lq = a->Lq, Lk = a->Lk, Hq = a->Hq, Hkv = a->Hkv, D = a->D;
@@ -143,18 +159,7 @@ void ref_forward(const ref_fwd_args *a, double *out, double *lse)
                 double *oi = out + ((b * Lq + i) * Hq + h) * D;
                 double *li = lse + (b * Hq + h) * Lq + i;
 
-                /* which keys take part */
-                for (int64_t j = 0; j < Lk; j++) {
-                    int selected = 1;
-                    if (a->sel != NULL) {
-                        int64_t bs = (a->Bs == 1) ? 0 : b;
-                        int64_t hs = h / (Hq / a->Hs);
-                        selected = a->sel[((bs * a->Hs + hs) * Lq + i) * Lk + j] != 0;
-                    }
-                    if (a->causal && j > i + (Lk - Lq))
-                        selected = 0;
-                    use[j] = (uint8_t)selected;
-                }
+                ref_row_keys(a, b, h, i, use);
 
                 /* scores: scale * <q, k>, softcap, + bias */
                 double max = -INFINITY;

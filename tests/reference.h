@@ -57,4 +57,8 @@ typedef struct ref_fwd_args {
  *  lse = -inf. */
 void ref_forward(const ref_fwd_args *a, double *out, double *lse);
 
+/** Which keys query row i of batch b, head h attends to (the selection, then the causal rule):
+ *  use[j] = 1 or 0 for j < Lk. Shared by the forward and backward references. */
+void ref_row_keys(const ref_fwd_args *a, int64_t b, int64_t h, int64_t i, uint8_t *use);
+
 #endif /* DMATTN_TESTS_REFERENCE_H */

@@ -50,18 +50,7 @@ void ref_backward(const ref_fwd_args *a, const float *dout, const ref_bwd_out *o
                 const float *qi = a->q + row * D;
                 const float *gi = dout + row * D;
 
-                /* which keys take part: the selection, then the causal rule */
-                for (int64_t j = 0; j < Lk; j++) {
-                    int selected = 1;
-                    if (a->sel != NULL) {
-                        int64_t bs = (a->Bs == 1) ? 0 : b;
-                        int64_t hs = h / (Hq / a->Hs);
-                        selected = a->sel[((bs * a->Hs + hs) * Lq + i) * Lk + j] != 0;
-                    }
-                    if (a->causal && j > i + (Lk - Lq))
-                        selected = 0;
-                    use[j] = (uint8_t)selected;
-                }
+                ref_row_keys(a, b, h, i, use);
 
                 /* x_j = softcap(scale <q, k>) + bias */
                 double max = -INFINITY;
