@@ -129,8 +129,12 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
     iv->nh = dma_min64(DMA_HEADS_PER_ITEM, g - it->sub * DMA_HEADS_PER_ITEM);
     iv->hkv = iv->h0 / (a->Hq / a->Hkv);
     iv->slab = (sp->B == 1 ? 0 : it->b) * sp->H + iv->h0 / (a->Hq / sp->H);
-    iv->tile = &sp->tiles[iv->slab * sp->ntiles + it->tile];
-    iv->keys = iv->tile->key_off >= 0 ? sp->keys + iv->tile->key_off : NULL;
+    const dma_tile *tile = &sp->tiles[iv->slab * sp->ntiles + it->tile];
+    iv->keys = tile->key_off >= 0 ? sp->keys + tile->key_off : NULL;
+    iv->first = tile->first;
+    iv->count = tile->count;
+    iv->bits = tile->word_off >= 0 ? sp->words + tile->word_off : NULL;
+    iv->words_per_row = tile->words_per_row;
     iv->r0 = it->tile * DMA_TILE;
     iv->nrows = dma_min64(a->Lq, iv->r0 + DMA_TILE) - iv->r0;
     iv->M = iv->nh * iv->nrows;
@@ -140,7 +144,7 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
         int64_t row = iv->slab * sp->Lq + iv->r0 + i;
         int32_t lo = sp->row_lo[row], hi = sp->row_hi[row];
         if (a->causal) {
-            int32_t cut = dma_tile_cut(sp, iv->tile, iv->r0 + i + a->off);
+            int32_t cut = dma_tile_cut(sp, tile, iv->r0 + i + a->off);
             hi = hi < cut ? hi : cut;
         }
         iv->lo[i] = hi > lo ? lo : 0;
@@ -200,7 +204,7 @@ void dma_gather_key_bias(const dma_attn *a, const dma_item *it, const dma_item_v
     int64_t hb = bias_head(a, iv, hh);
     for (int64_t c = 0; c < n; c++)
         dst[c] = f32(a->bias)[dma_offset4(a->bias, it->b, hb, 0,
-                                          dma_tile_key(a->sp, iv->tile, (int32_t)(c0 + c)))];
+                                          dma_view_key(iv, c0 + c))];
     for (int64_t c = n; c < n_pad; c++)
         dst[c] = 0.0f;
 }
@@ -212,15 +216,13 @@ void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_v
     int64_t hb = bias_head(a, iv, hh);
     for (int64_t c = ca; c < cb; c++)
         dst[c - ca] = c < n ? f32(a->bias)[dma_offset4(a->bias, it->b, hb, iv->r0 + i,
-                                                       dma_tile_key(a->sp, iv->tile,
-                                                                    (int32_t)(c0 + c)))]
+                                                       dma_view_key(iv, c0 + c))]
                             : 0.0f;
 }
 
-const uint64_t *dma_row_bits(const dma_attn *a, const dma_item_view *iv, int64_t i)
+const uint64_t *dma_row_bits(const dma_item_view *iv, int64_t i)
 {
-    const dma_tile *t = iv->tile;
-    return t->word_off >= 0 ? a->sp->words + t->word_off + i * t->words_per_row : NULL;
+    return iv->bits ? iv->bits + i * iv->words_per_row : NULL;
 }
 
 void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,

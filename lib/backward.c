@@ -1,9 +1,11 @@
 /*
  * backward.c - attention backward over a sparsity object (DESIGN §3).
  *
- * Per work item (the forward's items) and chunk of the tile's union it recomputes P from the
- * saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the item's own),
- * and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's private buffers.
+ * A work item is one of the forward's items, or two consecutive tiles of the same heads over
+ * their merged union (see "Pairs" below). Per work item and chunk of its union it recomputes P
+ * from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the
+ * item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's
+ * private buffers.
  * Each thread keeps one item's private buffers. Items add them into dk, dv and dbias in turn:
  * turns follow item order within each stream of items that add into the same elements, so every
  * element is summed in the same order whatever the thread count (results are bitwise
@@ -34,6 +36,14 @@
 #define DB 32
 #define TN_ROWS 64
 
+/* Rows (heads x tile rows) of a work item at most, paired tiles included. */
+#define BWD_ROWS (DMA_HEADS_PER_ITEM * DMA_TILE)
+
+/* Rows whose P and dS a chunk holds at once (groups are balanced, so a group may have mr - 1
+ * more; P_ROWS leaves room): bounds those panels to 2 x 289 KiB. */
+#define GROUP_ROWS 256
+#define P_ROWS (GROUP_ROWS + 16)
+
 typedef struct bwd {
     dma_attn a;
     const dma_tensor *dout, *dq, *dk, *dv, *dbias;
@@ -51,21 +61,22 @@ typedef struct item_grads {
 
 static int64_t bias_head(const bwd *w, int64_t h) { return h / (w->a.Hq / w->dbias->shape[1]); }
 
-/* Sizes of the private buffers of the item whose view is iv. */
+/* Sizes of an item's private buffers. */
 static void item_layout(const bwd *w, const dma_item_view *iv, item_grads *g)
 {
-    g->count_pad = dma_div_up(iv->tile->count, DMA_CHUNK) * DMA_CHUNK;
+    g->count_pad = dma_div_up(iv->count, DMA_CHUNK) * DMA_CHUNK;
     g->nbh = w->dbias ? bias_head(w, iv->h0 + iv->nh - 1) - bias_head(w, iv->h0) + 1 : 0;
     int64_t rows = w->per_row_bias ? iv->nrows : 1;
     int64_t n = 2 * g->count_pad * w->a.ld + g->nbh * rows * g->count_pad;
     g->floats = (n + 15) / 16 * 16;
 }
 
+/* Floats of per-thread panels backward_item() uses. */
 static size_t backward_scratch_floats(const dma_attn *a)
 {
-    int64_t M = DMA_HEADS_PER_ITEM * DMA_TILE;
-    size_t n = (size_t)(3 * M * ROWS_LD(a) + 2 * DMA_CHUNK * a->ld + DMA_CHUNK * a->ld +
-                        2 * M * PS_LD + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * M + 64);
+    size_t n = (size_t)(3 * BWD_ROWS * ROWS_LD(a) + 3 * DMA_CHUNK * a->ld +
+                        2 * P_ROWS * PS_LD + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * BWD_ROWS +
+                        64);
     return (n + 15) / 16 * 16;
 }
 
@@ -81,7 +92,7 @@ static inline float *grad_row_of(const dma_tensor *t, int64_t b, int64_t key, in
 static inline __attribute__((always_inline)) void
 prefetch_rows(const bwd *w, const dma_item *it, const dma_item_view *iv, int64_t u)
 {
-    int64_t key = dma_tile_key(w->a.sp, iv->tile, (int32_t)u);
+    int64_t key = dma_view_key(iv, u);
     const char *pk = (const char *)grad_row_of(w->dk, it->b, key, iv->hkv);
     const char *pv = (const char *)grad_row_of(w->dv, it->b, key, iv->hkv);
     for (int64_t byte = 0; byte < w->a.D * 4; byte += 64) {
@@ -110,7 +121,7 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
     for (int64_t u = u0; u < u1; u++) {
         if (u + REDUCE_AHEAD < u1)
             prefetch_rows(w, it, iv, u + REDUCE_AHEAD);
-        int64_t key = dma_tile_key(a->sp, iv->tile, (int32_t)u);
+        int64_t key = dma_view_key(iv, u);
         float *dk = grad_row_of(w->dk, it->b, key, iv->hkv);
         float *dv = grad_row_of(w->dv, it->b, key, iv->hkv);
         const float *gk = g->dk + u * a->ld, *gv = g->dv + u * a->ld;
@@ -130,70 +141,204 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
             for (int64_t u = u0; u < u1; u++)
                 if (src[u] != 0.0f)
                     f32(db)[dma_offset4(db, it->b, hb0 + hbi, iv->r0 + i,
-                                        dma_tile_key(a->sp, iv->tile, (int32_t)u))] += src[u];
+                                        dma_view_key(iv, u))] += src[u];
         }
 }
 
 /*
- * Streams and turns. Items whose private buffers add into the same elements of dk/dv (same batch
- * and kv head) form a stream, and add in natural item order: item x waits for its turn, i.e. for
- * the stream's previous item to have added. Every element therefore receives its contributions in
- * the same order whatever the thread count. A dbias that one item of another stream also adds
- * into (a bias broadcast over the batch, or over more than one kv head) makes one stream of all.
+ * Pairs. Two consecutive tiles of the same heads usually select nearly the same keys (a causal
+ * top-k union changes only by the keys that enter the top w within the tile), so one work item
+ * of both tiles over their merged union gathers K and V once for both and adds into dk/dv once:
+ * half the gathers and half the adds per row, for a few more products. Tiles t and t + 1 (t
+ * even) of the same heads are paired when both select through bitmasks, the pair's rows fit
+ * BWD_ROWS, and the merged union costs at most PAIR_GROWTH times the products of the two.
+ */
+#define PAIR_GROWTH 1.04
+
+/* Keys in the union of two views' unions (both sorted). */
+static int64_t merged_count(const dma_item_view *A, const dma_item_view *B)
+{
+    int64_t i = 0, j = 0, n = 0;
+    while (i < A->count && j < B->count) {
+        int32_t ka = dma_view_key(A, i), kb = dma_view_key(B, j);
+        i += ka <= kb;
+        j += kb <= ka;
+        n++;
+    }
+    return n + (A->count - i) + (B->count - j);
+}
+
+/* dst bits [d, d + len) |= src bits [s, s + len) (src NULL: all ones). */
+static void or_bits(uint64_t *dst, int64_t d, const uint64_t *src, int64_t s, int64_t len)
+{
+    while (len > 0) {
+        int64_t take = dma_min64(len, dma_min64(64 - (s & 63), 64 - (d & 63)));
+        uint64_t mask = take == 64 ? ~(uint64_t)0 : ((uint64_t)1 << take) - 1;
+        uint64_t chunk = src ? (src[s >> 6] >> (s & 63)) & mask : mask;
+        dst[d >> 6] |= chunk << (d & 63);
+        s += take;
+        d += take;
+        len -= take;
+    }
+}
+
+/* Mark row `row` of `out` with the positions tile view T's row i selects, mapped by `map` (which
+ * is increasing: it is copied run by run where consecutive positions stay consecutive). */
+static void merge_row(const dma_item_view *T, int64_t i, const int32_t *map, dma_item_view *out,
+                      int64_t row)
+{
+    uint64_t *dst = (uint64_t *)out->bits + row * out->words_per_row;
+    const uint64_t *src = dma_row_bits(T, i);
+    for (int64_t p = T->lo[i]; p < T->hi[i];) {
+        int64_t end = p + 1;
+        while (end < T->hi[i] && map[end] == map[end - 1] + 1)
+            end++;
+        or_bits(dst, map[p], src, p, end - p);
+        p = end;
+    }
+    /* The row's bounds: its first and last set bit. */
+    int64_t lo = -1, hi = -1;
+    for (int64_t k = 0; k < out->words_per_row; k++)
+        if (dst[k]) {
+            if (lo < 0)
+                lo = k * 64 + __builtin_ctzll(dst[k]);
+            hi = k * 64 + 63 - __builtin_clzll(dst[k]) + 1;
+        }
+    out->lo[row] = lo >= 0 ? (int32_t)lo : 0;
+    out->hi[row] = lo >= 0 ? (int32_t)hi : 0;
+}
+
+/* The view of tiles A and B together: rows of A then of B, over their merged union. `keys` holds
+ * 2 * (A.count + B.count) ints, `bits` (A.nrows + B.nrows) * words of the merged union. */
+static void merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
+                        int32_t *keys, uint64_t *bits)
+{
+    int32_t *map_a = keys + A->count + B->count, *map_b = map_a + A->count;
+    int64_t i = 0, j = 0, n = 0;
+    while (i < A->count || j < B->count) {
+        int32_t ka = i < A->count ? dma_view_key(A, i) : INT32_MAX;
+        int32_t kb = j < B->count ? dma_view_key(B, j) : INT32_MAX;
+        if (ka <= kb)
+            map_a[i++] = (int32_t)n;
+        if (kb <= ka)
+            map_b[j++] = (int32_t)n;
+        keys[n++] = ka < kb ? ka : kb;
+    }
+    *out = *A;
+    out->nrows = A->nrows + B->nrows;
+    out->M = A->nh * out->nrows;
+    out->keys = keys;
+    out->first = 0;
+    out->count = (int32_t)n;
+    out->words_per_row = dma_div_up(n, 64);
+    out->bits = bits;
+    memset(bits, 0, sizeof(uint64_t) * (size_t)(out->nrows * out->words_per_row));
+    for (int64_t r = 0; r < A->nrows; r++)
+        merge_row(A, r, map_a, out, r);
+    for (int64_t r = 0; r < B->nrows; r++)
+        merge_row(B, r, map_b, out, A->nrows + r);
+}
+
+/*
+ * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
+ * same elements of dk/dv (same batch and kv head) form a stream, and add in natural order: an
+ * item waits for its turn, i.e. for the stream's previous item to have added. Every element
+ * therefore receives its contributions in the same order whatever the thread count. A dbias
+ * that an item of another stream also adds into (a bias broadcast over the batch, or over more
+ * than one kv head) makes one stream of all.
  */
 typedef struct turn_plan {
-    int64_t *by_stream;       /* the items grouped by stream, each stream's in turn order */
-    int64_t *first;           /* [stream + 1]: where each stream starts in by_stream */
-    int64_t *stream;          /* [item] */
-    int64_t *turn;            /* [item] rank within its stream */
-    _Atomic int64_t *done;    /* [stream] items of the stream that have added */
+    int64_t nspans;
+    int64_t *span_item;       /* [span] its first item; a pair's second is the next item */
+    int8_t *span_pair;        /* [span] 1 for a pair of tiles */
+    int64_t *span_count;      /* [span] keys in its union */
+    int64_t *order;           /* the spans in the order threads take them */
+    int64_t *stream;          /* [span] */
+    int64_t *turn;            /* [span] rank within its stream */
+    _Atomic int64_t *done;    /* [stream] spans of the stream that have added */
     int64_t nstreams;
 } turn_plan;
 
 static void plan_free(turn_plan *p)
 {
-    free(p->by_stream);
-    free(p->first);
+    free(p->span_item);
+    free(p->span_pair);
+    free(p->span_count);
+    free(p->order);
     free(p->stream);
     free(p->turn);
     free((void *)p->done);
 }
 
-static bool plan_turns(const bwd *w, const dma_item *items, int64_t nitems, turn_plan *p)
+/* Whether items x and x + 1 are tiles t, t + 1 (t even) of the same heads and worth pairing. */
+static bool pair_up(const bwd *w, int64_t x, int64_t nitems, int64_t *count)
+{
+    if (x + 1 >= nitems)
+        return false;
+    const dma_item *p = &w->items[x], *q = &w->items[x + 1];
+    if (p->tile % 2 || q->tile != p->tile + 1 || q->b != p->b || q->group != p->group ||
+        q->sub != p->sub)
+        return false;
+    dma_item_view A, B;
+    dma_item_view_init(&w->a, p, &A);
+    dma_item_view_init(&w->a, q, &B);
+    if (!A.bits || !B.bits || A.nh * (A.nrows + B.nrows) > BWD_ROWS)
+        return false;
+    *count = merged_count(&A, &B);
+    return (double)*count * (double)(A.nrows + B.nrows) <=
+           PAIR_GROWTH * (double)(A.count * A.nrows + B.count * B.nrows);
+}
+
+static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
 {
     const dma_attn *a = &w->a;
     bool one_stream = w->dbias && ((w->dbias->shape[0] == 1 && a->B > 1) ||
                                    w->dbias->shape[1] < a->Hkv);
     p->nstreams = one_stream ? 1 : a->B * a->Hkv;
-    p->by_stream = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
-    p->first = calloc((size_t)p->nstreams + 1, sizeof(int64_t));
-    p->stream = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
-    p->turn = malloc(sizeof(int64_t) * (size_t)(nitems + 1));
+    size_t n = (size_t)nitems + 1;
+    p->span_item = malloc(sizeof(int64_t) * n);
+    p->span_pair = malloc(sizeof(int8_t) * n);
+    p->span_count = malloc(sizeof(int64_t) * n);
+    p->order = malloc(sizeof(int64_t) * n);
+    p->stream = malloc(sizeof(int64_t) * n);
+    p->turn = malloc(sizeof(int64_t) * n);
     p->done = calloc((size_t)p->nstreams, sizeof(_Atomic int64_t));
-    if (!p->by_stream || !p->first || !p->stream || !p->turn || !p->done)
+    int64_t *count = calloc((size_t)p->nstreams, sizeof(int64_t));
+    if (!p->span_item || !p->span_pair || !p->span_count || !p->order || !p->stream ||
+        !p->turn || !p->done || !count) {
+        free(count);
         return false;
-    /* Items are in natural order, so each stream's items come in turn order. */
+    }
+    /* Items are in natural order, so each stream's spans come in turn order. */
+    p->nspans = 0;
+    int64_t longest = 0;
     for (int64_t x = 0; x < nitems; x++) {
         dma_item_view iv;
-        dma_item_view_init(a, &items[x], &iv);
-        int64_t s = one_stream ? 0 : items[x].b * a->Hkv + iv.hkv;
-        p->stream[x] = s;
-        p->turn[x] = p->first[s + 1]++;
+        dma_item_view_init(a, &w->items[x], &iv);
+        int64_t sx = p->nspans++, merged = 0;
+        p->span_item[sx] = x;
+        p->span_pair[sx] = pair_up(w, x, nitems, &merged);
+        p->span_count[sx] = p->span_pair[sx] ? merged : iv.count;
+        int64_t s = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
+        p->stream[sx] = s;
+        p->turn[sx] = count[s]++;
+        longest = dma_max64(longest, count[s]);
+        x += p->span_pair[sx];
     }
-    for (int64_t s = 0; s < p->nstreams; s++)
-        p->first[s + 1] += p->first[s];
-    for (int64_t x = 0; x < nitems; x++)
-        p->by_stream[p->first[p->stream[x]] + p->turn[x]] = x;
+    free(count);
+    /* Take spans turn by turn across the streams (a counting sort on the turn), so that threads
+     * working at the same time mostly belong to different streams and rarely wait. */
+    int64_t *start = calloc((size_t)longest + 1, sizeof(int64_t));
+    if (!start)
+        return false;
+    for (int64_t sx = 0; sx < p->nspans; sx++)
+        start[p->turn[sx] + 1]++;
+    for (int64_t t = 0; t < longest; t++)
+        start[t + 1] += start[t];
+    for (int64_t sx = 0; sx < p->nspans; sx++)
+        p->order[start[p->turn[sx]]++] = sx;
+    free(start);
     return true;
-}
-
-/* The k-th item threads take: turn by turn across the streams (every stream has as many items),
- * so that threads working at the same time mostly belong to different streams and rarely
- * wait for each other. */
-static int64_t item_to_take(const turn_plan *p, int64_t k)
-{
-    int64_t s = k % p->nstreams, t = k / p->nstreams;
-    return p->by_stream[p->first[s] + t];
 }
 
 static void cpu_relax(void)
@@ -229,30 +374,32 @@ static void end_turn(const turn_plan *p, int64_t x)
     atomic_store_explicit(&p->done[p->stream[x]], p->turn[x] + 1, memory_order_release);
 }
 
-/* Item x's gradients. Each chunk's private dk/dv rows are added into dk/dv as soon as the
- * chunk is done (while they are still in cache) once the item's turn has come; returns the end
- * of the positions [0, end) left for the caller to add once it has waited for its turn. */
+/* Item x's gradients over the view `iv` (one tile, or a pair merged). Each chunk's private
+ * dk/dv rows are added into dk/dv as soon as the chunk is done (while they are still in cache)
+ * once the item's turn has come; returns the end of the positions [0, end) left for the caller
+ * to add once it has waited for its turn. */
 static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
-                             const dma_item_view *iv, item_grads *g, float *scratch)
+                             const dma_item_view *view, item_grads *g, float *scratch)
 {
-    const dma_item *it = &w->items[x];
+    const dma_item *it = &w->items[plan->span_item[x]];
     const dma_attn *a = &w->a;
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, qld = ROWS_LD(a), mr = kern->mr, nr = kern->nr;
+    const dma_item_view *iv = view;
     const int64_t M = iv->M, nrows = iv->nrows;
 
     float *Q = scratch;                     /* [M][qld] scaled queries */
-    float *dO = Q + M * qld;                /* [M][qld] */
-    float *dQ = dO + M * qld;               /* [M][qld] accumulates dS K */
-    float *Kp = dQ + M * qld;               /* [DMA_CHUNK][D] K^T packed */
+    float *dO = Q + BWD_ROWS * qld;         /* [M][qld] */
+    float *dQ = dO + BWD_ROWS * qld;        /* [M][qld] accumulates dS K */
+    float *Kp = dQ + BWD_ROWS * qld;        /* [DMA_CHUNK][D] K^T packed */
     float *Vt = Kp + DMA_CHUNK * ld;        /* [DMA_CHUNK][D] V^T packed */
     float *Kr = Vt + DMA_CHUNK * ld;        /* [DMA_CHUNK][ld] K rows */
-    float *P = Kr + DMA_CHUNK * ld;         /* [M][PS_LD] */
-    float *dS = P + M * PS_LD;              /* [M][PS_LD] */
-    float *bias_buf = dS + M * PS_LD;       /* [heads][DMA_CHUNK] */
+    float *P = Kr + DMA_CHUNK * ld;         /* [P_ROWS][PS_LD], a group of rows at a time */
+    float *dS = P + P_ROWS * PS_LD;         /* [P_ROWS][PS_LD] */
+    float *bias_buf = dS + P_ROWS * PS_LD;  /* [heads][DMA_CHUNK] */
     float *row_lse = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
-    float *row_delta = row_lse + M;
-    float *ones = row_delta + M;            /* [mr] */
+    float *row_delta = row_lse + BWD_ROWS;
+    float *ones = row_delta + BWD_ROWS;     /* [mr] */
 
     dma_item_load_rows(a, it, iv, a->q, a->scale, Q, qld);
     dma_item_load_rows(a, it, iv, w->dout, 1.0f, dO, qld);
@@ -273,13 +420,16 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             row_delta[r] = delta;
         }
     const int64_t hb0 = w->dbias ? bias_head(w, iv->h0) : 0;
+    /* Blocks of mr rows run across head boundaries, as in the forward; groups of them (as many
+     * as the rows need for groups of about GROUP_ROWS, balanced) share the P and dS panels. */
     const int64_t nblocks = dma_div_up(M, mr);
+    const int64_t group_blocks = dma_div_up(nblocks, dma_div_up(M, GROUP_ROWS)); /* balanced */
     int64_t deferred = 0; /* positions [0, deferred) are left to the caller */
     bool direct = false;   /* the turn has come: chunks are added here */
-    int64_t blk_ca[DMA_HEADS_PER_ITEM * DMA_TILE], blk_cb[DMA_HEADS_PER_ITEM * DMA_TILE];
+    int64_t blk_ca[BWD_ROWS], blk_cb[BWD_ROWS];
 
-    for (int64_t c0 = 0; c0 < iv->tile->count; c0 += DMA_CHUNK) {
-        const int64_t n = dma_min64(DMA_CHUNK, iv->tile->count - c0);
+    for (int64_t c0 = 0; c0 < iv->count; c0 += DMA_CHUNK) {
+        const int64_t n = dma_min64(DMA_CHUNK, iv->count - c0);
         const int64_t n_pad = dma_div_up(n, nr) * nr;
         if (!dma_chunk_active(iv, c0, n)) {
             if (!direct) { /* zeros: added with the rest */
@@ -289,102 +439,114 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             continue;
         }
         const int32_t *keys = iv->keys ? iv->keys + c0 : NULL;
-        const int32_t first = (int32_t)(iv->tile->first + c0);
+        const int32_t first = (int32_t)(iv->first + c0);
         kern->pack_k(Kp, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
         kern->pack_k(Vt, iv->vbase, a->v->stride[1], keys, first, (int)n, (int)D);
         kern->pack_v(Kr, (int)ld, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
         if (a->bias && !w->per_row_bias)
             for (int64_t hh = 0; hh < iv->nh; hh++)
                 dma_gather_key_bias(a, it, iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
-        /* Each block of mr rows (blocks run across head boundaries, as in the forward) covers
-         * the columns [ca, cb) of the chunk; its rows of P and dS are zero outside them, since
-         * accum_tn reads whole columns. */
+        /* The columns [ca, cb) of the chunk each block covers; a block's rows of P and dS are
+         * zero outside them, since accum_tn reads whole columns. */
         int64_t used_lo = n_pad, used_hi = 0; /* columns any block covers */
         for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t row0 = b * mr, m = dma_min64(mr, M - row0);
             int64_t ca = 0, cb = 0;
-            if (!dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb))
+            if (!dma_block_cols(iv, b * mr, dma_min64(mr, M - b * mr), c0, n, nr, &ca, &cb))
                 ca = cb = 0;
             blk_ca[b] = ca;
             blk_cb[b] = cb;
-            for (int64_t r = 0; r < m; r++) {
-                float *pr = P + (row0 + r) * PS_LD, *dr = dS + (row0 + r) * PS_LD;
-                memset(pr, 0, sizeof(float) * (size_t)ca);
-                memset(dr, 0, sizeof(float) * (size_t)ca);
-                memset(pr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
-                memset(dr + cb, 0, sizeof(float) * (size_t)(n_pad - cb));
-            }
             if (cb > ca) {
                 used_lo = ca < used_lo ? ca : used_lo;
                 used_hi = cb > used_hi ? cb : used_hi;
             }
         }
-        /* The loops below run over the operand that stays in L1 on the outside: one packed
-         * panel of nr keys (scores) or one column block of K rows, Q or dout (accum_pv,
-         * accum_tn), while the rows of the other operand stream past it. */
-        /* S = Q K^T and dP = dout V^T, one panel of nr keys at a time. */
-        for (int pass = 0; pass < 2; pass++) {
-            float *dst = pass ? dS : P;
-            const float *rows = pass ? dO : Q, *panel = pass ? Vt : Kp;
-            for (int64_t c = used_lo; c < used_hi; c += nr)
-                for (int64_t b = 0; b < nblocks; b++)
-                    if (blk_ca[b] <= c && c < blk_cb[b])
-                        kern->scores(dst + b * mr * PS_LD + c, PS_LD, rows + b * mr * qld,
-                                     (int)qld, (int)dma_min64(mr, M - b * mr), panel + c * D,
-                                     (int)nr, (int)D);
-        }
-        /* P and dS, row by row. */
-        for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t row0 = b * mr, m = dma_min64(mr, M - row0), ca = blk_ca[b], cb = blk_cb[b];
-            if (cb <= ca)
-                continue;
-            for (int64_t r = 0; r < m; r++) {
-                const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
-                const float *brow = NULL;
-                if (w->per_row_bias) {
-                    brow = bias_buf;
-                    dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
-                } else if (a->bias) {
-                    brow = bias_buf + hh * DMA_CHUNK + ca;
-                }
-                float *dx_sum = NULL;
-                if (w->dbias) {
-                    int64_t hbi = bias_head(w, iv->h0 + hh) - hb0;
-                    dx_sum = g->dbias + (w->per_row_bias ? hbi * nrows + i : hbi) *
-                                            g->count_pad + c0 + ca;
-                }
-                int lo, hi;
-                dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
-                kern->grad_row(P + (row0 + r) * PS_LD + ca, dS + (row0 + r) * PS_LD + ca,
-                               (int)(cb - ca), brow, dma_row_bits(a, iv, i), (int)(c0 + ca),
-                               lo, hi, a->softcap, row_lse[row0 + r], row_delta[row0 + r],
-                               dx_sum);
-            }
-        }
-        /* dQ += dS K. dS is zero past n, and K rows past n were never packed: stop at n. */
-        for (int64_t b = 0; b < nblocks; b++) {
-            const int64_t ca = blk_ca[b], cb = dma_min64(blk_cb[b], n);
-            if (cb > ca)
-                kern->accum_pv(dQ + b * mr * qld, (int)qld, ones, dS + b * mr * PS_LD + ca, PS_LD,
-                               (int)dma_min64(mr, M - b * mr), Kr + ca * ld, (int)ld,
-                               (int)(cb - ca), (int)D);
-        }
-        /* dK[U] = dS^T Q and dV[U] = P^T dout, mr keys at a time, over blocks of DB columns
-         * and TN_ROWS rows of Q (or dout): that block stays in L1 while the keys run past it.
-         * The first block of rows overwrites the private rows, the others add; rows no block
-         * covers are zeroed. */
+        /* Private rows no block covers stay zero; accum_tn writes the others. */
         zero_rows(g, c0, c0 + used_lo, ld);
         zero_rows(g, c0 + used_hi, c0 + n_pad, ld);
-        for (int pass = 0; pass < 2; pass++) {
-            float *dst = pass ? g->dv : g->dk;
-            const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
-            for (int64_t d0 = 0; d0 < ld; d0 += DB)
-                for (int64_t r0 = 0; r0 < M; r0 += TN_ROWS)
-                    for (int64_t c = used_lo; c < used_hi; c += mr)
-                        kern->accum_tn(dst + (c0 + c) * ld + d0, (int)ld, weights + r0 * PS_LD + c,
-                                       PS_LD, (int)dma_min64(mr, used_hi - c), rows + r0 * qld + d0,
-                                       (int)qld, (int)dma_min64(TN_ROWS, M - r0),
-                                       (int)dma_min64(DB, ld - d0), r0 == 0);
+
+        for (int64_t b0 = 0; b0 < nblocks; b0 += group_blocks) {
+            const int64_t b1 = dma_min64(nblocks, b0 + group_blocks);
+            const int64_t g0 = b0 * mr, g1 = dma_min64(M, b1 * mr); /* the group's rows */
+            for (int64_t b = b0; b < b1; b++) {
+                const int64_t row0 = b * mr - g0, m = dma_min64(mr, M - b * mr);
+                for (int64_t r = 0; r < m; r++) {
+                    float *pr = P + (row0 + r) * PS_LD, *dr = dS + (row0 + r) * PS_LD;
+                    memset(pr, 0, sizeof(float) * (size_t)blk_ca[b]);
+                    memset(dr, 0, sizeof(float) * (size_t)blk_ca[b]);
+                    memset(pr + blk_cb[b], 0, sizeof(float) * (size_t)(n_pad - blk_cb[b]));
+                    memset(dr + blk_cb[b], 0, sizeof(float) * (size_t)(n_pad - blk_cb[b]));
+                }
+            }
+            /* The loops below run over the operand that stays in L1 on the outside: one packed
+             * panel of nr keys (scores) or one block of Q or dout (accum_tn), while the rows of
+             * the other operand stream past it. */
+            /* S = Q K^T and dP = dout V^T, one panel of nr keys at a time. */
+            for (int pass = 0; pass < 2; pass++) {
+                float *dst = pass ? dS : P;
+                const float *rows = pass ? dO : Q, *panel = pass ? Vt : Kp;
+                for (int64_t c = used_lo; c < used_hi; c += nr)
+                    for (int64_t b = b0; b < b1; b++)
+                        if (blk_ca[b] <= c && c < blk_cb[b])
+                            kern->scores(dst + (b * mr - g0) * PS_LD + c, PS_LD,
+                                         rows + b * mr * qld, (int)qld,
+                                         (int)dma_min64(mr, M - b * mr), panel + c * D, (int)nr,
+                                         (int)D);
+            }
+            /* P and dS, row by row. */
+            for (int64_t b = b0; b < b1; b++) {
+                const int64_t row0 = b * mr, m = dma_min64(mr, M - row0);
+                const int64_t ca = blk_ca[b], cb = blk_cb[b];
+                if (cb <= ca)
+                    continue;
+                for (int64_t r = 0; r < m; r++) {
+                    const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
+                    const float *brow = NULL;
+                    if (w->per_row_bias) {
+                        brow = bias_buf;
+                        dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
+                    } else if (a->bias) {
+                        brow = bias_buf + hh * DMA_CHUNK + ca;
+                    }
+                    float *dx_sum = NULL;
+                    if (w->dbias) {
+                        int64_t hbi = bias_head(w, iv->h0 + hh) - hb0;
+                        dx_sum = g->dbias + (w->per_row_bias ? hbi * nrows + i : hbi) *
+                                                g->count_pad + c0 + ca;
+                    }
+                    int lo, hi;
+                    dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
+                    float *prow = P + (row0 - g0 + r) * PS_LD + ca;
+                    float *dsrow = dS + (row0 - g0 + r) * PS_LD + ca;
+                    kern->grad_row(prow, dsrow, (int)(cb - ca), brow, dma_row_bits(iv, i),
+                                   (int)(c0 + ca), lo, hi, a->softcap, row_lse[row0 + r],
+                                   row_delta[row0 + r], dx_sum);
+                }
+            }
+            /* dQ += dS K. dS is zero past n, and K rows past n were never packed: stop at n. */
+            for (int64_t b = b0; b < b1; b++) {
+                const int64_t ca = blk_ca[b], cb = dma_min64(blk_cb[b], n);
+                if (cb > ca)
+                    kern->accum_pv(dQ + b * mr * qld, (int)qld, ones,
+                                   dS + (b * mr - g0) * PS_LD + ca, PS_LD,
+                                   (int)dma_min64(mr, M - b * mr), Kr + ca * ld, (int)ld,
+                                   (int)(cb - ca), (int)D);
+            }
+            /* dK[U] (+)= dS^T Q and dV[U] (+)= P^T dout over the group's rows, mr keys at a
+             * time, over blocks of DB columns and TN_ROWS rows of Q (or dout): that block stays
+             * in L1 while the keys run past it. The chunk's first block of rows overwrites the
+             * private rows, the others add. */
+            for (int pass = 0; pass < 2; pass++) {
+                float *dst = pass ? g->dv : g->dk;
+                const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
+                for (int64_t d0 = 0; d0 < ld; d0 += DB)
+                    for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS)
+                        for (int64_t c = used_lo; c < used_hi; c += mr)
+                            kern->accum_tn(dst + (c0 + c) * ld + d0, (int)ld,
+                                           weights + (r0 - g0) * PS_LD + c, PS_LD,
+                                           (int)dma_min64(mr, used_hi - c), rows + r0 * qld + d0,
+                                           (int)qld, (int)dma_min64(TN_ROWS, g1 - r0),
+                                           (int)dma_min64(DB, ld - d0), r0 == 0);
+            }
         }
         /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.
          * Once it has come, each chunk is added as soon as it is done, while in cache. */
@@ -478,21 +640,33 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         zero_grads(&w);
         goto done;
     }
-    if (!plan_turns(&w, items, nitems, &plan)) {
+    if (!plan_turns(&w, nitems, &plan)) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }
-    /* Per thread: the panels, then the private buffers of the largest item. */
-    int threads = (int)dma_max64(1, dma_min64(ctx->threads, nitems));
-    int64_t grads_floats = 0;
+    /* Per thread: the panels, room to merge two tiles' views, then the private buffers of the
+     * largest work item. */
+    int threads = (int)dma_max64(1, dma_min64(ctx->threads, plan.nspans));
+    int64_t grads_floats = 0, tile_keys = 0; /* tile_keys: the largest union of any tile */
     for (int64_t x = 0; x < nitems; x++) {
         dma_item_view iv;
         dma_item_view_init(&w.a, &items[x], &iv);
+        tile_keys = dma_max64(tile_keys, iv.count);
+    }
+    for (int64_t sx = 0; sx < plan.nspans; sx++) {
+        dma_item_view iv;
+        dma_item_view_init(&w.a, &items[plan.span_item[sx]], &iv);
+        iv.count = (int32_t)plan.span_count[sx];
+        iv.nrows *= 1 + plan.span_pair[sx];
         item_grads g;
         item_layout(&w, &iv, &g);
         grads_floats = dma_max64(grads_floats, g.floats);
     }
-    size_t per_thread = backward_scratch_floats(&w.a) + (size_t)grads_floats;
+    /* merge_views: 4 * tile_keys ints, DMA_VIEW_ROWS rows of (2 * tile_keys) bits */
+    const size_t merge_floats = (size_t)(4 * tile_keys) +
+                                (size_t)(2 * DMA_VIEW_ROWS * dma_div_up(2 * tile_keys, 64)) + 16;
+    const size_t panel_floats = backward_scratch_floats(&w.a);
+    size_t per_thread = (panel_floats + merge_floats + (size_t)grads_floats + 15) / 16 * 16;
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
     if (!scratch) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
@@ -503,27 +677,34 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
 #pragma omp parallel num_threads(threads)
     {
         float *panels = scratch + per_thread * (size_t)omp_get_thread_num();
-        float *mine = panels + backward_scratch_floats(&w.a);
+        int32_t *merge_keys = (int32_t *)(panels + panel_floats);
+        uint64_t *merge_bits = (uint64_t *)(panels + panel_floats + (4 * tile_keys + 1) / 2 * 2);
+        float *mine = panels + panel_floats + merge_floats;
         for (;;) {
             int64_t k = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed);
-            if (k >= nitems)
+            if (k >= plan.nspans)
                 break;
-            const int64_t x = item_to_take(&plan, k);
+            const int64_t sx = plan.order[k], x = plan.span_item[sx];
             dma_item_view iv;
             dma_item_view_init(&w.a, &items[x], &iv);
+            if (plan.span_pair[sx]) {
+                dma_item_view first = iv, second;
+                dma_item_view_init(&w.a, &items[x + 1], &second);
+                merge_views(&first, &second, &iv, merge_keys, merge_bits);
+            }
             item_grads g;
             item_layout(&w, &iv, &g);
             g.dk = mine;
             g.dv = g.dk + g.count_pad * w.a.ld;
             g.dbias = g.dv + g.count_pad * w.a.ld;
             memset(g.dbias, 0, sizeof(float) * (size_t)(g.floats - (g.dbias - g.dk)));
-            int64_t deferred = backward_item(&w, &plan, x, &iv, &g, panels);
-            /* A stream's items are taken in turn order, so its earlier items are already taken
+            int64_t deferred = backward_item(&w, &plan, sx, &iv, &g, panels);
+            /* A stream's spans are taken in turn order, so its earlier spans are already taken
              * and, each waiting only on earlier ones, certain to add: no deadlock. */
-            wait_turn(&plan.done[plan.stream[x]], plan.turn[x]);
+            wait_turn(&plan.done[plan.stream[sx]], plan.turn[sx]);
             if (deferred > 0)
                 reduce_range(&w, &items[x], &iv, &g, 0, deferred);
-            end_turn(&plan, x);
+            end_turn(&plan, sx);
         }
     }
 done:

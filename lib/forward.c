@@ -50,12 +50,12 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
         row_l[r] = 0.0f;
     }
 
-    for (int64_t c0 = 0; c0 < iv.tile->count; c0 += DMA_CHUNK) {
-        const int64_t n = dma_min64(DMA_CHUNK, iv.tile->count - c0);
+    for (int64_t c0 = 0; c0 < iv.count; c0 += DMA_CHUNK) {
+        const int64_t n = dma_min64(DMA_CHUNK, iv.count - c0);
         if (!dma_chunk_active(&iv, c0, n))
             continue;
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
-        const int32_t first = (int32_t)(iv.tile->first + c0);
+        const int32_t first = (int32_t)(iv.first + c0);
         kern->pack_k(Kp, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
         kern->pack_v(Vp, (int)ld, iv.vbase, a->v->stride[1], keys, first, (int)n, (int)D);
         if (a->bias && !per_row_bias)
@@ -83,7 +83,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                 int lo, hi;
                 dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
                 alpha[r] = kern->softmax_row(S + r * DMA_CHUNK, (int)(cb - ca), brow,
-                                             dma_row_bits(a, &iv, i), (int)(c0 + ca), lo, hi,
+                                             dma_row_bits(&iv, i), (int)(c0 + ca), lo, hi,
                                              a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
             }
             /* P is zero past n, and V rows past n were never packed: stop at n. */

@@ -133,14 +133,25 @@ typedef struct dma_item {
     int64_t b, group, sub, tile, work;
 } dma_item;
 
+/* Rows a view can hold: the backward merges two tiles into one view (lib/backward.c). */
+#define DMA_VIEW_ROWS (2 * DMA_TILE)
+
 /* What a work item reads: its heads, rows, union and each row's selected positions. */
 typedef struct dma_item_view {
     int64_t h0, nh, hkv, r0, nrows, M, slab;
-    const dma_tile *tile;
     const int32_t *keys;        /* the union's keys, or NULL for a contiguous union */
+    int32_t first, count;       /* the union: keys[0 .. count), or first .. first + count - 1 */
+    const uint64_t *bits;       /* row i's bitmask at bits + i * words_per_row, or NULL */
+    int64_t words_per_row;
     const float *kbase, *vbase; /* K and V of (b, hkv): key c at base + key * stride[1] */
-    int32_t lo[DMA_TILE], hi[DMA_TILE]; /* row i selects positions within [lo, hi) */
+    int32_t lo[DMA_VIEW_ROWS], hi[DMA_VIEW_ROWS]; /* row i selects positions within [lo, hi) */
 } dma_item_view;
+
+/* Key of union position `pos` of a view. */
+static inline int32_t dma_view_key(const dma_item_view *iv, int64_t pos)
+{
+    return iv->keys ? iv->keys[pos] : iv->first + (int32_t)pos;
+}
 
 /* Validate the arguments the forward and backward share and fill `a` (no sparsity is made yet).
  * `out_name` names the tensor checked against q's shape ("out"). */
@@ -182,7 +193,7 @@ void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_v
                          float *dst);
 
 /* Row i's bitmask (or NULL) and its selected span within the block columns c0 + [ca, cb). */
-const uint64_t *dma_row_bits(const dma_attn *a, const dma_item_view *iv, int64_t i);
+const uint64_t *dma_row_bits(const dma_item_view *iv, int64_t i);
 void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,
                   int *lo, int *hi);
 

@@ -78,6 +78,8 @@ typedef struct bwd_case {
     int strided;     /* every tensor with padded rows; the gaps of outputs must stay untouched */
     int params_null; /* params = NULL (scale, softcap, causal must be 0) */
     int dyadic;      /* q, k, v, biases are multiples of 1/256 (finite differences) */
+    int decaying;    /* SEL_TOPK: the builder's bias falls with the key, with a few late risers,
+                        so that consecutive tiles select nearly the same keys */
     uint64_t seed;
 } bwd_case;
 
@@ -88,15 +90,16 @@ static const char *describe(const bwd_case *c)
     snprintf(buf, sizeof buf,
              "{B=%lld Lq=%lld Lk=%lld Hq=%lld Hkv=%lld D=%lld causal=%d scale=%g softcap=%g "
              "bias=(%lld,%lld,%lld) bias_is_mbias=%d neginf=%d no_dbias=%d sel=%s Bs=%lld "
-             "Hs=%lld mask_causal=%d window=%lld mbias=(%lld,%lld,%lld) Bp=%lld density=%.2f "
+             "Hs=%lld mask_causal=%d window=%lld mbias=(%lld,%lld,%lld) decaying=%d Bp=%lld "
+             "density=%.2f "
              "strided=%d params_null=%d seed=%llu}",
              (long long)c->B, (long long)c->Lq, (long long)c->Lk, (long long)c->Hq,
              (long long)c->Hkv, (long long)c->D, c->causal, (double)c->scale,
              (double)c->softcap, (long long)c->Bb, (long long)c->Hb, (long long)c->Lb,
              c->bias_is_mbias, c->bias_neginf, c->no_dbias, sel_names[c->sel],
              (long long)c->Bs, (long long)c->Hs, c->mask_causal, (long long)c->window,
-             (long long)c->mBb, (long long)c->mHb, (long long)c->mLb, (long long)c->Bp,
-             c->density, c->strided, c->params_null, (unsigned long long)c->seed);
+             (long long)c->mBb, (long long)c->mHb, (long long)c->mLb, c->decaying,
+             (long long)c->Bp, c->density, c->strided, c->params_null, (unsigned long long)c->seed);
     return buf;
 }
 
@@ -364,8 +367,10 @@ static void data_make(const bwd_case *c, bwd_data *f)
         int64_t nb = c->mBb * c->mHb * c->mLb * Lk;
         f->mbias = test_malloc((size_t)nb * sizeof(float));
         for (int64_t x = 0; x < nb; x++) /* ties (small integers) or distinct values */
-            f->mbias[x] = (!c->dyadic && (c->seed & 1)) ? (float)rng_int(&r, -1, 3)
-                                                        : random_value(&r, c, 2.0f);
+            f->mbias[x] = c->decaying ? -0.01f * (float)(x % Lk) +
+                                            (rng_bernoulli(&r, 0.03) ? 20.0f : 0.0f)
+                          : (!c->dyadic && (c->seed & 1)) ? (float)rng_int(&r, -1, 3)
+                                                          : random_value(&r, c, 2.0f);
         f->pad = test_malloc((size_t)(c->Bp * Lk));
         for (int64_t x = 0; x < c->Bp * Lk; x++)
             f->pad[x] = !rng_bernoulli(&r, 0.2);
@@ -784,6 +789,39 @@ START_TEST(large)
     bias_from_mbias(&cases[3]);
     cases[3].strided = 1;
     run_cases(cases, 4);
+}
+END_TEST
+
+START_TEST(paired_tiles)
+{
+    /* Causal top-k over a per-key bias that falls with the key, with a few late risers:
+     * consecutive tiles select nearly the same keys, so the backward pairs tiles t, t + 1 into
+     * one work item over their merged union (with these shapes most tiles pair). Covered: a
+     * partial last tile, unions of more than one chunk, GQA with two items per tile (Hq / Hkv >
+     * heads per item), softcap, a batch of two, and strided tensors. */
+    bwd_case cases[5];
+    test_rng r = rng_make(131);
+    cases[0] = plain_case(1, 600, 600, 4, 2, 32, rng_u64(&r));
+    set_topk(&r, &cases[0], 0, 128);
+    cases[1] = plain_case(2, 450, 520, 8, 2, 64, rng_u64(&r));
+    set_topk(&r, &cases[1], 0, 64);
+    cases[1].softcap = 5.0f;
+    cases[2] = plain_case(1, 520, 520, 16, 1, 24, rng_u64(&r));
+    set_topk(&r, &cases[2], 0, 96);
+    cases[3] = plain_case(1, 700, 700, 2, 1, 40, rng_u64(&r));
+    set_topk(&r, &cases[3], 0, 300);
+    cases[3].strided = 1;
+    cases[4] = plain_case(1, 333, 333, 4, 4, 16, rng_u64(&r));
+    set_topk(&r, &cases[4], 0, 40);
+    for (int i = 0; i < 5; i++) {
+        cases[i].causal = cases[i].mask_causal = 1;
+        cases[i].decaying = 1;
+        cases[i].Bs = cases[i].mBb = cases[i].B;
+        cases[i].Hs = cases[i].mHb = cases[i].Hkv;
+        cases[i].Bp = 0;
+        bias_from_mbias(&cases[i]);
+    }
+    run_cases(cases, 5);
 }
 END_TEST
 
@@ -1276,7 +1314,7 @@ START_TEST(deterministic)
 {
     /* one forward; backward with threads 1, 2, 3 and again 1 and 2, on every ISA: the gradients
      * must be bitwise identical (dk, dv, dbias sum over rows, heads and batches here) */
-    bwd_case cases[4];
+    bwd_case cases[5];
     test_rng r = rng_make(130);
     cases[0] = plain_case(2, 200, 200, 8, 2, 64, rng_u64(&r)); /* DMA: causal top-16 */
     cases[0].causal = 1;
@@ -1302,6 +1340,15 @@ START_TEST(deterministic)
     cases[3].mask_causal = 1;
     cases[3].Hs = cases[3].mHb = 2;
     bias_from_mbias(&cases[3]);
+    /* consecutive tiles with nearly the same keys: the backward pairs them into one work item
+     * over their merged union (rows of two tiles, bitmasks remapped) */
+    cases[4] = plain_case(1, 600, 600, 4, 2, 32, rng_u64(&r));
+    cases[4].causal = 1;
+    set_topk(&r, &cases[4], 0, 128);
+    cases[4].mask_causal = 1;
+    cases[4].decaying = 1;
+    cases[4].Hs = cases[4].mHb = 2;
+    bias_from_mbias(&cases[4]);
 
     static const dma_isa isas[] = {DMA_ISA_SCALAR, DMA_ISA_AVX2, DMA_ISA_AVX512, DMA_ISA_NEON};
     static const int threads[] = {1, 2, 3, 1, 2};
@@ -1317,7 +1364,7 @@ START_TEST(deterministic)
             ctx[t] = NULL;
             ck_assert_int_eq(dma_context_create(&opts, &ctx[t]), DMA_OK);
         }
-        for (int i = 0; i < 4; i++) {
+        for (int i = 0; i < 5; i++) {
             const bwd_case *c = &cases[i];
             bwd_data f;
             data_make(c, &f);
@@ -1689,6 +1736,7 @@ static Suite *backward_suite(void)
     tcase_add_test(tc, random_medium);
     tcase_add_test(tc, every_head_dim);
     tcase_add_test(tc, large);
+    tcase_add_test(tc, paired_tiles);
     tcase_add_test(tc, lq_differs_from_lk);
     tcase_add_test(tc, bias_broadcasts);
     tcase_add_test(tc, topk_windows);
