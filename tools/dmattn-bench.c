@@ -17,7 +17,9 @@
  * The backward (--backward): the dma forward and backward calls alternate (forward, backward,
  * forward, ...), so that the bwd/fwd ratio compares calls that saw the same machine: on a shared
  * machine whose speed drifts by 10-20% from second to second, two series timed one after the
- * other give a ratio that drifts as much. Op "backward" lines for impl dma and dense time
+ * other give a ratio that drifts as much. The dma backward line also gives the median of the
+ * per-round ratios (backward call / the forward call just before it), which drift between
+ * rounds does not move at all. Op "backward" lines for impl dma and dense time
  * dma_backward() on the out/lse their own forward produced (each impl has its own out and lse buffers), with a
  * random dout of a fixed seed; dq, dk, dv and dbias are allocated once per problem. dma uses the
  * bias and sparsity of its forward, causal=1, and asks for dbias whenever there is a bias (the
@@ -113,6 +115,7 @@ typedef struct result {
     double speedup_vs_openblas; /* forward lines: openblas ms / this ms (backward: none) */
     double gflops_vs_sgemm;     /* forward, backward: this gflops / sgemm gflops (same threads) */
     double bwd_fwd_ratio;       /* backward lines: this ms / the same impl's forward ms */
+    double bwd_fwd_per_call;    /* dma backward: median of (backward call / forward call) */
     double max_abs_diff;        /* dense line: max |dense - openblas| */
     int64_t sgemm_n;
     const char *blas_core;      /* openblas lines: openblas_get_corename() */
@@ -259,6 +262,7 @@ typedef struct runspec {
 
 typedef struct timing {
     double median, min, max;
+    double per_call; /* alternated fn[f > 0]: median over rounds of its call / fn[0]'s call */
     int runs, warmup;
 } timing;
 
@@ -269,6 +273,7 @@ static timing summarize(double *t, int runs, int warmup)
     r.median = runs % 2 ? t[runs / 2] : 0.5 * (t[runs / 2 - 1] + t[runs / 2]);
     r.min = t[0];
     r.max = t[runs - 1];
+    r.per_call = NAN;
     r.runs = runs;
     r.warmup = warmup;
     return r;
@@ -276,8 +281,10 @@ static timing summarize(double *t, int runs, int warmup)
 
 /* Time `nfn` (1 or 2) functions, alternating between them call by call: two measurements taken
  * this way see the same machine (frequency, neighbours), so their ratio is steadier than that
- * of two measurements taken one after the other. `before` (optional, untimed) runs before
- * every call of fn[0]. max_ms bounds the total of all timed calls. */
+ * of two measurements taken one after the other. out[1].per_call is the median, over rounds,
+ * of fn[1]'s call over fn[0]'s call of the same round: a ratio of neighbours in time, which
+ * drift between rounds does not move. `before` (optional, untimed) runs before every call of
+ * fn[0]. max_ms bounds the total of all timed calls. */
 static void time_alternating(int nfn, bench_fn const fn[], void *const arg[], bench_fn before,
                              runspec rs, timing out[])
 {
@@ -301,8 +308,17 @@ static void time_alternating(int nfn, bench_fn const fn[], void *const arg[], be
             break;
         }
     }
+    double *ratio = xalloc(runs, sizeof *ratio, "timings");
+    double per_call = NAN;
+    if (nfn == 2) {
+        for (int i = 0; i < runs; i++)
+            ratio[i] = t[rs.runs + i] / t[i];
+        per_call = summarize(ratio, runs, warmup).median;
+    }
     for (int f = 0; f < nfn; f++)
         out[f] = summarize(t + f * rs.runs, runs, warmup);
+    out[nfn - 1].per_call = nfn == 2 ? per_call : out[nfn - 1].per_call;
+    free(ratio);
     free(t);
 }
 
@@ -340,6 +356,7 @@ static result new_result(int op, int impl, const char *isa, int threads, timing 
     r.speedup_vs_openblas = NAN;
     r.gflops_vs_sgemm = NAN;
     r.bwd_fwd_ratio = NAN;
+    r.bwd_fwd_per_call = op == OP_BACKWARD ? tm.per_call : NAN;
     r.max_abs_diff = NAN;
     r.sgemm_n = -1;
     r.blas_core = NULL;
@@ -1078,8 +1095,10 @@ static void print_json(const result *r)
         json_num("speedup_vs_openblas", r->speedup_vs_openblas); /* backward: always null */
         json_num("gflops_vs_sgemm", r->gflops_vs_sgemm);
     }
-    if (r->op == OP_BACKWARD)
+    if (r->op == OP_BACKWARD) {
         json_num("bwd_fwd_ratio", r->bwd_fwd_ratio);
+        json_num("bwd_fwd_per_call", r->bwd_fwd_per_call);
+    }
     if (r->impl == IMPL_DENSE && r->op == OP_FORWARD)
         json_num("max_abs_diff_vs_openblas", r->max_abs_diff);
     if (r->op == OP_SGEMM)
@@ -1126,6 +1145,8 @@ static void print_table_row(const result *r, int with_shape)
         NOTE("%ssparsity %.2f MiB", o ? ", " : "", r->sparsity_bytes / 1048576.0);
     if (r->op == OP_BACKWARD && isfinite(r->bwd_fwd_ratio))
         NOTE("bwd/fwd=%.2fx", r->bwd_fwd_ratio);
+    if (r->op == OP_BACKWARD && isfinite(r->bwd_fwd_per_call))
+        NOTE(" (per call %.2fx)", r->bwd_fwd_per_call);
     if ((r->op == OP_FORWARD || r->op == OP_BACKWARD) && r->impl == IMPL_DMA)
         NOTE("%snnz=%lld work_ratio=%.2f", o ? " " : "", (long long)r->nnz, r->work_ratio);
     if (r->op == OP_FORWARD && isfinite(r->speedup_vs_openblas) && r->impl != IMPL_OPENBLAS)
@@ -1256,7 +1277,8 @@ static void print_help(void)
         "dense line adds max_abs_diff_vs_openblas; sgemm adds N. backward lines carry the\n"
         "forward lines' fields (speedup_vs_dense: dense backward ms / this ms;\n"
         "speedup_vs_openblas always null) plus bwd_fwd_ratio (this ms / the forward ms of the\n"
-        "same impl, mask and window).\n"
+        "same impl, mask and window) and bwd_fwd_per_call (dma: the median over rounds of each\n"
+        "backward call's time over the forward call's just before it; dense: null).\n"
         "\n"
         "The OpenBLAS attention: per (batch, query head, block of %d rows) cblas_sgemm\n"
         "S = scale Q K^T over the block's visible key prefix, masked softmax, cblas_sgemm O = P V;\n"
