@@ -182,61 +182,88 @@ static void or_bits(uint64_t *dst, int64_t d, const uint64_t *src, int64_t s, in
     }
 }
 
-/* Mark row `row` of `out` with the positions tile view T's row i selects, mapped by `map` (which
- * is increasing: it is copied run by run where consecutive positions stay consecutive). */
-static void merge_row(const dma_item_view *T, int64_t i, const int32_t *map, dma_item_view *out,
+/* How a tile's union positions map into the merged union: run k takes positions
+ * [src[k], src[k + 1]) to the consecutive positions from dst[k] on (src[nruns] = the tile's
+ * count). The two unions differ in a few keys, so there are few runs. */
+typedef struct pos_runs {
+    int32_t *src, *dst;
+    int64_t nruns;
+} pos_runs;
+
+static void add_position(pos_runs *runs, int32_t pos, int32_t to)
+{
+    int64_t k = runs->nruns;
+    if (k == 0 || to != runs->dst[k - 1] + (pos - runs->src[k - 1])) {
+        runs->src[k] = pos;
+        runs->dst[k] = to;
+        runs->nruns = k + 1;
+    }
+}
+
+/* Mark row `row` of `out` with the positions tile view T's row i selects, moved run by run. */
+static void merge_row(const dma_item_view *T, int64_t i, const pos_runs *runs, dma_item_view *out,
                       int64_t row)
 {
     uint64_t *dst = (uint64_t *)out->bits + row * out->words_per_row;
     const uint64_t *src = dma_row_bits(T, i);
-    for (int64_t p = T->lo[i]; p < T->hi[i];) {
-        int64_t end = p + 1;
-        while (end < T->hi[i] && map[end] == map[end - 1] + 1)
-            end++;
-        or_bits(dst, map[p], src, p, end - p);
-        p = end;
+    const int64_t lo = T->lo[i], hi = T->hi[i];
+    for (int64_t k = 0; k < runs->nruns && runs->src[k] < hi; k++) {
+        int64_t s = dma_max64(runs->src[k], lo), e = dma_min64(runs->src[k + 1], hi);
+        if (e > s)
+            or_bits(dst, runs->dst[k] + (s - runs->src[k]), src, s, e - s);
     }
     /* The row's bounds: its first and last set bit. */
-    int64_t lo = -1, hi = -1;
-    for (int64_t k = 0; k < out->words_per_row; k++)
-        if (dst[k]) {
-            if (lo < 0)
-                lo = k * 64 + __builtin_ctzll(dst[k]);
-            hi = k * 64 + 63 - __builtin_clzll(dst[k]) + 1;
+    int64_t first = -1, last = -1;
+    for (int64_t w = 0; w < out->words_per_row; w++)
+        if (dst[w]) {
+            if (first < 0)
+                first = w * 64 + __builtin_ctzll(dst[w]);
+            last = w * 64 + 63 - __builtin_clzll(dst[w]) + 1;
         }
-    out->lo[row] = lo >= 0 ? (int32_t)lo : 0;
-    out->hi[row] = lo >= 0 ? (int32_t)hi : 0;
+    out->lo[row] = first >= 0 ? (int32_t)first : 0;
+    out->hi[row] = first >= 0 ? (int32_t)last : 0;
 }
 
-/* The view of tiles A and B together: rows of A then of B, over their merged union. `keys` holds
- * 2 * (A.count + B.count) ints, `bits` (A.nrows + B.nrows) * words of the merged union. */
+/* Ints merge_views() needs for a merged union of at most 2 * tile_keys keys: the keys, then
+ * the runs of both tiles (at most one per position, plus an end each). */
+static int64_t merge_ints(int64_t tile_keys) { return 2 * tile_keys + 2 * (2 * tile_keys + 2); }
+
+/* The view of tiles A and B together: rows of A then of B, over their merged union. `ints`
+ * holds merge_ints(max(A.count, B.count)), `bits` (A.nrows + B.nrows) * words of the merged
+ * union. */
 static void merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
-                        int32_t *keys, uint64_t *bits)
+                        int32_t *ints, uint64_t *bits)
 {
-    int32_t *map_a = keys + A->count + B->count, *map_b = map_a + A->count;
-    int64_t i = 0, j = 0, n = 0;
+    int32_t *keys = ints;
+    pos_runs ra = {keys + A->count + B->count, NULL, 0};
+    ra.dst = ra.src + A->count + 1;
+    pos_runs rb = {ra.dst + A->count + 1, NULL, 0};
+    rb.dst = rb.src + B->count + 1;
+    int32_t i = 0, j = 0, n = 0;
     while (i < A->count || j < B->count) {
         int32_t ka = i < A->count ? dma_view_key(A, i) : INT32_MAX;
         int32_t kb = j < B->count ? dma_view_key(B, j) : INT32_MAX;
         if (ka <= kb)
-            map_a[i++] = (int32_t)n;
+            add_position(&ra, i++, n);
         if (kb <= ka)
-            map_b[j++] = (int32_t)n;
+            add_position(&rb, j++, n);
         keys[n++] = ka < kb ? ka : kb;
     }
+    ra.src[ra.nruns] = A->count;
+    rb.src[rb.nruns] = B->count;
     *out = *A;
     out->nrows = A->nrows + B->nrows;
     out->M = A->nh * out->nrows;
     out->keys = keys;
     out->first = 0;
-    out->count = (int32_t)n;
+    out->count = n;
     out->words_per_row = dma_div_up(n, 64);
     out->bits = bits;
     memset(bits, 0, sizeof(uint64_t) * (size_t)(out->nrows * out->words_per_row));
     for (int64_t r = 0; r < A->nrows; r++)
-        merge_row(A, r, map_a, out, r);
+        merge_row(A, r, &ra, out, r);
     for (int64_t r = 0; r < B->nrows; r++)
-        merge_row(B, r, map_b, out, A->nrows + r);
+        merge_row(B, r, &rb, out, A->nrows + r);
 }
 
 /*
@@ -662,8 +689,9 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         item_layout(&w, &iv, &g);
         grads_floats = dma_max64(grads_floats, g.floats);
     }
-    /* merge_views: 4 * tile_keys ints, DMA_VIEW_ROWS rows of (2 * tile_keys) bits */
-    const size_t merge_floats = (size_t)(4 * tile_keys) +
+    /* merge_views: merge_ints(tile_keys) ints, DMA_VIEW_ROWS rows of (2 * tile_keys) bits */
+    const int64_t merge_int_floats = (merge_ints(tile_keys) + 1) / 2 * 2; /* 8-byte aligned */
+    const size_t merge_floats = (size_t)merge_int_floats +
                                 (size_t)(2 * DMA_VIEW_ROWS * dma_div_up(2 * tile_keys, 64)) + 16;
     const size_t panel_floats = backward_scratch_floats(&w.a);
     size_t per_thread = (panel_floats + merge_floats + (size_t)grads_floats + 15) / 16 * 16;
@@ -678,7 +706,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     {
         float *panels = scratch + per_thread * (size_t)omp_get_thread_num();
         int32_t *merge_keys = (int32_t *)(panels + panel_floats);
-        uint64_t *merge_bits = (uint64_t *)(panels + panel_floats + (4 * tile_keys + 1) / 2 * 2);
+        uint64_t *merge_bits = (uint64_t *)(panels + panel_floats + merge_int_floats);
         float *mine = panels + panel_floats + merge_floats;
         for (;;) {
             int64_t k = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed);
