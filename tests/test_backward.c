@@ -803,7 +803,7 @@ START_TEST(paired_tiles)
     test_rng r = rng_make(131);
     cases[0] = plain_case(1, 600, 600, 4, 2, 32, rng_u64(&r));
     set_topk(&r, &cases[0], 0, 128);
-    cases[1] = plain_case(2, 450, 520, 8, 2, 64, rng_u64(&r));
+    cases[1] = plain_case(2, 400, 450, 8, 2, 32, rng_u64(&r));
     set_topk(&r, &cases[1], 0, 64);
     cases[1].softcap = 5.0f;
     cases[2] = plain_case(1, 520, 520, 16, 1, 24, rng_u64(&r));
