@@ -307,7 +307,7 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  *                  NULL: not computed.
  * Results are bitwise identical for any thread count: contributions to dk, dv and dbias are
  * summed in a fixed order (work items add into them in turn). Scratch memory is per thread: the
- * panels of one work item (2.3 MiB at D = 128) and the private dk/dv/dbias of one work item,
+ * panels of one work item (1.8 MiB at D = 128) and the private dk/dv/dbias of one work item,
  * O((window + tile) * D); nothing is O(Lq * Lk) except a per-row dbias, which is that size
  * itself.
  * Errors: those of dma_forward, plus DMA_ERR_NULL (lse, dout, dq, dk or dv missing; dbias without
