@@ -594,23 +594,25 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
     return deferred;
 }
 
-/* Zero a 4-D float tensor, one last-dimension row at a time (any strides). */
-static void zero_tensor(const dma_tensor *t)
+/* Zero part `part` of `parts` of a 4-D float tensor's last-dimension rows (any strides). */
+static void zero_tensor_part(const dma_tensor *t, int part, int parts)
 {
-    for (int64_t a = 0; a < t->shape[0]; a++)
-        for (int64_t b = 0; b < t->shape[1]; b++)
-            for (int64_t c = 0; c < t->shape[2]; c++)
-                memset(f32(t) + a * t->stride[0] + b * t->stride[1] + c * t->stride[2], 0,
-                       sizeof(float) * (size_t)t->shape[3]);
+    const int64_t n1 = t->shape[1], n2 = t->shape[2], rows = t->shape[0] * n1 * n2;
+    for (int64_t r = rows * part / parts; r < rows * (part + 1) / parts; r++) {
+        const int64_t a = r / (n1 * n2), b = r / n2 % n1, c = r % n2;
+        memset(f32(t) + a * t->stride[0] + b * t->stride[1] + c * t->stride[2], 0,
+               sizeof(float) * (size_t)t->shape[3]);
+    }
 }
 
-/* dk, dv and dbias start at zero: items add into them. */
-static void zero_grads(const bwd *w)
+/* dk, dv and dbias start at zero (items add into them): zero part `part` of `parts` of them, so
+ * that the threads share the 2 * Lk * Hkv * D floats (32 MiB at the bench's shape). */
+static void zero_grads(const bwd *w, int part, int parts)
 {
-    zero_tensor(w->dk);
-    zero_tensor(w->dv);
+    zero_tensor_part(w->dk, part, parts);
+    zero_tensor_part(w->dv, part, parts);
     if (w->dbias)
-        zero_tensor(w->dbias);
+        zero_tensor_part(w->dbias, part, parts);
 }
 
 static dma_status check_grad(dma_context *ctx, const char *name, const dma_tensor *g,
@@ -664,7 +666,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         goto done;
     w.items = items;
     if (nitems == 0) { /* B or Lq is 0: nothing to add */
-        zero_grads(&w);
+        zero_grads(&w, 0, 1);
         goto done;
     }
     if (!plan_turns(&w, nitems, &plan)) {
@@ -700,10 +702,11 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
         goto done;
     }
-    zero_grads(&w);
     _Atomic int64_t next = 0;
 #pragma omp parallel num_threads(threads)
     {
+        zero_grads(&w, omp_get_thread_num(), omp_get_num_threads());
+#pragma omp barrier
         float *panels = scratch + per_thread * (size_t)omp_get_thread_num();
         int32_t *merge_keys = (int32_t *)(panels + panel_floats);
         uint64_t *merge_bits = (uint64_t *)(panels + panel_floats + merge_int_floats);
