@@ -278,27 +278,29 @@ typedef struct turn_plan {
     int64_t nspans;
     int64_t *span_item;       /* [span] its first item; a pair's second is the next item */
     int8_t *span_pair;        /* [span] 1 for a pair of tiles */
-    int64_t *span_count;      /* [span] keys in its union */
     int64_t *order;           /* the spans in the order threads take them */
     int64_t *stream;          /* [span] */
     int64_t *turn;            /* [span] rank within its stream */
     _Atomic int64_t *done;    /* [stream] spans of the stream that have added */
     int64_t nstreams;
+    int64_t tile_keys;        /* the largest union of any tile (sizes the merge scratch) */
+    int64_t grads_floats;     /* the largest private buffers of any span (item_layout) */
 } turn_plan;
 
 static void plan_free(turn_plan *p)
 {
     free(p->span_item);
     free(p->span_pair);
-    free(p->span_count);
     free(p->order);
     free(p->stream);
     free(p->turn);
     free((void *)p->done);
 }
 
-/* Whether items x and x + 1 are tiles t, t + 1 (t even) of the same heads and worth pairing. */
-static bool pair_up(const bwd *w, int64_t x, int64_t nitems, int64_t *count)
+/* Whether items x and x + 1 are tiles t, t + 1 (t even) of the same heads and worth pairing.
+ * A is item x's view; when they pair, B is item x + 1's and *count their merged union's size. */
+static bool pair_up(const bwd *w, int64_t x, int64_t nitems, const dma_item_view *A,
+                    dma_item_view *B, int64_t *count)
 {
     if (x + 1 >= nitems)
         return false;
@@ -306,14 +308,12 @@ static bool pair_up(const bwd *w, int64_t x, int64_t nitems, int64_t *count)
     if (p->tile % 2 || q->tile != p->tile + 1 || q->b != p->b || q->group != p->group ||
         q->sub != p->sub)
         return false;
-    dma_item_view A, B;
-    dma_item_view_init(&w->a, p, &A);
-    dma_item_view_init(&w->a, q, &B);
-    if (!A.bits || !B.bits || A.nh * (A.nrows + B.nrows) > BWD_ROWS)
+    dma_item_view_init(&w->a, q, B);
+    if (!A->bits || !B->bits || A->nh * (A->nrows + B->nrows) > BWD_ROWS)
         return false;
-    *count = merged_count(&A, &B);
-    return (double)*count * (double)(A.nrows + B.nrows) <=
-           PAIR_GROWTH * (double)(A.count * A.nrows + B.count * B.nrows);
+    *count = merged_count(A, B);
+    return (double)*count * (double)(A->nrows + B->nrows) <=
+           PAIR_GROWTH * (double)(A->count * A->nrows + B->count * B->nrows);
 }
 
 static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
@@ -325,27 +325,35 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     size_t n = (size_t)nitems + 1;
     p->span_item = malloc(sizeof(int64_t) * n);
     p->span_pair = malloc(sizeof(int8_t) * n);
-    p->span_count = malloc(sizeof(int64_t) * n);
     p->order = malloc(sizeof(int64_t) * n);
     p->stream = malloc(sizeof(int64_t) * n);
     p->turn = malloc(sizeof(int64_t) * n);
     p->done = calloc((size_t)p->nstreams, sizeof(_Atomic int64_t));
     int64_t *count = calloc((size_t)p->nstreams, sizeof(int64_t));
-    if (!p->span_item || !p->span_pair || !p->span_count || !p->order || !p->stream ||
-        !p->turn || !p->done || !count) {
+    if (!p->span_item || !p->span_pair || !p->order || !p->stream || !p->turn || !p->done ||
+        !count) {
         free(count);
         return false;
     }
     /* Items are in natural order, so each stream's spans come in turn order. */
     p->nspans = 0;
+    p->tile_keys = p->grads_floats = 0;
     int64_t longest = 0;
     for (int64_t x = 0; x < nitems; x++) {
-        dma_item_view iv;
+        dma_item_view iv, next;
         dma_item_view_init(a, &w->items[x], &iv);
         int64_t sx = p->nspans++, merged = 0;
         p->span_item[sx] = x;
-        p->span_pair[sx] = pair_up(w, x, nitems, &merged);
-        p->span_count[sx] = p->span_pair[sx] ? merged : iv.count;
+        p->span_pair[sx] = pair_up(w, x, nitems, &iv, &next, &merged);
+        p->tile_keys = dma_max64(p->tile_keys, iv.count);
+        if (p->span_pair[sx]) { /* the span's size: the merged union over both tiles' rows */
+            p->tile_keys = dma_max64(p->tile_keys, next.count);
+            iv.count = (int32_t)merged;
+            iv.nrows += next.nrows;
+        }
+        item_grads g;
+        item_layout(w, &iv, &g);
+        p->grads_floats = dma_max64(p->grads_floats, g.floats);
         int64_t s = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
         p->stream[sx] = s;
         p->turn[sx] = count[s]++;
@@ -406,13 +414,12 @@ static void end_turn(const turn_plan *p, int64_t x)
  * once the item's turn has come; returns the end of the positions [0, end) left for the caller
  * to add once it has waited for its turn. */
 static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
-                             const dma_item_view *view, item_grads *g, float *scratch)
+                             const dma_item_view *iv, item_grads *g, float *scratch)
 {
     const dma_item *it = &w->items[plan->span_item[x]];
     const dma_attn *a = &w->a;
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, qld = ROWS_LD(a), mr = kern->mr, nr = kern->nr;
-    const dma_item_view *iv = view;
     const int64_t M = iv->M, nrows = iv->nrows;
 
     float *Q = scratch;                     /* [M][qld] scaled queries */
@@ -676,27 +683,13 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     /* Per thread: the panels, room to merge two tiles' views, then the private buffers of the
      * largest work item. */
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, plan.nspans));
-    int64_t grads_floats = 0, tile_keys = 0; /* tile_keys: the largest union of any tile */
-    for (int64_t x = 0; x < nitems; x++) {
-        dma_item_view iv;
-        dma_item_view_init(&w.a, &items[x], &iv);
-        tile_keys = dma_max64(tile_keys, iv.count);
-    }
-    for (int64_t sx = 0; sx < plan.nspans; sx++) {
-        dma_item_view iv;
-        dma_item_view_init(&w.a, &items[plan.span_item[sx]], &iv);
-        iv.count = (int32_t)plan.span_count[sx];
-        iv.nrows *= 1 + plan.span_pair[sx];
-        item_grads g;
-        item_layout(&w, &iv, &g);
-        grads_floats = dma_max64(grads_floats, g.floats);
-    }
     /* merge_views: merge_ints(tile_keys) ints, DMA_VIEW_ROWS rows of (2 * tile_keys) bits */
+    const int64_t tile_keys = plan.tile_keys;
     const int64_t merge_int_floats = (merge_ints(tile_keys) + 1) / 2 * 2; /* 8-byte aligned */
     const size_t merge_floats = (size_t)merge_int_floats +
                                 (size_t)(2 * DMA_VIEW_ROWS * dma_div_up(2 * tile_keys, 64)) + 16;
     const size_t panel_floats = backward_scratch_floats(&w.a);
-    size_t per_thread = (panel_floats + merge_floats + (size_t)grads_floats + 15) / 16 * 16;
+    size_t per_thread = (panel_floats + merge_floats + (size_t)plan.grads_floats + 15) / 16 * 16;
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
     if (!scratch) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
