@@ -889,7 +889,8 @@ START_TEST(topk_windows)
         for (int per_row = 0; per_row < 2; per_row++)
             for (int padded = 0; padded < 2; padded++) {
                 int hp = (int)rng_int(&r, 0, 3);
-                bwd_case c = plain_case(1 + padded, 71, 97, HEADS[hp][0], HEADS[hp][1], 40, rng_u64(&r));
+                bwd_case c = plain_case(1 + padded, 71, 97, HEADS[hp][0], HEADS[hp][1], 40,
+                                        rng_u64(&r));
                 c.causal = (int)rng_int(&r, 0, 1);
                 set_topk(&r, &c, per_row, windows[w]);
                 c.mask_causal = c.causal;

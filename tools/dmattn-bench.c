@@ -19,8 +19,8 @@
  * machine whose speed drifts by 10-20% from second to second, two series timed one after the
  * other give a ratio that drifts as much. The dma backward line also gives the median of the
  * per-round ratios (backward call / the forward call just before it), which drift between
- * rounds does not move at all. Op "backward" lines for impl dma and dense time
- * dma_backward() on the out/lse their own forward produced (each impl has its own out and lse buffers), with a
+ * rounds does not move at all. Op "backward" lines for impl dma and dense time dma_backward()
+ * on the out/lse their own forward produced (each impl has its own out and lse buffers), with a
  * random dout of a fixed seed; dq, dk, dv and dbias are allocated once per problem. dma uses the
  * bias and sparsity of its forward, causal=1, and asks for dbias whenever there is a bias (the
  * DMA bias is trainable); dense uses no sparsity, no bias and the dense forward's causal. Its
@@ -308,17 +308,18 @@ static void time_alternating(int nfn, bench_fn const fn[], void *const arg[], be
             break;
         }
     }
-    double *ratio = xalloc(runs, sizeof *ratio, "timings");
-    double per_call = NAN;
+    double per_call = NAN; /* before summarize() sorts each function's times */
     if (nfn == 2) {
+        double *ratio = xalloc(runs, sizeof *ratio, "timings");
         for (int i = 0; i < runs; i++)
             ratio[i] = t[rs.runs + i] / t[i];
         per_call = summarize(ratio, runs, warmup).median;
+        free(ratio);
     }
     for (int f = 0; f < nfn; f++)
         out[f] = summarize(t + f * rs.runs, runs, warmup);
-    out[nfn - 1].per_call = nfn == 2 ? per_call : out[nfn - 1].per_call;
-    free(ratio);
+    if (nfn == 2)
+        out[1].per_call = per_call;
     free(t);
 }
 
