@@ -31,9 +31,10 @@
 #define PS_LD (DMA_CHUNK + 16)
 
 /* Columns of D and rows of Q per call of accum_tn: DB is a multiple of 16 (the kernels round D
- * up to 16, so a block must not end inside a group of 16) and wide enough for a full register
- * block; a DB x TN_ROWS block of Q is 8 KiB, which stays in L1. */
-#define DB 32
+ * up to 16, so a block must not end inside a group of 16) and wide enough for the widest
+ * register block (AVX-512: 64 floats); a DB x TN_ROWS block of Q is 16 KiB, which stays in L1
+ * while every used key of the chunk runs past it. */
+#define DB 64
 #define TN_ROWS 64
 
 /* Rows (heads x tile rows) of a work item at most, paired tiles included. */
@@ -565,21 +566,20 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                                    (int)dma_min64(mr, M - b * mr), Kr + ca * ld, (int)ld,
                                    (int)(cb - ca), (int)D);
             }
-            /* dK[U] (+)= dS^T Q and dV[U] (+)= P^T dout over the group's rows, mr keys at a
-             * time, over blocks of DB columns and TN_ROWS rows of Q (or dout): that block stays
-             * in L1 while the keys run past it. The chunk's first block of rows overwrites the
+            /* dK[U] (+)= dS^T Q and dV[U] (+)= P^T dout over the group's rows, in blocks of DB
+             * columns and TN_ROWS rows of Q (or dout): the kernel runs every used key past
+             * that block, which stays in L1. The chunk's first block of rows overwrites the
              * private rows, the others add. */
             for (int pass = 0; pass < 2; pass++) {
                 float *dst = pass ? g->dv : g->dk;
                 const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
                 for (int64_t d0 = 0; d0 < ld; d0 += DB)
                     for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS)
-                        for (int64_t c = used_lo; c < used_hi; c += mr)
-                            kern->accum_tn(dst + (c0 + c) * ld + d0, (int)ld,
-                                           weights + (r0 - g0) * PS_LD + c, PS_LD,
-                                           (int)dma_min64(mr, used_hi - c), rows + r0 * qld + d0,
-                                           (int)qld, (int)dma_min64(TN_ROWS, g1 - r0),
-                                           (int)dma_min64(DB, ld - d0), r0 == 0);
+                        kern->accum_tn(dst + (c0 + used_lo) * ld + d0, (int)ld,
+                                       weights + (r0 - g0) * PS_LD + used_lo, PS_LD,
+                                       (int)(used_hi - used_lo), rows + r0 * qld + d0, (int)qld,
+                                       (int)dma_min64(TN_ROWS, g1 - r0),
+                                       (int)dma_min64(DB, ld - d0), r0 == 0);
             }
         }
         /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.

@@ -71,10 +71,12 @@ typedef struct dma_kernels {
                      int bit0, int lo, int hi, float softcap, float lse, float delta,
                      float *dx_sum);
 
-    /* o[c][d] += sum_{r<k} p[r][c] * x[r][d] for c < m (m <= mr), d < D: the transposed-P
+    /* o[c][d] += sum_{r<k} p[r][c] * x[r][d] for c < m (any m >= 1), d < D: the transposed-P
      * product that accumulates dK (p = dS, x = Q) and dV (p = P, x = dout) over k query rows.
      * With `overwrite` o is not read: o[c][d] = the sum (so the caller need not zero it first).
-     * p has row stride ldp, x and o row strides ldx and ldo (multiples of 16, zero-padded). */
+     * p has row stride ldp, x and o row strides ldx and ldo (multiples of 16, zero-padded).
+     * The kernel walks the keys in register blocks over the same k x D block of x, so the
+     * caller keeps that block small enough for L1. */
     void (*accum_tn)(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
                      int k, int D, int overwrite);
 } dma_kernels;

@@ -582,8 +582,12 @@ START_TEST(accum_tn_vs_scalar)
     for (int t = 0; t < nt; t++) {
         const dma_kernels *k = tb[t].k;
         for (int di = 0; di < N_HEAD_DIMS; di++)
-            for (int m = 1; m <= k->mr; m++)
+            /* m = 1 .. mr, then more keys than one register block (the kernels walk the keys
+             * in blocks of up to 12): full blocks followed by short ones of every size */
+            for (int mi = 0; mi < k->mr + 6; mi++)
                 for (int rep = 0; rep < 4; rep++) {
+                    const int more[6] = {k->mr + 1, k->mr + 2, k->mr + 3, 2 * k->mr + 5, 24, 37};
+                    const int m = mi < k->mr ? mi + 1 : more[mi - k->mr];
                     /* overwrite: o's old values (NaN here) must not be read; k > 64 rows
                      * covers the kernels' later passes over rows, which accumulate */
                     const int overwrite = rep % 2;
@@ -591,7 +595,7 @@ START_TEST(accum_tn_vs_scalar)
                     const int ldo = ld, ldx = ld + (int)rng_int(&r, 0, 1) * 16;
                     const int kk = (int)rng_int(&r, 1, 150);
                     const int ldp = (int)rng_int(&r, m, m + 40);
-                    const int rows = k->mr + 1;
+                    const int rows = m + 1; /* one more row than m: must stay put */
                     float *o = fbuf((size_t)rows * ldo), *o_ref = fbuf((size_t)rows * ldo);
                     float *p = fbuf((size_t)(kk - 1) * ldp + m), *x = fbuf((size_t)kk * ldx);
                     for (int i = 0; i < rows; i++)

@@ -241,7 +241,7 @@ static void scores(float *s, int lds, const float *q, int ldq, int m, const floa
     case 6: scores_m6(s, lds, q, ldq, kp, n, D); break;
     case 7: scores_m7(s, lds, q, ldq, kp, n, D); break;
     case 8: scores_m8(s, lds, q, ldq, kp, n, D); break;
-    default: /* m > MR is outside the contract; split it anyway */
+    default: /* more keys than one register block: MR at a time */
         for (int r = 0; r < m; r += MR)
             scores(s + (ptrdiff_t)r * lds, lds, q + (ptrdiff_t)r * ldq, ldq,
                    m - r < MR ? m - r : MR, kp, n, D);
@@ -465,7 +465,7 @@ static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int 
     case 6: pv_m6(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
     case 7: pv_m7(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
     case 8: pv_m8(o, ldo, alpha, p, ldp, vp, ldv, n, D); break;
-    default: /* m > MR is outside the contract; split it anyway */
+    default: /* more keys than one register block: MR at a time */
         for (int r = 0; r < m; r += MR)
             accum_pv(o + (ptrdiff_t)r * ldo, ldo, alpha + r, p + (ptrdiff_t)r * ldp, ldp,
                      m - r < MR ? m - r : MR, vp, ldv, n, D);
@@ -647,7 +647,7 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     case 6: tn_m6(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     case 7: tn_m7(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     case 8: tn_m8(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
-    default: /* m > MR is outside the contract; split it anyway */
+    default: /* more keys than one register block: MR at a time */
         for (int c = 0; c < m; c += MR)
             accum_tn(o + (ptrdiff_t)c * ldo, ldo, p + c, ldp, m - c < MR ? m - c : MR, x, ldx, k,
                      D, overwrite);

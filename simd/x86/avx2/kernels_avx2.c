@@ -8,7 +8,8 @@
  *             over scalars, the vectors run along keys).
  *   accum_pv  6 rows x 16 floats of D: 12 accumulators, 2 loads of a V row and 6 broadcasts of
  *             P per key. D is rounded up to 16 (rows are zero-padded to ld, a multiple of 16).
- *   accum_tn  the same shape, 6 rows of o (keys) x 16 floats of D per query row.
+ *   accum_tn  the same shape, 6 rows of o (keys) x 16 floats of D per query row, over all the
+ *             keys of a call 6 at a time.
  * softmax_row / grad_row run on 8 lanes (two vectors per step in softmax_row) with a vectorised
  * exp (Cody-Waite range reduction + the Cephes polynomial, < 1 ulp) and tanh (odd polynomial
  * near 0, 1 - 2/(e^2x + 1) elsewhere). The row's selection is read 64 positions at a time from
@@ -27,7 +28,6 @@
 
 #define NR 16
 #define MR 6
-#define TN_ROWS 64 /* query rows per pass of accum_tn */
 #define VW 8 /* floats per vector */
 
 
@@ -242,10 +242,7 @@ INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, i
     static void tn_##M(float *o, int ldo, const float *p, int ldp, const float *x, int ldx,     \
                        int k, int D, int overwrite)                                            \
     {                                                                                          \
-        /* 64 query rows at a time: their strips of p and x stay in L1 across the D blocks. */ \
-        for (int r0 = 0; r0 < k; r0 += TN_ROWS)                                                \
-            rank_update(o, ldo, NULL, p + (int64_t)r0 * ldp, 1, ldp, x + (int64_t)r0 * ldx, ldx, \
-                        k - r0 < TN_ROWS ? k - r0 : TN_ROWS, D, M, overwrite && r0 == 0);      \
+        rank_update(o, ldo, NULL, p, 1, ldp, x, ldx, k, D, M, overwrite);                      \
     }
 PV_M(1)
 PV_M(2)
@@ -268,16 +265,21 @@ static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int 
     }
 }
 
+/* All m keys, MR at a time: the caller's block of x stays in L1 for every block of keys. */
 static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
                      int k, int D, int overwrite)
 {
-    switch (m) {
+    int c = 0;
+    for (; c + MR <= m; c += MR)
+        tn_6(o + (int64_t)c * ldo, ldo, p + c, ldp, x, ldx, k, D, overwrite);
+    o += (int64_t)c * ldo;
+    p += c;
+    switch (m - c) {
     case 1: tn_1(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     case 2: tn_2(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     case 3: tn_3(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     case 4: tn_4(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     case 5: tn_5(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
-    case 6: tn_6(o, ldo, p, ldp, x, ldx, k, D, overwrite); break;
     default: break;
     }
 }
