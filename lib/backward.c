@@ -421,6 +421,7 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
     const dma_attn *a = &w->a;
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, qld = ROWS_LD(a), mr = kern->mr, nr = kern->nr;
+    const int64_t pv_rows = kern->pv_rows;
     const int64_t M = iv->M, nrows = iv->nrows;
 
     float *Q = scratch;                     /* [M][qld] scaled queries */
@@ -557,14 +558,22 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                                    row_delta[row0 + r], dx_sum);
                 }
             }
-            /* dQ += dS K. dS is zero past n, and K rows past n were never packed: stop at n. */
-            for (int64_t b = b0; b < b1; b++) {
-                const int64_t ca = blk_ca[b], cb = dma_min64(blk_cb[b], n);
+            /* dQ += dS K, in blocks of the kernel's best row count (pv_rows <= mr) over the
+             * columns of the blocks of mr rows they overlap: a row's dS is zero outside its
+             * own block's columns. dS is zero past n, and K rows past n were never packed:
+             * stop at n. */
+            for (int64_t r = g0; r < g1; r += pv_rows) {
+                const int64_t m = dma_min64(pv_rows, g1 - r);
+                int64_t ca = n_pad, cb = 0;
+                for (int64_t b = r / mr; b <= (r + m - 1) / mr; b++)
+                    if (blk_cb[b] > blk_ca[b]) {
+                        ca = dma_min64(ca, blk_ca[b]);
+                        cb = dma_max64(cb, blk_cb[b]);
+                    }
+                cb = dma_min64(cb, n);
                 if (cb > ca)
-                    kern->accum_pv(dQ + b * mr * qld, (int)qld, ones,
-                                   dS + (b * mr - g0) * PS_LD + ca, PS_LD,
-                                   (int)dma_min64(mr, M - b * mr), Kr + ca * ld, (int)ld,
-                                   (int)(cb - ca), (int)D);
+                    kern->accum_pv(dQ + r * qld, (int)qld, ones, dS + (r - g0) * PS_LD + ca,
+                                   PS_LD, (int)m, Kr + ca * ld, (int)ld, (int)(cb - ca), (int)D);
             }
             /* dK[U] (+)= dS^T Q and dV[U] (+)= P^T dout over the group's rows, in blocks of DB
              * columns and TN_ROWS rows of Q (or dout): the kernel runs every used key past

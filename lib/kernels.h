@@ -27,6 +27,8 @@ typedef struct dma_kernels {
     const char *name;
     int mr;  /* largest row count `scores` and `accum_pv` are called with (a block of query rows) */
     int nr;  /* keys per packed K block; a multiple of 8 and a divisor of DMA_CHUNK */
+    int pv_rows; /* rows (<= mr) of accum_pv's fastest register block, for callers free to
+                  * choose their blocks of rows (the backward's dQ) */
 
     /* Gather n keys and pack them transposed into kp (layout above, n rounded up to nr with
      * zeros). Key c is row `keys[c]` of `base` (row stride ld floats) or, if keys is NULL,

@@ -162,6 +162,9 @@ const dma_kernels dma_kernels_scalar = {
     .name = "scalar",
     .mr = MR,
     .nr = NR,
+    /* not a divisor of MR: the reference path also runs the backward's dQ in blocks of rows
+     * that straddle blocks of MR rows, as the AVX-512 path does */
+    .pv_rows = 3,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,

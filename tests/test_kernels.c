@@ -62,6 +62,8 @@ static int tables(table out[4])
         ck_assert_msg(k->nr >= 8 && k->nr % 8 == 0 && DMA_CHUNK % k->nr == 0,
                       "%s: nr = %d", k->name, k->nr);
         ck_assert_msg(k->mr >= 1 && k->mr <= 16, "%s: mr = %d", k->name, k->mr);
+        ck_assert_msg(k->pv_rows >= 1 && k->pv_rows <= k->mr, "%s: pv_rows = %d", k->name,
+                      k->pv_rows);
         ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&
                           k->grad_row && k->accum_tn,
                       "%s: a kernel is missing", k->name);

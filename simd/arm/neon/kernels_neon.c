@@ -659,6 +659,7 @@ const dma_kernels dma_kernels_neon = {
     .name = "neon",
     .mr = MR,
     .nr = NR,
+    .pv_rows = MR,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,

@@ -452,6 +452,7 @@ const dma_kernels dma_kernels_avx2 = {
     .name = "avx2",
     .mr = MR,
     .nr = NR,
+    .pv_rows = MR,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,

@@ -9,7 +9,9 @@
  *             64-row tiles of the sparsity object, so a tile has no short row block.
  *   accum_pv  8 rows x 32 floats of D: 16 accumulators, 2 loads of a V row and 8 broadcasts of P
  *             per key; D is rounded up to 16 (rows are zero-padded to ld, a multiple of 16) and a
- *             last block of 16 floats takes 8 accumulators.
+ *             last block of 16 floats takes 8 accumulators. Up to 6 rows (PV_ROWS, the block
+ *             the backward's dQ asks for) it runs 64 floats of D at a time: 24 accumulators,
+ *             4 loads and 6 broadcasts per key.
  *   accum_tn  6 rows of o (keys) x 64 floats of D: 24 accumulators, 4 loads of an x row and 6
  *             broadcasts of P per query row (10 loads per 24 FMAs, against 10 per 16 for the
  *             8 x 32 block; measured 13% faster on a Xeon). It runs over all the keys of a
@@ -30,7 +32,8 @@
 
 #define NR 32
 #define MR 8
-#define TK 6 /* keys per register block of accum_tn */
+#define TK 6      /* keys per register block of accum_tn */
+#define PV_ROWS 6 /* rows up to which accum_pv runs 64 floats of D at a time */
 #define VW 16 /* floats per vector */
 
 
@@ -188,7 +191,7 @@ INLINE void rank_block(float *o, int ldo, const float *alpha, const float *w, in
                        int64_t wc, const float *x, int ldx, int n, int d0, const int M,
                        const int NV, int fresh)
 {
-    __m512 acc[MR][4]; /* M * NV <= 24: 8 x 2 (accum_pv) or 6 x 4 (accum_tn) */
+    __m512 acc[MR][4]; /* M * NV <= 24: 8 x 2, or 6 x 4 (accum_tn, and accum_pv up to 6 rows) */
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++) {
         const float *orow = o + (int64_t)r * ldo + d0;
@@ -245,7 +248,7 @@ INLINE void rank_update(float *o, int ldo, const float *alpha, const float *w, i
     static void pv_##M(float *o, int ldo, const float *alpha, const float *p, int ldp,          \
                        const float *vp, int ldv, int n, int D)                                 \
     {                                                                                          \
-        rank_update(o, ldo, alpha, p, ldp, 1, vp, ldv, n, D, M, 2, 0);                         \
+        rank_update(o, ldo, alpha, p, ldp, 1, vp, ldv, n, D, M, M <= PV_ROWS ? 4 : 2, 0);      \
     }
 PV_M(1)
 PV_M(2)
@@ -431,6 +434,7 @@ const dma_kernels dma_kernels_avx512 = {
     .name = "avx512",
     .mr = MR,
     .nr = NR,
+    .pv_rows = PV_ROWS,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,
