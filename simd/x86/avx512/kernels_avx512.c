@@ -289,6 +289,7 @@ static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int 
     }
 }
 
+/* All m keys, TK at a time: the caller's block of x stays in L1 for every block of keys. */
 static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
                      int k, int D, int overwrite)
 {
