@@ -451,6 +451,8 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                              row * a->out->stride[1] + h * a->out->stride[2];
             const float *d = dO + r * qld;
             float delta = 0.0f;
+            /* in vector lanes: one serial chain of D adds would cost more than the row's copy */
+#pragma omp simd reduction(+ : delta)
             for (int64_t e = 0; e < D; e++)
                 delta += d[e] * o[e];
             row_delta[r] = delta;
