@@ -267,12 +267,22 @@ typedef struct dma_attn_params {
  * Attention forward over the selected keys (DESIGN §1):
  *   score(i, j) = scale * <q_i, k_j>, then softcap, then + bias(i, j); unselected keys are -inf;
  *   p = softmax over the row; out_i = sum_j p_ij v_j; lse_i = log sum_j exp(score(i, j)).
- * A row with no selected key gives out = 0 and lse = -inf.
+ * A row with no selected key gives out = 0 and lse = -inf, whatever its q holds.
+ * Non-finite values propagate, so that divergence in training is never hidden as an empty row:
+ * a NaN in q_i, or in k, v or the bias of a key that row i selected, gives row i a NaN out (every
+ * element; for a NaN in v[j][d], element d) and a NaN lse. The scores of keys a row did not
+ * select never matter. But, as in any dense masked implementation (0 * NaN = NaN), the P V
+ * product multiplies the zero weights of a block of rows with the values of every key that rows
+ * of their query tile (DESIGN §2) selected: a NaN in v[j][d] may also give a NaN out[d] to rows
+ * of that tile and kv head that did not select key j. An out row that holds a NaN always has a
+ * NaN lse. An infinite input may give NaN (inf - inf), or an empty row where it makes every
+ * selected score -inf (as a -inf bias does).
  *
  * @param q, k, v   float32 (B, Lq, Hq, D), (B, Lk, Hkv, D), (B, Lk, Hkv, D).
  * @param bias      optional float32 (Bb, Hb, Lb, Lk): Bb in {1, B}, Hb in {1, Hkv, Hq},
- *                  Lb in {1, Lq}; query head h reads bias head h / (Hq / Hb). Not scanned for
- *                  NaN: a NaN among the selected keys gives a NaN row.
+ *                  Lb in {1, Lq}; query head h reads bias head h / (Hq / Hb). Not scanned: a
+ *                  NaN at a key a row selected makes that row NaN (above); a NaN at a key it
+ *                  did not select is never read into its result.
  * @param sp        optional sparsity with Lq, Lk equal to the inputs', B in {1, B} and H in
  *                  {1, Hkv, Hq} (query head h uses object head h / (Hq / H)). NULL: every
  *                  visible key (dense, or causal with params->causal): the dense baseline runs
@@ -296,7 +306,14 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  *   dq = scale * dS K,  dk = scale * dS^T Q,  dv = P^T dout,  dbias = dS reduced over every axis
  *   the bias broadcasts over (the query axis of a (B, H, 1, Lk) bias, the query heads that share
  *   a bias head, the batch of a (1, ...) bias).
- * Rows that selected nothing give zero gradients.
+ * Rows that selected nothing (lse = -inf) give zero gradients: a zero dq row and nothing added
+ * to dk, dv or dbias, even where their q is not finite. A NaN lse (a NaN row of the forward, see
+ * dma_forward) gives that row a NaN dq row and NaN dk, dv and dbias at every key it selected;
+ * NaN inputs reach the gradients as they reach the forward's rows. What other rows and keys get
+ * is unchanged, except for the products 0 * NaN within the key union of a query tile (or of two
+ * consecutive tiles, which the backward may process together), as in any dense masked
+ * implementation: a NaN in k[j][d] may give a NaN dq[d] to rows of that tile that did not select
+ * key j, and a NaN in q_i[d] a NaN dk[d] to keys of the union that row i did not select.
  *
  * @param q, k, v, bias, sp, params   exactly what the forward was called with.
  * @param out, lse  the forward's outputs: float32 (B, Lq, Hq, D) and (B, Hq, Lq); both required.

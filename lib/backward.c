@@ -447,6 +447,13 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             int64_t r = hh * nrows + i, h = iv->h0 + hh, row = iv->r0 + i;
             row_lse[r] = f32(a->lse)[it->b * a->lse->stride[0] + h * a->lse->stride[1] +
                                      row * a->lse->stride[2]];
+            if (row_lse[r] == -INFINITY) {
+                /* A row that selected nothing (a NaN lse is not one): its P and dS are 0, and
+                 * zero q and dout rows keep a non-finite q or dout of it out of dK and dV, where
+                 * 0 * NaN would reach every key of the union. */
+                memset(Q + r * qld, 0, sizeof(float) * (size_t)qld);
+                memset(dO + r * qld, 0, sizeof(float) * (size_t)qld);
+            }
             const float *o = f32(a->out) + it->b * a->out->stride[0] +
                              row * a->out->stride[1] + h * a->out->stride[2];
             const float *d = dO + r * qld;
@@ -606,8 +613,11 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv->r0 + i) * w->dq->stride[1] +
                          (iv->h0 + hh) * w->dq->stride[2];
             const float *src = dQ + (hh * nrows + i) * qld;
-            for (int64_t d = 0; d < D; d++)
-                dst[d] = a->scale * src[d];
+            if (row_lse[hh * nrows + i] == -INFINITY) /* 0, not 0 * K (a NaN in K of the union) */
+                memset(dst, 0, sizeof(float) * (size_t)D);
+            else
+                for (int64_t d = 0; d < D; d++)
+                    dst[d] = a->scale * src[d];
         }
     return deferred;
 }

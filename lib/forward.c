@@ -92,19 +92,31 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
         }
     }
 
-    /* Normalise and write out; rows that selected nothing give 0 and lse = -inf. */
+    /* Normalise and write out. A row that selected nothing has l == 0 (a selected key adds
+     * exp(0) = 1 at the max): out = 0 (written, not O * 0, which a NaN in V of the tile's
+     * union would turn into NaN) and lse = -inf. Any other l, NaN included (a NaN logit), is a
+     * row; a NaN in the row written (also from V, which never enters l) makes its lse NaN. */
     for (int64_t hh = 0; hh < iv.nh; hh++)
         for (int64_t i = 0; i < nrows; i++) {
             const int64_t r = hh * nrows + i;
             float *dst = f32(a->out) + it->b * a->out->stride[0] +
                          (iv.r0 + i) * a->out->stride[1] + (iv.h0 + hh) * a->out->stride[2];
-            float inv = row_l[r] > 0.0f ? 1.0f / row_l[r] : 0.0f;
-            for (int64_t d = 0; d < D; d++)
-                dst[d] = O[r * ld + d] * inv;
+            float row_lse = -INFINITY;
+            if (row_l[r] == 0.0f) {
+                memset(dst, 0, sizeof(float) * (size_t)D);
+            } else {
+                const float inv = 1.0f / row_l[r];
+                int nan = 0;
+                for (int64_t d = 0; d < D; d++) {
+                    const float y = O[r * ld + d] * inv;
+                    dst[d] = y;
+                    nan |= isnan(y);
+                }
+                row_lse = nan ? NAN : row_m[r] + logf(row_l[r]);
+            }
             if (a->lse)
                 f32(a->lse)[it->b * a->lse->stride[0] + (iv.h0 + hh) * a->lse->stride[1] +
-                            (iv.r0 + i) * a->lse->stride[2]] =
-                    row_l[r] > 0.0f ? row_m[r] + logf(row_l[r]) : -INFINITY;
+                            (iv.r0 + i) * a->lse->stride[2]] = row_lse;
         }
 }
 

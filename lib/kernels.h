@@ -52,7 +52,11 @@ typedef struct dma_kernels {
      * With m_new = max(*m, max selected x): s[c] becomes exp(x - m_new) for selected c and 0
      * elsewhere (every c < n is written); *l = *l * exp(*m - m_new) + sum of the new s; *m = m_new.
      * Returns the factor exp(m_old - m_new) the row's O must be scaled by (1 when m_new is -inf,
-     * in which case s is all 0 and *m, *l are unchanged). */
+     * in which case s is all 0 and *m, *l are unchanged).
+     * NaN: the max skips a NaN x, which then gives a NaN s[c] (so a NaN *l). If no selected x is
+     * above -inf but one is NaN, m_new is NaN (not the empty case): the factor, *m and *l
+     * become NaN, and so does s[c] at every selected c (unselected s[c] are 0 or NaN, per ISA).
+     * A NaN *m stays NaN. Each ISA's exp must keep NaN for this to hold. */
     float (*softmax_row)(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
                          int lo, int hi, float softcap, float *m, float *l);
 
@@ -68,7 +72,8 @@ typedef struct dma_kernels {
      *     t = softcap > 0 ? softcap * tanh(s / softcap) : s;  x = t + (bias ? bias[c] : 0)
      *     p = exp(x - lse);  dx = p * (dp - delta);  ds = dx * (softcap > 0 ? 1 - (t/softcap)^2 : 1)
      * Out: s[c] = p, dp[c] = ds, and dx_sum[c] += dx when dx_sum is not NULL; every c < n is
-     * written, with p = ds = 0 (and nothing added) where c is not selected or lse is -inf. */
+     * written, with p = ds = 0 (and nothing added) where c is not selected or lse is -inf.
+     * A NaN lse (a NaN row of the forward) is not -inf: it gives p = ds = NaN where selected. */
     void (*grad_row)(float *s, float *dp, int n, const float *bias, const uint64_t *bits,
                      int bit0, int lo, int hi, float softcap, float lse, float delta,
                      float *dx_sum);

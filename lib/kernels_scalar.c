@@ -89,8 +89,17 @@ static float softmax_row(float *s, int n, const float *bias, const uint64_t *bit
     }
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        memset(s, 0, sizeof(float) * n);
-        return 1.0f;
+        /* Rare: no selected logit above -inf so far. The max skips NaN, so look for a selected
+         * NaN logit: it makes the row NaN (m_new = NaN carries it into p, l, m and alpha);
+         * without one the row is (still) empty. */
+        int nan = 0;
+        for (int c = lo > 0 ? lo : 0; c < hi && c < n && !nan; c++)
+            nan = selected(bits, bit0, lo, hi, c) && isnan(s[c]);
+        if (!nan) {
+            memset(s, 0, sizeof(float) * n);
+            return 1.0f;
+        }
+        m_new = NAN;
     }
     float alpha = expf(*m - m_new);
     float sum = 0.0f;

@@ -302,6 +302,16 @@ ALWAYS_INLINE float32x4_t sm_pass1(float *s, const float *bias, float softcap, u
     return vmaxnmq_f32(vmax, vbslq_f32(m1, x1, ninf));
 }
 
+/* Lanes of the 8 positions at s that are selected (byte) and hold NaN: all ones there. */
+ALWAYS_INLINE uint32x4_t sm_nan(const float *s, unsigned byte, uint32x4_t lb0, uint32x4_t lb1)
+{
+    uint32x4_t bv = vdupq_n_u32(byte);
+    float32x4_t x0 = vld1q_f32(s), x1 = vld1q_f32(s + 4);
+    uint32x4_t n0 = vbicq_u32(vtstq_u32(bv, lb0), vceqq_f32(x0, x0));
+    uint32x4_t n1 = vbicq_u32(vtstq_u32(bv, lb1), vceqq_f32(x1, x1));
+    return vorrq_u32(n0, n1);
+}
+
 /* s = selected ? exp(s - m_new) : 0 on 8 positions; returns the running sums. */
 ALWAYS_INLINE void sm_pass2(float *s, float32x4_t vm, unsigned byte, uint32x4_t lb0,
                             uint32x4_t lb1, float32x4_t *sum0, float32x4_t *sum1)
@@ -358,8 +368,23 @@ static float softmax_row(float *s, int n, const float *bias, const uint64_t *bit
     float chunk_max = vmaxnmvq_f32(vmax);
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        memset(s, 0, sizeof(float) * (size_t)n);
-        return 1.0f;
+        /* Rare: no selected logit above -inf so far. FMAXNM skipped NaN, so look for a selected
+         * NaN logit among the blocks pass 1 wrote (its unselected lanes hold whatever the score
+         * was, hence the mask): it makes the row NaN, carried by m_new = NaN into alpha, p, *l
+         * and *m (v_exp keeps NaN: FMAX and FMIN return NaN when either operand is NaN). */
+        uint32x4_t nan = vdupq_n_u32(0);
+        for (int c = cfirst; c < clast; c += 8) {
+            unsigned byte = sel_byte(bits, bit0, lo, hi, c);
+            if (byte)
+                nan = vorrq_u32(nan, sm_nan(s + c, byte, lb0, lb1));
+        }
+        if (tail_byte)
+            nan = vorrq_u32(nan, sm_nan(tail_s, tail_byte, lb0, lb1));
+        if (vmaxvq_u32(nan) == 0) {
+            memset(s, 0, sizeof(float) * (size_t)n);
+            return 1.0f;
+        }
+        m_new = NAN;
     }
     float alpha = expf(*m - m_new);
     const float32x4_t vm = vdupq_n_f32(m_new);

@@ -318,7 +318,9 @@ INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bi
     uint64_t sel[DMA_CHUNK / 64];
     __m256 vmax0 = ninf, vmax1 = ninf;
     /* Pass 1: logits of the selected positions, -inf elsewhere; their max. A NaN logit is
-     * skipped by the max (its second operand wins), as in the scalar code. */
+     * skipped by the max (_mm256_max_ps returns its second operand, the running max, when
+     * either is NaN), as in the scalar code; pass 2 turns it into a NaN p (exp8 keeps NaN), and
+     * the rare branch below catches a chunk whose selected logits are all NaN or -inf. */
     for (int c64 = 0; c64 < n; c64 += 64) {
         uint64_t sb = sel_bits(bits, bit0, c64, lo, hi);
         sel[c64 >> 6] = sb;
@@ -345,8 +347,25 @@ INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bi
     float chunk_max = hmax8(_mm256_max_ps(vmax0, vmax1));
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        memset(s, 0, sizeof(float) * (size_t)n);
-        return 1.0f;
+        /* Rare: no selected logit above -inf so far. The max skipped NaN, so look for a
+         * selected NaN logit (pass 1 left -inf at every unselected position, so any NaN in s is
+         * a selected one; only 64-position words with a selected position are read): it makes
+         * the row NaN, carried by m_new = NaN into alpha, p, *l and *m (exp8 keeps NaN). */
+        __m256 nan = _mm256_setzero_ps();
+        for (int c64 = 0; c64 < n; c64 += 64) {
+            if (!sel[c64 >> 6])
+                continue;
+            int end = n - c64 < 64 ? n : c64 + 64;
+            for (int c = c64; c < end; c += VW) {
+                __m256 x = _mm256_loadu_ps(s + c);
+                nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            }
+        }
+        if (!_mm256_movemask_ps(nan)) {
+            memset(s, 0, sizeof(float) * (size_t)n);
+            return 1.0f;
+        }
+        m_new = NAN;
     }
     /* the vector exp on one lane: no call into libm (and no vzeroupper) per row */
     float alpha = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
@@ -413,7 +432,8 @@ INLINE void grad_impl(float *s, float *dp, int n, const float *bias, const uint6
             if (CAP)
                 t = _mm256_mul_ps(cap, tanh8(_mm256_div_ps(t, cap)));
             __m256 x = bias ? _mm256_add_ps(t, _mm256_loadu_ps(bias + c)) : t;
-            /* x - lse <= 0 for a consistent lse; the clamp only keeps exp8 in its range */
+            /* x - lse <= 0 for a consistent lse; the clamp only keeps exp8 in its range. min_ps
+             * returns its second operand when either is NaN: a NaN lse or logit gives p = NaN. */
             __m256 p = exp8(_mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_sub_ps(x, vlse)));
             __m256 dx = _mm256_mul_ps(p, _mm256_sub_ps(_mm256_loadu_ps(dp + c), vdelta));
             __m256 ds = dx;

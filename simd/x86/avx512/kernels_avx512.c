@@ -337,15 +337,37 @@ INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bi
             if (bias)
                 x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(live, bias + c));
             x = _mm512_mask_mov_ps(ninf, k, x);
-            vmax = _mm512_max_ps(x, vmax); /* a NaN x is skipped, as in the scalar code */
+            /* a NaN x is skipped (max_ps returns its second operand, the running max, when
+             * either is NaN), as in the scalar code; pass 2 turns it into a NaN p (exp16 keeps
+             * NaN), and the rare branch below catches a chunk of only NaN or -inf logits */
+            vmax = _mm512_max_ps(x, vmax);
             _mm512_mask_storeu_ps(s + c, live, x);
         }
     }
-    float chunk_max = _mm512_reduce_max_ps(vmax);
+    float chunk_max = _mm512_reduce_max_ps(vmax); /* vmax holds no NaN */
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        memset(s, 0, sizeof(float) * (size_t)n);
-        return 1.0f;
+        /* Rare: no selected logit above -inf so far. The max skipped NaN, so look for a
+         * selected NaN logit (pass 1 wrote -inf at every unselected position < n, so any NaN in
+         * s is a selected one; only 64-position words with a selected position are read): it
+         * makes the row NaN, carried by m_new = NaN into alpha, p, *l and *m (exp16 keeps
+         * NaN). */
+        __mmask16 nan = 0;
+        for (int c64 = 0; c64 < n; c64 += 64) {
+            if (!sel[c64 >> 6])
+                continue;
+            int end = n - c64 < 64 ? n : c64 + 64;
+            for (int c = c64; c < end; c += VW) {
+                __mmask16 live = live_lanes(c, n);
+                __m512 x = _mm512_maskz_loadu_ps(live, s + c);
+                nan |= _mm512_mask_cmp_ps_mask(live, x, x, _CMP_UNORD_Q);
+            }
+        }
+        if (!nan) {
+            memset(s, 0, sizeof(float) * (size_t)n);
+            return 1.0f;
+        }
+        m_new = NAN;
     }
     /* the vector exp on one lane: no call into libm (and no vzeroupper) per row */
     float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
@@ -404,7 +426,8 @@ INLINE void grad_impl(float *s, float *dp, int n, const float *bias, const uint6
             if (CAP)
                 t = _mm512_mul_ps(cap, tanh16(_mm512_div_ps(t, cap)));
             __m512 x = bias ? _mm512_add_ps(t, _mm512_maskz_loadu_ps(live, bias + c)) : t;
-            /* x - lse <= 0 for a consistent lse; the clamp only keeps exp16 in its range */
+            /* x - lse <= 0 for a consistent lse; the clamp only keeps exp16 in its range. min_ps
+             * returns its second operand when either is NaN: a NaN lse or logit gives p = NaN. */
             __m512 p = exp16(_mm512_min_ps(_mm512_set1_ps(88.0f), _mm512_sub_ps(x, vlse)));
             __m512 dx = _mm512_mul_ps(p, _mm512_sub_ps(_mm512_maskz_loadu_ps(live, dp + c), vdelta));
             __m512 ds = dx;
