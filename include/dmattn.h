@@ -109,6 +109,9 @@ DMA_API dma_tensor dma_tensor_3d(void *data, dma_dtype dtype, int64_t d0, int64_
 /** A contiguous row-major 2-D view, e.g. a key padding mask (B, Lk). No validation; pure. */
 DMA_API dma_tensor dma_tensor_2d(void *data, dma_dtype dtype, int64_t d0, int64_t d1);
 
+/** A contiguous 1-D view, e.g. the per-head A (Hkv) of the dynamic bias. No validation; pure. */
+DMA_API dma_tensor dma_tensor_1d(void *data, dma_dtype dtype, int64_t d0);
+
 /* ------------------------------------------------------------------------------------------ */
 /* Context                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
@@ -335,6 +338,67 @@ DMA_API dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma
                         const dma_attn_params *params, const dma_tensor *out,
                         const dma_tensor *lse, const dma_tensor *dout, dma_tensor *dq,
                         dma_tensor *dk, dma_tensor *dv, dma_tensor *dbias);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Dynamic bias from values: the trainable mask generator (DESIGN §1)                         */
+/* ------------------------------------------------------------------------------------------ */
+
+/**
+ * The value-derived per-key bias that DMA's top-k mask is built from. For every batch b, key t
+ * and kv head h, with v_flat[b, t, :] the Hkv * D values of key t of all kv heads concatenated
+ * (head 0 first):
+ *   dt[b, t, h]      = sum_x v_flat[b, t, x] * w_dt[x, h] + b_dt[h]
+ *   bias[b, h, 0, t] = a[h] * softplus(dt[b, t, h]),   softplus(x) = log(1 + exp(x))
+ * The result has the shape dma_sparsity_build() and dma_forward() take for a per-key bias.
+ *
+ * @param v     float32 (B, Lk, Hkv, D), any strides with a unit last stride (a view into a
+ *              fused qkv buffer is fine).
+ * @param w_dt  float32 (Hkv * D, Hkv), 2-D.
+ * @param b_dt  optional float32 (Hkv), 1-D; NULL means zero.
+ * @param a     float32 (Hkv), 1-D.
+ * @param bias  float32 (B, Hkv, 1, Lk), written whole.
+ * The projection runs on OpenBLAS sgemm when the library was built with OpenBLAS (with
+ * OpenBLAS's own threads, OPENBLAS_NUM_THREADS), else on a portable loop (also used for views
+ * OpenBLAS cannot take, e.g. a token stride of 0 when Lk == 1); the rest uses the context's
+ * threads. Results do not depend on the context's thread count. Scratch: B * Lk * Hkv floats.
+ * B == 0 or Lk == 0 is valid and writes nothing. Non-finite values propagate (a NaN in v gives
+ * a NaN bias, which dma_sparsity_build() then reports).
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_HEADS (Hkv < 1),
+ * DMA_ERR_HEAD_DIM, DMA_ERR_OVERFLOW, DMA_ERR_NOMEM.
+ */
+DMA_API dma_status dma_dynamic_bias_forward(dma_context *ctx, const dma_tensor *v,
+                                            const dma_tensor *w_dt, const dma_tensor *b_dt,
+                                            const dma_tensor *a, dma_tensor *bias);
+
+/**
+ * Backward of dma_dynamic_bias_forward(): from dbias (the gradient dma_backward() gives for the
+ * bias), with g = dbias[b, h, 0, t] and ddt = g * a[h] * sigmoid(dt[b, t, h]):
+ *   dv_flat[b, t, x] += sum_h ddt[b, t, h] * w_dt[x, h]     (ADDED into the caller's dv)
+ *   dw_dt[x, h]       = sum_{b,t} v_flat[b, t, x] * ddt[b, t, h]
+ *   db_dt[h]          = sum_{b,t} ddt[b, t, h]
+ *   da[h]             = sum_{b,t} g * softplus(dt[b, t, h])
+ * dt is recomputed from v (nothing is saved by the forward).
+ *
+ * @param v, w_dt, b_dt, a   exactly what the forward was called with.
+ * @param dbias     float32 (B, Hkv, 1, Lk).
+ * @param dv        optional float32 (B, Lk, Hkv, D), any strides with a unit last stride: the
+ *                  contribution is added to what it holds (usually dma_backward()'s dv). NULL:
+ *                  not computed.
+ * @param dw_dt     optional float32 (Hkv * D, Hkv), written whole. NULL: not computed.
+ * @param db_dt     optional float32 (Hkv), written whole. NULL: not computed.
+ * @param da        optional float32 (Hkv), written whole. NULL: not computed.
+ * db_dt may be asked for when b_dt is NULL (its gradient at zero). With B == 0 or Lk == 0 the
+ * sums are empty: dw_dt, db_dt and da become 0. Scratch: B * Lk * Hkv floats, plus
+ * 2 * B * ceil(Lk / 512) * Hkv doubles when db_dt or da is asked for.
+ * Sums over b and t run in a fixed order: results do not depend on the context's thread count.
+ * Errors: those of the forward; a gradient is checked like its input (DMA_ERR_NULL for a NULL
+ * data pointer, DMA_ERR_DTYPE, DMA_ERR_STRIDE, DMA_ERR_SHAPE when its shape differs).
+ */
+DMA_API dma_status dma_dynamic_bias_backward(dma_context *ctx, const dma_tensor *v,
+                                             const dma_tensor *w_dt, const dma_tensor *b_dt,
+                                             const dma_tensor *a, const dma_tensor *dbias,
+                                             dma_tensor *dv, dma_tensor *dw_dt,
+                                             dma_tensor *db_dt, dma_tensor *da);
 
 #ifdef __cplusplus
 }

@@ -45,6 +45,12 @@ dma_tensor dma_tensor_2d(void *data, dma_dtype dtype, int64_t d0, int64_t d1)
     return t;
 }
 
+dma_tensor dma_tensor_1d(void *data, dma_dtype dtype, int64_t d0)
+{
+    dma_tensor t = {data, dtype, 1, {d0, 0, 0, 0}, {1, 0, 0, 0}};
+    return t;
+}
+
 dma_status dma_fail(dma_context *ctx, dma_status status, const char *fmt, ...)
 {
     if (ctx) {
