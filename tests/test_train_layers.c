@@ -24,15 +24,16 @@ START_TEST(embedding_gather_and_scatter)
         tokens[t] = (int32_t)rng_int(&r, 0, V - 2); /* the last row is never read */
     fill_uniform(&r, table, V * C, 1.0f);
     fill_uniform(&r, dout, N * C, 1.0f);
-    fill_sentinel(dtable, sizeof dtable);
     embedding_forward(out, tokens, table, N, C, 2);
     for (int t = 0; t < N; t++)
         for (int c = 0; c < C; c++)
             REQUIRE(out[t * C + c] == table[tokens[t] * C + c], "gather at %d,%d", t, c);
-    embedding_backward(dtable, dout, tokens, N, C, V);
+    for (int i = 0; i < V * C; i++)
+        dtable[i] = 0.5f; /* it adds */
+    embedding_backward(dtable, dout, tokens, N, C);
     for (int v = 0; v < V; v++)
         for (int c = 0; c < C; c++) {
-            double s = 0.0;
+            double s = 0.5;
             for (int t = 0; t < N; t++)
                 s += tokens[t] == v ? dout[t * C + c] : 0.0;
             REQUIRE(fabs(dtable[v * C + c] - s) <= 1e-6, "dtable[%d][%d] %g, expected %g", v,
@@ -174,6 +175,38 @@ START_TEST(linear_matches_double_products_for_any_threads)
                     REQUIRE(fabs(dw[i * NO + o] - s) <= 1e-4 * (1 + fabs(s)), "dw[%d][%d]", i, o);
                 }
         }
+    /* the transposed variants (W stored n_out x n_in), both splits of dW */
+    float *wt = test_malloc(sizeof(float) * NO * NI), *dwt = test_malloc(sizeof(float) * NO * NI);
+    for (int i = 0; i < NI; i++)
+        for (int o = 0; o < NO; o++)
+            wt[o * NI + i] = w[i * NO + o];
+    for (int threads = 1; threads <= 3; threads += 2) {
+        float *y2 = test_malloc(sizeof(float) * N * NO), *dx2 = test_malloc(sizeof(float) * N * NI);
+        linear_forward(y, x, w, N, NI, NO, 0, threads);
+        linear_backward(dx, dw, dy, x, w, N, NI, NO, 0, threads);
+        linear_forward_t(y2, x, wt, N, NI, NO, 0, threads);
+        linear_backward_t(dx2, dwt, dy, x, wt, N, NI, NO, 0, threads);
+        for (int i = 0; i < N * NO; i++)
+            REQUIRE(fabs(y2[i] - y[i]) <= 1e-5 * (1 + fabs(y[i])), "y_t[%d]", i);
+        for (int i = 0; i < N * NI; i++)
+            REQUIRE(fabs(dx2[i] - dx[i]) <= 1e-5 * (1 + fabs(dx[i])), "dx_t[%d]", i);
+        for (int i = 0; i < NI; i++)
+            for (int o = 0; o < NO; o++)
+                REQUIRE(fabs(dwt[o * NI + i] - dw[i * NO + o]) <= 1e-4 * (1 + fabs(dw[i * NO + o])),
+                        "dw_t[%d][%d]", o, i);
+        linear_backward_t(NULL, dwt, x, dy, w, N, NO, NI, 0, threads); /* n_out < n_in */
+        for (int i = 0; i < NI; i++)
+            for (int o = 0; o < NO; o++) {
+                double s = 0.0;
+                for (int t = 0; t < N; t++)
+                    s += (double)x[t * NI + i] * dy[t * NO + o];
+                REQUIRE(fabs(dwt[i * NO + o] - s) <= 1e-4 * (1 + fabs(s)), "dw_t2[%d][%d]", i, o);
+            }
+        free(y2);
+        free(dx2);
+    }
+    free(wt);
+    free(dwt);
     /* dW split by columns: more outputs than inputs */
     float *dw2 = test_malloc(sizeof(float) * NO * NI);
     linear_backward(NULL, dw2, x, dy, w, N, NO, NI, 0, 3);
@@ -378,7 +411,7 @@ END_TEST
 /* ---- lm head ---- */
 
 typedef struct head_case {
-    int N, C, V;
+    int N, C, V, tied;
     float *x, *lnf_w, *w_head;
     const int32_t *labels;
     lm_head_acts a;
@@ -389,13 +422,14 @@ static double head_loss(void *s)
 {
     head_case *k = s;
     return lm_head_forward(&k->a, k->x, k->labels, k->N, k->C, k->V, k->lnf_w, k->w_head,
-                           1e-5f, &k->correct, 2);
+                           k->tied, 1e-5f, &k->correct, 2);
 }
 
-START_TEST(lm_head_loss_and_gradients)
+/* The head with its own C x V weights, or tied to a V x C embedding table. */
+static void check_head(int tied)
 {
     enum { N = 30, C = 8, V = 11 };
-    test_rng r = rng_make(6);
+    test_rng r = rng_make(6 + (uint64_t)tied);
     float x[N * C], lnf_w[C], w_head[C * V], dx[N * C], dlnf[C], dhead[C * V];
     int32_t labels[N], pos[N], lab[N];
     float xg[N * C], hn[N * C], rstd[N], probs[N * V], dlogits[N * V], dhn[N * C], dxg[N * C];
@@ -406,7 +440,7 @@ START_TEST(lm_head_loss_and_gradients)
     fill_uniform(&r, w_head, C * V, 1.0f);
     for (int c = 0; c < C; c++)
         lnf_w[c] = rng_float(&r, 0.5f, 1.5f);
-    head_case k = {N, C, V, x, lnf_w, w_head, labels, {0, pos, lab, xg, hn, rstd, probs}, 0};
+    head_case k = {N, C, V, tied, x, lnf_w, w_head, labels, {0, pos, lab, xg, hn, rstd, probs}, 0};
     double loss = head_loss(&k);
     ck_assert_int_eq(k.a.M, N / 3);
     /* the loss and the hits against a direct evaluation in double */
@@ -423,7 +457,7 @@ START_TEST(lm_head_loss_and_gradients)
         for (int v = 0; v < V; v++) {
             z[v] = 0.0;
             for (int c = 0; c < C; c++)
-                z[v] += x[t * C + c] * rs * lnf_w[c] * w_head[c * V + v];
+                z[v] += x[t * C + c] * rs * lnf_w[c] * (tied ? w_head[v * C + c] : w_head[c * V + v]);
             if (z[v] > zmax) {
                 zmax = z[v];
                 best = v;
@@ -437,8 +471,8 @@ START_TEST(lm_head_loss_and_gradients)
     ck_assert_msg(fabs(loss - want) <= 1e-5 * want, "loss %.8g, expected %.8g", loss, want);
     ck_assert_int_eq(k.correct, hits);
     fill_sentinel(dx, sizeof dx);
-    lm_head_backward(dx, dlnf, dhead, &k.a, 1.0f, lnf_w, w_head, N, C, V, dlogits, dhn, dxg,
-                     scratch, 2);
+    lm_head_backward(dx, dlnf, dhead, &k.a, 1.0f, lnf_w, w_head, tied, N, C, V, dlogits, dhn,
+                     dxg, scratch, 2);
     for (int t = 0; t < N; t++)
         if (labels[t] < 0)
             for (int c = 0; c < C; c++)
@@ -448,6 +482,11 @@ START_TEST(lm_head_loss_and_gradients)
     fd_check("lm head dw_head", w_head, dhead, C * V, head_loss, &k, NULL, &r, 40, 1e-2f, 2e-3,
              1e-2);
 }
+
+START_TEST(lm_head_loss_and_gradients) { check_head(0); }
+END_TEST
+
+START_TEST(lm_head_tied_to_the_embedding) { check_head(1); }
 END_TEST
 
 static Suite *suite(void)
@@ -464,6 +503,7 @@ static Suite *suite(void)
     tcase_add_test(tc, attention_swa_matches_finite_differences);
     tcase_add_test(tc, attention_dma_matches_finite_differences);
     tcase_add_test(tc, lm_head_loss_and_gradients);
+    tcase_add_test(tc, lm_head_tied_to_the_embedding);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -18,8 +18,10 @@
 
 #include <omp.h>
 
+#include "flags.h"
 #include "model.h"
 #include "prng.h"
+#include "progress.h"
 
 typedef struct options {
     int attn; /* -1 = all */
@@ -27,71 +29,40 @@ typedef struct options {
     int steps, warmup, json;
 } options;
 
-static void usage(FILE *f)
-{
-    fprintf(f, "usage: dmattn-train-bench [--attn dense|swa|dma|all] [--seq N] [--d-model N]\n"
-               "         [--layers N] [--heads N] [--kv-heads N] [--batch N] [--vocab N]\n"
-               "         [--window N] [--label-every N] [--threads N] [--steps N] [--warmup N]"
-               " [--json]\n");
-}
-
-static int parse_int(const char *flag, const char *s, int lo, int *out)
-{
-    char *end;
-    long v = strtol(s, &end, 10);
-    if (*s == '\0' || *end != '\0' || v < lo || v > 1 << 30) {
-        fprintf(stderr, "dmattn-train-bench: %s needs an integer >= %d, got '%s'\n", flag, lo, s);
-        return -1;
-    }
-    *out = (int)v;
-    return 0;
-}
+static const char *const synopsis =
+    "Training throughput of the examples' model (examples/common) per attention kind, with the\n"
+    "wall time of every phase of a step. Random tokens, a label every --label-every positions.";
 
 static int parse(int argc, char **argv, options *o)
 {
     *o = (options){.attn = -1, .seq = 256, .d_model = 128, .layers = 2, .heads = 4,
                    .batch = 32, .vocab = 8192, .window = 64, .label_every = 4, .steps = 10,
                    .warmup = 2};
-    struct { const char *name; int *field; int lo; } ints[] = {
-        {"--seq", &o->seq, 1}, {"--d-model", &o->d_model, 2}, {"--layers", &o->layers, 1},
-        {"--heads", &o->heads, 1}, {"--kv-heads", &o->kv_heads, 0}, {"--batch", &o->batch, 1},
-        {"--vocab", &o->vocab, 2}, {"--window", &o->window, 1},
-        {"--label-every", &o->label_every, 1}, {"--threads", &o->threads, 0},
-        {"--steps", &o->steps, 1}, {"--warmup", &o->warmup, 0}};
-    for (int i = 1; i < argc; i++) {
-        const char *a = argv[i];
-        if (!strcmp(a, "--json")) {
-            o->json = 1;
-            continue;
-        }
-        if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
-            usage(stdout);
-            exit(0);
-        }
-        if (i + 1 >= argc) {
-            fprintf(stderr, "dmattn-train-bench: unknown flag or missing value: %s\n", a);
-            usage(stderr);
-            return -1;
-        }
-        if (!strcmp(a, "--attn")) {
-            const char *v = argv[++i];
-            o->attn = strcmp(v, "all") ? attn_kind_parse(v) : -1;
-            if (strcmp(v, "all") && o->attn < 0) {
-                fprintf(stderr, "dmattn-train-bench: --attn is dense, swa, dma or all\n");
-                return -1;
-            }
-            continue;
-        }
-        size_t k = 0;
-        while (k < sizeof ints / sizeof ints[0] && strcmp(a, ints[k].name))
-            k++;
-        if (k == sizeof ints / sizeof ints[0]) {
-            fprintf(stderr, "dmattn-train-bench: unknown flag: %s\n", a);
-            usage(stderr);
-            return -1;
-        }
-        if (parse_int(a, argv[++i], ints[k].lo, ints[k].field))
-            return -1;
+    const char *attn = "all";
+    const flag flags[] = {
+        {"--attn", FLAG_STRING, &attn, 0, 0, "dense, swa, dma or all"},
+        {"--seq", FLAG_INT, &o->seq, 1, 1 << 20, "sequence length"},
+        {"--d-model", FLAG_INT, &o->d_model, 2, 16384, "model width"},
+        {"--layers", FLAG_INT, &o->layers, 1, 1024, "blocks"},
+        {"--heads", FLAG_INT, &o->heads, 1, 1024, "query heads"},
+        {"--kv-heads", FLAG_INT, &o->kv_heads, 0, 1024, "key/value heads (0: as many as heads)"},
+        {"--batch", FLAG_INT, &o->batch, 1, 1 << 16, "sequences per step"},
+        {"--vocab", FLAG_INT, &o->vocab, 2, 1 << 24, "vocabulary"},
+        {"--window", FLAG_INT, &o->window, 1, 1 << 24, "keys per query of swa and dma"},
+        {"--label-every", FLAG_INT, &o->label_every, 1, 1 << 20, "a label every N positions"},
+        {"--threads", FLAG_INT, &o->threads, 0, 4096, "threads (0: all)"},
+        {"--steps", FLAG_INT, &o->steps, 1, 1 << 24, "timed steps"},
+        {"--warmup", FLAG_INT, &o->warmup, 0, 1 << 24, "untimed steps first"},
+        {"--json", FLAG_SWITCH, &o->json, 0, 0, "one JSON line per kind"},
+    };
+    int rc = flags_parse(argc, argv, "dmattn-train-bench", synopsis, flags,
+                         (int)(sizeof flags / sizeof flags[0]));
+    if (rc)
+        exit(rc > 0 ? 0 : 2);
+    o->attn = strcmp(attn, "all") ? attn_kind_parse(attn) : -1;
+    if (strcmp(attn, "all") && o->attn < 0) {
+        fprintf(stderr, "dmattn-train-bench: --attn is dense, swa, dma or all, not %s\n", attn);
+        return -1;
     }
     if (o->threads == 0)
         o->threads = omp_get_max_threads();
@@ -115,15 +86,21 @@ static int run_kind(const options *o, attn_kind kind, const int32_t *tokens,
     }
     batch b = {.B = o->batch, .L = o->seq, .tokens = tokens, .labels = labels};
     step_stats st;
+    progress prog;
+    progress_begin(&prog, stderr, attn_kind_name(kind), 0, o->warmup + o->steps);
     for (int i = 0; i < o->warmup + o->steps; i++) {
         if (i == o->warmup)
             model_profile_reset(m);
         if (model_train_step(m, &opt, &b, &st)) {
+            progress_end(&prog);
             fprintf(stderr, "dmattn-train-bench: %s\n", m->error);
             model_destroy(m);
             return -1;
         }
+        progress_step(&prog, i + 1, st.loss, (double)st.correct / (st.labelled ? st.labelled : 1),
+                      o->batch * o->seq / st.seconds);
     }
+    progress_end(&prog);
     double total = 0.0;
     for (int p = 0; p < PROF_COUNT; p++)
         total += m->prof[p];

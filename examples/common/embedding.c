@@ -11,12 +11,10 @@ void embedding_forward(float *out, const int32_t *tokens, const float *table, in
         memcpy(out + (size_t)t * C, table + (size_t)tokens[t] * C, sizeof(float) * (size_t)C);
 }
 
-void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C,
-                        int vocab)
+void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C)
 {
     /* Tokens repeat, so rows are added in token order by one thread: a fixed summation order
      * (the cost, N * C adds, is small next to any matrix product). */
-    memset(dtable, 0, sizeof(float) * (size_t)vocab * (size_t)C);
     for (int t = 0; t < N; t++) {
         float *row = dtable + (size_t)tokens[t] * C;
         const float *g = dout + (size_t)t * C;

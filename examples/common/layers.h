@@ -26,9 +26,9 @@
 /** out[t] = table[tokens[t]] for t < N (rows of C floats). Tokens must be in [0, vocab). */
 void embedding_forward(float *out, const int32_t *tokens, const float *table, int N, int C,
                        int threads);
-/** dtable (vocab x C) = the sum of dout[t] over the tokens t that read each row (written whole). */
-void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C,
-                        int vocab);
+/** dtable (vocab x C) += the sum of dout[t] over the tokens t that read each row (added: a tied
+ *  LM head has written its share first). */
+void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C);
 
 /* ---- rmsnorm.c: y = x / rms(x) * w ---- */
 
@@ -62,6 +62,13 @@ void linear_forward(float *out, const float *x, const float *w, int N, int n_in,
  *  dw (n_in x n_out) = x^T dout (written). */
 void linear_backward(float *dx, float *dw, const float *dout, const float *x, const float *w,
                      int N, int n_in, int n_out, int accumulate_dx, int threads);
+
+/** The same with W stored transposed, n_out x n_in (out = x W^T; dW written n_out x n_in):
+ *  the tied LM head multiplies by the embedding table. */
+void linear_forward_t(float *out, const float *x, const float *w, int N, int n_in, int n_out,
+                      int accumulate, int threads);
+void linear_backward_t(float *dx, float *dw, const float *dout, const float *x, const float *w,
+                       int N, int n_in, int n_out, int accumulate_dx, int threads);
 
 /* ---- mlp.c: SwiGLU MLP, y = (silu(x Wg) * (x Wu)) Wd ---- */
 
@@ -146,15 +153,17 @@ typedef struct lm_head_acts {
 
 /** Loss over the positions t with labels[t] >= 0 (labels < vocab): returns the sum over them of
  *  -log softmax(logits)[label] (double), sets a->M and *correct (argmax == label, first
- *  maximum on ties). Logits of unlabelled positions are never formed. */
+ *  maximum on ties). Logits of unlabelled positions are never formed. w_head is C x V, or
+ *  V x C when `tied` (the embedding table itself). */
 double lm_head_forward(lm_head_acts *a, const float *x, const int32_t *labels, int N, int C,
-                       int V, const float *lnf_w, const float *w_head, float eps, int *correct,
-                       int threads);
+                       int V, const float *lnf_w, const float *w_head, int tied, float eps,
+                       int *correct, int threads);
 /** Gradient of loss_sum * scale (scale = 1 / labelled count for a mean): dx (N x C) written whole
  *  (zero at unlabelled tokens), dlnf_w and dw_head written. dlogits (M x V), dhn and dxg
  *  (M x C each) and norm_scratch (rmsnorm_scratch_floats(M, C)) are scratch. */
 void lm_head_backward(float *dx, float *dlnf_w, float *dw_head, const lm_head_acts *a,
-                      float scale, const float *lnf_w, const float *w_head, int N, int C, int V,
-                      float *dlogits, float *dhn, float *dxg, float *norm_scratch, int threads);
+                      float scale, const float *lnf_w, const float *w_head, int tied, int N,
+                      int C, int V, float *dlogits, float *dhn, float *dxg, float *norm_scratch,
+                      int threads);
 
 #endif /* DMTRAIN_LAYERS_H */

@@ -12,8 +12,8 @@
 #include "layers.h"
 
 double lm_head_forward(lm_head_acts *a, const float *x, const int32_t *labels, int N, int C,
-                       int V, const float *lnf_w, const float *w_head, float eps, int *correct,
-                       int threads)
+                       int V, const float *lnf_w, const float *w_head, int tied, float eps,
+                       int *correct, int threads)
 {
     int M = 0;
     for (int t = 0; t < N; t++)
@@ -29,7 +29,10 @@ double lm_head_forward(lm_head_acts *a, const float *x, const int32_t *labels, i
     for (int i = 0; i < M; i++)
         memcpy(a->xg + (size_t)i * C, x + (size_t)a->pos[i] * C, sizeof(float) * (size_t)C);
     rmsnorm_forward(a->hn, a->rstd, a->xg, lnf_w, M, C, eps, threads);
-    linear_forward(a->probs, a->hn, w_head, M, C, V, 0, threads);
+    if (tied)
+        linear_forward_t(a->probs, a->hn, w_head, M, C, V, 0, threads);
+    else
+        linear_forward(a->probs, a->hn, w_head, M, C, V, 0, threads);
 
     double loss = 0.0;
     int hits = 0;
@@ -61,8 +64,9 @@ double lm_head_forward(lm_head_acts *a, const float *x, const int32_t *labels, i
 }
 
 void lm_head_backward(float *dx, float *dlnf_w, float *dw_head, const lm_head_acts *a,
-                      float scale, const float *lnf_w, const float *w_head, int N, int C, int V,
-                      float *dlogits, float *dhn, float *dxg, float *norm_scratch, int threads)
+                      float scale, const float *lnf_w, const float *w_head, int tied, int N,
+                      int C, int V, float *dlogits, float *dhn, float *dxg, float *norm_scratch,
+                      int threads)
 {
     const int M = a->M;
     memset(dx, 0, sizeof(float) * (size_t)N * (size_t)C);
@@ -79,7 +83,10 @@ void lm_head_backward(float *dx, float *dlnf_w, float *dw_head, const lm_head_ac
             g[c] = p[c] * scale;
         g[a->label[i]] -= scale;
     }
-    linear_backward(dhn, dw_head, dlogits, a->hn, w_head, M, C, V, 0, threads);
+    if (tied)
+        linear_backward_t(dhn, dw_head, dlogits, a->hn, w_head, M, C, V, 0, threads);
+    else
+        linear_backward(dhn, dw_head, dlogits, a->hn, w_head, M, C, V, 0, threads);
     memset(dxg, 0, sizeof(float) * (size_t)M * (size_t)C);
     rmsnorm_backward(dxg, dlnf_w, dhn, a->xg, lnf_w, a->rstd, M, C, norm_scratch, threads);
     for (int i = 0; i < M; i++)

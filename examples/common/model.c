@@ -70,6 +70,8 @@ int model_config_check(const model_config *c, char *err, size_t errlen)
     REQ(c->max_seq >= 1 && c->max_seq <= (1 << 24), "max_seq %d is outside 1..2^24",
         c->max_seq);
     REQ(attn_kind_name(c->attn) != NULL, "attention kind %d is unknown", (int)c->attn);
+    REQ(c->attn_only == 0 || c->attn_only == 1, "attn_only must be 0 or 1");
+    REQ(c->tie_embeddings == 0 || c->tie_embeddings == 1, "tie_embeddings must be 0 or 1");
     REQ(c->attn == ATTN_DENSE || c->window >= 1, "window %d must be >= 1 for %s", c->window,
         attn_kind_name(c->attn));
     REQ(isfinite(c->rope_theta) && c->rope_theta > 1.0f, "rope_theta must be finite and > 1");
@@ -184,12 +186,22 @@ static void layout(model *m, int bind)
             pp->attn.w_dt = pp->attn.b_dt = pp->attn.a_dt = NULL;
             gg->attn.w_dt = gg->attn.b_dt = gg->attn.a_dt = NULL;
         }
-        T(pp->ln2_w, gg->ln2_w, "ln2_w", l, C, 1, 0);
-        T(pp->w_gu, gg->w_gu, "w_gu", l, C, 2 * F, 1);
-        T(pp->w_down, gg->w_down, "w_down", l, F, C, 1);
+        if (c->attn_only) {
+            pp->ln2_w = pp->w_gu = pp->w_down = NULL;
+            gg->ln2_w = gg->w_gu = gg->w_down = NULL;
+        } else {
+            T(pp->ln2_w, gg->ln2_w, "ln2_w", l, C, 1, 0);
+            T(pp->w_gu, gg->w_gu, "w_gu", l, C, 2 * F, 1);
+            T(pp->w_down, gg->w_down, "w_down", l, F, C, 1);
+        }
     }
     T(m->lnf_w, m->g_lnf_w, "lnf_w", -1, C, 1, 0);
-    T(m->w_head, m->g_w_head, "w_head", -1, C, c->vocab, 1);
+    if (c->tie_embeddings) {
+        m->w_head = bind ? m->tok_emb : NULL;
+        m->g_w_head = bind ? m->g_tok_emb : NULL;
+    } else {
+        T(m->w_head, m->g_w_head, "w_head", -1, C, c->vocab, 1);
+    }
 #undef T
 }
 
@@ -315,20 +327,22 @@ int model_create(const model_config *cfg, int max_batch, int threads, uint64_t s
         a->x_mid = zalloc(N * (size_t)C, sizeof(float), &ok);
         a->ln1 = zalloc(N * (size_t)C, sizeof(float), &ok);
         a->ln1_rstd = zalloc(N, sizeof(float), &ok);
-        a->ln2 = zalloc(N * (size_t)C, sizeof(float), &ok);
-        a->ln2_rstd = zalloc(N, sizeof(float), &ok);
+        if (!c.attn_only) {
+            a->ln2 = zalloc(N * (size_t)C, sizeof(float), &ok);
+            a->ln2_rstd = zalloc(N, sizeof(float), &ok);
+            a->gu = zalloc(N * 2 * F, sizeof(float), &ok);
+            a->h = zalloc(N * F, sizeof(float), &ok);
+        }
         a->attn.qkv = zalloc(N * QKV, sizeof(float), &ok);
         a->attn.att = zalloc(N * (size_t)Hq * D, sizeof(float), &ok);
         a->attn.lse = zalloc(N * (size_t)Hq, sizeof(float), &ok);
         a->attn.bias = c.attn == ATTN_DMA ? zalloc(N * (size_t)Hkv, sizeof(float), &ok) : NULL;
-        a->gu = zalloc(N * 2 * F, sizeof(float), &ok);
-        a->h = zalloc(N * F, sizeof(float), &ok);
     }
     m->d_resid = zalloc(N * (size_t)C, sizeof(float), &ok);
     m->d_norm = zalloc(N * (size_t)C, sizeof(float), &ok);
     m->norm_scratch = zalloc(rmsnorm_scratch_floats((int)N, C), sizeof(float), &ok);
-    m->d_gu = zalloc(N * 2 * F, sizeof(float), &ok);
-    m->d_h = zalloc(N * F, sizeof(float), &ok);
+    m->d_gu = c.attn_only ? NULL : zalloc(N * 2 * F, sizeof(float), &ok);
+    m->d_h = c.attn_only ? NULL : zalloc(N * F, sizeof(float), &ok);
     m->attn_scratch.dqkv = zalloc(N * QKV, sizeof(float), &ok);
     m->attn_scratch.datt = zalloc(N * (size_t)Hq * D, sizeof(float), &ok);
     m->attn_scratch.dbias = c.attn == ATTN_DMA ? zalloc(N * (size_t)Hkv, sizeof(float), &ok)
@@ -439,15 +453,18 @@ int model_forward(model *m, const batch *b, step_stats *st)
         }
         lap(m, PROF_ATTN_FWD, &t);
         /* out = x_mid + mlp(rmsnorm(x_mid)) */
+        memcpy(m->resid[l + 1], a->x_mid, sizeof(float) * (size_t)N * C);
+        if (c->attn_only)
+            continue;
         rmsnorm_forward(a->ln2, a->ln2_rstd, a->x_mid, p->ln2_w, N, C, c->norm_eps, m->threads);
         lap(m, PROF_NORM, &t);
-        memcpy(m->resid[l + 1], a->x_mid, sizeof(float) * (size_t)N * C);
         mlp_forward(m->resid[l + 1], a->gu, a->h, a->ln2, p->w_gu, p->w_down, N, C, F,
                     m->threads);
         lap(m, PROF_MLP_FWD, &t);
     }
     double loss_sum = lm_head_forward(&m->head, m->resid[c->n_layers], b->labels, N, C, V,
-                                      m->lnf_w, m->w_head, c->norm_eps, &st->correct,
+                                      m->lnf_w, m->w_head, c->tie_embeddings, c->norm_eps,
+                                      &st->correct,
                                       m->threads);
     lap(m, PROF_HEAD_FWD, &t);
     st->labelled = m->head.M;
@@ -464,20 +481,26 @@ int model_backward(model *m)
     double t = omp_get_wtime();
 
     const float scale = m->head.M ? 1.0f / (float)m->head.M : 0.0f; /* the loss is a mean */
-    lm_head_backward(dx, m->g_lnf_w, m->g_w_head, &m->head, scale, m->lnf_w, m->w_head, N, C,
-                     V, m->d_logits, m->d_hn, m->d_xg, m->norm_scratch, m->threads);
+    /* a tied head writes the embedding's gradient first; embedding_backward adds to it */
+    if (!c->tie_embeddings)
+        memset(m->g_tok_emb, 0, sizeof(float) * (size_t)V * C);
+    lm_head_backward(dx, m->g_lnf_w, m->g_w_head, &m->head, scale, m->lnf_w, m->w_head,
+                     c->tie_embeddings, N, C, V, m->d_logits, m->d_hn, m->d_xg, m->norm_scratch,
+                     m->threads);
     lap(m, PROF_HEAD_BWD, &t);
     for (int l = c->n_layers - 1; l >= 0; l--) {
         const block_params *p = &m->blocks[l];
         const block_params *g = &m->g_blocks[l];
         block_acts *a = &m->acts[l];
         /* out = x_mid + mlp(rmsnorm(x_mid)): dx passes through and gets the MLP's share */
-        mlp_backward(m->d_norm, g->w_gu, g->w_down, dx, a->ln2, a->gu, a->h, p->w_gu,
-                     p->w_down, m->d_gu, m->d_h, N, C, F, m->threads);
-        lap(m, PROF_MLP_BWD, &t);
-        rmsnorm_backward(dx, g->ln2_w, m->d_norm, a->x_mid, p->ln2_w, a->ln2_rstd, N, C,
-                         m->norm_scratch, m->threads);
-        lap(m, PROF_NORM_BWD, &t);
+        if (!c->attn_only) {
+            mlp_backward(m->d_norm, g->w_gu, g->w_down, dx, a->ln2, a->gu, a->h, p->w_gu,
+                         p->w_down, m->d_gu, m->d_h, N, C, F, m->threads);
+            lap(m, PROF_MLP_BWD, &t);
+            rmsnorm_backward(dx, g->ln2_w, m->d_norm, a->x_mid, p->ln2_w, a->ln2_rstd, N, C,
+                             m->norm_scratch, m->threads);
+            lap(m, PROF_NORM_BWD, &t);
+        }
         /* x_mid = x + attention(rmsnorm(x)) */
         if (attention_backward(m->ctx, &d, &p->attn, &g->attn, &a->attn, &m->attn_scratch,
                                m->rope_cos, m->rope_sin, a->ln1, dx, m->d_norm, m->error,
@@ -492,7 +515,7 @@ int model_backward(model *m)
                          m->norm_scratch, m->threads);
         lap(m, PROF_NORM_BWD, &t);
     }
-    embedding_backward(m->g_tok_emb, dx, m->tokens, N, C, V);
+    embedding_backward(m->g_tok_emb, dx, m->tokens, N, C);
     lap(m, PROF_EMBED_BWD, &t);
     return 0;
 }

@@ -4,6 +4,7 @@
  *
  *   tokens -> embedding -> n_layers x [x += attention(rmsnorm(x)); x += mlp(rmsnorm(x))]
  *          -> rmsnorm -> logits at labelled positions -> cross-entropy
+ * (attn_only drops the MLP half of each block).
  *
  * One training step is model_train_step(): model_forward, model_backward, model_update, in
  * model.c, top to bottom. Parameters, gradients and the AdamW moments are four flat float
@@ -36,6 +37,10 @@ typedef struct model_config {
     int max_seq;    /* longest sequence (RoPE table, activation buffers) */
     attn_kind attn;
     int window;     /* keys per query for swa and dma (ignored by dense) */
+    int attn_only;  /* nonzero: blocks without the MLP, x += attention(rmsnorm(x)) only (the
+                       recall models of Zoology, whose "state mixer" is the identity) */
+    int tie_embeddings; /* nonzero: the LM head multiplies by the embedding table (as Zoology's
+                           models do), no separate w_head */
     float rope_theta;
     float norm_eps;
     float init_std; /* standard deviation of the weights; output projections get
