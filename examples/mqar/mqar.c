@@ -1,0 +1,308 @@
+/*
+ * mqar - train the examples' model on multi-query associative recall (MQAR) and report its test
+ * accuracy: the paper's central experiment, with dense, sliding-window or dynamic-mask attention.
+ *
+ *   mqar --attn dma --window 64 --kv 16 --seq-len 256 --steps 2000 --results results.jsonl
+ *
+ * Training draws fresh sequences every step (example s * batch + b of the training stream), or
+ * cycles through a fixed set with --train-examples. The test set (--test-examples sequences of
+ * the test stream, another seed) is the same for every model of a configuration. With
+ * --checkpoint the run saves itself every --save-every steps and, started again, resumes where
+ * it stopped; the resumed run is the unbroken one, bit for bit. At the end it prints the test
+ * accuracy and appends one JSON line to --results.
+ */
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <omp.h>
+
+#include "checkpoint.h"
+#include "flags.h"
+#include "model.h"
+#include "mqar_data.h"
+#include "progress.h"
+
+/* Salts that keep the training, test and initialisation streams apart for one --seed. */
+#define TRAIN_STREAM 0x7261696eull
+#define TEST_STREAM 0x74657374ull
+
+typedef struct run {
+    mqar_config data;
+    const char *attn_name, *checkpoint, *results;
+    int d_model, layers, heads, kv_heads, d_ff, window;
+    int steps, epochs, train_examples, test_examples, batch, warmup, save_every, threads, seed;
+    float lr, min_lr, weight_decay, grad_clip;
+    int mlp, untied, quiet;
+} run;
+
+/* What a checkpoint of this program carries besides the model: the run it belongs to (a resume
+ * with other data settings is refused) and the training time so far. */
+static int describe(const run *r, char *buf, size_t len, double seconds)
+{
+    return snprintf(buf, len, "mqar v1 L=%d kv=%d V=%d a=%.9g steps=%d batch=%d "
+                    "train_examples=%d seed=%d secs=%.3f", r->data.seq_len, r->data.kv,
+                    r->data.vocab, (double)r->data.power_a, r->steps, r->batch,
+                    r->train_examples, r->seed, seconds);
+}
+
+/* Fill a batch: examples first .. first + B - 1 of a stream (modulo `cycle` when > 0). */
+static void make_batch(mqar_gen *g, uint64_t stream, uint64_t first, int B, int cycle, int L,
+                       int32_t *tok, int32_t *lab)
+{
+    for (int b = 0; b < B; b++) {
+        uint64_t i = first + (uint64_t)b;
+        if (cycle > 0)
+            i %= (uint64_t)cycle;
+        mqar_example(g, stream, i, tok + (size_t)b * L, lab + (size_t)b * L, NULL);
+    }
+}
+
+/* Accuracy over the test set (forward only). */
+static int evaluate(model *m, mqar_gen *g, const run *r, int32_t *tok, int32_t *lab,
+                    double *accuracy, double *loss)
+{
+    const int L = r->data.seq_len;
+    long correct = 0, labelled = 0;
+    double loss_sum = 0.0;
+    for (int first = 0; first < r->test_examples; first += r->batch) {
+        int B = r->test_examples - first < r->batch ? r->test_examples - first : r->batch;
+        make_batch(g, (uint64_t)r->seed * 0x9E3779B97F4A7C15ull ^ TEST_STREAM, (uint64_t)first,
+                   B, 0, L, tok, lab);
+        batch bt = {B, L, tok, lab};
+        step_stats st;
+        if (model_forward(m, &bt, &st))
+            return -1;
+        correct += st.correct;
+        labelled += st.labelled;
+        loss_sum += st.loss * st.labelled;
+    }
+    *accuracy = labelled ? (double)correct / (double)labelled : 0.0;
+    *loss = labelled ? loss_sum / (double)labelled : 0.0;
+    return 0;
+}
+
+static int append_result(const run *r, const model *m, double acc, double test_loss,
+                         double last_loss, double seconds, double tok_per_s)
+{
+    if (!r->results)
+        return 0;
+    FILE *f = fopen(r->results, "a");
+    if (!f) {
+        fprintf(stderr, "mqar: cannot append to %s: %s\n", r->results, strerror(errno));
+        return -1;
+    }
+    const model_config *c = &m->cfg;
+    fprintf(f, "{\"attn\":\"%s\",\"seq_len\":%d,\"kv\":%d,\"vocab\":%d,\"power_a\":%g,"
+               "\"d_model\":%d,\"layers\":%d,\"heads\":%d,\"kv_heads\":%d,\"mlp\":%d,\"d_ff\":%d,"
+               "\"tied\":%d,"
+               "\"window\":%d,\"steps\":%d,\"batch\":%d,\"train_examples\":%d,\"lr\":%g,"
+               "\"seed\":%d,\"threads\":%d,\"test_examples\":%d,\"test_accuracy\":%.6f,"
+               "\"test_loss\":%.6f,\"final_train_loss\":%.6f,\"train_seconds\":%.1f,"
+               "\"tokens_per_s\":%.1f,\"params\":%zu}\n",
+            attn_kind_name(c->attn), r->data.seq_len, r->data.kv, r->data.vocab,
+            (double)r->data.power_a, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads,
+            !c->attn_only, c->attn_only ? 0 : c->d_ff, c->tie_embeddings, c->attn == ATTN_DENSE ? 0 : c->window, r->steps, r->batch,
+            r->train_examples, (double)r->lr, r->seed, r->threads, r->test_examples, acc,
+            test_loss, last_loss, seconds, tok_per_s, m->n_params);
+    return fclose(f) == 0 ? 0 : -1;
+}
+
+int main(int argc, char **argv)
+{
+    run r = {.data = {.seq_len = 256, .kv = 8, .vocab = 8192, .power_a = 0.01f},
+             .attn_name = "dma", .d_model = 128, .layers = 2, .heads = 2, .window = 64,
+             .steps = 2000, .test_examples = 1000, .batch = 64, .save_every = 200,
+             .seed = 1, .lr = 3e-3f, .weight_decay = 0.1f, .grad_clip = 1.0f};
+    const flag flags[] = {
+        {"--seq-len", FLAG_INT, &r.data.seq_len, 4, 1 << 20, "tokens per sequence (even)"},
+        {"--kv", FLAG_INT, &r.data.kv, 1, 1 << 18, "key-value pairs (and queries) per sequence"},
+        {"--vocab", FLAG_INT, &r.data.vocab, 8, 1 << 24, "vocabulary (half keys, half values)"},
+        {"--power-a", FLAG_FLOAT, &r.data.power_a, 1e-6, 1, "the query gaps' power law"},
+        {"--attn", FLAG_STRING, &r.attn_name, 0, 0, "attention: dense, swa or dma"},
+        {"--window", FLAG_INT, &r.window, 1, 1 << 24, "keys per query (swa, dma)"},
+        {"--d-model", FLAG_INT, &r.d_model, 2, 16384, "model width"},
+        {"--layers", FLAG_INT, &r.layers, 1, 1024, "blocks"},
+        {"--heads", FLAG_INT, &r.heads, 1, 1024, "query heads"},
+        {"--kv-heads", FLAG_INT, &r.kv_heads, 0, 1024, "key/value heads (0: as many as heads)"},
+        {"--mlp", FLAG_SWITCH, &r.mlp, 0, 0,
+         "blocks with a SwiGLU MLP (off: attention only, as Zoology's MQAR models)"},
+        {"--d-ff", FLAG_INT, &r.d_ff, 0, 1 << 20, "SwiGLU width with --mlp (0: 4 d_model)"},
+        {"--untied", FLAG_SWITCH, &r.untied, 0, 0,
+         "an LM head of its own (off: tied to the embedding, as Zoology's models)"},
+        {"--steps", FLAG_INT, &r.steps, 1, 1 << 30, "training steps"},
+        {"--train-examples", FLAG_INT, &r.train_examples, 0, 1 << 30,
+         "a fixed training set of N sequences (0: fresh sequences every step)"},
+        {"--epochs", FLAG_INT, &r.epochs, 0, 1 << 20,
+         "with --train-examples: steps = epochs * examples / batch (overrides --steps)"},
+        {"--batch", FLAG_INT, &r.batch, 1, 1 << 16, "sequences per step"},
+        {"--lr", FLAG_FLOAT, &r.lr, 1e-7, 10, "peak learning rate"},
+        {"--min-lr", FLAG_FLOAT, &r.min_lr, 0, 10, "final learning rate (0: lr / 10)"},
+        {"--warmup", FLAG_INT, &r.warmup, 0, 1 << 30, "warm-up steps (0: 5% of the steps)"},
+        {"--weight-decay", FLAG_FLOAT, &r.weight_decay, 0, 10, "AdamW weight decay"},
+        {"--grad-clip", FLAG_FLOAT, &r.grad_clip, 0, 1e6, "gradient norm clip (0: none)"},
+        {"--test-examples", FLAG_INT, &r.test_examples, 1, 1 << 24, "test sequences"},
+        {"--threads", FLAG_INT, &r.threads, 0, 4096, "threads (0: all)"},
+        {"--seed", FLAG_INT, &r.seed, 0, 1 << 30, "seed of the weights and both data streams"},
+        {"--checkpoint", FLAG_STRING, &r.checkpoint, 0, 0, "save here; resume from it if it exists"},
+        {"--save-every", FLAG_INT, &r.save_every, 1, 1 << 30, "steps between checkpoints"},
+        {"--results", FLAG_STRING, &r.results, 0, 0, "append the result as one JSON line"},
+        {"--quiet", FLAG_SWITCH, &r.quiet, 0, 0, "no progress output"},
+    };
+    const char *synopsis =
+        "Multi-query associative recall (Zoology's MQAR) with dense, sliding-window (swa) or\n"
+        "dynamic-mask (dma) attention: trains, then prints the test accuracy.";
+    int rc = flags_parse(argc, argv, "mqar", synopsis, flags, (int)(sizeof flags / sizeof flags[0]));
+    if (rc)
+        return rc > 0 ? 0 : 2;
+    char err[512];
+    int kind = attn_kind_parse(r.attn_name);
+    if (kind < 0) {
+        fprintf(stderr, "mqar: --attn is dense, swa or dma, not %s\n", r.attn_name);
+        return 2;
+    }
+    if (mqar_check(&r.data, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        return 2;
+    }
+    if (r.epochs > 0) {
+        if (r.train_examples == 0) {
+            fprintf(stderr, "mqar: --epochs needs --train-examples (a fixed training set)\n");
+            return 2;
+        }
+        r.steps = (int)(((int64_t)r.epochs * r.train_examples + r.batch - 1) / r.batch);
+    }
+    if (r.threads == 0)
+        r.threads = omp_get_max_threads();
+    const int L = r.data.seq_len;
+    model_config mc = model_config_defaults((model_config){
+        .vocab = r.data.vocab, .d_model = r.d_model, .n_layers = r.layers, .n_heads = r.heads,
+        .n_kv_heads = r.kv_heads, .d_ff = r.d_ff, .max_seq = L, .attn = (attn_kind)kind,
+        .window = r.window, .attn_only = !r.mlp, .tie_embeddings = !r.untied});
+    adamw_config opt = {.lr = r.lr, .min_lr = r.min_lr > 0 ? r.min_lr : r.lr / 10,
+                        .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
+                        .weight_decay = r.weight_decay, .grad_clip = r.grad_clip,
+                        .total_steps = r.steps, .warmup_steps = r.warmup ? r.warmup : r.steps / 20};
+    if (opt.warmup_steps > opt.total_steps)
+        opt.warmup_steps = opt.total_steps;
+    if (adamw_config_check(&opt, err, sizeof err)) {
+        fprintf(stderr, "mqar: %s\n", err);
+        return 2;
+    }
+
+    /* Resume or start. */
+    model *m = NULL;
+    double trained_seconds = 0.0;
+    char want[256], got[CHECKPOINT_USER_MAX + 1];
+    describe(&r, want, sizeof want, 0.0);
+    if (r.checkpoint && access(r.checkpoint, F_OK) == 0) {
+        uint32_t n = 0;
+        adamw_config saved;
+        if (checkpoint_load(r.checkpoint, r.batch, r.threads, &m, &saved, got,
+                            CHECKPOINT_USER_MAX, &n, err, sizeof err)) {
+            fprintf(stderr, "mqar: %s\n", err);
+            return 1;
+        }
+        got[n] = '\0';
+        /* the same run: data settings (all but the time) and model configuration */
+        const char *secs = strstr(got, " secs=");
+        if (!secs || strncmp(got, want, (size_t)(secs - got)) != 0 ||
+            memcmp(&m->cfg, &mc, sizeof mc) != 0 || memcmp(&saved, &opt, sizeof opt) != 0) {
+            fprintf(stderr, "mqar: %s belongs to another run (%s); this run is %s with "
+                    "%s attention, d_model %d, %d layers\n", r.checkpoint, got, want,
+                    r.attn_name, r.d_model, r.layers);
+            model_destroy(m);
+            return 1;
+        }
+        trained_seconds = atof(secs + 6);
+        if (!r.quiet)
+            printf("resuming %s at step %lld of %d\n", r.checkpoint, (long long)m->step,
+                   r.steps);
+    } else if (model_create(&mc, r.batch, r.threads, (uint64_t)r.seed, &m, err, sizeof err)) {
+        fprintf(stderr, "mqar: %s\n", err);
+        return 1;
+    }
+    mqar_gen *gen;
+    if (mqar_gen_create(&r.data, &gen, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        model_destroy(m);
+        return 1;
+    }
+    int32_t *tok = malloc(sizeof(int32_t) * (size_t)r.batch * L);
+    int32_t *lab = malloc(sizeof(int32_t) * (size_t)r.batch * L);
+    if (!tok || !lab) {
+        fprintf(stderr, "mqar: out of memory\n");
+        return 1;
+    }
+    if (!r.quiet)
+        printf("mqar: L %d, kv %d, vocab %d | %s attention%s, d_model %d, %d layers, %d heads, "
+               "%zu parameters | %d steps of %d, lr %g, %d threads\n",
+               L, r.data.kv, r.data.vocab, r.attn_name,
+               kind == ATTN_DENSE ? "" : (kind == ATTN_SWA ? " (window)" : " (top-k)"),
+               r.d_model, r.layers, r.heads, m->n_params, r.steps, r.batch, (double)r.lr,
+               r.threads);
+
+    /* Train. */
+    const uint64_t train_stream = (uint64_t)r.seed * 0x9E3779B97F4A7C15ull ^ TRAIN_STREAM;
+    progress prog;
+    progress_begin(&prog, stdout, "train", m->step, r.steps);
+    double running_acc = -1.0, last_loss = NAN, t_start = omp_get_wtime();
+    int64_t tokens_done = 0;
+    int status = 0;
+    while (m->step < r.steps) {
+        make_batch(gen, train_stream, (uint64_t)m->step * (uint64_t)r.batch, r.batch,
+                   r.train_examples, L, tok, lab);
+        batch bt = {r.batch, L, tok, lab};
+        step_stats st;
+        if (model_train_step(m, &opt, &bt, &st)) {
+            if (!r.quiet)
+                progress_end(&prog);
+            fprintf(stderr, "mqar: %s\n", m->error);
+            status = 1;
+            break;
+        }
+        tokens_done += (int64_t)r.batch * L;
+        last_loss = st.loss;
+        double acc = st.labelled ? (double)st.correct / st.labelled : 0.0;
+        running_acc = running_acc < 0 ? acc : 0.95 * running_acc + 0.05 * acc;
+        double elapsed = omp_get_wtime() - t_start;
+        if (!r.quiet)
+            progress_step(&prog, m->step, st.loss, running_acc, (double)tokens_done / elapsed);
+        if (r.checkpoint && (m->step % r.save_every == 0 || m->step == r.steps)) {
+            char user[256];
+            int n = describe(&r, user, sizeof user, trained_seconds + elapsed);
+            if (checkpoint_save(m, &opt, user, (uint32_t)n, r.checkpoint, err, sizeof err)) {
+                fprintf(stderr, "mqar: %s\n", err);
+                status = 1;
+                break;
+            }
+        }
+    }
+    const double session_seconds = omp_get_wtime() - t_start;
+    if (!r.quiet && status == 0)
+        progress_end(&prog);
+
+    /* Test. */
+    double acc = 0.0, test_loss = 0.0;
+    if (status == 0 && evaluate(m, gen, &r, tok, lab, &acc, &test_loss)) {
+        fprintf(stderr, "mqar: %s\n", m->error);
+        status = 1;
+    }
+    if (status == 0) {
+        const double seconds = trained_seconds + session_seconds;
+        const double tok_per_s = (double)m->step * r.batch * L / seconds;
+        printf("test accuracy %.2f%% (%d sequences, %d queries each), test loss %.4f; "
+               "trained %.0f s, %.0f tokens/s\n", 100.0 * acc, r.test_examples, r.data.kv,
+               test_loss, seconds, tok_per_s);
+        if (append_result(&r, m, acc, test_loss, last_loss, seconds, tok_per_s))
+            status = 1;
+    }
+    free(tok);
+    free(lab);
+    mqar_gen_destroy(gen);
+    model_destroy(m);
+    return status;
+}
