@@ -69,4 +69,10 @@ void fill_sentinel(void *p, size_t n);
 /** 1 if the `n` bytes still hold the fill_sentinel pattern. */
 int is_sentinel(const void *p, size_t n);
 
+/* ---- running ---- */
+
+/** Run every test of the suite (CK_NORMAL output), free it, and return the process exit status
+ *  (EXIT_SUCCESS when nothing failed): the whole main() of a suite's executable. */
+int test_run_suite(Suite *s);
+
 #endif /* DMATTN_TESTS_COMMON_H */

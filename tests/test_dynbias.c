@@ -875,11 +875,4 @@ static Suite *dynbias_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(dynbias_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
-}
+int main(void) { return test_run_suite(dynbias_suite()); }

@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "layers.h"
+#include "vmath.h"
 
 double lm_head_forward(lm_head_acts *a, const float *x, const int32_t *labels, int N, int C,
                        int V, const float *lnf_w, const float *w_head, int tied, float eps,
@@ -44,13 +45,18 @@ double lm_head_forward(lm_head_acts *a, const float *x, const int32_t *labels, i
             if (z[c] > z[best])
                 best = c;
         hits += best == a->label[i];
-        float zmax = z[best], sum = 0.0f;
+        /* the softmax in vector lanes: a fixed lane order, so the sum is reproducible */
+        const float zmax = z[best];
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
         for (int c = 0; c < V; c++) {
-            z[c] = expf(z[c] - zmax);
+            z[c] = exp_approx(z[c] - zmax);
             sum += z[c];
         }
+        const float inv = 1.0f / sum;
+#pragma omp simd
         for (int c = 0; c < V; c++)
-            z[c] /= sum;
+            z[c] *= inv;
     }
     /* -log p[label], summed in position order (fixed, whatever the threads); a NaN logit row
      * makes the loss NaN, which the trainer reports. */

@@ -5,8 +5,9 @@
 #include <math.h>
 
 #include "layers.h"
+#include "vmath.h"
 
-static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 void mlp_forward(float *out, float *gu, float *h, const float *x, const float *w_gu,
                  const float *w_down, int N, int C, int F, int threads)
@@ -16,6 +17,7 @@ void mlp_forward(float *out, float *gu, float *h, const float *x, const float *w
     for (int t = 0; t < N; t++) {
         const float *g = gu + (size_t)t * 2 * F, *u = g + F;
         float *hr = h + (size_t)t * F;
+#pragma omp simd
         for (int f = 0; f < F; f++)
             hr[f] = g[f] * sigmoidf(g[f]) * u[f];
     }
@@ -31,6 +33,7 @@ void mlp_backward(float *dx, float *dw_gu, float *dw_down, const float *dout, co
     for (int t = 0; t < N; t++) {
         const float *g = gu + (size_t)t * 2 * F, *u = g + F, *dhr = dh + (size_t)t * F;
         float *dg = dgu + (size_t)t * 2 * F, *du = dg + F;
+#pragma omp simd
         for (int f = 0; f < F; f++) {
             float s = sigmoidf(g[f]);
             du[f] = dhr[f] * g[f] * s;

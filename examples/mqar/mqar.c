@@ -35,8 +35,8 @@ typedef struct run {
     const char *attn_name, *checkpoint, *results;
     int d_model, layers, heads, kv_heads, d_ff, window;
     int steps, epochs, train_examples, test_examples, batch, warmup, save_every, threads, seed;
-    float lr, min_lr, weight_decay, grad_clip;
-    int mlp, untied, quiet;
+    float lr, min_lr, weight_decay, grad_clip, max_minutes;
+    int eval_every, mlp, untied, quiet;
 } run;
 
 /* What a checkpoint of this program carries besides the model: the run it belongs to (a resume
@@ -61,15 +61,15 @@ static void make_batch(mqar_gen *g, uint64_t stream, uint64_t first, int B, int 
     }
 }
 
-/* Accuracy over the test set (forward only). */
-static int evaluate(model *m, mqar_gen *g, const run *r, int32_t *tok, int32_t *lab,
+/* Accuracy over the first `count` sequences of the test set (forward only). */
+static int evaluate(model *m, mqar_gen *g, const run *r, int count, int32_t *tok, int32_t *lab,
                     double *accuracy, double *loss)
 {
     const int L = r->data.seq_len;
     long correct = 0, labelled = 0;
     double loss_sum = 0.0;
-    for (int first = 0; first < r->test_examples; first += r->batch) {
-        int B = r->test_examples - first < r->batch ? r->test_examples - first : r->batch;
+    for (int first = 0; first < count; first += r->batch) {
+        int B = count - first < r->batch ? count - first : r->batch;
         make_batch(g, (uint64_t)r->seed * 0x9E3779B97F4A7C15ull ^ TEST_STREAM, (uint64_t)first,
                    B, 0, L, tok, lab);
         batch bt = {B, L, tok, lab};
@@ -100,13 +100,15 @@ static int append_result(const run *r, const model *m, double acc, double test_l
                "\"d_model\":%d,\"layers\":%d,\"heads\":%d,\"kv_heads\":%d,\"mlp\":%d,\"d_ff\":%d,"
                "\"tied\":%d,"
                "\"window\":%d,\"steps\":%d,\"batch\":%d,\"train_examples\":%d,\"lr\":%g,"
-               "\"seed\":%d,\"threads\":%d,\"test_examples\":%d,\"test_accuracy\":%.6f,"
+               "\"seed\":%d,\"threads\":%d,\"steps_done\":%lld,\"test_examples\":%d,"
+               "\"test_accuracy\":%.6f,"
                "\"test_loss\":%.6f,\"final_train_loss\":%.6f,\"train_seconds\":%.1f,"
                "\"tokens_per_s\":%.1f,\"params\":%zu}\n",
             attn_kind_name(c->attn), r->data.seq_len, r->data.kv, r->data.vocab,
             (double)r->data.power_a, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads,
             !c->attn_only, c->attn_only ? 0 : c->d_ff, c->tie_embeddings, c->attn == ATTN_DENSE ? 0 : c->window, r->steps, r->batch,
-            r->train_examples, (double)r->lr, r->seed, r->threads, r->test_examples, acc,
+            r->train_examples, (double)r->lr, r->seed, r->threads, (long long)m->step,
+            r->test_examples, acc,
             test_loss, last_loss, seconds, tok_per_s, m->n_params);
     return fclose(f) == 0 ? 0 : -1;
 }
@@ -150,6 +152,10 @@ int main(int argc, char **argv)
         {"--checkpoint", FLAG_STRING, &r.checkpoint, 0, 0, "save here; resume from it if it exists"},
         {"--save-every", FLAG_INT, &r.save_every, 1, 1 << 30, "steps between checkpoints"},
         {"--results", FLAG_STRING, &r.results, 0, 0, "append the result as one JSON line"},
+        {"--eval-every", FLAG_INT, &r.eval_every, 0, 1 << 30,
+         "print the accuracy on (up to 256) test sequences every N steps (0: never)"},
+        {"--max-minutes", FLAG_FLOAT, &r.max_minutes, 0, 1e6,
+         "stop training after this many minutes of this run (0: no limit), then test"},
         {"--quiet", FLAG_SWITCH, &r.quiet, 0, 0, "no progress output"},
     };
     const char *synopsis =
@@ -271,7 +277,25 @@ int main(int argc, char **argv)
         double elapsed = omp_get_wtime() - t_start;
         if (!r.quiet)
             progress_step(&prog, m->step, st.loss, running_acc, (double)tokens_done / elapsed);
-        if (r.checkpoint && (m->step % r.save_every == 0 || m->step == r.steps)) {
+        const int out_of_time = r.max_minutes > 0 && elapsed > 60.0 * r.max_minutes;
+        if (r.eval_every > 0 && (m->step % r.eval_every == 0 || out_of_time)) {
+            double ea, el;
+            if (evaluate(m, gen, &r, r.test_examples < 256 ? r.test_examples : 256, tok, lab,
+                         &ea, &el)) {
+                fprintf(stderr, "mqar: %s\n", m->error);
+                status = 1;
+                break;
+            }
+            if (!r.quiet) {
+                if (prog.tty)
+                    progress_end(&prog);
+                printf("eval step %lld: test accuracy %.2f%%, test loss %.4f (%.0f s)\n",
+                       (long long)m->step, 100.0 * ea, el, trained_seconds + elapsed);
+                fflush(stdout);
+            }
+        }
+        if (r.checkpoint &&
+            (m->step % r.save_every == 0 || m->step == r.steps || out_of_time)) {
             char user[256];
             int n = describe(&r, user, sizeof user, trained_seconds + elapsed);
             if (checkpoint_save(m, &opt, user, (uint32_t)n, r.checkpoint, err, sizeof err)) {
@@ -280,14 +304,22 @@ int main(int argc, char **argv)
                 break;
             }
         }
+        if (out_of_time) {
+            if (!r.quiet) {
+                progress_end(&prog);
+                printf("stopping at step %lld of %d: --max-minutes %g reached\n",
+                       (long long)m->step, r.steps, (double)r.max_minutes);
+            }
+            break;
+        }
     }
     const double session_seconds = omp_get_wtime() - t_start;
-    if (!r.quiet && status == 0)
+    if (!r.quiet && status == 0 && m->step >= r.steps)
         progress_end(&prog);
 
     /* Test. */
     double acc = 0.0, test_loss = 0.0;
-    if (status == 0 && evaluate(m, gen, &r, tok, lab, &acc, &test_loss)) {
+    if (status == 0 && evaluate(m, gen, &r, r.test_examples, tok, lab, &acc, &test_loss)) {
         fprintf(stderr, "mqar: %s\n", m->error);
         status = 1;
     }
