@@ -36,7 +36,8 @@ static model *new_model(attn_kind kind, uint64_t seed)
     model_config c = model_config_defaults((model_config){
         .vocab = V, .d_model = 16, .n_layers = 2, .n_heads = 4, .n_kv_heads = 2, .max_seq = L,
         .attn = kind, .window = 5, .attn_only = kind == ATTN_SWA, /* both block kinds */
-        .tie_embeddings = kind != ATTN_DENSE});                     /* both heads */
+        .tie_embeddings = kind != ATTN_DENSE,                       /* both heads */
+        .pos_embeddings = kind == ATTN_DMA});
     model *m;
     char err[512];
     ck_assert_msg(model_create(&c, B, 2, seed, &m, err, sizeof err) == 0, "%s", err);
@@ -260,12 +261,12 @@ START_TEST(bad_files_load_nothing)
     write_bytes(bad, copy, n);
     expect_refused(bad, "bad model configuration", "bad configuration");
     memcpy(copy, img, n);
-    poke(copy, n, 72, 0xff, 4); /* lr = NaN */
+    poke(copy, n, 76, 0xff, 4); /* lr = NaN */
     rehash(copy, n);
     write_bytes(bad, copy, n);
     expect_refused(bad, "bad optimizer settings", "bad optimizer settings");
     memcpy(copy, img, n);
-    copy[116] ^= 4; /* a parameter count the configuration does not have */
+    copy[120] ^= 4; /* a parameter count the configuration does not have */
     rehash(copy, n);
     write_bytes(bad, copy, n);
     expect_refused(bad, "checkpoint", "wrong parameter count");

@@ -71,6 +71,7 @@ static void check_model_gradient(attn_kind kind, int window, int attn_only, uint
     model_config c = {.vocab = V, .d_model = 16, .n_layers = 2, .n_heads = 2, .n_kv_heads = 1,
                       .d_ff = 24, .max_seq = L, .attn = kind, .window = window,
                       .attn_only = attn_only, .tie_embeddings = attn_only,
+                      .pos_embeddings = attn_only,
                       .init_std = 0.3f}; /* weights large enough for every layer to matter */
     model *m = make_model(c, B, 2, seed);
     test_rng r = rng_make(seed);

@@ -7,8 +7,8 @@
 #include <string.h>
 
 #define MAGIC "DMATRAIN"
-#define FIXED_BYTES 112 /* from offset 16 to the caller's section */
-#define USER_OFFSET 128
+#define FIXED_BYTES 116 /* from offset 16 to the caller's section */
+#define USER_OFFSET 132
 
 static uint64_t fnv1a(const uint8_t *p, size_t n)
 {
@@ -75,23 +75,23 @@ static void put_header(uint8_t *h, const model_config *c, const adamw_config *o,
     memcpy(h, MAGIC, 8);
     put_u32(h + 8, CHECKPOINT_VERSION);
     put_u32(h + 12, FIXED_BYTES);
-    const int32_t ints[11] = {c->vocab, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads,
+    const int32_t ints[12] = {c->vocab, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads,
                               c->d_ff, c->max_seq, (int32_t)c->attn, c->window, c->attn_only,
-                              c->tie_embeddings};
-    for (int i = 0; i < 11; i++)
+                              c->tie_embeddings, c->pos_embeddings};
+    for (int i = 0; i < 12; i++)
         put_u32(h + 16 + 4 * i, (uint32_t)ints[i]);
-    put_f32(h + 60, c->rope_theta);
-    put_f32(h + 64, c->norm_eps);
-    put_f32(h + 68, c->init_std);
+    put_f32(h + 64, c->rope_theta);
+    put_f32(h + 68, c->norm_eps);
+    put_f32(h + 72, c->init_std);
     const float of[7] = {o->lr, o->min_lr, o->beta1, o->beta2, o->eps, o->weight_decay,
                          o->grad_clip};
     for (int i = 0; i < 7; i++)
-        put_f32(h + 72 + 4 * i, of[i]);
-    put_u32(h + 100, (uint32_t)o->warmup_steps);
-    put_u32(h + 104, (uint32_t)o->total_steps);
-    put_u64(h + 108, (uint64_t)step);
-    put_u64(h + 116, n_params);
-    put_u32(h + 124, user_bytes);
+        put_f32(h + 76 + 4 * i, of[i]);
+    put_u32(h + 104, (uint32_t)o->warmup_steps);
+    put_u32(h + 108, (uint32_t)o->total_steps);
+    put_u64(h + 112, (uint64_t)step);
+    put_u64(h + 120, n_params);
+    put_u32(h + 128, user_bytes);
 }
 
 int checkpoint_save(const model *m, const adamw_config *opt, const void *user,
@@ -217,31 +217,32 @@ int checkpoint_load(const char *path, int max_batch, int threads, model **out,
     if (get_u32(buf + 12) != FIXED_BYTES)
         BAD("header size %u, expected %d", get_u32(buf + 12), FIXED_BYTES);
     model_config c = {0};
-    int32_t ints[11];
-    for (int i = 0; i < 11; i++)
+    int32_t ints[12];
+    for (int i = 0; i < 12; i++)
         ints[i] = (int32_t)get_u32(buf + 16 + 4 * i);
     c.vocab = ints[0], c.d_model = ints[1], c.n_layers = ints[2], c.n_heads = ints[3];
     c.n_kv_heads = ints[4], c.d_ff = ints[5], c.max_seq = ints[6], c.attn = (attn_kind)ints[7];
     c.window = ints[8], c.attn_only = ints[9], c.tie_embeddings = ints[10];
-    c.rope_theta = get_f32(buf + 60);
-    c.norm_eps = get_f32(buf + 64);
-    c.init_std = get_f32(buf + 68);
+    c.pos_embeddings = ints[11];
+    c.rope_theta = get_f32(buf + 64);
+    c.norm_eps = get_f32(buf + 68);
+    c.init_std = get_f32(buf + 72);
     char cfg_err[256];
     if (model_config_check(&c, cfg_err, sizeof cfg_err))
         BAD("bad model configuration: %s", cfg_err);
-    adamw_config o = {.lr = get_f32(buf + 72), .min_lr = get_f32(buf + 76),
-                      .beta1 = get_f32(buf + 80), .beta2 = get_f32(buf + 84),
-                      .eps = get_f32(buf + 88), .weight_decay = get_f32(buf + 92),
-                      .grad_clip = get_f32(buf + 96),
-                      .warmup_steps = (int32_t)get_u32(buf + 100),
-                      .total_steps = (int32_t)get_u32(buf + 104)};
+    adamw_config o = {.lr = get_f32(buf + 76), .min_lr = get_f32(buf + 80),
+                      .beta1 = get_f32(buf + 84), .beta2 = get_f32(buf + 88),
+                      .eps = get_f32(buf + 92), .weight_decay = get_f32(buf + 96),
+                      .grad_clip = get_f32(buf + 100),
+                      .warmup_steps = (int32_t)get_u32(buf + 104),
+                      .total_steps = (int32_t)get_u32(buf + 108)};
     if (adamw_config_check(&o, cfg_err, sizeof cfg_err))
         BAD("bad optimizer settings: %s", cfg_err);
-    const int64_t step = (int64_t)get_u64(buf + 108);
+    const int64_t step = (int64_t)get_u64(buf + 112);
     if (step < 0)
         BAD("negative step count %lld", (long long)step);
-    const uint64_t n = get_u64(buf + 116);
-    const uint32_t ub = get_u32(buf + 124);
+    const uint64_t n = get_u64(buf + 120);
+    const uint32_t ub = get_u32(buf + 128);
     if (ub > CHECKPOINT_USER_MAX)
         BAD("the caller's section claims %u bytes, at most %d", ub, CHECKPOINT_USER_MAX);
     if (n > (SIZE_MAX - USER_OFFSET - CHECKPOINT_USER_MAX - 8) / 12)

@@ -7,18 +7,18 @@
  *   offset  size        field
  *   0       8           magic "DMATRAIN"
  *   8       4   u32     format version (1)
- *   12      4   u32     bytes of the fixed header that follows (112 in version 1)
- *   16      44  11 x i32 vocab, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_seq,
+ *   12      4   u32     bytes of the fixed header that follows (116 in version 1)
+ *   16      48  12 x i32 vocab, d_model, n_layers, n_heads, n_kv_heads, d_ff, max_seq,
  *                       attention kind (0 dense, 1 swa, 2 dma), window, attn_only,
- *                       tie_embeddings
- *   60      12  3 x f32 rope_theta, norm_eps, init_std
- *   72      28  7 x f32 lr, min_lr, beta1, beta2, eps, weight_decay, grad_clip
- *   100     8   2 x i32 warmup_steps, total_steps
- *   108     8   i64     optimizer steps taken
- *   116     8   u64     n, the parameter count (must equal the count the config implies)
- *   124     4   u32     u, bytes of the caller's own section (at most 65536)
- *   128     u           the caller's section (e.g. the example's data settings)
- *   128+u   4n  f32[n]  parameters, in the order of model->tensors
+ *                       tie_embeddings, pos_embeddings
+ *   64      12  3 x f32 rope_theta, norm_eps, init_std
+ *   76      28  7 x f32 lr, min_lr, beta1, beta2, eps, weight_decay, grad_clip
+ *   104     8   2 x i32 warmup_steps, total_steps
+ *   112     8   i64     optimizer steps taken
+ *   120     8   u64     n, the parameter count (must equal the count the config implies)
+ *   128     4   u32     u, bytes of the caller's own section (at most 65536)
+ *   132     u           the caller's section (e.g. the example's data settings)
+ *   132+u   4n  f32[n]  parameters, in the order of model->tensors
  *           4n  f32[n]  AdamW first moments
  *           4n  f32[n]  AdamW second moments
  *   end-8   8   u64     FNV-1a 64-bit hash of every byte before it

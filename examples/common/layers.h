@@ -21,7 +21,7 @@
 
 #include <dmattn.h>
 
-/* ---- embedding.c: token embedding ---- */
+/* ---- embedding.c: token and position embeddings ---- */
 
 /** out[t] = table[tokens[t]] for t < N (rows of C floats). Tokens must be in [0, vocab). */
 void embedding_forward(float *out, const int32_t *tokens, const float *table, int N, int C,
@@ -29,6 +29,14 @@ void embedding_forward(float *out, const int32_t *tokens, const float *table, in
 /** dtable (vocab x C) += the sum of dout[t] over the tokens t that read each row (added: a tied
  *  LM head has written its share first). */
 void embedding_backward(float *dtable, const float *dout, const int32_t *tokens, int N, int C);
+
+/** x (B*L rows of C) += table[i] at position i of each sequence: a learned absolute position
+ *  embedding. */
+void position_forward(float *x, const float *table, int B, int L, int C, int threads);
+/** dtable (rows x C, rows >= L) = the sum over the batch of dout at each position (rows past L
+ *  get 0: written whole). */
+void position_backward(float *dtable, const float *dout, int B, int L, int rows, int C,
+                       int threads);
 
 /* ---- rmsnorm.c: y = x / rms(x) * w ---- */
 

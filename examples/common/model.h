@@ -41,6 +41,9 @@ typedef struct model_config {
                        recall models of Zoology, whose "state mixer" is the identity) */
     int tie_embeddings; /* nonzero: the LM head multiplies by the embedding table (as Zoology's
                            models do), no separate w_head */
+    int pos_embeddings; /* nonzero: a learned absolute position embedding (max_seq x d_model)
+                           added to the token embedding (as Zoology's attention models), besides
+                           RoPE */
     float rope_theta;
     float norm_eps;
     float init_std; /* standard deviation of the weights; output projections get
@@ -130,8 +133,8 @@ typedef struct model {
     int64_t step; /* optimizer steps taken */
 
     /* views into params and grads */
-    float *tok_emb, *lnf_w, *w_head;
-    float *g_tok_emb, *g_lnf_w, *g_w_head;
+    float *tok_emb, *pos_emb, *lnf_w, *w_head;
+    float *g_tok_emb, *g_pos_emb, *g_lnf_w, *g_w_head;
     block_params *blocks, *g_blocks;
 
     /* the last forward: its batch shape, tokens, activations */
@@ -154,7 +157,8 @@ typedef struct model {
 
 /** Allocate a model for batches of up to max_batch sequences of up to cfg->max_seq tokens and
  *  initialise its weights from `seed` (normal(0, init_std) matrices, unit norm weights,
- *  b_dt = 0 and A = 1 for dma). 0 on success; -1 with a sentence in err. */
+ *  b_dt = 0 and A = 0 for dma, as flash-dmattn's Doge model). 0 on success; -1 with a sentence
+ *  in err. */
 int model_create(const model_config *cfg, int max_batch, int threads, uint64_t seed,
                  model **out, char *err, size_t errlen);
 void model_destroy(model *m);

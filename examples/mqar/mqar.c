@@ -35,8 +35,8 @@ typedef struct run {
     const char *attn_name, *checkpoint, *results;
     int d_model, layers, heads, kv_heads, d_ff, window;
     int steps, epochs, train_examples, test_examples, batch, warmup, save_every, threads, seed;
-    float lr, min_lr, weight_decay, grad_clip, max_minutes;
-    int eval_every, mlp, untied, quiet;
+    float lr, min_lr, weight_decay, grad_clip, max_minutes, stop_at;
+    int eval_every, mlp, untied, no_pos_emb, quiet;
 } run;
 
 /* What a checkpoint of this program carries besides the model: the run it belongs to (a resume
@@ -98,16 +98,18 @@ static int append_result(const run *r, const model *m, double acc, double test_l
     const model_config *c = &m->cfg;
     fprintf(f, "{\"attn\":\"%s\",\"seq_len\":%d,\"kv\":%d,\"vocab\":%d,\"power_a\":%g,"
                "\"d_model\":%d,\"layers\":%d,\"heads\":%d,\"kv_heads\":%d,\"mlp\":%d,\"d_ff\":%d,"
-               "\"tied\":%d,"
+               "\"tied\":%d,\"pos_emb\":%d,"
                "\"window\":%d,\"steps\":%d,\"batch\":%d,\"train_examples\":%d,\"lr\":%g,"
-               "\"seed\":%d,\"threads\":%d,\"steps_done\":%lld,\"test_examples\":%d,"
+               "\"seed\":%d,\"threads\":%d,\"max_minutes\":%g,\"stop_at\":%g,"
+               "\"steps_done\":%lld,\"test_examples\":%d,"
                "\"test_accuracy\":%.6f,"
                "\"test_loss\":%.6f,\"final_train_loss\":%.6f,\"train_seconds\":%.1f,"
                "\"tokens_per_s\":%.1f,\"params\":%zu}\n",
             attn_kind_name(c->attn), r->data.seq_len, r->data.kv, r->data.vocab,
             (double)r->data.power_a, c->d_model, c->n_layers, c->n_heads, c->n_kv_heads,
-            !c->attn_only, c->attn_only ? 0 : c->d_ff, c->tie_embeddings, c->attn == ATTN_DENSE ? 0 : c->window, r->steps, r->batch,
-            r->train_examples, (double)r->lr, r->seed, r->threads, (long long)m->step,
+            !c->attn_only, c->attn_only ? 0 : c->d_ff, c->tie_embeddings, c->pos_embeddings, c->attn == ATTN_DENSE ? 0 : c->window, r->steps, r->batch,
+            r->train_examples, (double)r->lr, r->seed, r->threads, (double)r->max_minutes,
+            (double)r->stop_at, (long long)m->step,
             r->test_examples, acc,
             test_loss, last_loss, seconds, tok_per_s, m->n_params);
     return fclose(f) == 0 ? 0 : -1;
@@ -135,6 +137,8 @@ int main(int argc, char **argv)
         {"--d-ff", FLAG_INT, &r.d_ff, 0, 1 << 20, "SwiGLU width with --mlp (0: 4 d_model)"},
         {"--untied", FLAG_SWITCH, &r.untied, 0, 0,
          "an LM head of its own (off: tied to the embedding, as Zoology's models)"},
+        {"--no-pos-emb", FLAG_SWITCH, &r.no_pos_emb, 0, 0,
+         "RoPE alone (off: also learned absolute positions, as Zoology's attention models)"},
         {"--steps", FLAG_INT, &r.steps, 1, 1 << 30, "training steps"},
         {"--train-examples", FLAG_INT, &r.train_examples, 0, 1 << 30,
          "a fixed training set of N sequences (0: fresh sequences every step)"},
@@ -156,6 +160,8 @@ int main(int argc, char **argv)
          "print the accuracy on (up to 256) test sequences every N steps (0: never)"},
         {"--max-minutes", FLAG_FLOAT, &r.max_minutes, 0, 1e6,
          "stop training after this many minutes of this run (0: no limit), then test"},
+        {"--stop-at", FLAG_FLOAT, &r.stop_at, 0, 1,
+         "with --eval-every: stop training once that accuracy reaches this (0: never)"},
         {"--quiet", FLAG_SWITCH, &r.quiet, 0, 0, "no progress output"},
     };
     const char *synopsis =
@@ -187,7 +193,8 @@ int main(int argc, char **argv)
     model_config mc = model_config_defaults((model_config){
         .vocab = r.data.vocab, .d_model = r.d_model, .n_layers = r.layers, .n_heads = r.heads,
         .n_kv_heads = r.kv_heads, .d_ff = r.d_ff, .max_seq = L, .attn = (attn_kind)kind,
-        .window = r.window, .attn_only = !r.mlp, .tie_embeddings = !r.untied});
+        .window = r.window, .attn_only = !r.mlp, .tie_embeddings = !r.untied,
+        .pos_embeddings = !r.no_pos_emb});
     adamw_config opt = {.lr = r.lr, .min_lr = r.min_lr > 0 ? r.min_lr : r.lr / 10,
                         .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
                         .weight_decay = r.weight_decay, .grad_clip = r.grad_clip,
@@ -277,7 +284,7 @@ int main(int argc, char **argv)
         double elapsed = omp_get_wtime() - t_start;
         if (!r.quiet)
             progress_step(&prog, m->step, st.loss, running_acc, (double)tokens_done / elapsed);
-        const int out_of_time = r.max_minutes > 0 && elapsed > 60.0 * r.max_minutes;
+        int out_of_time = r.max_minutes > 0 && elapsed > 60.0 * r.max_minutes, learnt = 0;
         if (r.eval_every > 0 && (m->step % r.eval_every == 0 || out_of_time)) {
             double ea, el;
             if (evaluate(m, gen, &r, r.test_examples < 256 ? r.test_examples : 256, tok, lab,
@@ -293,9 +300,10 @@ int main(int argc, char **argv)
                        (long long)m->step, 100.0 * ea, el, trained_seconds + elapsed);
                 fflush(stdout);
             }
+            learnt = r.stop_at > 0 && ea >= r.stop_at;
         }
         if (r.checkpoint &&
-            (m->step % r.save_every == 0 || m->step == r.steps || out_of_time)) {
+            (m->step % r.save_every == 0 || m->step == r.steps || out_of_time || learnt)) {
             char user[256];
             int n = describe(&r, user, sizeof user, trained_seconds + elapsed);
             if (checkpoint_save(m, &opt, user, (uint32_t)n, r.checkpoint, err, sizeof err)) {
@@ -304,11 +312,15 @@ int main(int argc, char **argv)
                 break;
             }
         }
-        if (out_of_time) {
+        if (out_of_time || learnt) {
             if (!r.quiet) {
                 progress_end(&prog);
-                printf("stopping at step %lld of %d: --max-minutes %g reached\n",
-                       (long long)m->step, r.steps, (double)r.max_minutes);
+                if (learnt)
+                    printf("stopping at step %lld of %d: --stop-at %g reached\n",
+                           (long long)m->step, r.steps, (double)r.stop_at);
+                else
+                    printf("stopping at step %lld of %d: --max-minutes %g reached\n",
+                           (long long)m->step, r.steps, (double)r.max_minutes);
             }
             break;
         }
