@@ -285,7 +285,9 @@ int main(int argc, char **argv)
         double elapsed = omp_get_wtime() - t_start;
         if (!r.quiet)
             progress_step(&prog, m->step, st.loss, running_acc, (double)tokens_done / elapsed);
-        int out_of_time = r.max_minutes > 0 && elapsed > 60.0 * r.max_minutes, learnt = 0;
+        /* The budget counts the time of earlier sessions of a resumed run too. */
+        int out_of_time = r.max_minutes > 0 && trained_seconds + elapsed > 60.0 * r.max_minutes;
+        int learnt = 0;
         if (r.eval_every > 0 && (m->step % r.eval_every == 0 || out_of_time)) {
             double ea, el;
             if (evaluate(m, gen, &r, r.test_examples < 256 ? r.test_examples : 256, tok, lab,

@@ -52,11 +52,13 @@ int mqar_gen_create(const mqar_config *c, mqar_gen **out, char *err, size_t errl
 {
     if (mqar_check(c, err, errlen))
         return -1;
-    const int half = c->vocab / 2, slots = mqar_slots(c);
+    /* The pool holds the larger of the value range (V - V/2 tokens: odd V has one more value
+     * than keys) and the gap slots. */
+    const int values = c->vocab - c->vocab / 2, slots = mqar_slots(c);
     mqar_gen *g = calloc(1, sizeof *g);
     if (g) {
         g->c = *c;
-        g->pool = malloc(sizeof(int32_t) * (size_t)(half > slots ? half : slots));
+        g->pool = malloc(sizeof(int32_t) * (size_t)(values > slots ? values : slots));
         g->keys = malloc(sizeof(int32_t) * (size_t)c->kv);
         g->vals = malloc(sizeof(int32_t) * (size_t)c->kv);
         g->gaps = malloc(sizeof(int32_t) * (size_t)c->kv);
