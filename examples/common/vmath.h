@@ -18,7 +18,9 @@ static inline float exp_approx(float x)
      * quiet comparisons (isless, isgreater) never trap, so the compiler may if-convert them */
     const float lo = -87.33654475f, hi = 88.72283905f;
     const int under = __builtin_isless(x, lo), over = __builtin_isgreater(x, hi);
+    const int nan = __builtin_isunordered(x, x);
     float xc = under ? lo : (over ? hi : x);
+    xc = nan ? 0.0f : xc; /* keeps the integer conversion below defined for a NaN */
     /* round to nearest by adding and taking away 1.5 * 2^23 (vectorises without SSE4.1) */
     float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = xc - n * 0.693359375f;
@@ -30,13 +32,13 @@ static inline float exp_approx(float x)
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     float y = p * r * r + r + 1.0f;
-    int32_t e = ((int32_t)n + 127) << 23;
+    uint32_t e = (uint32_t)((int32_t)n + 127) << 23; /* n in [-126, 128]: a biased exponent */
     float scale;
     memcpy(&scale, &e, sizeof scale);
     y *= scale;
     y = under ? 0.0f : y;                      /* underflow (and -inf) */
     y = over ? __builtin_inff() : y;           /* overflow */
-    return __builtin_isunordered(x, x) ? x : y; /* NaN */
+    return nan ? x : y; /* NaN */
 }
 
 #endif /* DMTRAIN_VMATH_H */
