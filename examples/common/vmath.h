@@ -19,8 +19,8 @@ static inline float exp_approx(float x)
     const float lo = -87.33654475f, hi = 88.72283905f;
     const int under = __builtin_isless(x, lo), over = __builtin_isgreater(x, hi);
     const int nan = __builtin_isunordered(x, x);
-    float xc = under ? lo : (over ? hi : x);
-    xc = nan ? 0.0f : xc; /* keeps the integer conversion below defined for a NaN */
+    /* a NaN computes at 0 (keeps the integer conversion below defined) and is returned as is */
+    float xc = nan ? 0.0f : (under ? lo : (over ? hi : x));
     /* round to nearest by adding and taking away 1.5 * 2^23 (vectorises without SSE4.1) */
     float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
     float r = xc - n * 0.693359375f;
