@@ -16,6 +16,7 @@
 #include <omp.h>
 
 #include "internal.h"
+#include "select.h"
 
 /* Internal kind for dma_sparsity_from_mask(). */
 #define KIND_FROM_MASK ((dma_mask_kind)100)
@@ -29,50 +30,6 @@ typedef struct build {
     dma_sparsity *sp;
 } build;
 
-/* A slab's growing output and its scratch memory. */
-typedef struct slab {
-    int32_t *keys;
-    int64_t nkeys, cap_keys;
-    uint64_t *words;
-    int64_t nwords, cap_words;
-    int64_t nnz;
-    dma_status status;
-} slab;
-
-static bool grow(void **p, int64_t *cap, int64_t need, size_t elem)
-{
-    if (need <= *cap)
-        return true;
-    int64_t n = dma_max64(need, *cap * 2 + 64);
-    void *q = realloc(*p, (size_t)n * elem);
-    if (!q)
-        return false;
-    *p = q;
-    *cap = n;
-    return true;
-}
-
-/* Room for n more keys at the end of the slab; NULL on allocation failure. */
-static int32_t *slab_keys(slab *sl, int64_t n)
-{
-    if (!grow((void **)&sl->keys, &sl->cap_keys, sl->nkeys + n + 1, sizeof(int32_t)))
-        return NULL;
-    int32_t *p = sl->keys + sl->nkeys;
-    sl->nkeys += n;
-    return p;
-}
-
-/* n more zeroed words at the end of the slab; NULL on allocation failure. */
-static uint64_t *slab_words(slab *sl, int64_t n)
-{
-    if (!grow((void **)&sl->words, &sl->cap_words, sl->nwords + n + 1, sizeof(uint64_t)))
-        return NULL;
-    uint64_t *p = sl->words + sl->nwords;
-    memset(p, 0, (size_t)n * sizeof(uint64_t));
-    sl->nwords += n;
-    return p;
-}
-
 static inline float bias_at(const build *bd, int64_t b, int64_t h, int64_t i, int64_t j)
 {
     const dma_tensor *t = bd->bias;
@@ -85,108 +42,6 @@ static inline bool key_exists(const build *bd, int64_t b, int64_t j)
     if (!t)
         return true;
     return ((const uint8_t *)t->data)[(t->shape[0] == 1 ? 0 : b * t->stride[0]) + j] != 0;
-}
-
-/* A bias that may rank keys: finite or -inf. */
-static inline bool bias_ok(float x) { return !isnan(x) && x != INFINITY; }
-
-/* ---- a min-heap of (value, key) ordered so that the key to drop comes out first ---- */
-
-typedef struct heap_item {
-    float val;
-    int32_t key;
-} heap_item;
-
-/* a is dropped before b: smaller value, or the same value and a later key (earlier key wins). */
-static inline bool drops_first(heap_item a, heap_item b)
-{
-    return a.val < b.val || (a.val == b.val && a.key > b.key);
-}
-
-static void heap_push(heap_item *h, int64_t *n, heap_item x)
-{
-    int64_t i = (*n)++;
-    while (i > 0) {
-        int64_t parent = (i - 1) / 2;
-        if (!drops_first(x, h[parent]))
-            break;
-        h[i] = h[parent];
-        i = parent;
-    }
-    h[i] = x;
-}
-
-static heap_item heap_pop(heap_item *h, int64_t *n)
-{
-    heap_item top = h[0], x = h[--(*n)];
-    int64_t i = 0;
-    for (;;) {
-        int64_t c = 2 * i + 1;
-        if (c >= *n)
-            break;
-        if (c + 1 < *n && drops_first(h[c + 1], h[c]))
-            c++;
-        if (!drops_first(h[c], x))
-            break;
-        h[i] = h[c];
-        i = c;
-    }
-    h[i] = x;
-    return top;
-}
-
-/* Push x, keeping at most `cap` items; returns the key dropped, or -1. */
-static int32_t heap_offer(heap_item *h, int64_t *n, int64_t cap, heap_item x)
-{
-    if (cap == 0)
-        return x.key;
-    if (*n < cap) {
-        heap_push(h, n, x);
-        return -1;
-    }
-    if (!drops_first(h[0], x))
-        return x.key;
-    heap_item old = heap_pop(h, n);
-    heap_push(h, n, x);
-    return old.key;
-}
-
-static int cmp_i32(const void *a, const void *b)
-{
-    int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    return (x > y) - (x < y);
-}
-
-/* Row bounds and nnz of a bitmask row. */
-static void bits_bounds(const uint64_t *w, int32_t nw, int32_t *lo, int32_t *hi, int64_t *nnz)
-{
-    int32_t first = -1, last = -1;
-    for (int32_t k = 0; k < nw; k++) {
-        if (!w[k])
-            continue;
-        if (first < 0)
-            first = k * 64 + __builtin_ctzll(w[k]);
-        last = k * 64 + 63 - __builtin_clzll(w[k]);
-        *nnz += __builtin_popcountll(w[k]);
-    }
-    *lo = first < 0 ? 0 : first;
-    *hi = first < 0 ? 0 : last + 1;
-}
-
-static inline void bit_set(uint64_t *w, int32_t pos) { w[pos >> 6] |= 1ull << (pos & 63); }
-static inline void bit_clear(uint64_t *w, int32_t pos) { w[pos >> 6] &= ~(1ull << (pos & 63)); }
-
-static int32_t find_pos(const int32_t *u, int32_t n, int32_t key)
-{
-    int32_t lo = 0, hi = n;
-    while (lo < hi) {
-        int32_t mid = lo + (hi - lo) / 2;
-        if (u[mid] < key)
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
 }
 
 /* ================================================================================== */
@@ -628,54 +483,7 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
             build_rows(bd, b, h, &slabs[s]);
     }
 
-    /* First failure in slab order (deterministic whatever the threads did). */
-    for (int64_t s = 0; s < nslab && st == DMA_OK; s++)
-        st = slabs[s].status;
-    int64_t nkeys = 0, nwords = 0;
-    for (int64_t s = 0; s < nslab; s++) {
-        nkeys += slabs[s].nkeys;
-        nwords += slabs[s].nwords;
-        sp->nnz += slabs[s].nnz;
-    }
-    if (st == DMA_OK) {
-        sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
-        sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
-        if (!sp->keys || !sp->words)
-            st = DMA_ERR_NOMEM;
-    }
-    if (st == DMA_OK) {
-        int64_t kb = 0, wb = 0;
-        for (int64_t s = 0; s < nslab; s++) {
-            if (slabs[s].nkeys)
-                memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
-            if (slabs[s].nwords)
-                memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
-            for (int64_t t = 0; t < sp->ntiles; t++) {
-                dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
-                if (tile->key_off >= 0)
-                    tile->key_off += kb;
-                if (tile->word_off >= 0)
-                    tile->word_off += wb;
-            }
-            kb += slabs[s].nkeys;
-            wb += slabs[s].nwords;
-        }
-        sp->nkeys = nkeys;
-        sp->nwords = nwords;
-    }
-    for (int64_t s = 0; s < nslab; s++) {
-        free(slabs[s].keys);
-        free(slabs[s].words);
-    }
-    free(slabs);
-    if (st != DMA_OK) {
-        dma_sparsity_destroy(sp);
-        if (st == DMA_ERR_BAD_VALUE)
-            return dma_fail(ctx, st, "bias: NaN or +inf where a mask is generated");
-        return dma_fail(ctx, st, "sparsity: out of memory");
-    }
-    *out = sp;
-    return DMA_OK;
+    return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);
 }
 
 static dma_status check_lengths(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk)

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "select.h"
 
 dma_status dma_sparsity_alloc(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
                               dma_sparsity **out)
@@ -102,5 +103,59 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
                 if (!bits || ((bits[pos >> 6] >> (pos & 63)) & 1u))
                     dst[dma_tile_key(sp, t, pos)] = 1;
         }
+    return DMA_OK;
+}
+
+dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs, int64_t nslab,
+                                 dma_sparsity **out)
+{
+    dma_status st = DMA_OK;
+    /* First failure in slab order (deterministic whatever the threads did). */
+    for (int64_t s = 0; s < nslab && st == DMA_OK; s++)
+        st = slabs[s].status;
+    int64_t nkeys = 0, nwords = 0;
+    for (int64_t s = 0; s < nslab; s++) {
+        nkeys += slabs[s].nkeys;
+        nwords += slabs[s].nwords;
+        sp->nnz += slabs[s].nnz;
+    }
+    if (st == DMA_OK) {
+        sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
+        sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
+        if (!sp->keys || !sp->words)
+            st = DMA_ERR_NOMEM;
+    }
+    if (st == DMA_OK) {
+        int64_t kb = 0, wb = 0;
+        for (int64_t s = 0; s < nslab; s++) {
+            if (slabs[s].nkeys)
+                memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
+            if (slabs[s].nwords)
+                memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
+            for (int64_t t = 0; t < sp->ntiles; t++) {
+                dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
+                if (tile->key_off >= 0)
+                    tile->key_off += kb;
+                if (tile->word_off >= 0)
+                    tile->word_off += wb;
+            }
+            kb += slabs[s].nkeys;
+            wb += slabs[s].nwords;
+        }
+        sp->nkeys = nkeys;
+        sp->nwords = nwords;
+    }
+    for (int64_t s = 0; s < nslab; s++) {
+        free(slabs[s].keys);
+        free(slabs[s].words);
+    }
+    free(slabs);
+    if (st != DMA_OK) {
+        dma_sparsity_destroy(sp);
+        if (st == DMA_ERR_BAD_VALUE)
+            return dma_fail(ctx, st, "bias: NaN or +inf where a mask is generated");
+        return dma_fail(ctx, st, "sparsity: out of memory");
+    }
+    *out = sp;
     return DMA_OK;
 }
