@@ -3,6 +3,9 @@
 #include <string.h>
 
 #include <omp.h>
+#if defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#include <cpuid.h>
+#endif
 
 #include "internal.h"
 
@@ -36,6 +39,21 @@ static const dma_kernels *kernels_built(dma_isa isa)
     }
 }
 
+#if defined(__x86_64__) || defined(__i386__)
+/* F16C (the AVX2 table's binary16 conversions). GCC's __builtin_cpu_supports knows "f16c";
+ * clang's does not (yet), so there cpuid leaf 1 ECX bit 29 answers. */
+static int cpu_has_f16c(void)
+{
+#if defined(__clang__)
+    unsigned a, b, c, d;
+    return __get_cpuid(1, &a, &b, &c, &d) && (c & (1u << 29));
+#else
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("f16c");
+#endif
+}
+#endif
+
 /* Whether the running CPU (and OS) can execute the ISA. */
 static int cpu_has(dma_isa isa)
 {
@@ -44,7 +62,7 @@ static int cpu_has(dma_isa isa)
 #if defined(__x86_64__) || defined(__i386__)
     case DMA_ISA_AVX2:
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && cpu_has_f16c();
     case DMA_ISA_AVX512:
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&

@@ -86,6 +86,23 @@ typedef struct dma_kernels {
      * caller keeps that block small enough for L1. */
     void (*accum_tn)(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
                      int k, int D, int overwrite);
+
+    /* ---- half-precision storage ---- */
+
+    /* dst[i] = src[i] as float32 for i < n: bf16 (f16 == 0) or IEEE binary16 (f16 != 0). Exact:
+     * every bf16 and binary16 value is a float. NaN keeps its sign and payload; a binary16 NaN
+     * comes out quiet (bit 0x00400000 set, as F16C and Arm do), a bf16 NaN is just shifted
+     * (src << 16). No alignment is required; dst and src do not overlap. */
+    void (*to_f32)(float *dst, const uint16_t *src, int64_t n, int f16);
+
+    /* dst[i] = src[i] rounded to bf16 (f16 == 0) or binary16 (f16 != 0) for i < n: round to
+     * nearest, ties to even (x86 ignores MXCSR here; Arm's FCVT follows FPCR, assumed at its
+     * default). Overflow gives +-inf (binary16: from 65520 up), underflow is gradual
+     * (subnormals), +-0 and +-inf are kept. A NaN stays a quiet NaN with its sign and the top
+     * bits of its payload: bf16 (bits >> 16) | 0x0040, binary16 sign | 0x7e00 |
+     * ((bits >> 13) & 0x3ff) (what F16C and Arm's FCVT give). Bitwise the same on every ISA.
+     * No alignment is required; dst and src do not overlap. */
+    void (*from_f32)(uint16_t *dst, const float *src, int64_t n, int f16);
 } dma_kernels;
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */

@@ -167,6 +167,87 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     }
 }
 
+/* ---- half precision: plain bit manipulation, the definition every SIMD file must match ---- */
+
+static uint32_t f32_bits(float f)
+{
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    return x;
+}
+
+static float bits_f32(uint32_t x)
+{
+    float f;
+    memcpy(&f, &x, sizeof f);
+    return f;
+}
+
+/* binary16 -> float32 bits. */
+static uint32_t f16_to_bits(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t e = (h >> 10) & 0x1fu, m = h & 0x3ffu;
+    if (e == 0x1f) /* inf, or NaN made quiet with its payload */
+        return sign | 0x7f800000u | (m << 13) | (m ? 0x00400000u : 0u);
+    if (e)
+        return sign | ((e + 112) << 23) | (m << 13); /* rebias 15 -> 127 */
+    if (!m)
+        return sign;
+    /* subnormal m * 2^-24: normalise so bit 10 is the implicit one */
+    e = 113; /* the float exponent field of 2^-14, the binade of m = 0x400 */
+    while (!(m & 0x400u)) {
+        m <<= 1;
+        e--;
+    }
+    return sign | (e << 23) | ((m & 0x3ffu) << 13);
+}
+
+/* float32 bits -> binary16, round to nearest even. */
+static uint16_t f16_from_bits(uint32_t x)
+{
+    uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    uint32_t a = x & 0x7fffffffu;
+    if (a > 0x7f800000u) /* NaN: quiet, top 10 payload bits kept */
+        return sign | 0x7e00u | (uint16_t)((a >> 13) & 0x3ffu);
+    if (a >= 0x47800000u) /* >= 2^16 and inf: past anything that rounds to 65504 */
+        return sign | 0x7c00u;
+    if (a >= 0x38800000u) { /* binary16 normal: round at bit 13, then rebias the exponent; */
+        a += 0xfffu + ((a >> 13) & 1u); /* a carry out of 65504's binade gives inf (0x7c00) */
+        return sign | (uint16_t)((a - 0x38000000u) >> 13);
+    }
+    /* binary16 subnormal or zero: the value m * 2^(e - 150) is m >> (126 - e) units of 2^-24 */
+    int shift = 126 - (int)(a >> 23);
+    if (shift > 24) /* below 2^-25 (float zeros and subnormals too): rounds to 0 */
+        return sign;
+    uint32_t m = (a & 0x7fffffu) | 0x800000u;
+    uint32_t q = m >> shift, rest = m & ((1u << shift) - 1), half = 1u << (shift - 1);
+    if (rest > half || (rest == half && (q & 1u)))
+        q++; /* may reach 0x400, the smallest normal: the encoding is still right */
+    return sign | (uint16_t)q;
+}
+
+/* float32 bits -> bf16, round to nearest even at bit 16 (subnormals and overflow to inf follow
+ * from the carry). */
+static uint16_t bf16_from_bits(uint32_t x)
+{
+    if ((x & 0x7fffffffu) > 0x7f800000u) /* NaN: keep sign and top payload bits, make quiet */
+        return (uint16_t)((x >> 16) | 0x0040u);
+    return (uint16_t)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+static void to_f32(float *dst, const uint16_t *src, int64_t n, int f16)
+{
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = bits_f32(f16 ? f16_to_bits(src[i]) : (uint32_t)src[i] << 16);
+}
+
+static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
+{
+    for (int64_t i = 0; i < n; i++)
+        dst[i] = f16 ? f16_from_bits(f32_bits(src[i])) : bf16_from_bits(f32_bits(src[i]));
+}
+
 const dma_kernels dma_kernels_scalar = {
     .name = "scalar",
     .mr = MR,
@@ -181,4 +262,6 @@ const dma_kernels dma_kernels_scalar = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .to_f32 = to_f32,
+    .from_f32 = from_f32,
 };

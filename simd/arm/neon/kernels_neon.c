@@ -680,6 +680,80 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Half precision: FCVT for binary16, shifts and integer rounding for bf16                     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* 4 floats -> bf16: round to nearest even on the bits (add 0x7fff + bit 16, keep the top
+ * half); NaN -> (bits >> 16) | 0x40, as lib/kernels_scalar.c. */
+ALWAYS_INLINE uint16x4_t bf16_from_f32x4(float32x4_t f)
+{
+    const uint32x4_t x = vreinterpretq_u32_f32(f);
+    uint32x4_t lsb = vandq_u32(vshrq_n_u32(x, 16), vdupq_n_u32(1));
+    uint32x4_t r = vaddq_u32(vaddq_u32(x, vdupq_n_u32(0x7fff)), lsb);
+    uint32x4_t nan = vcgtq_u32(vandq_u32(x, vdupq_n_u32(0x7fffffff)), vdupq_n_u32(0x7f800000));
+    uint16x4_t quiet = vorr_u16(vshrn_n_u32(x, 16), vdup_n_u16(0x40));
+    return vbsl_u16(vmovn_u32(nan), quiet, vshrn_n_u32(r, 16));
+}
+
+/* 8 values each way. With FPCR at Linux's default (round to nearest even, no flush to zero, DN
+ * clear), FCVT gives subnormals and turns NaN into the quiet NaN with the top payload bits:
+ * the scalar rule. */
+ALWAYS_INLINE void half8_to_f32(float *dst, const uint16_t *src, int f16)
+{
+    uint16x8_t h = vld1q_u16(src);
+    float32x4_t lo, hi;
+    if (f16) {
+        lo = vcvt_f32_f16(vreinterpret_f16_u16(vget_low_u16(h)));
+        hi = vcvt_high_f32_f16(vreinterpretq_f16_u16(h));
+    } else {
+        lo = vreinterpretq_f32_u32(vshll_n_u16(vget_low_u16(h), 16));
+        hi = vreinterpretq_f32_u32(vshll_high_n_u16(h, 16));
+    }
+    vst1q_f32(dst, lo);
+    vst1q_f32(dst + 4, hi);
+}
+
+ALWAYS_INLINE void half8_from_f32(uint16_t *dst, const float *src, int f16)
+{
+    float32x4_t lo = vld1q_f32(src), hi = vld1q_f32(src + 4);
+    uint16x8_t h;
+    if (f16)
+        h = vreinterpretq_u16_f16(vcvt_high_f16_f32(vcvt_f16_f32(lo), hi));
+    else
+        h = vcombine_u16(bf16_from_f32x4(lo), bf16_from_f32x4(hi));
+    vst1q_u16(dst, h);
+}
+
+/* Tails (n % 8 values) go through the same 8-wide code on a zero-padded copy. */
+static void to_f32(float *dst, const uint16_t *src, int64_t n, int f16)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        half8_to_f32(dst + i, src + i, f16);
+    if (i < n) {
+        uint16_t h[8] = {0};
+        float f[8];
+        memcpy(h, src + i, sizeof(uint16_t) * (size_t)(n - i));
+        half8_to_f32(f, h, f16);
+        memcpy(dst + i, f, sizeof(float) * (size_t)(n - i));
+    }
+}
+
+static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
+{
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        half8_from_f32(dst + i, src + i, f16);
+    if (i < n) {
+        float f[8] = {0};
+        uint16_t h[8];
+        memcpy(f, src + i, sizeof(float) * (size_t)(n - i));
+        half8_from_f32(h, f, f16);
+        memcpy(dst + i, h, sizeof(uint16_t) * (size_t)(n - i));
+    }
+}
+
 const dma_kernels dma_kernels_neon = {
     .name = "neon",
     .mr = MR,
@@ -692,4 +766,6 @@ const dma_kernels dma_kernels_neon = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .to_f32 = to_f32,
+    .from_f32 = from_f32,
 };

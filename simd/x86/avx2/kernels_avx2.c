@@ -468,6 +468,72 @@ static void grad_row(float *s, float *dp, int n, const float *bias, const uint64
         grad_impl(s, dp, n, bias, bits, bit0, lo, hi, softcap, lse, delta, dx_sum, 0);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Half precision: F16C for binary16, integer rounding for bf16 (kernels.h has the rules)      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* 8 floats -> bf16: round to nearest even on the bits (add 0x7fff + bit 16, keep the top
+ * half); NaN -> (bits >> 16) | 0x40, as lib/kernels_scalar.c. */
+INLINE __m128i bf16_from_f32x8(__m256 f)
+{
+    const __m256i x = _mm256_castps_si256(f);
+    __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(1));
+    __m256i r = _mm256_add_epi32(_mm256_add_epi32(x, _mm256_set1_epi32(0x7fff)), lsb);
+    r = _mm256_srli_epi32(r, 16);
+    __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(x, _mm256_set1_epi32(0x7fffffff)),
+                                     _mm256_set1_epi32(0x7f800000));
+    __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(x, 16), _mm256_set1_epi32(0x40));
+    r = _mm256_blendv_epi8(r, quiet, nan);
+    /* every lane is <= 0xffff, so packus's unsigned saturation is exact */
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* 8 values each way. F16C rounds by the immediate (nearest even; MXCSR ignored), gives
+ * subnormals, and turns NaN into the quiet NaN with the top payload bits: the scalar rule. */
+INLINE void half8_to_f32(float *dst, const uint16_t *src, int f16)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)src);
+    __m256 f = f16 ? _mm256_cvtph_ps(h)
+                   : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+    _mm256_storeu_ps(dst, f);
+}
+
+INLINE void half8_from_f32(uint16_t *dst, const float *src, int f16)
+{
+    __m256 f = _mm256_loadu_ps(src);
+    __m128i h = f16 ? _mm256_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT) : bf16_from_f32x8(f);
+    _mm_storeu_si128((__m128i *)dst, h);
+}
+
+/* Tails (n % 8 values) go through the same 8-wide code on a zero-padded copy. */
+static void to_f32(float *dst, const uint16_t *src, int64_t n, int f16)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        half8_to_f32(dst + i, src + i, f16);
+    if (i < n) {
+        uint16_t h[VW] = {0};
+        float f[VW];
+        memcpy(h, src + i, sizeof(uint16_t) * (size_t)(n - i));
+        half8_to_f32(f, h, f16);
+        memcpy(dst + i, f, sizeof(float) * (size_t)(n - i));
+    }
+}
+
+static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        half8_from_f32(dst + i, src + i, f16);
+    if (i < n) {
+        float f[VW] = {0};
+        uint16_t h[VW];
+        memcpy(f, src + i, sizeof(float) * (size_t)(n - i));
+        half8_from_f32(h, f, f16);
+        memcpy(dst + i, h, sizeof(uint16_t) * (size_t)(n - i));
+    }
+}
+
 const dma_kernels dma_kernels_avx2 = {
     .name = "avx2",
     .mr = MR,
@@ -480,4 +546,6 @@ const dma_kernels dma_kernels_avx2 = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .to_f32 = to_f32,
+    .from_f32 = from_f32,
 };

@@ -454,6 +454,59 @@ static void grad_row(float *s, float *dp, int n, const float *bias, const uint64
         grad_impl(s, dp, n, bias, bits, bit0, lo, hi, softcap, lse, delta, dx_sum, 0);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Half precision: AVX512F conversions for binary16; bf16 by integer rounding (AVX512_BF16's   */
+/* VCVTNEPS2BF16 flushes subnormals, unlike the scalar rule); tails are masked                 */
+/* ------------------------------------------------------------------------------------------ */
+
+INLINE __m512 half16_to_f32(__m256i h, int f16)
+{
+    return f16 ? _mm512_cvtph_ps(h)
+               : _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* bf16: round to nearest even on the bits, NaN -> (bits >> 16) | 0x40, as the scalar code.
+ * binary16: VCVTPS2PH rounds by the immediate (nearest even; MXCSR ignored), gives subnormals
+ * and turns NaN into the quiet NaN with the top payload bits: the scalar rule. */
+INLINE __m256i half16_from_f32(__m512 f, int f16)
+{
+    if (f16)
+        return _mm512_cvtps_ph(f, _MM_FROUND_TO_NEAREST_INT);
+    const __m512i x = _mm512_castps_si512(f);
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(x, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_add_epi32(_mm512_add_epi32(x, _mm512_set1_epi32(0x7fff)), lsb);
+    r = _mm512_srli_epi32(r, 16);
+    __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(x, _mm512_set1_epi32(0x7fffffff)),
+                                            _mm512_set1_epi32(0x7f800000));
+    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(x, 16), _mm512_set1_epi32(0x40));
+    return _mm512_cvtepi32_epi16(r); /* lanes are <= 0xffff: truncation is exact */
+}
+
+static void to_f32(float *dst, const uint16_t *src, int64_t n, int f16)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        _mm512_storeu_ps(dst + i,
+                         half16_to_f32(_mm256_loadu_si256((const __m256i *)(src + i)), f16));
+    if (i < n) {
+        __mmask16 live = (__mmask16)((1u << (n - i)) - 1u);
+        _mm512_mask_storeu_ps(dst + i, live,
+                              half16_to_f32(_mm256_maskz_loadu_epi16(live, src + i), f16));
+    }
+}
+
+static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
+{
+    int64_t i = 0;
+    for (; i + VW <= n; i += VW)
+        _mm256_storeu_si256((__m256i *)(dst + i), half16_from_f32(_mm512_loadu_ps(src + i), f16));
+    if (i < n) {
+        __mmask16 live = (__mmask16)((1u << (n - i)) - 1u);
+        _mm256_mask_storeu_epi16(dst + i, live,
+                                 half16_from_f32(_mm512_maskz_loadu_ps(live, src + i), f16));
+    }
+}
+
 const dma_kernels dma_kernels_avx512 = {
     .name = "avx512",
     .mr = MR,
@@ -466,4 +519,6 @@ const dma_kernels dma_kernels_avx512 = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .to_f32 = to_f32,
+    .from_f32 = from_f32,
 };
