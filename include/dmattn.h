@@ -78,8 +78,12 @@ DMA_API const char *dma_status_string(dma_status status);
 /* Tensors                                                                                    */
 /* ------------------------------------------------------------------------------------------ */
 
-/** Element types. Only DMA_F32 (and DMA_BOOL for masks) are computed on today; DMA_BF16 and
- *  DMA_F16 are named so the ABI does not change when they arrive, and give DMA_ERR_DTYPE now. */
+/** Element types. DMA_BF16 (bfloat16) and DMA_F16 (IEEE binary16) are storage types: the
+ *  attention (q, k, v, out, dout; the KV cache) reads them into float32 exactly and computes in
+ *  float32; a 16-bit output is the float32 result rounded once to nearest-even, so it is within
+ *  2^-9 (bf16) or 2^-12 (f16) relative of the float32 output on the same stored inputs. Biases,
+ *  lse and gradients are always float32. The 16-bit tensors hold the raw bit patterns
+ *  (uint16_t). */
 typedef enum dma_dtype {
     DMA_F32 = 0,
     DMA_BF16 = 1,
@@ -281,7 +285,8 @@ typedef struct dma_attn_params {
  * NaN lse. An infinite input may give NaN (inf - inf), or an empty row where it makes every
  * selected score -inf (as a -inf bias does).
  *
- * @param q, k, v   float32 (B, Lq, Hq, D), (B, Lk, Hkv, D), (B, Lk, Hkv, D).
+ * @param q, k, v   (B, Lq, Hq, D), (B, Lk, Hkv, D), (B, Lk, Hkv, D): float32, bf16 or f16, all
+ *                  three (and out) of one type; 16-bit inputs are computed on as float32.
  * @param bias      optional float32 (Bb, Hb, Lb, Lk): Bb in {1, B}, Hb in {1, Hkv, Hq},
  *                  Lb in {1, Lq}; query head h reads bias head h / (Hq / Hb). Not scanned: a
  *                  NaN at a key a row selected makes that row NaN (above); a NaN at a key it
@@ -291,7 +296,8 @@ typedef struct dma_attn_params {
  *                  visible key (dense, or causal with params->causal): the dense baseline runs
  *                  through the same kernels.
  * @param params    scale, softcap, causal. NULL: defaults (all zero).
- * @param out       float32 (B, Lq, Hq, D), written whole.
+ * @param out       (B, Lq, Hq, D) of q's type, written whole (16-bit: the float32 result
+ *                  rounded once to nearest-even).
  * @param lse       optional float32 (B, Hq, Lq): the log-sum-exp of each row (needed by the
  *                  backward). NULL: not written.
  * Work and memory are proportional to the number of selected keys, not to Lq * Lk.
@@ -319,8 +325,12 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  * key j, and a NaN in q_i[d] a NaN dk[d] to keys of the union that row i did not select.
  *
  * @param q, k, v, bias, sp, params   exactly what the forward was called with.
- * @param out, lse  the forward's outputs: float32 (B, Lq, Hq, D) and (B, Hq, Lq); both required.
- * @param dout      float32 (B, Lq, Hq, D): the gradient of the loss with respect to out.
+ * @param out, lse  the forward's outputs: (B, Lq, Hq, D) of q's type and float32 (B, Hq, Lq);
+ *                  both required.
+ * @param dout      (B, Lq, Hq, D) of q's type: the gradient of the loss with respect to out.
+ *                  With bf16/f16 inputs everything is read into float32 exactly and the
+ *                  gradients below are float32 (equal, bit for bit, to the float32 backward on
+ *                  the same stored values).
  * @param dq        float32 (B, Lq, Hq, D), written whole.
  * @param dk, dv    float32 (B, Lk, Hkv, D), written whole (keys nobody selected get 0).
  * @param dbias     optional float32 with the bias's shape, written whole; requires bias.
@@ -331,7 +341,8 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  * O((window + tile) * D); nothing is O(Lq * Lk) except a per-row dbias, which is that size
  * itself.
  * Errors: those of dma_forward, plus DMA_ERR_NULL (lse, dout, dq, dk or dv missing; dbias without
- * bias) and DMA_ERR_SHAPE (a gradient's shape differs from its input's).
+ * bias), DMA_ERR_SHAPE (a gradient's shape differs from its input's) and DMA_ERR_DTYPE (dout not
+ * of q's type, or a gradient that is not float32).
  */
 DMA_API dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                         const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
@@ -399,6 +410,162 @@ DMA_API dma_status dma_dynamic_bias_backward(dma_context *ctx, const dma_tensor 
                                              const dma_tensor *a, const dma_tensor *dbias,
                                              dma_tensor *dv, dma_tensor *dw_dt,
                                              dma_tensor *db_dt, dma_tensor *da);
+
+/* ------------------------------------------------------------------------------------------ */
+/* Inference: a paged KV cache with an incremental top-k selection (DESIGN §2 "KV cache")      */
+/* ------------------------------------------------------------------------------------------ */
+
+/** Opaque KV cache: for B sequences ("entries") and Hkv kv heads, the keys, values and per-key
+ *  biases appended so far, stored in pages of `page_len` tokens taken from one pool shared by
+ *  all entries, and, per (entry, kv head), the state of the causal top-`window` selection (the
+ *  heap of dma_sparsity_build()'s streaming builder). Memory: the pages in use, plus O(window)
+ *  per (entry, head) for the selection, plus O(n) for the journal of the last append of n
+ *  tokens; nothing is O(L^2). Not thread-safe: one call at a time per cache. */
+typedef struct dma_kv_cache dma_kv_cache;
+
+/** Parameters of dma_kv_cache_create(). Zero-initialise, then set what you need. */
+typedef struct dma_kv_cache_params {
+    int64_t batch;      /**< B: sequences the cache holds (>= 1) */
+    int64_t kv_heads;   /**< Hkv (>= 1) */
+    int64_t head_dim;   /**< D (1..DMA_MAX_HEAD_DIM) */
+    dma_dtype dtype;    /**< storage of keys and values: DMA_F32, DMA_BF16 or DMA_F16 */
+    int64_t max_len;    /**< most tokens one entry may hold (>= 1, <= INT32_MAX) */
+    int64_t window;     /**< keys kept per row by the incremental causal top-k selection (>= 0).
+                             0: no selection state (appends take no bias; only the DMA_MASK_DENSE
+                             and DMA_MASK_WINDOW kinds of dma_kv_forward() can be used) */
+    int64_t page_len;   /**< tokens per page (>= 1); 0 = 256 */
+    int64_t max_pages;  /**< pages the pool may hold at once (>= 0); 0 = enough for every entry
+                             at max_len. A smaller pool is shared first come, first served:
+                             an append that needs a page the pool cannot give fails with
+                             DMA_ERR_NOMEM and changes nothing */
+} dma_kv_cache_params;
+
+/**
+ * Create an empty KV cache. Pages are allocated as entries grow (never copied when they do);
+ * pages an entry frees (dma_kv_cache_reset) are reused by any entry.
+ * Errors: DMA_ERR_NULL (ctx, params or out), DMA_ERR_SHAPE (batch, kv_heads, max_len, page_len
+ * or max_pages out of range), DMA_ERR_HEAD_DIM, DMA_ERR_DTYPE (not F32, BF16 or F16),
+ * DMA_ERR_WINDOW (negative window), DMA_ERR_OVERFLOW, DMA_ERR_NOMEM. `out` is untouched on error.
+ */
+DMA_API dma_status dma_kv_cache_create(dma_context *ctx, const dma_kv_cache_params *params,
+                                       dma_kv_cache **out);
+
+/** Free a cache and all its pages. NULL is a no-op. */
+DMA_API void dma_kv_cache_destroy(dma_kv_cache *cache);
+
+/** The parameters the cache was created with (page_len and max_pages with their defaults
+ *  resolved). cache must not be NULL. */
+DMA_API dma_kv_cache_params dma_kv_cache_get_params(const dma_kv_cache *cache);
+
+/** Tokens entry b holds (0 <= b < B), or -1 when b is out of range. cache must not be NULL. */
+DMA_API int64_t dma_kv_cache_length(const dma_kv_cache *cache, int64_t b);
+
+/** Pages the pool holds in use / allocated in all (either pointer may be NULL). */
+DMA_API void dma_kv_cache_pages(const dma_kv_cache *cache, int64_t *in_use, int64_t *allocated);
+
+/**
+ * Empty entry b (or every entry when b == -1): its length becomes 0, its selection state is
+ * cleared and its pages go back to the pool for any entry to reuse.
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE (b outside -1..B-1; nothing is reset).
+ */
+DMA_API dma_status dma_kv_cache_reset(dma_kv_cache *cache, int64_t b);
+
+/**
+ * Append n tokens to every entry, or counts[b] <= n tokens to entry b (a ragged append: entry b
+ * takes rows 0 .. counts[b]-1 of its slice of k, v and bias).
+ *
+ * @param k, v    (B, n, Hkv, D) of the cache's dtype, any strides with a unit last stride.
+ * @param bias    float32 (B, Hkv, 1, n): the per-key selection score (and the bias
+ *                dma_kv_forward() adds to the scores). Required when the cache has a window,
+ *                must be NULL when it has none. NaN or +inf gives DMA_ERR_BAD_VALUE; a -inf key is
+ *                never selected.
+ * @param counts  NULL (every entry appends n) or B values in 0..n.
+ * Each appended key is offered to the (entry, head)'s top-window heap: O(log window) per key
+ * and head. The selection of the newest row after the append, and of every row the append
+ * added, is what dma_sparsity_build() (TOPK, causal, per-key bias) gives for the same rows over
+ * the whole sequence, bit for bit, whatever the chunking of the appends.
+ * All or nothing: every argument, every count against max_len, every bias value and the pages
+ * needed are checked (and the pages taken) before anything is written; on error the cache is as
+ * it was. Uses the context's threads over (entry, head).
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE (sizes, a count outside 0..n, or an entry that would
+ * exceed max_len), DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_BAD_VALUE, DMA_ERR_NOMEM (memory, or
+ * the pool's max_pages).
+ */
+DMA_API dma_status dma_kv_cache_append(dma_context *ctx, dma_kv_cache *cache,
+                                       const dma_tensor *k, const dma_tensor *v,
+                                       const dma_tensor *bias, const int64_t *counts);
+
+/**
+ * dma_kv_cache_append() with the value-derived bias of dma_dynamic_bias_forward() computed by
+ * the library from v (converted to float32 first when the cache stores bf16/f16), w_dt, b_dt
+ * and a. The cache must have a window. Errors: those of both functions.
+ */
+DMA_API dma_status dma_kv_cache_append_dynamic(dma_context *ctx, dma_kv_cache *cache,
+                                               const dma_tensor *k, const dma_tensor *v,
+                                               const dma_tensor *w_dt, const dma_tensor *b_dt,
+                                               const dma_tensor *a, const int64_t *counts);
+
+/**
+ * The keys the newest row of entry b, kv head h selects (the top-window keys of its prefix by
+ * bias), sorted ascending, into keys[0 .. *n). At most min(window, length) keys.
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE (b or h out of range), DMA_ERR_ARG (the cache has no
+ * window), DMA_ERR_BUFFER (cap too small; *n receives the count needed, keys is untouched).
+ */
+DMA_API dma_status dma_kv_cache_selection(const dma_kv_cache *cache, int64_t b, int64_t h,
+                                          int32_t *keys, int64_t cap, int64_t *n);
+
+/**
+ * The selection of the newest Lq rows of every entry as a sparsity object (B, Hkv, Lq, Lk) with
+ * Lk = the longest entry's length; row i of entry b is position length_b - Lq + i, and its keys
+ * are positions of entry b. Meant for tests and inspection (dma_sparsity_to_dense()); the rows
+ * must lie within each entry's last append (Lq <= that append's count for every entry).
+ * Cost O(Lq * log(window) + tiles * (window + Lq)) per (entry, head).
+ * Errors: DMA_ERR_NULL, DMA_ERR_ARG (no window), DMA_ERR_SHAPE (Lq < 0, or more rows than an
+ * entry's last append added), DMA_ERR_NOMEM.
+ */
+DMA_API dma_status dma_kv_cache_sparsity(dma_context *ctx, const dma_kv_cache *cache, int64_t Lq,
+                                         dma_sparsity **out);
+
+/** Parameters of dma_kv_forward(). Zero-initialise, then set what you need. */
+typedef struct dma_kv_attn_params {
+    dma_mask_kind kind; /**< DMA_MASK_TOPK: the cache's incremental selection (needs a window);
+                             DMA_MASK_WINDOW: the last `window` positions; DMA_MASK_DENSE: every
+                             cached key up to the row's position. RELU is not supported. */
+    int64_t window;     /**< DMA_MASK_WINDOW only (>= 0) */
+    int add_bias;       /**< nonzero: add the cached per-key bias to the scores (the cache must
+                             hold biases, i.e. have a window) */
+    float scale;        /**< 0 = 1/sqrt(D); must be finite */
+    float softcap;      /**< as in dma_attn_params */
+} dma_kv_attn_params;
+
+/**
+ * Attention of the newest rows of every entry over the cache: decode (Lq = 1) or chunked
+ * prefill (Lq up to the last append's count), causal, bottom-right aligned per entry.
+ *
+ * @param q       (B, Lq, Hq, D) of the cache's dtype (or float32), Hq a multiple of Hkv. Row i
+ *                of entry b is position length_b - n_b + i, n_b = counts ? counts[b] : Lq.
+ * @param counts  NULL or B values in 0..Lq: ragged batches, one call for entries of different
+ *                lengths and different numbers of new rows. Rows i >= n_b are written as empty
+ *                rows (out 0, lse -inf).
+ * @param out     (B, Lq, Hq, D), the dtype of q, written whole. The output is rounded once
+ *                from the fp32 accumulator.
+ * @param lse     optional float32 (B, Hq, Lq).
+ * For TOPK, a chunk's selection is rebuilt from the cache's heap and the last append's journal
+ * in O(n_b * log(window) + (window + n_b) * tiles) per (entry, head), never O(length); the
+ * selected keys are gathered from their pages (converted to float32 for bf16/f16 storage).
+ * The rows must lie within each entry's last append for TOPK (DMA_ERR_SHAPE otherwise); DENSE
+ * and WINDOW serve any n_b <= length_b.
+ * Results match dma_forward() over the same keys, values, bias and selection to float32
+ * rounding (not bitwise: the order of the sums may differ); with bf16/f16 storage the inputs are
+ * what was stored.
+ * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_HEADS,
+ * DMA_ERR_ARG (kind not supported, or TOPK/add_bias on a cache without a window),
+ * DMA_ERR_WINDOW, DMA_ERR_BAD_VALUE (scale, softcap), DMA_ERR_NOMEM.
+ */
+DMA_API dma_status dma_kv_forward(dma_context *ctx, const dma_kv_cache *cache,
+                                  const dma_tensor *q, const int64_t *counts,
+                                  const dma_kv_attn_params *params, dma_tensor *out,
+                                  dma_tensor *lse);
 
 #ifdef __cplusplus
 }

@@ -16,10 +16,12 @@ dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tenso
     dma_status st;
     if (!q || !k || !v || !out)
         return dma_fail(ctx, DMA_ERR_NULL, "q, k, v and out are required");
-    if ((st = dma_check_tensor(ctx, "q", q, DMA_F32, 4)) ||
-        (st = dma_check_tensor(ctx, "k", k, DMA_F32, 4)) ||
-        (st = dma_check_tensor(ctx, "v", v, DMA_F32, 4)) ||
-        (st = dma_check_tensor(ctx, "out", out, DMA_F32, 4)))
+    /* q, k, v and out share one storage type: float32, bf16 or f16 (computed in float32). */
+    const dma_dtype dt = dma_is_float(q->dtype) ? q->dtype : DMA_F32;
+    if ((st = dma_check_tensor(ctx, "q", q, dt, 4)) ||
+        (st = dma_check_tensor(ctx, "k", k, dt, 4)) ||
+        (st = dma_check_tensor(ctx, "v", v, dt, 4)) ||
+        (st = dma_check_tensor(ctx, "out", out, dt, 4)))
         return st;
     const int64_t B = q->shape[0], Lq = q->shape[1], Hq = q->shape[2], D = q->shape[3];
     const int64_t Lk = k->shape[1], Hkv = k->shape[2];
@@ -138,8 +140,10 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
     iv->r0 = it->tile * DMA_TILE;
     iv->nrows = dma_min64(a->Lq, iv->r0 + DMA_TILE) - iv->r0;
     iv->M = iv->nh * iv->nrows;
-    iv->kbase = f32(a->k) + it->b * a->k->stride[0] + iv->hkv * a->k->stride[2];
-    iv->vbase = f32(a->v) + it->b * a->v->stride[0] + iv->hkv * a->v->stride[2];
+    iv->koff = a->k ? it->b * a->k->stride[0] + iv->hkv * a->k->stride[2] : 0;
+    iv->voff = a->v ? it->b * a->v->stride[0] + iv->hkv * a->v->stride[2] : 0;
+    iv->kbase = a->k && a->k->dtype == DMA_F32 ? f32(a->k) + iv->koff : NULL;
+    iv->vbase = a->v && a->v->dtype == DMA_F32 ? f32(a->v) + iv->voff : NULL;
     for (int64_t i = 0; i < iv->nrows; i++) {
         int64_t row = iv->slab * sp->Lq + iv->r0 + i;
         int32_t lo = sp->row_lo[row], hi = sp->row_hi[row];
@@ -157,13 +161,48 @@ void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_vi
 {
     for (int64_t hh = 0; hh < iv->nh; hh++)
         for (int64_t i = 0; i < iv->nrows; i++) {
-            const float *s = f32(src) + it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
-                             (iv->h0 + hh) * src->stride[2];
+            const int64_t off = it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
+                                (iv->h0 + hh) * src->stride[2];
             float *d = dst + (hh * iv->nrows + i) * ld;
-            for (int64_t x = 0; x < a->D; x++)
-                d[x] = scale * s[x];
+            if (src->dtype == DMA_F32) {
+                for (int64_t x = 0; x < a->D; x++)
+                    d[x] = scale * f32(src)[off + x];
+            } else {
+                a->kern->to_f32(d, (const uint16_t *)src->data + off, a->D, src->dtype == DMA_F16);
+                for (int64_t x = 0; x < a->D; x++)
+                    d[x] *= scale;
+            }
             memset(d + a->D, 0, sizeof(float) * (size_t)(ld - a->D));
         }
+}
+
+void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,
+                     int32_t first, int n, float *dst, int ld)
+{
+    const int64_t D = a->D;
+    for (int c = 0; c < n; c++) {
+        const int64_t at = off + (int64_t)(keys ? keys[c] : first + c) * t->stride[1];
+        float *row = dst + (int64_t)c * ld;
+        if (t->dtype == DMA_F32)
+            memcpy(row, f32(t) + at, sizeof(float) * (size_t)D);
+        else
+            a->kern->to_f32(row, (const uint16_t *)t->data + at, D, t->dtype == DMA_F16);
+        memset(row + D, 0, sizeof(float) * (size_t)(ld - D));
+    }
+}
+
+void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys, int32_t first,
+                 int n, float *kp, float *vp, float *stage)
+{
+    const dma_kernels *kern = a->kern;
+    if (a->k->dtype == DMA_F32) {
+        kern->pack_k(kp, iv->kbase, a->k->stride[1], keys, first, n, (int)a->D);
+        kern->pack_v(vp, a->ld, iv->vbase, a->v->stride[1], keys, first, n, (int)a->D);
+        return;
+    }
+    dma_gather_rows(a, a->k, iv->koff, keys, first, n, stage, a->ld);
+    kern->pack_k(kp, stage, a->ld, NULL, 0, n, (int)a->D);
+    dma_gather_rows(a, a->v, iv->voff, keys, first, n, vp, a->ld);
 }
 
 bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n)

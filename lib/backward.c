@@ -75,7 +75,7 @@ static void item_layout(const bwd *w, const dma_item_view *iv, item_grads *g)
 /* Floats of per-thread panels backward_item() uses. */
 static size_t backward_scratch_floats(const dma_attn *a)
 {
-    size_t n = (size_t)(3 * BWD_ROWS * ROWS_LD(a) + 3 * DMA_CHUNK * a->ld +
+    size_t n = (size_t)(3 * BWD_ROWS * ROWS_LD(a) + 4 * DMA_CHUNK * a->ld +
                         2 * P_ROWS * PS_LD + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * BWD_ROWS +
                         64);
     return (n + 15) / 16 * 16;
@@ -436,6 +436,7 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
     float *row_lse = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
     float *row_delta = row_lse + BWD_ROWS;
     float *ones = row_delta + BWD_ROWS;     /* [mr] */
+    float *Vr = ones + 64;                  /* [DMA_CHUNK][ld] V rows of 16-bit storage */
 
     dma_item_load_rows(a, it, iv, a->q, a->scale, Q, qld);
     dma_item_load_rows(a, it, iv, w->dout, 1.0f, dO, qld);
@@ -454,8 +455,15 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                 memset(Q + r * qld, 0, sizeof(float) * (size_t)qld);
                 memset(dO + r * qld, 0, sizeof(float) * (size_t)qld);
             }
-            const float *o = f32(a->out) + it->b * a->out->stride[0] +
-                             row * a->out->stride[1] + h * a->out->stride[2];
+            const int64_t o_off = it->b * a->out->stride[0] + row * a->out->stride[1] +
+                                  h * a->out->stride[2];
+            float o_row[DMA_MAX_HEAD_DIM];
+            const float *o = f32(a->out) + o_off;
+            if (a->out->dtype != DMA_F32) {
+                kern->to_f32(o_row, (const uint16_t *)a->out->data + o_off, D,
+                             a->out->dtype == DMA_F16);
+                o = o_row;
+            }
             const float *d = dO + r * qld;
             float delta = 0.0f;
             /* in vector lanes: one serial chain of D adds would cost more than the row's copy */
@@ -485,9 +493,16 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
         }
         const int32_t *keys = iv->keys ? iv->keys + c0 : NULL;
         const int32_t first = (int32_t)(iv->first + c0);
-        kern->pack_k(Kp, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
-        kern->pack_k(Vt, iv->vbase, a->v->stride[1], keys, first, (int)n, (int)D);
-        kern->pack_v(Kr, (int)ld, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+        if (a->k->dtype == DMA_F32) {
+            kern->pack_k(Kp, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+            kern->pack_k(Vt, iv->vbase, a->v->stride[1], keys, first, (int)n, (int)D);
+            kern->pack_v(Kr, (int)ld, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
+        } else { /* 16-bit storage: float32 rows first, then the transposed panels from them */
+            dma_gather_rows(a, a->k, iv->koff, keys, first, (int)n, Kr, (int)ld);
+            dma_gather_rows(a, a->v, iv->voff, keys, first, (int)n, Vr, (int)ld);
+            kern->pack_k(Kp, Kr, ld, NULL, 0, (int)n, (int)D);
+            kern->pack_k(Vt, Vr, ld, NULL, 0, (int)n, (int)D);
+        }
         if (a->bias && !w->per_row_bias)
             for (int64_t hh = 0; hh < iv->nh; hh++)
                 dma_gather_key_bias(a, it, iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
@@ -648,7 +663,8 @@ static dma_status check_grad(dma_context *ctx, const char *name, const dma_tenso
 {
     if (!g)
         return dma_fail(ctx, DMA_ERR_NULL, "backward: %s is required", name);
-    dma_status st = dma_check_tensor(ctx, name, g, DMA_F32, 4);
+    /* Gradients are float32 whatever the inputs' storage; dout has the storage of out. */
+    dma_status st = dma_check_tensor(ctx, name, g, strcmp(name, "dout") ? DMA_F32 : like->dtype, 4);
     if (st != DMA_OK)
         return st;
     for (int d = 0; d < 4; d++)
@@ -672,6 +688,8 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     dma_status st = dma_attn_check(ctx, q, k, v, bias, sp, params, out, lse, &w.a);
     if (st != DMA_OK)
         return st;
+    if (dout && dout->dtype != q->dtype)
+        return dma_fail(ctx, DMA_ERR_DTYPE, "backward: dout must have q's dtype");
     if ((st = check_grad(ctx, "dout", dout, q)) || (st = check_grad(ctx, "dq", dq, q)) ||
         (st = check_grad(ctx, "dk", dk, k)) || (st = check_grad(ctx, "dv", dv, v)))
         return st;

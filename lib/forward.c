@@ -14,12 +14,17 @@
 #include <omp.h>
 
 #include "internal.h"
+#include "kvcache.h"
+
+/* Items of at most DMA_DECODE_ROWS rows walk their union in chunks of DMA_DECODE_CHUNK keys. */
+#define DMA_DECODE_ROWS 8
+#define DMA_DECODE_CHUNK 64
 
 /* Floats of per-thread scratch forward_item() uses. */
 static size_t forward_scratch_floats(const dma_attn *a)
 {
     int64_t M = DMA_HEADS_PER_ITEM * DMA_TILE;
-    size_t n = (size_t)(2 * M * a->ld + 2 * DMA_CHUNK * a->ld +
+    size_t n = (size_t)(2 * M * a->ld + 3 * DMA_CHUNK * a->ld +
                         (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK + 2 * M + 64);
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
 }
@@ -42,6 +47,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
     float *row_m = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
     float *row_l = row_m + M;
     float *alpha = row_l + M;                  /* [mr] */
+    float *stage = alpha + mr;                 /* [DMA_CHUNK][ld] K rows of 16-bit storage */
 
     dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
@@ -50,14 +56,28 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
         row_l[r] = 0.0f;
     }
 
-    for (int64_t c0 = 0; c0 < iv.count; c0 += DMA_CHUNK) {
-        const int64_t n = dma_min64(DMA_CHUNK, iv.count - c0);
+    /* Few rows (decode: one query per head) do little work per key: smaller chunks keep the
+     * packed K and V panels in L1, where the rows' work reads them back. */
+    const int64_t chunk = M <= DMA_DECODE_ROWS ? DMA_DECODE_CHUNK : DMA_CHUNK;
+    for (int64_t c0 = 0; c0 < iv.count; c0 += chunk) {
+        const int64_t n = dma_min64(chunk, iv.count - c0);
         if (!dma_chunk_active(&iv, c0, n))
             continue;
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
         const int32_t first = (int32_t)(iv.first + c0);
-        kern->pack_k(Kp, iv.kbase, a->k->stride[1], keys, first, (int)n, (int)D);
-        kern->pack_v(Vp, (int)ld, iv.vbase, a->v->stride[1], keys, first, (int)n, (int)D);
+        const float *V = Vp; /* the V rows of the chunk, stride ld */
+        if (a->cache) {
+            V = dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n, Kp, Vp,
+                              (int)ld, stage);
+            if (a->cache_bias) { /* one kv head's bias, the same for every head of the item */
+                const int n_pad = (int)(dma_div_up(n, nr) * nr);
+                dma_kv_gather_bias(a->cache, it->b, iv.hkv, keys, first, (int)n, n_pad, bias_buf);
+                for (int64_t hh = 1; hh < iv.nh; hh++)
+                    memcpy(bias_buf + hh * DMA_CHUNK, bias_buf, sizeof(float) * (size_t)n_pad);
+            }
+        } else {
+            dma_pack_kv(a, &iv, keys, first, (int)n, Kp, Vp, stage);
+        }
         if (a->bias && !per_row_bias)
             for (int64_t hh = 0; hh < iv.nh; hh++)
                 dma_gather_key_bias(a, it, &iv, hh, c0, n, dma_div_up(n, nr) * nr,
@@ -77,7 +97,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                 if (per_row_bias) {
                     brow = bias_buf;
                     dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n, bias_buf);
-                } else if (a->bias) {
+                } else if (a->bias || a->cache_bias) {
                     brow = bias_buf + hh * DMA_CHUNK + ca;
                 }
                 int lo, hi;
@@ -87,7 +107,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                                              a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
             }
             /* P is zero past n, and V rows past n were never packed: stop at n. */
-            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, Vp + ca * ld,
+            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, V + ca * ld,
                            (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
         }
     }
@@ -99,8 +119,10 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
     for (int64_t hh = 0; hh < iv.nh; hh++)
         for (int64_t i = 0; i < nrows; i++) {
             const int64_t r = hh * nrows + i;
-            float *dst = f32(a->out) + it->b * a->out->stride[0] +
-                         (iv.r0 + i) * a->out->stride[1] + (iv.h0 + hh) * a->out->stride[2];
+            const int64_t off = it->b * a->out->stride[0] + (iv.r0 + i) * a->out->stride[1] +
+                                (iv.h0 + hh) * a->out->stride[2];
+            /* 16-bit outputs are rounded once from the row in O (normalised in place). */
+            float *dst = a->out->dtype == DMA_F32 ? f32(a->out) + off : O + r * ld;
             float row_lse = -INFINITY;
             if (row_l[r] == 0.0f) {
                 memset(dst, 0, sizeof(float) * (size_t)D);
@@ -114,6 +136,9 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                 }
                 row_lse = nan ? NAN : row_m[r] + logf(row_l[r]);
             }
+            if (a->out->dtype != DMA_F32)
+                kern->from_f32((uint16_t *)a->out->data + off, dst, D,
+                               a->out->dtype == DMA_F16);
             if (a->lse)
                 f32(a->lse)[it->b * a->lse->stride[0] + (iv.h0 + hh) * a->lse->stride[1] +
                             (iv.r0 + i) * a->lse->stride[2]] = row_lse;
@@ -144,13 +169,21 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
         return st;
     if ((st = dma_attn_prepare(ctx, &a)) != DMA_OK)
         return st;
+    st = dma_forward_run(ctx, &a);
+    dma_attn_release(&a);
+    return st;
+}
+
+dma_status dma_forward_run(dma_context *ctx, const dma_attn *a)
+{
     dma_item *items = NULL;
     int64_t nitems = 0;
     float *scratch = NULL;
-    if ((st = dma_attn_items(ctx, &a, &items, &nitems)) != DMA_OK)
+    dma_status st = dma_attn_items(ctx, a, &items, &nitems);
+    if (st != DMA_OK)
         goto done;
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, nitems));
-    size_t per_thread = forward_scratch_floats(&a);
+    size_t per_thread = forward_scratch_floats(a);
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
     if (!scratch) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "forward: out of memory for scratch");
@@ -163,11 +196,10 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
         float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t x = 0; x < nitems; x++)
-            forward_item(&a, &items[x], mine);
+            forward_item(a, &items[x], mine);
     }
 done:
     free(items);
     dma_free(scratch);
-    dma_attn_release(&a);
     return st;
 }

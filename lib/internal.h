@@ -126,6 +126,8 @@ typedef struct dma_attn {
     int64_t heads_per_group; /* query heads sharing one kv head and one sparsity head */
     int64_t items_per_group; /* ceil(heads_per_group / DMA_HEADS_PER_ITEM) */
     int ld;                  /* row stride of Q, O and V panels: D rounded up to 16 */
+    const dma_kv_cache *cache; /* keys, values (and bias) come from a KV cache (k, v NULL) */
+    bool cache_bias;         /* add the cache's per-key bias to the scores */
 } dma_attn;
 
 /* Work item: (batch, head group, sub-group of at most DMA_HEADS_PER_ITEM heads, query tile). */
@@ -143,7 +145,9 @@ typedef struct dma_item_view {
     int32_t first, count;       /* the union: keys[0 .. count), or first .. first + count - 1 */
     const uint64_t *bits;       /* row i's bitmask at bits + i * words_per_row, or NULL */
     int64_t words_per_row;
-    const float *kbase, *vbase; /* K and V of (b, hkv): key c at base + key * stride[1] */
+    const float *kbase, *vbase; /* float32 K and V of (b, hkv): key c at base + c * stride[1]
+                                 * (NULL for 16-bit storage, which koff/voff address) */
+    int64_t koff, voff;         /* element offsets of K and V of (b, hkv) in their tensors */
     int32_t lo[DMA_VIEW_ROWS], hi[DMA_VIEW_ROWS]; /* row i selects positions within [lo, hi) */
 } dma_item_view;
 
@@ -160,6 +164,9 @@ dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tenso
                           const dma_attn_params *params, const dma_tensor *out,
                           const dma_tensor *lse, dma_attn *a);
 
+/* Run the forward's work items of a prepared problem over the context's threads. */
+dma_status dma_forward_run(dma_context *ctx, const dma_attn *a);
+
 /* Make the dense/causal sparsity when none was given. Free with dma_attn_release. */
 dma_status dma_attn_prepare(dma_context *ctx, dma_attn *a);
 void dma_attn_release(dma_attn *a);
@@ -170,10 +177,26 @@ dma_status dma_attn_items(dma_context *ctx, const dma_attn *a, dma_item **items,
 
 void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv);
 
-/* Rows of a (B, L, H, D) tensor for the item's heads and rows into dst[M][ld] (ld >= D), times
- * `scale`, zero-padded to ld; row r = hh * nrows + i. */
+/* Rows of a (B, L, H, D) tensor (float32, bf16 or f16) for the item's heads and rows into
+ * dst[M][ld] (ld >= D) as float32, times `scale`, zero-padded to ld; row r = hh * nrows + i. */
 void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                         const dma_tensor *src, float scale, float *dst, int64_t ld);
+
+/* n rows of a (B, L, H, D) tensor of any storage type (key c is row keys[c], or first + c, at
+ * element offset off + key * stride[1]) as float32 rows dst[c * ld ...], zero-padded to ld. */
+void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,
+                     int32_t first, int n, float *dst, int ld);
+
+/* K^T packed into kp and V rows into vp (stride ld) for n keys of the item's kv head, from
+ * float32 or 16-bit k and v; 16-bit keys go through `stage` (n * ld floats). */
+void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys, int32_t first,
+                 int n, float *kp, float *vp, float *stage);
+
+/* Whether a dtype is one the attention computes on (float32, bf16, f16). */
+static inline bool dma_is_float(dma_dtype t)
+{
+    return t == DMA_F32 || t == DMA_BF16 || t == DMA_F16;
+}
 
 /* Whether any row selects a position of chunk [c0, c0 + n). */
 bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n);
