@@ -32,6 +32,9 @@
  */
 #include <dmattn.h>
 
+#include "bench_common.h"
+#include "bench_decode.h"
+
 #include <errno.h>
 #include <math.h>
 #include <omp.h>
@@ -47,8 +50,6 @@
 #ifdef DMATTN_BENCH_HAVE_OPENBLAS
 #include <cblas.h>
 #endif
-
-#define PROG "dmattn-bench"
 
 /* ------------------------------------------------------------------------------------------ */
 /* Enumerations and names (the names are part of the output format)                          */
@@ -90,6 +91,11 @@ typedef struct options {
     int sweep, sweep_quick;
     int backward;
     int_list sw_lens, sw_windows, sw_dims, sw_hkvs, sw_threads;
+    /* --decode, --prefill CHUNK (bench_decode.c) */
+    int decode;
+    int64_t prefill;
+    int ndtypes;
+    dma_dtype dtypes[BENCH_MAX_DTYPES];
 } options;
 
 /* One measurement: one output line. Integer fields < 0 and double fields that are NaN print as
@@ -125,103 +131,6 @@ typedef struct result {
 /* Small helpers                                                                              */
 /* ------------------------------------------------------------------------------------------ */
 
-static void usage_error(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void usage_error(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs(PROG ": ", stderr);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputs("\nTry '" PROG " --help'.\n", stderr);
-    exit(2);
-}
-
-static void fatal(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
-static void fatal(const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    fputs(PROG ": ", stderr);
-    vfprintf(stderr, fmt, ap);
-    va_end(ap);
-    fputc('\n', stderr);
-    exit(1);
-}
-
-/* Every library call goes through here: on error print the status and the context's sentence. */
-static void check(const dma_context *ctx, dma_status st, const char *what)
-{
-    if (st == DMA_OK)
-        return;
-    fprintf(stderr, PROG ": %s failed: %s (status %d)", what, dma_status_string(st), (int)st);
-    if (ctx) {
-        const char *e = dma_context_last_error(ctx);
-        if (e && *e)
-            fprintf(stderr, ": %s", e);
-    }
-    fputc('\n', stderr);
-    exit(1);
-}
-
-/* 64-byte aligned array of n elements of `size` bytes, overflow-checked; exits on failure. */
-static void *xalloc(int64_t n, size_t size, const char *what)
-{
-    if (n < 0 || (n > 0 && (uint64_t)n > (SIZE_MAX - 64) / size))
-        fatal("allocation size overflow for %s (%lld elements)", what, (long long)n);
-    size_t bytes = (size_t)n * size;
-    bytes = (bytes + 63) & ~(size_t)63;
-    if (bytes == 0)
-        bytes = 64;
-    void *p = NULL;
-    if (posix_memalign(&p, 64, bytes) != 0 || !p)
-        fatal("out of memory allocating %zu bytes for %s", bytes, what);
-    return p;
-}
-
-/* n = a * b * c * d with overflow check (all >= 0). */
-static int64_t mul4(int64_t a, int64_t b, int64_t c, int64_t d, const char *what)
-{
-    int64_t f[4] = {a, b, c, d}, n = 1;
-    for (int i = 0; i < 4; i++) {
-        if (f[i] < 0 || (f[i] > 0 && n > INT64_MAX / f[i]))
-            fatal("size overflow for %s", what);
-        n *= f[i];
-    }
-    return n;
-}
-
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-static uint64_t splitmix64(uint64_t *s)
-{
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-/* Uniform in [lo, hi), deterministic for a given seed. */
-static void fill_uniform(float *x, int64_t n, uint64_t seed, float lo, float hi)
-{
-    uint64_t s = seed * 0x2545F4914F6CDD1Dull + 12345u;
-    for (int64_t i = 0; i < n; i++) {
-        float u = (float)(splitmix64(&s) >> 40) * (1.0f / 16777216.0f);
-        x[i] = lo + (hi - lo) * u;
-    }
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
-
 /* Visible (row, key) pairs of one (batch, head): causal is bottom-right aligned. */
 static int64_t visible_pairs(int64_t Lq, int64_t Lk, int causal)
 {
@@ -245,90 +154,6 @@ static double flops_per_pair(int op, int64_t D)
     if (op == OP_BACKWARD)
         return 10.0 * (double)D;
     return 0.0;
-}
-
-/* ------------------------------------------------------------------------------------------ */
-/* Timing                                                                                     */
-/* ------------------------------------------------------------------------------------------ */
-
-typedef void (*bench_fn)(void *arg);
-
-/* How to time one measurement: `warmup` untimed calls, then up to `runs` timed calls; with
- * max_ms > 0 the timed calls stop once they total max_ms (at least one is always taken). */
-typedef struct runspec {
-    int warmup, runs;
-    double max_ms;
-} runspec;
-
-typedef struct timing {
-    double median, min, max;
-    double per_call; /* alternated fn[f > 0]: median over rounds of its call / fn[0]'s call */
-    int runs, warmup;
-} timing;
-
-static timing summarize(double *t, int runs, int warmup)
-{
-    qsort(t, (size_t)runs, sizeof *t, cmp_double);
-    timing r;
-    r.median = runs % 2 ? t[runs / 2] : 0.5 * (t[runs / 2 - 1] + t[runs / 2]);
-    r.min = t[0];
-    r.max = t[runs - 1];
-    r.per_call = NAN;
-    r.runs = runs;
-    r.warmup = warmup;
-    return r;
-}
-
-/* Time `nfn` (1 or 2) functions, alternating between them call by call: two measurements taken
- * this way see the same machine (frequency, neighbours), so their ratio is steadier than that
- * of two measurements taken one after the other. out[1].per_call is the median, over rounds,
- * of fn[1]'s call over fn[0]'s call of the same round: a ratio of neighbours in time, which
- * drift between rounds does not move. `before` (optional, untimed) runs before every call of
- * fn[0]. max_ms bounds the total of all timed calls. */
-static void time_alternating(int nfn, bench_fn const fn[], void *const arg[], bench_fn before,
-                             runspec rs, timing out[])
-{
-    const int warmup = rs.warmup;
-    int runs = rs.runs;
-    double *t = xalloc(2 * runs, sizeof *t, "timings"), total = 0.0;
-    for (int i = 0; i < warmup + runs; i++) {
-        for (int f = 0; f < nfn; f++) {
-            if (before && f == 0)
-                before(arg[0]);
-            double t0 = now_ms();
-            fn[f](arg[f]);
-            double t1 = now_ms();
-            if (i >= warmup) {
-                t[f * rs.runs + i - warmup] = t1 - t0;
-                total += t1 - t0;
-            }
-        }
-        if (i >= warmup && rs.max_ms > 0 && total >= rs.max_ms) {
-            runs = i - warmup + 1;
-            break;
-        }
-    }
-    double per_call = NAN; /* before summarize() sorts each function's times */
-    if (nfn == 2) {
-        double *ratio = xalloc(runs, sizeof *ratio, "timings");
-        for (int i = 0; i < runs; i++)
-            ratio[i] = t[rs.runs + i] / t[i];
-        per_call = summarize(ratio, runs, warmup).median;
-        free(ratio);
-    }
-    for (int f = 0; f < nfn; f++)
-        out[f] = summarize(t + f * rs.runs, runs, warmup);
-    if (nfn == 2)
-        out[1].per_call = per_call;
-    free(t);
-}
-
-/* `before` (optional, untimed) runs before every call of `fn`. */
-static timing time_it(bench_fn fn, bench_fn before, void *arg, runspec rs)
-{
-    timing tm;
-    time_alternating(1, &fn, &arg, before, rs, &tm);
-    return tm;
 }
 
 static result new_result(int op, int impl, const char *isa, int threads, timing tm)
@@ -1037,30 +862,6 @@ static double max_abs_diff(const float *a, const float *b, int64_t n)
 /* Output                                                                                     */
 /* ------------------------------------------------------------------------------------------ */
 
-static void json_int(const char *key, int64_t v, int first)
-{
-    if (v < 0)
-        printf("%s\"%s\":null", first ? "" : ",", key);
-    else
-        printf("%s\"%s\":%lld", first ? "" : ",", key, (long long)v);
-}
-
-static void json_num(const char *key, double v)
-{
-    if (isfinite(v))
-        printf(",\"%s\":%.6g", key, v);
-    else
-        printf(",\"%s\":null", key);
-}
-
-static void json_str(const char *key, const char *s)
-{
-    if (s)
-        printf(",\"%s\":\"%s\"", key, s); /* our strings never need escaping */
-    else
-        printf(",\"%s\":null", key);
-}
-
 static void print_json(const result *r)
 {
     printf("{\"op\":\"%s\"", op_names[r->op]);
@@ -1107,14 +908,6 @@ static void print_json(const result *r)
     if (r->impl == IMPL_OPENBLAS)
         json_str("blas_core", r->blas_core);
     printf("}\n");
-}
-
-static void fmt_num(char *buf, size_t n, const char *fmt, double v)
-{
-    if (isfinite(v))
-        snprintf(buf, n, fmt, v);
-    else
-        snprintf(buf, n, "-");
 }
 
 static void print_table_header(int with_shape)
@@ -1213,6 +1006,8 @@ static void print_help(void)
         "Times the dmattn forward (impl dma) against the library's dense path (impl dense) and a\n"
         "plain OpenBLAS dense attention (impl openblas); with --backward also the backward of\n"
         "dma and dense. Median wall-clock time of --runs calls after --warmup untimed calls.\n"
+        "--decode and --prefill CHUNK time inference over a KV cache instead (see below; other\n"
+        "defaults there).\n"
         "\n"
         "Shape and mask (one shape unless --sweep):\n"
         "  --batch N        batch B (default 1)\n"
@@ -1287,23 +1082,12 @@ static void print_help(void)
         "openblas and sgemm lines carry blas_core (openblas_get_corename()); a generic core on a\n"
         "CPU with AVX2 gets a warning: set OPENBLAS_CORETYPE (e.g. Haswell, SkylakeX) then.\n"
         "%s"
-        "\n"
-        "Exit status: 0 ok, 1 library or allocation error, 2 bad command line.\n",
+        "\n",
         DMA_MAX_HEAD_DIM, omp_get_max_threads(), SWEEP_LONG_L, BLAS_ROWS,
         HAVE_OPENBLAS ? "" : "(This build has no OpenBLAS: the openblas and sgemm lines are "
                              "not available.)\n");
-}
-
-static int64_t parse_int(const char *flag, const char *s, int64_t lo, int64_t hi)
-{
-    errno = 0;
-    char *end = NULL;
-    long long v = strtoll(s, &end, 10);
-    if (errno == ERANGE || end == s || *end != '\0')
-        usage_error("%s expects an integer, got '%s'", flag, s);
-    if (v < lo || v > hi)
-        usage_error("%s must be in %lld..%lld, got %lld", flag, (long long)lo, (long long)hi, v);
-    return (int64_t)v;
+    bench_decode_print_help();
+    printf("\nExit status: 0 ok, 1 library or allocation error, 2 bad command line.\n");
 }
 
 static void parse_list(const char *flag, const char *s, int64_t lo, int64_t hi, int_list *out)
@@ -1342,15 +1126,15 @@ static void parse_args(int argc, char **argv, options *o)
     o->Lk = -1;
     o->Hq = 8;
     o->Hkv = 2;
-    o->D = 64;
-    o->window = 256;
-    o->threads = omp_get_max_threads();
+    o->D = -1;      /* the defaults of D, window and threads depend on the mode: below */
+    o->window = -1;
+    o->threads = -1;
     o->mask = MASK_TOPK;
     o->runs = 5;
     o->warmup = 1;
     o->sgemm_n = 2048;
     o->isa = DMA_ISA_AUTO;
-    int lens_set = 0, quick_lens_only = 0;
+    int lens_set = 0, quick_lens_only = 0, mask_set = 0, dtype_set = 0;
     o->sw_lens.n = o->sw_windows.n = o->sw_dims.n = o->sw_hkvs.n = o->sw_threads.n = 0;
 
     const int64_t LMAX = INT32_MAX;
@@ -1415,6 +1199,7 @@ static void parse_args(int argc, char **argv, options *o)
             if (k < 0)
                 usage_error("--mask must be topk, window, causal or dense, got '%s'", m);
             o->mask = k;
+            mask_set = 1;
         } else if (IS("--isa")) {
             const char *s = VALUE();
             static const struct {
@@ -1450,6 +1235,18 @@ static void parse_args(int argc, char **argv, options *o)
         } else if (IS("--backward")) {
             FLAG();
             o->backward = 1;
+        } else if (IS("--decode")) {
+            FLAG();
+            o->decode = 1;
+        } else if (IS("--prefill")) {
+            o->prefill = parse_int(name, VALUE(), 1, LMAX);
+        } else if (IS("--dtype")) {
+            decode_options d;
+            memset(&d, 0, sizeof d);
+            bench_decode_parse_dtypes(name, VALUE(), &d);
+            o->ndtypes = d.ndtypes;
+            memcpy(o->dtypes, d.dtypes, sizeof o->dtypes);
+            dtype_set = 1;
         } else if (IS("--sweep")) {
             FLAG();
             o->sweep = 1;
@@ -1475,6 +1272,43 @@ static void parse_args(int argc, char **argv, options *o)
 #undef VALUE
     }
 
+    int sweep_opts = lens_set || quick_lens_only || o->sw_windows.n || o->sw_dims.n ||
+                     o->sw_hkvs.n || o->sw_threads.n;
+    if (o->decode || o->prefill) {
+        /* the decode and prefill modes (bench_decode.c) take their own defaults */
+        const char *bad = o->Lq >= 0 ? "--lq/--len" : mask_set ? "--mask"
+                        : o->backward ? "--backward" : o->sgemm ? "--sgemm/--sgemm-n"
+                        : o->no_dense ? "--no-dense" : o->no_openblas ? "--no-openblas"
+                        : (o->sweep || sweep_opts) ? "--sweep*" : NULL;
+        if (bad)
+            usage_error("%s does not apply to --decode/--prefill", bad);
+        if (o->Lk < 0)
+            o->Lk = DECODE_DEFAULT_LK;
+        if (o->D < 0)
+            o->D = DECODE_DEFAULT_DIM;
+        if (o->window < 0)
+            o->window = DECODE_DEFAULT_WINDOW;
+        if (o->threads < 0)
+            o->threads = DECODE_DEFAULT_THREADS;
+        if (o->window < 1)
+            usage_error("--decode/--prefill need --window >= 1 (the top-k selection)");
+        if (!dtype_set) {
+            o->ndtypes = 1;
+            o->dtypes[0] = DMA_F32;
+        }
+        if (o->Hq % o->Hkv != 0)
+            usage_error("--hq (%lld) must be a multiple of --hkv (%lld)", (long long)o->Hq,
+                        (long long)o->Hkv);
+        return;
+    }
+    if (dtype_set)
+        usage_error("--dtype needs --decode or --prefill");
+    if (o->D < 0)
+        o->D = 64;
+    if (o->window < 0)
+        o->window = 256;
+    if (o->threads < 0)
+        o->threads = omp_get_max_threads();
     if (o->Lq < 0 && o->Lk < 0)
         o->Lq = o->Lk = 2048;
     else if (o->Lq < 0)
@@ -1485,8 +1319,6 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("--hq (%lld) must be a multiple of --hkv (%lld)", (long long)o->Hq,
                     (long long)o->Hkv);
 
-    int sweep_opts = lens_set || quick_lens_only || o->sw_windows.n || o->sw_dims.n ||
-                     o->sw_hkvs.n || o->sw_threads.n;
     if (sweep_opts && !o->sweep)
         usage_error("the --sweep-* options need --sweep");
     if (o->sweep) {
@@ -1518,30 +1350,6 @@ static void parse_args(int argc, char **argv, options *o)
 /* ------------------------------------------------------------------------------------------ */
 /* Modes                                                                                      */
 /* ------------------------------------------------------------------------------------------ */
-
-static dma_context *make_context(int threads, dma_isa isa)
-{
-    dma_context_options co;
-    memset(&co, 0, sizeof co);
-    co.threads = threads;
-    co.isa = isa;
-    dma_context *ctx = NULL;
-    dma_status st = dma_context_create(&co, &ctx);
-    if (st != DMA_OK) {
-        /* no context yet, so no dma_context_last_error(): say what was asked for */
-        fprintf(stderr, PROG ": dma_context_create(threads=%d, isa=%s) failed: %s (status %d)",
-                threads, dma_isa_name(isa), dma_status_string(st), (int)st);
-        if (isa != DMA_ISA_AUTO && !dma_isa_supported(isa))
-            fprintf(stderr, "; this build or CPU does not support isa %s", dma_isa_name(isa));
-        else if (isa == DMA_ISA_AUTO && getenv("DMATTN_ISA"))
-            fprintf(stderr, "; check DMATTN_ISA=%s", getenv("DMATTN_ISA"));
-        fputc('\n', stderr);
-        exit(1);
-    }
-    if (!ctx)
-        fatal("dma_context_create returned DMA_OK but no context");
-    return ctx;
-}
 
 static int run_single(const options *o)
 {
@@ -1678,10 +1486,36 @@ static int run_sweep(const options *o)
     return 0;
 }
 
+static int run_decode(const options *o)
+{
+    decode_options d;
+    memset(&d, 0, sizeof d);
+    d.decode = o->decode;
+    d.prefill = o->prefill;
+    d.B = o->B;
+    d.lk = o->Lk;
+    d.hq = o->Hq;
+    d.hkv = o->Hkv;
+    d.dim = o->D;
+    d.window = o->window;
+    d.threads = o->threads;
+    d.isa = o->isa;
+    d.ndtypes = o->ndtypes;
+    memcpy(d.dtypes, o->dtypes, sizeof d.dtypes);
+    d.runs = o->runs;
+    d.warmup = o->warmup;
+    d.max_ms = o->max_ms;
+    d.json = o->json;
+    settle_blas(); /* OpenBLAS's workers spin for a while after the library is loaded */
+    return bench_decode_run(&d);
+}
+
 int main(int argc, char **argv)
 {
     options o;
     parse_args(argc, argv, &o);
+    if (o.decode || o.prefill)
+        return run_decode(&o);
     if (o.sweep || o.sgemm || !o.no_openblas)
         check_blas_core();
     settle_blas(); /* OpenBLAS's workers spin for a while after the library is loaded */
