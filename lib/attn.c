@@ -192,7 +192,7 @@ void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const 
 }
 
 void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys, int32_t first,
-                 int n, float *kp, float *vp, float *stage)
+                 int n, float *kp, float *vp)
 {
     const dma_kernels *kern = a->kern;
     if (a->k->dtype == DMA_F32) {
@@ -200,8 +200,8 @@ void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys
         kern->pack_v(vp, a->ld, iv->vbase, a->v->stride[1], keys, first, n, (int)a->D);
         return;
     }
-    dma_gather_rows(a, a->k, iv->koff, keys, first, n, stage, a->ld);
-    kern->pack_k(kp, stage, a->ld, NULL, 0, n, (int)a->D);
+    kern->pack_k_half(kp, (const uint16_t *)a->k->data + iv->koff, a->k->stride[1], keys, first,
+                      n, (int)a->D, a->k->dtype == DMA_F16);
     dma_gather_rows(a, a->v, iv->voff, keys, first, n, vp, a->ld);
 }
 

@@ -75,7 +75,7 @@ static void item_layout(const bwd *w, const dma_item_view *iv, item_grads *g)
 /* Floats of per-thread panels backward_item() uses. */
 static size_t backward_scratch_floats(const dma_attn *a)
 {
-    size_t n = (size_t)(3 * BWD_ROWS * ROWS_LD(a) + 4 * DMA_CHUNK * a->ld +
+    size_t n = (size_t)(3 * BWD_ROWS * ROWS_LD(a) + 3 * DMA_CHUNK * a->ld +
                         2 * P_ROWS * PS_LD + DMA_HEADS_PER_ITEM * DMA_CHUNK + 2 * BWD_ROWS +
                         64);
     return (n + 15) / 16 * 16;
@@ -436,7 +436,6 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
     float *row_lse = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
     float *row_delta = row_lse + BWD_ROWS;
     float *ones = row_delta + BWD_ROWS;     /* [mr] */
-    float *Vr = ones + 64;                  /* [DMA_CHUNK][ld] V rows of 16-bit storage */
 
     dma_item_load_rows(a, it, iv, a->q, a->scale, Q, qld);
     dma_item_load_rows(a, it, iv, w->dout, 1.0f, dO, qld);
@@ -497,11 +496,13 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             kern->pack_k(Kp, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
             kern->pack_k(Vt, iv->vbase, a->v->stride[1], keys, first, (int)n, (int)D);
             kern->pack_v(Kr, (int)ld, iv->kbase, a->k->stride[1], keys, first, (int)n, (int)D);
-        } else { /* 16-bit storage: float32 rows first, then the transposed panels from them */
+        } else { /* 16-bit storage, converted as it is packed */
+            const int f16 = a->k->dtype == DMA_F16;
+            kern->pack_k_half(Kp, (const uint16_t *)a->k->data + iv->koff, a->k->stride[1], keys,
+                              first, (int)n, (int)D, f16);
+            kern->pack_k_half(Vt, (const uint16_t *)a->v->data + iv->voff, a->v->stride[1], keys,
+                              first, (int)n, (int)D, f16);
             dma_gather_rows(a, a->k, iv->koff, keys, first, (int)n, Kr, (int)ld);
-            dma_gather_rows(a, a->v, iv->voff, keys, first, (int)n, Vr, (int)ld);
-            kern->pack_k(Kp, Kr, ld, NULL, 0, (int)n, (int)D);
-            kern->pack_k(Vt, Vr, ld, NULL, 0, (int)n, (int)D);
         }
         if (a->bias && !w->per_row_bias)
             for (int64_t hh = 0; hh < iv->nh; hh++)

@@ -67,7 +67,7 @@ static int cpu_has(dma_isa isa)
         __builtin_cpu_init();
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("fma");
+               __builtin_cpu_supports("fma") && cpu_has_f16c();
 #endif
 #if defined(__aarch64__)
     case DMA_ISA_NEON: return 1; /* Advanced SIMD is mandatory on aarch64 */

@@ -47,7 +47,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
     float *row_m = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
     float *row_l = row_m + M;
     float *alpha = row_l + M;                  /* [mr] */
-    float *stage = alpha + mr;                 /* [DMA_CHUNK][ld] K rows of 16-bit storage */
+    float *stage = alpha + mr;                 /* [DMA_CHUNK][D] K rows gathered from a cache */
 
     dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
@@ -76,7 +76,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                     memcpy(bias_buf + hh * DMA_CHUNK, bias_buf, sizeof(float) * (size_t)n_pad);
             }
         } else {
-            dma_pack_kv(a, &iv, keys, first, (int)n, Kp, Vp, stage);
+            dma_pack_kv(a, &iv, keys, first, (int)n, Kp, Vp);
         }
         if (a->bias && !per_row_bias)
             for (int64_t hh = 0; hh < iv.nh; hh++)

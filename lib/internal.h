@@ -188,9 +188,9 @@ void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const 
                      int32_t first, int n, float *dst, int ld);
 
 /* K^T packed into kp and V rows into vp (stride ld) for n keys of the item's kv head, from
- * float32 or 16-bit k and v; 16-bit keys go through `stage` (n * ld floats). */
+ * float32 or 16-bit k and v. */
 void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys, int32_t first,
-                 int n, float *kp, float *vp, float *stage);
+                 int n, float *kp, float *vp);
 
 /* Whether a dtype is one the attention computes on (float32, bf16, f16). */
 static inline bool dma_is_float(dma_dtype t)

@@ -103,6 +103,12 @@ typedef struct dma_kernels {
      * ((bits >> 13) & 0x3ff) (what F16C and Arm's FCVT give). Bitwise the same on every ISA.
      * No alignment is required; dst and src do not overlap. */
     void (*from_f32)(uint16_t *dst, const float *src, int64_t n, int f16);
+
+    /* pack_k from 16-bit rows (bf16 or binary16, as to_f32): the same packed panel pack_k makes
+     * from the rows converted to float32, bit for bit, in one pass (the decode over a bf16 KV
+     * cache streams its keys through here). ld counts uint16_t elements. */
+    void (*pack_k_half)(float *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
+                        int32_t first, int n, int D, int f16);
 } dma_kernels;
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */

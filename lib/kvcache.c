@@ -424,15 +424,25 @@ const float *dma_kv_gather(const dma_kv_cache *c, const dma_kernels *kern, int64
     const int D = (int)c->p.head_dim;
     const int f16 = c->p.dtype == DMA_F16;
     const int64_t P = c->p.page_len;
-    if (c->p.dtype == DMA_F32 && !keys && n > 0 && first / P == (first + n - 1) / P) {
-        /* A run of float32 keys within one page (the dense decode's case): pack K straight from
-         * the page, and read V in place when its rows already have the panel's stride. */
-        const float *krow = (const float *)dma_kv_k_row(c, b, h, first);
-        const float *vrow = (const float *)dma_kv_v_row(c, b, h, first);
-        kern->pack_k(kp, krow, D, NULL, 0, n, D);
+    if (!keys && n > 0 && first / P == (first + n - 1) / P) {
+        /* A run of keys within one page (the dense decode's case): pack K straight from the
+         * page (converting 16-bit storage on the way), and read float32 V in place when its rows
+         * already have the panel's stride. */
+        const unsigned char *krow = dma_kv_k_row(c, b, h, first);
+        const unsigned char *vrow = dma_kv_v_row(c, b, h, first);
+        if (c->p.dtype != DMA_F32) {
+            kern->pack_k_half(kp, (const uint16_t *)krow, D, NULL, 0, n, D, f16);
+            for (int i = 0; i < n; i++) {
+                kern->to_f32(vp + (int64_t)i * ldv, (const uint16_t *)vrow + (int64_t)i * D, D,
+                             f16);
+                memset(vp + (int64_t)i * ldv + D, 0, sizeof(float) * (size_t)(ldv - D));
+            }
+            return vp;
+        }
+        kern->pack_k(kp, (const float *)krow, D, NULL, 0, n, D);
         if (D == ldv)
-            return vrow;
-        kern->pack_v(vp, ldv, vrow, D, NULL, 0, n, D);
+            return (const float *)vrow;
+        kern->pack_v(vp, ldv, (const float *)vrow, D, NULL, 0, n, D);
         return vp;
     }
     /* Selected keys are scattered over the pages: ask for rows a few keys ahead, so that the

@@ -67,7 +67,8 @@ static int tables(table out[4])
         ck_assert_msg(k->pv_rows >= 1 && k->pv_rows <= k->mr, "%s: pv_rows = %d", k->name,
                       k->pv_rows);
         ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&
-                          k->grad_row && k->accum_tn && k->to_f32 && k->from_f32,
+                          k->grad_row && k->accum_tn && k->to_f32 && k->from_f32 &&
+                          k->pack_k_half,
                       "%s: a kernel is missing", k->name);
     }
     return n;
@@ -195,6 +196,46 @@ START_TEST(pack_layouts)
             free(kp);
             free(vp);
             free(base);
+            free(kl.keys);
+        }
+    }
+}
+END_TEST
+
+/* pack_k_half: the panel pack_k makes from the rows converted to float32, bit for bit (random
+ * bit patterns, NaNs included), zeros past n, nothing written past n_pad keys. */
+START_TEST(pack_k_half_layout)
+{
+    table tb[4];
+    int nt = tables(tb);
+    test_rng r = rng_make(103);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int iter = 0; iter < 120; iter++) {
+            const int f16 = iter % 2, D = (int)head_dims[iter % N_HEAD_DIMS];
+            const int n = (int)rng_int(&r, 1, DMA_CHUNK);
+            const int64_t ld = D + rng_int(&r, 0, 3) * 3, nkeys = n + rng_int(&r, 0, 40);
+            uint16_t *base = malloc(sizeof(uint16_t) * (size_t)(nkeys * ld));
+            float *wide = fbuf((size_t)(nkeys * ld));
+            for (int64_t i = 0; i < nkeys * ld; i++)
+                base[i] = (uint16_t)rng_u64(&r);
+            dma_kernels_scalar.to_f32(wide, base, nkeys * ld, f16);
+            key_list kl = draw_keys(&r, n, nkeys);
+            const int n_pad = round_up(n, k->nr);
+            const size_t kp_len = (size_t)n_pad * D, guard = 64;
+            float *got = fbuf(kp_len + guard), *want = fbuf(kp_len);
+            fill_guard(got, kp_len + guard);
+            k->pack_k_half(got, base, ld, kl.keys, kl.first, n, D, f16);
+            k->pack_k(want, wide, ld, kl.keys, kl.first, n, D);
+            ck_assert_msg(memcmp(got, want, sizeof(float) * kp_len) == 0,
+                          "%s pack_k_half D=%d n=%d f16=%d differs from pack_k", k->name, D, n,
+                          f16);
+            for (size_t i = kp_len; i < kp_len + guard; i++)
+                ck_assert_msg(got[i] == GUARD, "%s pack_k_half wrote past the panel", k->name);
+            free(base);
+            free(wide);
+            free(got);
+            free(want);
             free(kl.keys);
         }
     }
@@ -1097,6 +1138,7 @@ static Suite *kernels_suite(void)
     TCase *tc = tcase_create("vs_scalar");
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, pack_layouts);
+    tcase_add_test(tc, pack_k_half_layout);
     tcase_add_test(tc, scores_vs_scalar);
     tcase_add_test(tc, softmax_vs_scalar);
     tcase_add_test(tc, softmax_empty_rows);

@@ -124,6 +124,53 @@ INLINE void pack_k_blocks(float *kp, const float *base, int64_t ld, const int32_
     }
 }
 
+/* 8 bf16 or binary16 values as floats (exact; binary16 through F16C). */
+INLINE __m256 load8_half(const uint16_t *p, int f16)
+{
+    __m128i h = _mm_loadu_si128((const __m128i *)p);
+    return f16 ? _mm256_cvtph_ps(h)
+               : _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static const uint16_t zero_row_half[256];
+
+/* pack_k_half of lib/kernels.h: pack_k_blocks with the conversion in the loads. A row's last
+ * D % 8 values go through to_f32_tail (the ISA's exact scalar conversion). */
+INLINE void pack_k_blocks_half(float *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
+                               int32_t first, int n, int D, const int nr, int f16,
+                               void (*to_f32_tail)(float *, const uint16_t *, int64_t, int))
+{
+    const uint16_t *src[32];
+    for (int c0 = 0; c0 < n; c0 += nr) {
+        float *blk = kp + (int64_t)c0 * D;
+        for (int j = 0; j < nr; j++)
+            src[j] = c0 + j < n ? base + (int64_t)(keys ? keys[c0 + j] : first + c0 + j) * ld
+                                : zero_row_half;
+        for (int j = nr; j < 2 * nr && c0 + j < n; j++)
+            prefetch_row((const float *)(base + (int64_t)(keys ? keys[c0 + j] : first + c0 + j) *
+                                                    ld), D / 2 + 1);
+        for (int j0 = 0; j0 < nr; j0 += 8) {
+            const uint16_t *const *s8 = src + j0;
+            int d = 0;
+            for (; d + 8 <= D; d += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++)
+                    r[j] = load8_half(s8[j] + d, f16);
+                transpose8(r);
+                for (int j = 0; j < 8; j++)
+                    _mm256_storeu_ps(blk + (int64_t)(d + j) * nr + j0, r[j]);
+            }
+            if (d < D)
+                for (int j = 0; j < 8; j++) {
+                    float tail[16]; /* room for a 16-wide conversion (GCC cannot see n < 8) */
+                    to_f32_tail(tail, s8[j] + d, D - d, f16);
+                    for (int e = d; e < D; e++)
+                        blk[(int64_t)e * nr + j0 + j] = tail[e - d];
+                }
+        }
+    }
+}
+
 /* pack_v of lib/kernels.h. */
 INLINE void pack_rows(float *vp, int ldv, const float *base, int64_t ld, const int32_t *keys,
                       int32_t first, int n, int D)

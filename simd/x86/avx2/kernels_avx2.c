@@ -520,6 +520,12 @@ static void to_f32(float *dst, const uint16_t *src, int64_t n, int f16)
     }
 }
 
+static void pack_k_half(float *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
+                        int32_t first, int n, int D, int f16)
+{
+    pack_k_blocks_half(kp, base, ld, keys, first, n, D, NR, f16, to_f32);
+}
+
 static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
 {
     int64_t i = 0;
@@ -548,4 +554,5 @@ const dma_kernels dma_kernels_avx2 = {
     .accum_tn = accum_tn,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
+    .pack_k_half = pack_k_half,
 };
