@@ -128,18 +128,20 @@ static timing summarize(double *t, int runs, int warmup)
     return r;
 }
 
-/* Time `nfn` (1 or 2) functions, alternating between them call by call: two measurements taken
- * this way see the same machine (frequency, neighbours), so their ratio is steadier than that
- * of two measurements taken one after the other. out[1].per_call is the median, over rounds,
- * of fn[1]'s call over fn[0]'s call of the same round: a ratio of neighbours in time, which
- * drift between rounds does not move. `before` (optional, untimed) runs before every call of
- * fn[0]. max_ms bounds the total of all timed calls. */
+/* Time `nfn` (1..BENCH_MAX_FN) functions, alternating between them call by call: measurements
+ * taken this way see the same machine (frequency, neighbours), so their ratios are steadier than
+ * those of measurements taken one after the other. out[f].per_call (f >= 1) is the median, over
+ * rounds, of fn[f]'s call over fn[f - 1]'s call of the same round: a ratio of neighbours in time,
+ * which drift between rounds does not move (out[0].per_call is NaN). `before` (optional,
+ * untimed) runs before every call of fn[0]. max_ms bounds the total of all timed calls. */
 void time_alternating(int nfn, bench_fn const fn[], void *const arg[], bench_fn before,
                       runspec rs, timing out[])
 {
+    if (nfn < 1 || nfn > BENCH_MAX_FN)
+        fatal("internal error: time_alternating of %d functions", nfn);
     const int warmup = rs.warmup;
     int runs = rs.runs;
-    double *t = xalloc(2 * runs, sizeof *t, "timings"), total = 0.0;
+    double *t = xalloc((int64_t)nfn * runs, sizeof *t, "timings"), total = 0.0;
     for (int i = 0; i < warmup + runs; i++) {
         for (int f = 0; f < nfn; f++) {
             if (before && f == 0)
@@ -157,18 +159,21 @@ void time_alternating(int nfn, bench_fn const fn[], void *const arg[], bench_fn 
             break;
         }
     }
-    double per_call = NAN; /* before summarize() sorts each function's times */
-    if (nfn == 2) {
+    double per_call[BENCH_MAX_FN]; /* before summarize() sorts each function's times */
+    per_call[0] = NAN;
+    if (nfn >= 2) {
         double *ratio = xalloc(runs, sizeof *ratio, "timings");
-        for (int i = 0; i < runs; i++)
-            ratio[i] = t[rs.runs + i] / t[i];
-        per_call = summarize(ratio, runs, warmup).median;
+        for (int f = 1; f < nfn; f++) {
+            for (int i = 0; i < runs; i++)
+                ratio[i] = t[f * rs.runs + i] / t[(f - 1) * rs.runs + i];
+            per_call[f] = summarize(ratio, runs, warmup).median;
+        }
         free(ratio);
     }
-    for (int f = 0; f < nfn; f++)
+    for (int f = 0; f < nfn; f++) {
         out[f] = summarize(t + f * rs.runs, runs, warmup);
-    if (nfn == 2)
-        out[1].per_call = per_call;
+        out[f].per_call = per_call[f];
+    }
     free(t);
 }
 

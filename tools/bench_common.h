@@ -56,16 +56,19 @@ typedef struct runspec {
 
 typedef struct timing {
     double median, min, max;
-    double per_call; /* alternated fn[f > 0]: median over rounds of its call / fn[0]'s call */
+    double per_call; /* alternated fn[f > 0]: median over rounds of its call / fn[f-1]'s call */
     int runs, warmup;
 } timing;
 
-/* Time `nfn` (1 or 2) functions, alternating between them call by call: two measurements taken
- * this way see the same machine (frequency, neighbours), so their ratio is steadier than that
- * of two measurements taken one after the other. out[1].per_call is the median, over rounds,
- * of fn[1]'s call over fn[0]'s call of the same round: a ratio of neighbours in time, which
- * drift between rounds does not move. `before` (optional, untimed) runs before every call of
- * fn[0]. max_ms bounds the total of all timed calls. */
+/* Most functions time_alternating() takes. */
+#define BENCH_MAX_FN 8
+
+/* Time `nfn` (1..BENCH_MAX_FN) functions, alternating between them call by call: measurements
+ * taken this way see the same machine (frequency, neighbours), so their ratios are steadier than
+ * those of measurements taken one after the other. out[f].per_call (f >= 1) is the median, over
+ * rounds, of fn[f]'s call over fn[f - 1]'s call of the same round: a ratio of neighbours in time,
+ * which drift between rounds does not move (out[0].per_call is NaN). `before` (optional,
+ * untimed) runs before every call of fn[0]. max_ms bounds the total of all timed calls. */
 void time_alternating(int nfn, bench_fn const fn[], void *const arg[], bench_fn before,
                       runspec rs, timing out[]);
 

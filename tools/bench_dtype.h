@@ -1,7 +1,7 @@
 /*
- * bench_dtype.h - storage types (DMA_F32, DMA_BF16, DMA_F16) for the decode mode of
- * dmattn-bench: names, element sizes, rounding float32 to bf16/f16 (to nearest even, the
- * tool's own converters) and random buffers of a storage type. Implemented in bench_dtype.c.
+ * bench_dtype.h - storage types (DMA_F32, DMA_BF16, DMA_F16) for dmattn-bench (--dtype):
+ * names, element sizes, rounding float32 to bf16/f16 (to nearest even, the tool's own
+ * converters) and random buffers of a storage type. Implemented in bench_dtype.c.
  */
 #ifndef DMATTN_BENCH_DTYPE_H
 #define DMATTN_BENCH_DTYPE_H

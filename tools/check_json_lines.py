@@ -2,10 +2,15 @@
 """Run a command (argv[1:]) and check that it succeeds and that its stdout is one JSON object
 per line, at least one line (the smoke tests of dmattn-bench --json). Exit 1 on any failure."""
 import json
+import os
+import shlex
 import subprocess
 import sys
 
-proc = subprocess.run(sys.argv[1:], stdout=subprocess.PIPE, text=True)
+# In a cross build meson runs the test through this script, not through its exe wrapper (qemu):
+# put the wrapper it exports in front of the program.
+wrapper = shlex.split(os.environ.get("MESON_EXE_WRAPPER", ""))
+proc = subprocess.run(wrapper + sys.argv[1:], stdout=subprocess.PIPE, text=True)
 sys.stdout.write(proc.stdout)
 if proc.returncode != 0:
     sys.exit(f"check_json_lines: the command exited with {proc.returncode}")

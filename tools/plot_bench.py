@@ -22,7 +22,8 @@ and, when the input has op "backward" lines (dmattn-bench --backward):
     NAME_backward_speedup.png     speed-up of the dma backward over the dense backward vs
                                   window, as NAME_speedup.png
 
-and prints the path of each file written. Needs only matplotlib.
+and prints the path of each file written. Only float32 lines are plotted: the bf16/f16 lines
+of --dtype are skipped. Needs only matplotlib.
 """
 import argparse
 import json
@@ -60,7 +61,10 @@ def read_records(paths):
             except json.JSONDecodeError as e:
                 print(f"plot_bench: {name}:{n}: skipping bad JSON ({e})", file=sys.stderr)
                 continue
-            if isinstance(r, dict) and "op" in r and "impl" in r:
+            # float32 lines only (lines without a dtype are from before --dtype): the plots
+            # key on the shape, not the storage type
+            if (isinstance(r, dict) and "op" in r and "impl" in r
+                    and r.get("dtype", "f32") == "f32"):
                 recs.append(r)
         if f is not sys.stdin:
             f.close()
