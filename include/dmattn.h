@@ -460,7 +460,9 @@ DMA_API dma_kv_cache_params dma_kv_cache_get_params(const dma_kv_cache *cache);
 /** Tokens entry b holds (0 <= b < B), or -1 when b is out of range. cache must not be NULL. */
 DMA_API int64_t dma_kv_cache_length(const dma_kv_cache *cache, int64_t b);
 
-/** Pages the pool holds in use / allocated in all (either pointer may be NULL). */
+/** Pages the pool holds in use / allocated in all (either pointer may be NULL). Pages are
+ *  allocated in groups of up to 8 MiB (2 MiB aligned and marked for transparent huge pages, so
+ *  that scattered decode reads do not miss the TLB at every row), never beyond max_pages. */
 DMA_API void dma_kv_cache_pages(const dma_kv_cache *cache, int64_t *in_use, int64_t *allocated);
 
 /**

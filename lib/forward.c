@@ -16,14 +16,11 @@
 #include "internal.h"
 #include "kvcache.h"
 
-/* Items of at most DMA_DECODE_ROWS rows walk their union in chunks of DMA_DECODE_CHUNK keys. */
-#define DMA_DECODE_ROWS 8
-#define DMA_DECODE_CHUNK 64
-
 /* Floats of per-thread scratch forward_item() uses. */
 static size_t forward_scratch_floats(const dma_attn *a)
 {
-    int64_t M = DMA_HEADS_PER_ITEM * DMA_TILE;
+    /* the most rows an item has: decode (Lq = 1) needs a few, not a whole tile's */
+    int64_t M = dma_min64(DMA_HEADS_PER_ITEM, a->heads_per_group) * dma_min64(DMA_TILE, a->Lq);
     size_t n = (size_t)(2 * M * a->ld + 3 * DMA_CHUNK * a->ld +
                         (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK + 2 * M + 64);
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
@@ -56,19 +53,15 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
         row_l[r] = 0.0f;
     }
 
-    /* Few rows (decode: one query per head) do little work per key: smaller chunks keep the
-     * packed K and V panels in L1, where the rows' work reads them back. */
-    const int64_t chunk = M <= DMA_DECODE_ROWS ? DMA_DECODE_CHUNK : DMA_CHUNK;
-    for (int64_t c0 = 0; c0 < iv.count; c0 += chunk) {
-        const int64_t n = dma_min64(chunk, iv.count - c0);
+    for (int64_t c0 = 0; c0 < iv.count; c0 += DMA_CHUNK) {
+        const int64_t n = dma_min64(DMA_CHUNK, iv.count - c0);
         if (!dma_chunk_active(&iv, c0, n))
             continue;
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
         const int32_t first = (int32_t)(iv.first + c0);
-        const float *V = Vp; /* the V rows of the chunk, stride ld */
         if (a->cache) {
-            V = dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n, Kp, Vp,
-                              (int)ld, stage);
+            dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n, Kp, Vp, (int)ld,
+                          stage);
             if (a->cache_bias) { /* one kv head's bias, the same for every head of the item */
                 const int n_pad = (int)(dma_div_up(n, nr) * nr);
                 dma_kv_gather_bias(a->cache, it->b, iv.hkv, keys, first, (int)n, n_pad, bias_buf);
@@ -107,7 +100,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                                              a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
             }
             /* P is zero past n, and V rows past n were never packed: stop at n. */
-            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, V + ca * ld,
+            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, Vp + ca * ld,
                            (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
         }
     }

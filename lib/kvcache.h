@@ -21,8 +21,11 @@ struct dma_kv_cache {
     size_t head_bytes;        /* K (or V) bytes of one kv head in one page */
     size_t page_bytes;
     int64_t pages_per_entry;  /* ceil(max_len / page_len) */
+    int page_shift;           /* log2(page_len) when it is a power of two, else -1 */
     unsigned char **pages;    /* [max_pages]: the pool's pages, the first npages allocated */
     int64_t npages;
+    unsigned char **arenas;   /* the allocations the pages are carved from */
+    int64_t narenas;
     int64_t *free_ids;        /* [max_pages]: page ids no entry uses */
     int64_t nfree;
     int64_t *table;           /* [B][pages_per_entry]: page id of each of an entry's pages */
@@ -35,13 +38,25 @@ struct dma_kv_cache {
     int64_t jcap;
 };
 
+/* Page index and row within the page of position pos (a shift for power-of-two pages: the
+ * decode gathers thousands of scattered rows per step, where a division each costs). */
+static inline int64_t dma_kv_page_of(const dma_kv_cache *c, int64_t pos, int64_t *row)
+{
+    if (c->page_shift >= 0) {
+        *row = pos & (c->p.page_len - 1);
+        return pos >> c->page_shift;
+    }
+    *row = pos % c->p.page_len;
+    return pos / c->p.page_len;
+}
+
 /* Row `pos` of entry b, kv head h: its K row, V row and bias. */
 static inline const unsigned char *dma_kv_k_row(const dma_kv_cache *c, int64_t b, int64_t h,
                                                 int64_t pos)
 {
-    const unsigned char *page = c->pages[c->table[b * c->pages_per_entry + pos / c->p.page_len]];
-    return page + (size_t)h * c->head_bytes +
-           (size_t)(pos % c->p.page_len) * (size_t)c->p.head_dim * c->elem;
+    int64_t row, pg = dma_kv_page_of(c, pos, &row);
+    const unsigned char *page = c->pages[c->table[b * c->pages_per_entry + pg]];
+    return page + (size_t)h * c->head_bytes + (size_t)row * (size_t)c->p.head_dim * c->elem;
 }
 
 static inline const unsigned char *dma_kv_v_row(const dma_kv_cache *c, int64_t b, int64_t h,
@@ -53,9 +68,10 @@ static inline const unsigned char *dma_kv_v_row(const dma_kv_cache *c, int64_t b
 static inline const float *dma_kv_bias_ptr(const dma_kv_cache *c, int64_t b, int64_t h,
                                            int64_t pos)
 {
-    const unsigned char *page = c->pages[c->table[b * c->pages_per_entry + pos / c->p.page_len]];
+    int64_t row, pg = dma_kv_page_of(c, pos, &row);
+    const unsigned char *page = c->pages[c->table[b * c->pages_per_entry + pg]];
     const float *bias = (const float *)(page + 2 * (size_t)c->p.kv_heads * c->head_bytes);
-    return bias + h * c->p.page_len + pos % c->p.page_len;
+    return bias + h * c->p.page_len + row;
 }
 
 static inline float dma_kv_bias_at(const dma_kv_cache *c, int64_t b, int64_t h, int64_t pos)
@@ -71,10 +87,9 @@ dma_status dma_kv_select(dma_context *ctx, const dma_kv_cache *cache, dma_mask_k
                          int64_t window, int64_t Lq, const int64_t *counts, dma_sparsity **out);
 
 /* Gather n keys of entry b, head h (keys[c], or first + c when keys is NULL) for the forward:
- * K packed into kp (through `stage`, n * D floats), V as float32 rows of stride ldv (zero-padded
- * to ldv), whatever the storage. Returns where the V rows are: vp, or the page itself when they
- * can be read in place (float32, D == ldv, one page). */
-const float *dma_kv_gather(const dma_kv_cache *cache, const dma_kernels *kern, int64_t b, int64_t h,
+ * K packed into kp (through `stage`, n * D floats), V into float32 rows of vp with stride ldv
+ * (zero-padded to ldv), whatever the storage. */
+void dma_kv_gather(const dma_kv_cache *cache, const dma_kernels *kern, int64_t b, int64_t h,
                    const int32_t *keys, int32_t first, int n, float *kp, float *vp, int ldv,
                    float *stage);
 

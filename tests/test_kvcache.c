@@ -543,10 +543,11 @@ START_TEST(pages_are_shared_and_reused)
     ck_assert_int_eq(dma_kv_cache_length(c, 1), 0);
     ck_assert_int_eq(dma_kv_cache_reset(c, 0), DMA_OK);
     dma_kv_cache_pages(c, &used, &alloc);
-    ck_assert(used == 0 && alloc == 3);
+    ck_assert(used == 0 && alloc >= 3 && alloc <= 4); /* pages come in arenas */
+    const int64_t alloc_before = alloc;
     ck_assert_int_eq(dma_kv_cache_append(ctx, c, &k, &v, NULL, c1), DMA_OK); /* reuses them */
     dma_kv_cache_pages(c, &used, &alloc);
-    ck_assert(used == 3 && alloc == 3);
+    ck_assert(used == 3 && alloc == alloc_before);
     /* Entry 1 now holds the data: a dense decode of its last token equals the reference. */
     float q[2 * 1 * 2 * 4] = {0.5f, -1, 0.25f, 1, 0.1f, 0.2f, 0.3f, 0.4f};
     float o[2 * 2 * 4], l[2 * 2];
