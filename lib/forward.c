@@ -46,6 +46,8 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
     float *alpha = row_l + M;                  /* [mr] */
     float *stage = alpha + mr;                 /* [DMA_CHUNK][D] K rows gathered from a cache */
 
+    /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
+    const bool decode = a->cache && nrows == 1 && mr <= 8;
     dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
@@ -60,8 +62,11 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
         const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
         const int32_t first = (int32_t)(iv.first + c0);
         if (a->cache) {
-            dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n, Kp, Vp, (int)ld,
-                          stage);
+            /* A decode item (one row per head) scores the key rows directly (dots). */
+            dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n,
+                          decode ? NULL : Kp, Vp, (int)ld, stage);
+            if (decode) /* rows past n up to the block's nr multiple: zeros, as pack_k's */
+                memset(stage + n * D, 0, sizeof(float) * (size_t)((dma_div_up(n, nr) * nr - n) * D));
             if (a->cache_bias) { /* one kv head's bias, the same for every head of the item */
                 const int n_pad = (int)(dma_div_up(n, nr) * nr);
                 dma_kv_gather_bias(a->cache, it->b, iv.hkv, keys, first, (int)n, n_pad, bias_buf);
@@ -82,8 +87,12 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
             int64_t ca, cb;
             if (!dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb))
                 continue;
-            kern->scores(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
-                         (int)(cb - ca), (int)D);
+            if (decode)
+                kern->dots(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, stage + ca * D, (int)D,
+                           (int)(cb - ca), (int)D);
+            else
+                kern->scores(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                             (int)(cb - ca), (int)D);
             for (int64_t r = 0; r < m; r++) {
                 const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
                 const float *brow = NULL;

@@ -109,6 +109,14 @@ typedef struct dma_kernels {
      * cache streams its keys through here). ld counts uint16_t elements. */
     void (*pack_k_half)(float *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
                         int32_t first, int n, int D, int f16);
+
+    /* ---- decode ---- */
+
+    /* s[r * lds + c] = sum_d q[r * ldq + d] * k[c * ldk + d] for r < m (1 <= m <= 8), c < n:
+     * scores against keys in rows (not packed). A decode's few query rows per key do not pay
+     * for packing K; this reads each key row once for all m rows. Any alignment. */
+    void (*dots)(float *s, int lds, const float *q, int ldq, int m, const float *k, int ldk,
+                 int n, int D);
 } dma_kernels;
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */

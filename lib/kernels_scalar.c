@@ -263,6 +263,19 @@ static void pack_k_half(float *kp, const uint16_t *base, int64_t ld, const int32
 }
 
 
+/* dots of lib/kernels.h: one key row at a time for all m rows. */
+static void dots(float *s, int lds, const float *q, int ldq, int m, const float *k, int ldk,
+                 int n, int D)
+{
+    for (int c = 0; c < n; c++)
+        for (int r = 0; r < m; r++) {
+            float acc = 0.0f;
+            for (int d = 0; d < D; d++)
+                acc += q[(int64_t)r * ldq + d] * k[(int64_t)c * ldk + d];
+            s[(int64_t)r * lds + c] = acc;
+        }
+}
+
 const dma_kernels dma_kernels_scalar = {
     .name = "scalar",
     .mr = MR,
@@ -280,4 +293,5 @@ const dma_kernels dma_kernels_scalar = {
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
+    .dots = dots,
 };

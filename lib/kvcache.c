@@ -465,8 +465,12 @@ void dma_kv_gather(const dma_kv_cache *c, const dma_kernels *kern, int64_t b, in
         const unsigned char *krow = dma_kv_k_row(c, b, h, first);
         const unsigned char *vrow = dma_kv_v_row(c, b, h, first);
         if (c->p.dtype != DMA_F32) {
-            memcpy(stage, krow, sizeof(uint16_t) * (size_t)n * (size_t)D);
-            kern->pack_k_half(kp, (const uint16_t *)stage, D, NULL, 0, n, D, f16);
+            if (kp) {
+                memcpy(stage, krow, sizeof(uint16_t) * (size_t)n * (size_t)D);
+                kern->pack_k_half(kp, (const uint16_t *)stage, D, NULL, 0, n, D, f16);
+            } else {
+                kern->to_f32(stage, (const uint16_t *)krow, (int64_t)n * D, f16);
+            }
             for (int i = 0; i < n; i++) {
                 kern->to_f32(vp + (int64_t)i * ldv, (const uint16_t *)vrow + (int64_t)i * D, D,
                              f16);
@@ -475,13 +479,14 @@ void dma_kv_gather(const dma_kv_cache *c, const dma_kernels *kern, int64_t b, in
             return;
         }
         memcpy(stage, krow, sizeof(float) * (size_t)n * (size_t)D);
-        kern->pack_k(kp, stage, D, NULL, 0, n, D);
+        if (kp)
+            kern->pack_k(kp, stage, D, NULL, 0, n, D);
         kern->pack_v(vp, ldv, (const float *)vrow, D, NULL, 0, n, D);
         return;
     }
     /* Selected keys are scattered over the pages: ask for rows a few keys ahead, so that the
      * memory latencies overlap instead of adding up. */
-    enum { AHEAD = 32 };
+    enum { AHEAD = 16 };
     const size_t row_bytes = (size_t)D * c->elem;
     for (int i = keys ? -AHEAD : 0; i < n; i++) {
         if (keys && i + AHEAD < n) {
@@ -506,7 +511,8 @@ void dma_kv_gather(const dma_kv_cache *c, const dma_kernels *kern, int64_t b, in
         }
         memset(vdst + D, 0, sizeof(float) * (size_t)(ldv - D));
     }
-    kern->pack_k(kp, stage, D, NULL, 0, n, D);
+    if (kp)
+        kern->pack_k(kp, stage, D, NULL, 0, n, D);
 }
 
 void dma_kv_gather_bias(const dma_kv_cache *c, int64_t b, int64_t h, const int32_t *keys,

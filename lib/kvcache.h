@@ -87,8 +87,9 @@ dma_status dma_kv_select(dma_context *ctx, const dma_kv_cache *cache, dma_mask_k
                          int64_t window, int64_t Lq, const int64_t *counts, dma_sparsity **out);
 
 /* Gather n keys of entry b, head h (keys[c], or first + c when keys is NULL) for the forward:
- * K packed into kp (through `stage`, n * D floats), V into float32 rows of vp with stride ldv
- * (zero-padded to ldv), whatever the storage. */
+ * K as float32 rows in `stage` (n * D floats, row stride D) and, unless kp is NULL, packed from
+ * there into kp; V into float32 rows of vp with stride ldv (zero-padded to ldv), whatever the
+ * storage. */
 void dma_kv_gather(const dma_kv_cache *cache, const dma_kernels *kern, int64_t b, int64_t h,
                    const int32_t *keys, int32_t first, int n, float *kp, float *vp, int ldv,
                    float *stage);

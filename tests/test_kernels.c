@@ -68,7 +68,7 @@ static int tables(table out[4])
                       k->pv_rows);
         ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&
                           k->grad_row && k->accum_tn && k->to_f32 && k->from_f32 &&
-                          k->pack_k_half,
+                          k->pack_k_half && k->dots,
                       "%s: a kernel is missing", k->name);
     }
     return n;
@@ -237,6 +237,50 @@ START_TEST(pack_k_half_layout)
             free(got);
             free(want);
             free(kl.keys);
+        }
+    }
+}
+END_TEST
+
+/* dots: scores against key rows, against a double reference, every table, m = 1..8, odd D,
+ * strided rows; nothing written outside s's m x n block. */
+START_TEST(dots_vs_reference)
+{
+    table tb[4];
+    int nt = tables(tb);
+    test_rng r = rng_make(107);
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        for (int iter = 0; iter < 200; iter++) {
+            const int m = 1 + iter % 8, D = (int)head_dims[iter % N_HEAD_DIMS];
+            const int n = (int)rng_int(&r, 1, 70), ldq = D + (int)rng_int(&r, 0, 5);
+            const int ldk = D + (int)rng_int(&r, 0, 5), lds = n + (int)rng_int(&r, 0, 9);
+            float *q = random_rows(&r, m, ldq), *kr = random_rows(&r, n, ldk);
+            const size_t s_len = (size_t)m * lds;
+            float *s = fbuf(s_len + 64);
+            fill_guard(s, s_len + 64);
+            k->dots(s, lds, q, ldq, m, kr, ldk, n, D);
+            for (int i = 0; i < m; i++)
+                for (int c = 0; c < lds; c++) {
+                    const float got = s[(size_t)i * lds + c];
+                    if (c >= n) {
+                        ck_assert_msg(got == GUARD, "%s dots wrote column %d >= n", k->name, c);
+                        continue;
+                    }
+                    double want = 0, mag = 0;
+                    for (int d = 0; d < D; d++) {
+                        want += (double)q[(size_t)i * ldq + d] * kr[(size_t)c * ldk + d];
+                        mag += fabs((double)q[(size_t)i * ldq + d] * kr[(size_t)c * ldk + d]);
+                    }
+                    ck_assert_msg(fabs(got - want) <= TOL * (1 + mag),
+                                  "%s dots m=%d D=%d row %d key %d: %g, want %g", k->name, m, D,
+                                  i, c, (double)got, want);
+                }
+            for (size_t i = s_len; i < s_len + 64; i++)
+                ck_assert_msg(s[i] == GUARD, "%s dots wrote past s", k->name);
+            free(q);
+            free(kr);
+            free(s);
         }
     }
 }
@@ -1139,6 +1183,7 @@ static Suite *kernels_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, pack_layouts);
     tcase_add_test(tc, pack_k_half_layout);
+    tcase_add_test(tc, dots_vs_reference);
     tcase_add_test(tc, scores_vs_scalar);
     tcase_add_test(tc, softmax_vs_scalar);
     tcase_add_test(tc, softmax_empty_rows);

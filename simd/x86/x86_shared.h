@@ -19,6 +19,15 @@
 /* ------------------------------------------------------------------------------------------ */
 
 /* Bit j set iff lo <= c + j < hi. */
+/* Sum of the 8 lanes (fixed order: the same bits on every x86 table that uses it). */
+INLINE float hsum8_shared(__m256 v)
+{
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+    return _mm_cvtss_f32(x);
+}
+
 INLINE uint64_t range_bits(int c, int lo, int hi)
 {
     int a = lo - c, b = hi - c;
@@ -169,6 +178,80 @@ INLINE void pack_k_blocks_half(float *kp, const uint16_t *base, int64_t ld, cons
                 }
         }
     }
+}
+
+/* dots of lib/kernels.h for M rows (compile-time after inlining), two keys at a time so that
+ * each q load serves two FMAs. */
+INLINE void dots_rows(float *s, int lds, const float *q, int ldq, const float *k, int ldk, int n,
+                      int D, const int M)
+{
+    const int D8 = D / 8 * 8;
+    int c = 0;
+    for (; c + 2 <= n; c += 2) {
+        const float *k0 = k + (int64_t)c * ldk, *k1 = k0 + ldk;
+        __m256 a0[8], a1[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < M; r++)
+            a0[r] = a1[r] = _mm256_setzero_ps();
+        for (int d = 0; d < D8; d += 8) {
+            const __m256 x0 = _mm256_loadu_ps(k0 + d), x1 = _mm256_loadu_ps(k1 + d);
+#pragma GCC unroll 8
+            for (int r = 0; r < M; r++) {
+                const __m256 qv = _mm256_loadu_ps(q + (int64_t)r * ldq + d);
+                a0[r] = _mm256_fmadd_ps(qv, x0, a0[r]);
+                a1[r] = _mm256_fmadd_ps(qv, x1, a1[r]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < M; r++) {
+            float t0 = hsum8_shared(a0[r]), t1 = hsum8_shared(a1[r]);
+            for (int d = D8; d < D; d++) {
+                t0 += q[(int64_t)r * ldq + d] * k0[d];
+                t1 += q[(int64_t)r * ldq + d] * k1[d];
+            }
+            s[(int64_t)r * lds + c] = t0;
+            s[(int64_t)r * lds + c + 1] = t1;
+        }
+    }
+    for (; c < n; c++) {
+        const float *k0 = k + (int64_t)c * ldk;
+#pragma GCC unroll 8
+        for (int r = 0; r < M; r++) {
+            __m256 a = _mm256_setzero_ps();
+            for (int d = 0; d < D8; d += 8)
+                a = _mm256_fmadd_ps(_mm256_loadu_ps(q + (int64_t)r * ldq + d),
+                                    _mm256_loadu_ps(k0 + d), a);
+            float t = hsum8_shared(a);
+            for (int d = D8; d < D; d++)
+                t += q[(int64_t)r * ldq + d] * k0[d];
+            s[(int64_t)r * lds + c] = t;
+        }
+    }
+}
+
+#define DEFINE_DOTS(M)                                                                          \
+    static void dots_##M(float *s, int lds, const float *q, int ldq, const float *k, int ldk,   \
+                         int n, int D)                                                          \
+    {                                                                                           \
+        dots_rows(s, lds, q, ldq, k, ldk, n, D, M);                                             \
+    }
+DEFINE_DOTS(1)
+DEFINE_DOTS(2)
+DEFINE_DOTS(3)
+DEFINE_DOTS(4)
+DEFINE_DOTS(5)
+DEFINE_DOTS(6)
+DEFINE_DOTS(7)
+DEFINE_DOTS(8)
+#undef DEFINE_DOTS
+
+static void dots(float *s, int lds, const float *q, int ldq, int m, const float *k, int ldk,
+                 int n, int D)
+{
+    static void (*const by_rows[8])(float *, int, const float *, int, const float *, int, int,
+                                    int) = {dots_1, dots_2, dots_3, dots_4,
+                                            dots_5, dots_6, dots_7, dots_8};
+    by_rows[m - 1](s, lds, q, ldq, k, ldk, n, D);
 }
 
 /* pack_v of lib/kernels.h. */

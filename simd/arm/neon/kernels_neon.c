@@ -769,6 +769,26 @@ static void pack_k_half(float *kp, const uint16_t *base, int64_t ld, const int32
 }
 
 
+/* dots of lib/kernels.h: four lanes of partial sums per row, one key row at a time. */
+static void dots(float *s, int lds, const float *q, int ldq, int m, const float *k, int ldk,
+                 int n, int D)
+{
+    const int D4 = D / 4 * 4;
+    for (int c = 0; c < n; c++) {
+        const float *kr = k + (ptrdiff_t)c * ldk;
+        for (int r = 0; r < m; r++) {
+            const float *qr = q + (ptrdiff_t)r * ldq;
+            float32x4_t acc = vdupq_n_f32(0.0f);
+            for (int d = 0; d < D4; d += 4)
+                acc = vfmaq_f32(acc, vld1q_f32(qr + d), vld1q_f32(kr + d));
+            float t = vaddvq_f32(acc);
+            for (int d = D4; d < D; d++)
+                t += qr[d] * kr[d];
+            s[(ptrdiff_t)r * lds + c] = t;
+        }
+    }
+}
+
 const dma_kernels dma_kernels_neon = {
     .name = "neon",
     .mr = MR,
@@ -784,4 +804,5 @@ const dma_kernels dma_kernels_neon = {
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
+    .dots = dots,
 };

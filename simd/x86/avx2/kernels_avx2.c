@@ -555,4 +555,5 @@ const dma_kernels dma_kernels_avx2 = {
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
+    .dots = dots,
 };

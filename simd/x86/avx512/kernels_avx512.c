@@ -528,4 +528,5 @@ const dma_kernels dma_kernels_avx512 = {
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
+    .dots = dots,
 };
