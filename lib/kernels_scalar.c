@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "kernels.h"
+#include "kernels_generic.h"
 
 #define NR 8
 #define MR 4
@@ -248,20 +249,12 @@ static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
         dst[i] = f16 ? f16_from_bits(f32_bits(src[i])) : bf16_from_bits(f32_bits(src[i]));
 }
 
-/* pack_k_half of lib/kernels.h: each block of NR keys converted to float32 rows, then pack_k. */
+/* pack_k_half of lib/kernels.h: rows converted, then this table's pack_k. */
 static void pack_k_half(float *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
                         int32_t first, int n, int D, int f16)
 {
-    float rows[NR * 256];
-    for (int c0 = 0; c0 < n; c0 += NR) {
-        const int m = n - c0 < NR ? n - c0 : NR;
-        for (int j = 0; j < m; j++)
-            to_f32(rows + j * D, base + (int64_t)(keys ? keys[c0 + j] : first + c0 + j) * ld, D,
-                   f16);
-        pack_k(kp + (int64_t)c0 * D, rows, D, NULL, 0, m, D);
-    }
+    generic_pack_k_half(kp, base, ld, keys, first, n, D, f16, NR, to_f32, pack_k);
 }
-
 
 /* dots of lib/kernels.h: one key row at a time for all m rows. */
 static void dots(float *s, int lds, const float *q, int ldq, int m, const float *k, int ldk,

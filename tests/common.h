@@ -69,6 +69,14 @@ void fill_sentinel(void *p, size_t n);
 /** 1 if the `n` bytes still hold the fill_sentinel pattern. */
 int is_sentinel(const void *p, size_t n);
 
+/* ---- 16-bit storage: an independent round to nearest even (bf16 by bits, binary16 by the
+ * compiler's _Float16), for tests of bf16/f16 inputs ---- */
+
+uint16_t test_to_bf16(float x);
+uint16_t test_to_f16(float x);
+/** The float a bf16 (DMA_BF16) or binary16 (DMA_F16) bit pattern holds. */
+float test_from_half(uint16_t h, dma_dtype dt);
+
 /* ---- running ---- */
 
 /** Run every test of the suite (CK_NORMAL output), free it, and return the process exit status

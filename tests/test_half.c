@@ -13,44 +13,13 @@
 #include "reference.h"
 #include "reference_backward.h"
 
-static uint16_t round_bf16(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if (isnan(x))
-        return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-static uint16_t round_f16(float x)
-{
-    _Float16 h = (_Float16)x;
-    uint16_t u;
-    memcpy(&u, &h, 2);
-    return u;
-}
-
-static float widen(uint16_t h, dma_dtype dt)
-{
-    if (dt == DMA_BF16) {
-        uint32_t u = (uint32_t)h << 16;
-        float x;
-        memcpy(&x, &u, 4);
-        return x;
-    }
-    _Float16 f;
-    memcpy(&f, &h, 2);
-    return (float)f;
-}
-
 /* 16-bit copy of x, and x rounded in place to the stored values. */
 static uint16_t *to_half(float *x, int64_t n, dma_dtype dt)
 {
     uint16_t *h = test_malloc(sizeof(uint16_t) * (size_t)(n ? n : 1));
     for (int64_t i = 0; i < n; i++) {
-        h[i] = dt == DMA_BF16 ? round_bf16(x[i]) : round_f16(x[i]);
-        x[i] = widen(h[i], dt);
+        h[i] = dt == DMA_BF16 ? test_to_bf16(x[i]) : test_to_f16(x[i]);
+        x[i] = test_from_half(h[i], dt);
     }
     return h;
 }
@@ -93,7 +62,7 @@ static void half_case(test_ctx *tc, dma_dtype dt, test_rng *r, int check_referen
     dma_tensor hl = dma_tensor_3d(lseh, DMA_F32, B, Hq, Lq);
     ck_assert_int_eq(dma_forward(tc->ctx, &hq, &hk, &hv, &tb, sp, &ap, &ho, &hl), DMA_OK);
     for (int64_t i = 0; i < nq; i++) {
-        uint16_t want = dt == DMA_BF16 ? round_bf16(out32[i]) : round_f16(out32[i]);
+        uint16_t want = dt == DMA_BF16 ? test_to_bf16(out32[i]) : test_to_f16(out32[i]);
         REQUIRE(outh[i] == want, "%s dtype %d: out[%lld] = 0x%04x, want 0x%04x (from %g)",
                 dma_isa_name(tc->isa), (int)dt, (long long)i, outh[i], want, out32[i]);
     }
@@ -102,7 +71,7 @@ static void half_case(test_ctx *tc, dma_dtype dt, test_rng *r, int check_referen
     /* Backward: 16-bit q, k, v, out, dout; float32 gradients equal the float32 backward's. */
     float *out_w = test_malloc(sizeof(float) * (size_t)nq);
     for (int64_t i = 0; i < nq; i++)
-        out_w[i] = widen(outh[i], dt);
+        out_w[i] = test_from_half(outh[i], dt);
     float *g32[4], *gh[4];
     const int64_t gn[4] = {nq, nk, nk, B * Hkv * Lk};
     for (int x = 0; x < 4; x++) {
@@ -143,8 +112,8 @@ static void half_case(test_ctx *tc, dma_dtype dt, test_rng *r, int check_referen
         ref_forward(&ra, ro, rl);
         const double rel = dt == DMA_BF16 ? 1.0 / 256 : 1.0 / 2048;
         for (int64_t i = 0; i < nq; i++)
-            REQUIRE(fabs(widen(outh[i], dt) - ro[i]) <= rel * fabs(ro[i]) + 1e-5,
-                    "out[%lld] = %g, reference %g", (long long)i, widen(outh[i], dt), ro[i]);
+            REQUIRE(fabs(test_from_half(outh[i], dt) - ro[i]) <= rel * fabs(ro[i]) + 1e-5,
+                    "out[%lld] = %g, reference %g", (long long)i, test_from_half(outh[i], dt), ro[i]);
         free(sel);
         free(ro);
         free(rl);

@@ -11,41 +11,6 @@
 #include "common.h"
 #include "reference.h"
 
-/* ---- independent 16-bit rounding (round to nearest even) ---- */
-
-static uint16_t ref_to_bf16(float x)
-{
-    uint32_t u;
-    memcpy(&u, &x, 4);
-    if (isnan(x))
-        return (uint16_t)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (uint16_t)(u >> 16);
-}
-
-static float ref_from_bf16(uint16_t h)
-{
-    uint32_t u = (uint32_t)h << 16;
-    float x;
-    memcpy(&x, &u, 4);
-    return x;
-}
-
-static uint16_t ref_to_f16(float x)
-{
-    _Float16 h = (_Float16)x;
-    uint16_t u;
-    memcpy(&u, &h, 2);
-    return u;
-}
-
-static float ref_from_f16(uint16_t u)
-{
-    _Float16 h;
-    memcpy(&h, &u, 2);
-    return (float)h;
-}
-
 /* Store float data as `dt`; returns the buffer to hand the library and rounds `x` in place to
  * what was stored (so the reference sees the same inputs). */
 static void *store_as(float *x, int64_t n, dma_dtype dt)
@@ -54,8 +19,8 @@ static void *store_as(float *x, int64_t n, dma_dtype dt)
         return x;
     uint16_t *h = test_malloc(sizeof(uint16_t) * (size_t)n);
     for (int64_t i = 0; i < n; i++) {
-        h[i] = dt == DMA_BF16 ? ref_to_bf16(x[i]) : ref_to_f16(x[i]);
-        x[i] = dt == DMA_BF16 ? ref_from_bf16(h[i]) : ref_from_f16(h[i]);
+        h[i] = dt == DMA_BF16 ? test_to_bf16(x[i]) : test_to_f16(x[i]);
+        x[i] = test_from_half(h[i], dt);
     }
     return h;
 }
@@ -64,8 +29,7 @@ static float load_from(const void *p, int64_t i, dma_dtype dt)
 {
     if (dt == DMA_F32)
         return ((const float *)p)[i];
-    uint16_t h = ((const uint16_t *)p)[i];
-    return dt == DMA_BF16 ? ref_from_bf16(h) : ref_from_f16(h);
+    return test_from_half(((const uint16_t *)p)[i], dt);
 }
 
 /* ---- a random sequence: k, v (B, L, Hkv, D) and a per-key bias (B, Hkv, 1, L) ---- */
