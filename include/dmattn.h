@@ -420,7 +420,9 @@ DMA_API dma_status dma_dynamic_bias_backward(dma_context *ctx, const dma_tensor 
  *  all entries, and, per (entry, kv head), the state of the causal top-`window` selection (the
  *  heap of dma_sparsity_build()'s streaming builder). Memory: the pages in use, plus O(window)
  *  per (entry, head) for the selection, plus O(n) for the journal of the last append of n
- *  tokens; nothing is O(L^2). Not thread-safe: one call at a time per cache. */
+ *  tokens; nothing is O(L^2). Threads: an append or a reset must not run at the same time as any
+ *  other call on the same cache; dma_kv_forward() and the inspection calls only read the cache and
+ *  may run concurrently with each other (each with its own context). */
 typedef struct dma_kv_cache dma_kv_cache;
 
 /** Parameters of dma_kv_cache_create(). Zero-initialise, then set what you need. */
