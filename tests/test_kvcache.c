@@ -489,6 +489,55 @@ START_TEST(bad_input_leaves_the_cache_untouched)
 }
 END_TEST
 
+/* After a reset, an entry selects for its new sequence exactly what a fresh cache selects (the
+ * heap and journal start over; its reused pages hold only the new tokens), while the other entry
+ * keeps its own. */
+START_TEST(reset_entry_starts_over)
+{
+    dma_context *ctx = test_scalar_context();
+    test_rng r = rng_make(13);
+    seq a = seq_make(&r, 2, 120, 2, 4, 1), fresh = seq_make(&r, 2, 120, 2, 4, 1);
+    uint8_t *whole_fresh = whole_selection(ctx, &fresh, 9), *whole_a = whole_selection(ctx, &a, 9);
+    dma_kv_cache *c = make_cache(ctx, &a, 9, DMA_F32, 16);
+    dma_tensor tk = kv_view(a.k, &a, 0, 120, DMA_F32, NULL), tv = kv_view(a.v, &a, 0, 120, DMA_F32, NULL);
+    dma_tensor tb = bias_view(&a, 0, 120);
+    ck_assert_int_eq(dma_kv_cache_append(ctx, c, &tk, &tv, &tb, NULL), DMA_OK);
+    ck_assert_int_eq(dma_kv_cache_reset(c, 0), DMA_OK);
+    ck_assert_int_eq(dma_kv_cache_length(c, 0), 0);
+    ck_assert_int_eq(dma_kv_cache_length(c, 1), 120);
+    int64_t len = 0;
+    while (len < 120) {
+        int64_t n = rng_int(&r, 1, 30), counts[2] = {0, 0};
+        n = n < 120 - len ? n : 120 - len;
+        counts[0] = n;
+        dma_tensor k = kv_view(fresh.k, &fresh, len, n, DMA_F32, NULL);
+        dma_tensor v = kv_view(fresh.v, &fresh, len, n, DMA_F32, NULL);
+        dma_tensor b = bias_view(&fresh, len, n);
+        ck_assert_int_eq(dma_kv_cache_append(ctx, c, &k, &v, &b, counts), DMA_OK);
+        len += n;
+        for (int64_t e = 0; e < 2; e++)
+            for (int64_t h = 0; h < 2; h++) {
+                int32_t keys[16];
+                int64_t nk = 0;
+                ck_assert_int_eq(dma_kv_cache_selection(c, e, h, keys, 16, &nk), DMA_OK);
+                /* entry 0: row len - 1 of the fresh sequence; entry 1: still a's last row */
+                const int64_t L = e == 0 ? len : 120;
+                const uint8_t *want = (e == 0 ? whole_fresh : whole_a) + ((e * 2 + h) * 120 + L - 1) * 120;
+                ck_assert_int_eq(nk, ref_popcount(want, L));
+                for (int64_t x = 0; x < nk; x++)
+                    ck_assert_msg(want[keys[x]], "entry %lld head %lld: key %d not selected",
+                                  (long long)e, (long long)h, keys[x]);
+            }
+    }
+    dma_kv_cache_destroy(c);
+    free(whole_fresh);
+    free(whole_a);
+    seq_free(&a);
+    seq_free(&fresh);
+    dma_context_destroy(ctx);
+}
+END_TEST
+
 /* Entries share one pool: pages an entry gives back are reused, and no page is shared. */
 START_TEST(pages_are_shared_and_reused)
 {
@@ -645,6 +694,7 @@ Suite *kvcache_suite(void)
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, bad_input_leaves_the_cache_untouched);
     tcase_add_test(tc, pages_are_shared_and_reused);
+    tcase_add_test(tc, reset_entry_starts_over);
     tcase_add_test(tc, append_dynamic_uses_the_value_bias);
     suite_add_tcase(s, tc);
     return s;
