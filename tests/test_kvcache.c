@@ -339,6 +339,22 @@ static void forward_case(test_ctx *tc, dma_dtype dt, uint64_t seed)
                 free(sel);
             }
         }
+        if (dt != DMA_F32) {
+            /* float32 q and out over a 16-bit cache: the same computation (q holds the stored
+             * values), so out is the 16-bit call's before its rounding, bit for bit. */
+            float *o32 = test_malloc(sizeof(float) * (size_t)(B * n * Hq * D));
+            dma_tensor q32 = dma_tensor_4d(q, DMA_F32, B, n, Hq, D);
+            dma_tensor t32 = dma_tensor_4d(o32, DMA_F32, B, n, Hq, D);
+            dma_kv_attn_params ap = {.kind = DMA_MASK_TOPK, .add_bias = 1};
+            ck_assert_int_eq(dma_kv_forward(tc->ctx, c, &tq, counts, &ap, &to, &tl), DMA_OK);
+            ck_assert_int_eq(dma_kv_forward(tc->ctx, c, &q32, counts, &ap, &t32, NULL), DMA_OK);
+            for (int64_t i = 0; i < B * n * Hq * D; i++) {
+                const uint16_t want = dt == DMA_BF16 ? test_to_bf16(o32[i]) : test_to_f16(o32[i]);
+                REQUIRE(((const uint16_t *)out)[i] == want, "%s: f32 q and %d-bit q differ at %lld",
+                        dma_isa_name(tc->isa), (int)dt, (long long)i);
+            }
+            free(o32);
+        }
         if (qs != q)
             free(qs);
         free(q);
