@@ -69,7 +69,14 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                 memset(stage + n * D, 0, sizeof(float) * (size_t)((dma_div_up(n, nr) * nr - n) * D));
             if (a->cache_bias) { /* one kv head's bias, the same for every head of the item */
                 const int n_pad = (int)(dma_div_up(n, nr) * nr);
-                dma_kv_gather_bias(a->cache, it->b, iv.hkv, keys, first, (int)n, n_pad, bias_buf);
+                if (keys && a->sp->vals) { /* the selection carried them (no page reads) */
+                    memcpy(bias_buf, a->sp->vals + (keys - a->sp->keys),
+                           sizeof(float) * (size_t)n);
+                    memset(bias_buf + n, 0, sizeof(float) * (size_t)(n_pad - n));
+                } else {
+                    dma_kv_gather_bias(a->cache, it->b, iv.hkv, keys, first, (int)n, n_pad,
+                                       bias_buf);
+                }
                 for (int64_t hh = 1; hh < iv.nh; hh++)
                     memcpy(bias_buf + hh * DMA_CHUNK, bias_buf, sizeof(float) * (size_t)n_pad);
             }

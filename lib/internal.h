@@ -52,6 +52,7 @@ struct dma_sparsity {
     int32_t *row_lo;    /* [B][H][Lq] first selected position in the tile's U */
     int32_t *row_hi;    /* [B][H][Lq] one past the last selected position */
     int32_t *keys;      /* explicit unions, concatenated */
+    float *vals;        /* NULL, or each key's bias beside keys (from a KV cache's heap) */
     uint64_t *words;    /* row bitmasks, concatenated */
     int64_t nkeys, nwords;
     int64_t nnz;

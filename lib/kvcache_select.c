@@ -28,28 +28,39 @@ static void select_topk_slab(const dma_kv_cache *c, const dma_sparsity *sp, int6
     int32_t *lo = sp->row_lo + s * sp->Lq, *hi = sp->row_hi + s * sp->Lq;
 
     int64_t ncand = 0, cap = hn + nrows + 1;
-    int32_t *cand = malloc(sizeof(int32_t) * (size_t)(4 * cap));
-    if (!cand) {
+    int32_t *cand = malloc(sizeof(int32_t) * (size_t)(3 * cap));
+    float *cval = malloc(sizeof(float) * (size_t)cap);
+    heap_item *items = malloc(sizeof(heap_item) * (size_t)(2 * cap));
+    if (!cand || !cval || !items) {
+        free(cand);
+        free(cval);
+        free(items);
         sl->status = DMA_ERR_NOMEM;
         return;
     }
     int32_t *start = cand + cap, *end = start + cap;
     if (nrows > 0) {
-        /* Keys live at the first row, sorted; then the keys that enter at later rows. */
+        /* Keys live at the first row, sorted, with their biases (the heap's for keys still in
+         * it, the page's for keys pushed out later); then the keys that enter at later rows. */
+        int64_t ni = 0;
         for (int64_t i = 0; i < hn; i++)
             if (heap[i].key <= first_row)
-                cand[ncand++] = heap[i].key;
+                items[ni++] = heap[i];
         for (int64_t p = first_row + 1; p < len; p++) {
             int32_t k = jout[p - journal0];
             if (k >= 0 && k <= first_row)
-                cand[ncand++] = k;
+                items[ni++] = (heap_item){dma_kv_bias_at(c, b, h, k), k};
         }
-        sort_keys(cand, ncand, end + cap);
-        for (int64_t i = 0; i < ncand; i++)
-            start[i] = INT32_MIN;
+        sort_items_by_key(items, ni, items + cap);
+        for (int64_t i = 0; i < ni; i++) {
+            cand[ncand] = items[i].key;
+            cval[ncand] = items[i].val;
+            start[ncand++] = INT32_MIN;
+        }
         for (int64_t p = first_row + 1; p < len; p++)
             if (jin[p - journal0]) {
                 start[ncand] = (int32_t)p;
+                cval[ncand] = dma_kv_bias_at(c, b, h, p);
                 cand[ncand++] = (int32_t)p;
             }
         for (int64_t i = 0; i < ncand; i++)
@@ -77,14 +88,18 @@ static void select_topk_slab(const dma_kv_cache *c, const dma_sparsity *sp, int6
             count += end[i] > P0;
         int64_t base = sl->nkeys;
         int32_t *u = slab_keys(sl, count);
-        if (!u) {
+        float *uv = u ? slab_vals(sl, count) : NULL;
+        if (!u || !uv) {
             sl->status = DMA_ERR_NOMEM;
             break;
         }
+        u = sl->keys + base;
         int64_t x = 0;
         for (int64_t i = 0; i < ncand && cand[i] <= P1; i++)
-            if (end[i] > P0)
+            if (end[i] > P0) {
+                uv[x] = cval[i];
                 u[x++] = cand[i];
+            }
         const int32_t wpr = (int32_t)dma_div_up(count, 64);
         const int64_t wbase = sl->nwords;
         uint64_t *words = slab_words(sl, (r1 - r0) * (int64_t)wpr);
@@ -118,6 +133,8 @@ static void select_topk_slab(const dma_kv_cache *c, const dma_sparsity *sp, int6
         }
     }
     free(cand);
+    free(cval);
+    free(items);
 }
 
 /* DENSE or WINDOW rows of entry b: contiguous key ranges, no index arrays. */

@@ -17,6 +17,8 @@
 typedef struct slab {
     int32_t *keys;
     int64_t nkeys, cap_keys;
+    float *vals;             /* optional: each key's bias, beside keys (the KV cache's builder) */
+    int64_t cap_vals;
     uint64_t *words;
     int64_t nwords, cap_words;
     int64_t nnz;
@@ -44,6 +46,15 @@ static inline int32_t *slab_keys(slab *sl, int64_t n)
     int32_t *p = sl->keys + sl->nkeys;
     sl->nkeys += n;
     return p;
+}
+
+/* The bias values of the last n keys slab_keys() gave (allocated on first use); NULL on
+ * allocation failure. */
+static inline float *slab_vals(slab *sl, int64_t n)
+{
+    if (!grow((void **)&sl->vals, &sl->cap_vals, sl->nkeys + 1, sizeof(float)))
+        return NULL;
+    return sl->vals + sl->nkeys - n;
 }
 
 /* n more zeroed words at the end of the slab; NULL on allocation failure. */
@@ -159,39 +170,40 @@ static inline int32_t find_pos(const int32_t *u, int32_t n, int32_t key)
     return lo;
 }
 
-/* Sort n non-negative keys ascending: insertion sort when short, else an LSD radix sort in
- * three passes of 11 bits through tmp (n more keys). The KV cache sorts a heap's window of keys
- * for every decode step, where qsort's comparator calls cost as much as the attention. */
-static inline void sort_keys(int32_t *a, int64_t n, int32_t *tmp)
+/* Sort n items by their non-negative keys, ascending: insertion sort when short, else an LSD
+ * radix sort in three passes of 11 bits through tmp (n more items). The KV cache sorts a heap's
+ * window of keys for every decode step, where qsort's comparator calls cost as much as the
+ * attention. */
+static inline void sort_items_by_key(heap_item *a, int64_t n, heap_item *tmp)
 {
     if (n <= 32) {
         for (int64_t i = 1; i < n; i++) {
-            int32_t x = a[i];
+            heap_item x = a[i];
             int64_t j = i;
-            for (; j > 0 && a[j - 1] > x; j--)
+            for (; j > 0 && a[j - 1].key > x.key; j--)
                 a[j] = a[j - 1];
             a[j] = x;
         }
         return;
     }
-    int32_t *src = a, *dst = tmp;
+    heap_item *src = a, *dst = tmp;
     for (int shift = 0; shift < 33; shift += 11) {
         int64_t count[2048] = {0};
         for (int64_t i = 0; i < n; i++)
-            count[((uint32_t)src[i] >> shift) & 2047]++;
+            count[((uint32_t)src[i].key >> shift) & 2047]++;
         for (int64_t d = 0, sum = 0; d < 2048; d++) {
             int64_t c = count[d];
             count[d] = sum;
             sum += c;
         }
         for (int64_t i = 0; i < n; i++)
-            dst[count[((uint32_t)src[i] >> shift) & 2047]++] = src[i];
-        int32_t *t = src;
+            dst[count[((uint32_t)src[i].key >> shift) & 2047]++] = src[i];
+        heap_item *t = src;
         src = dst;
         dst = t;
     }
     if (src != a) /* three passes end in tmp */
-        memcpy(a, src, sizeof(int32_t) * (size_t)n);
+        memcpy(a, src, sizeof(heap_item) * (size_t)n);
 }
 
 /* Concatenate the slabs' keys and words into sp (tiles' offsets made global) and free the

@@ -3,6 +3,7 @@
  * (including the dense/causal object the forward makes when it is given none) are in
  * mask_build.c.
  */
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -46,6 +47,7 @@ void dma_sparsity_destroy(dma_sparsity *sp)
     dma_free(sp->row_lo);
     dma_free(sp->row_hi);
     dma_free(sp->keys);
+    dma_free(sp->vals);
     dma_free(sp->words);
     free(sp);
 }
@@ -64,7 +66,8 @@ size_t dma_sparsity_bytes(const dma_sparsity *sp)
 {
     int64_t ntile_all = sp->B * sp->H * sp->ntiles, nrows = sp->B * sp->H * sp->Lq;
     return sizeof *sp + (size_t)ntile_all * sizeof(dma_tile) + (size_t)nrows * 2 * sizeof(int32_t) +
-           (size_t)sp->nkeys * sizeof(int32_t) + (size_t)sp->nwords * sizeof(uint64_t);
+           (size_t)sp->nkeys * (sizeof(int32_t) + (sp->vals ? sizeof(float) : 0)) +
+           (size_t)sp->nwords * sizeof(uint64_t);
 }
 
 int32_t dma_tile_cut(const dma_sparsity *sp, const dma_tile *t, int64_t last)
@@ -121,6 +124,11 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
     }
     if (st == DMA_OK) {
         sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
+        bool with_vals = false;
+        for (int64_t s = 0; s < nslab; s++)
+            with_vals |= slabs[s].vals != NULL;
+        if (with_vals && !(sp->vals = dma_alloc((size_t)nkeys * sizeof(float))))
+            st = DMA_ERR_NOMEM;
         sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
         if (!sp->keys || !sp->words)
             st = DMA_ERR_NOMEM;
@@ -130,6 +138,13 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
         for (int64_t s = 0; s < nslab; s++) {
             if (slabs[s].nkeys)
                 memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
+            if (sp->vals && slabs[s].nkeys) {
+                if (slabs[s].vals)
+                    memcpy(sp->vals + kb, slabs[s].vals, sizeof(float) * (size_t)slabs[s].nkeys);
+                else
+                    for (int64_t i = 0; i < slabs[s].nkeys; i++)
+                        sp->vals[kb + i] = NAN;
+            }
             if (slabs[s].nwords)
                 memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
             for (int64_t t = 0; t < sp->ntiles; t++) {
@@ -147,6 +162,7 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
     }
     for (int64_t s = 0; s < nslab; s++) {
         free(slabs[s].keys);
+        free(slabs[s].vals);
         free(slabs[s].words);
     }
     free(slabs);
