@@ -93,7 +93,6 @@ static void select_topk_slab(const dma_kv_cache *c, const dma_sparsity *sp, int6
             sl->status = DMA_ERR_NOMEM;
             break;
         }
-        u = sl->keys + base;
         int64_t x = 0;
         for (int64_t i = 0; i < ncand && cand[i] <= P1; i++)
             if (end[i] > P0) {
@@ -107,7 +106,7 @@ static void select_topk_slab(const dma_kv_cache *c, const dma_sparsity *sp, int6
             sl->status = DMA_ERR_NOMEM;
             break;
         }
-        u = sl->keys + base;
+        u = sl->keys + base; /* (slab_words moves only words; stay obvious) */
         *tile = (dma_tile){.key_off = base, .word_off = wbase, .first = 0,
                            .count = (int32_t)count, .words_per_row = wpr};
         for (int64_t r = 0; r < valid; r++) {
