@@ -432,7 +432,8 @@ typedef struct dma_kv_cache_params {
     int64_t head_dim;   /**< D (1..DMA_MAX_HEAD_DIM) */
     dma_dtype dtype;    /**< storage of keys and values: DMA_F32, DMA_BF16 or DMA_F16 */
     int64_t max_len;    /**< most tokens one entry may hold (>= 1, <= INT32_MAX) */
-    int64_t window;     /**< keys kept per row by the incremental causal top-k selection (>= 0).
+    int64_t window;     /**< keys kept per row by the incremental causal top-k selection (>= 0;
+                             one above max_len means max_len, as get_params reports).
                              0: no selection state (appends take no bias; only the DMA_MASK_DENSE
                              and DMA_MASK_WINDOW kinds of dma_kv_forward() can be used) */
     int64_t page_len;   /**< tokens per page (>= 1); 0 = 256 */
@@ -492,8 +493,8 @@ DMA_API dma_status dma_kv_cache_reset(dma_kv_cache *cache, int64_t b);
  * needed are checked (and the pages taken) before anything is written; on error the cache is as
  * it was. Uses the context's threads over (entry, head).
  * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE (sizes, a count outside 0..n, or an entry that would
- * exceed max_len), DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_BAD_VALUE, DMA_ERR_NOMEM (memory, or
- * the pool's max_pages).
+ * exceed max_len), DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_BAD_VALUE, DMA_ERR_ARG (a bias for
+ * a cache without a window), DMA_ERR_NOMEM (memory, or the pool's max_pages).
  */
 DMA_API dma_status dma_kv_cache_append(dma_context *ctx, dma_kv_cache *cache,
                                        const dma_tensor *k, const dma_tensor *v,
