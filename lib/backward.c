@@ -659,13 +659,13 @@ static void zero_grads(const bwd *w, int part, int parts)
         zero_tensor_part(w->dbias, part, parts);
 }
 
+/* g must exist, have `like`'s shape and the element type `dtype`. */
 static dma_status check_grad(dma_context *ctx, const char *name, const dma_tensor *g,
-                             const dma_tensor *like)
+                             const dma_tensor *like, dma_dtype dtype)
 {
     if (!g)
         return dma_fail(ctx, DMA_ERR_NULL, "backward: %s is required", name);
-    /* Gradients are float32 whatever the inputs' storage; dout has the storage of out. */
-    dma_status st = dma_check_tensor(ctx, name, g, strcmp(name, "dout") ? DMA_F32 : like->dtype, 4);
+    dma_status st = dma_check_tensor(ctx, name, g, dtype, 4);
     if (st != DMA_OK)
         return st;
     for (int d = 0; d < 4; d++)
@@ -689,16 +689,17 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     dma_status st = dma_attn_check(ctx, q, k, v, bias, sp, params, out, lse, &w.a);
     if (st != DMA_OK)
         return st;
-    if (dout && dout->dtype != q->dtype)
-        return dma_fail(ctx, DMA_ERR_DTYPE, "backward: dout must have q's dtype");
-    if ((st = check_grad(ctx, "dout", dout, q)) || (st = check_grad(ctx, "dq", dq, q)) ||
-        (st = check_grad(ctx, "dk", dk, k)) || (st = check_grad(ctx, "dv", dv, v)))
+    /* dout has the storage of out (and q); gradients are float32 whatever the storage. */
+    if ((st = check_grad(ctx, "dout", dout, q, q->dtype)) ||
+        (st = check_grad(ctx, "dq", dq, q, DMA_F32)) ||
+        (st = check_grad(ctx, "dk", dk, k, DMA_F32)) ||
+        (st = check_grad(ctx, "dv", dv, v, DMA_F32)))
         return st;
     if (dbias) {
         if (!bias)
             return dma_fail(ctx, DMA_ERR_NULL, "backward: dbias needs the bias it is the "
                             "gradient of");
-        if ((st = check_grad(ctx, "dbias", dbias, bias)))
+        if ((st = check_grad(ctx, "dbias", dbias, bias, DMA_F32)))
             return st;
     }
     w.per_row_bias = bias && bias->shape[2] != 1;
