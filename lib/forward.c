@@ -63,20 +63,12 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
         const int32_t first = (int32_t)(iv.first + c0);
         if (a->cache) {
             /* A decode item (one row per head) scores the key rows directly (dots). */
-            dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n,
+            const int n_pad = (int)(dma_div_up(n, nr) * nr);
+            dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n, n_pad,
                           decode ? NULL : Kp, Vp, (int)ld, stage);
-            if (decode) /* rows past n up to the block's nr multiple: zeros, as pack_k's */
-                memset(stage + n * D, 0, sizeof(float) * (size_t)((dma_div_up(n, nr) * nr - n) * D));
             if (a->cache_bias) { /* one kv head's bias, the same for every head of the item */
-                const int n_pad = (int)(dma_div_up(n, nr) * nr);
-                if (keys && a->sp->vals) { /* the selection carried them (no page reads) */
-                    memcpy(bias_buf, a->sp->vals + (keys - a->sp->keys),
-                           sizeof(float) * (size_t)n);
-                    memset(bias_buf + n, 0, sizeof(float) * (size_t)(n_pad - n));
-                } else {
-                    dma_kv_gather_bias(a->cache, it->b, iv.hkv, keys, first, (int)n, n_pad,
-                                       bias_buf);
-                }
+                dma_kv_gather_bias(a->cache, a->sp, it->b, iv.hkv, keys, first, (int)n, n_pad,
+                                   bias_buf);
                 for (int64_t hh = 1; hh < iv.nh; hh++)
                     memcpy(bias_buf + hh * DMA_CHUNK, bias_buf, sizeof(float) * (size_t)n_pad);
             }

@@ -450,10 +450,12 @@ dma_status dma_kv_cache_sparsity(dma_context *ctx, const dma_kv_cache *c, int64_
 /* ---- what the forward reads ---- */
 
 void dma_kv_gather(const dma_kv_cache *c, const dma_kernels *kern, int64_t b, int64_t h,
-                   const int32_t *keys, int32_t first, int n, float *kp, float *vp, int ldv,
-                   float *stage)
+                   const int32_t *keys, int32_t first, int n, int n_pad, float *kp, float *vp,
+                   int ldv, float *stage)
 {
     const int D = (int)c->p.head_dim;
+    if (!kp) /* rows dots reads past n, up to the block: zeros, as pack_k's */
+        memset(stage + (int64_t)n * D, 0, sizeof(float) * (size_t)(n_pad - n) * (size_t)D);
     const int f16 = c->p.dtype == DMA_F16;
     const int64_t P = c->p.page_len;
     if (!keys && n > 0 && first / P == (first + n - 1) / P) {
@@ -515,18 +517,14 @@ void dma_kv_gather(const dma_kv_cache *c, const dma_kernels *kern, int64_t b, in
         kern->pack_k(kp, stage, D, NULL, 0, n, D);
 }
 
-void dma_kv_gather_bias(const dma_kv_cache *c, int64_t b, int64_t h, const int32_t *keys,
-                        int32_t first, int n, int n_pad, float *dst)
+void dma_kv_gather_bias(const dma_kv_cache *c, const dma_sparsity *sp, int64_t b, int64_t h,
+                        const int32_t *keys, int32_t first, int n, int n_pad, float *dst)
 {
-    enum { AHEAD = 16 }; /* scattered keys: overlap the misses (see dma_kv_gather) */
-    if (keys)
-        for (int i = 0; i < n && i < AHEAD; i++)
-            __builtin_prefetch(dma_kv_bias_ptr(c, b, h, keys[i]));
-    for (int i = 0; i < n; i++) {
-        if (keys && i + AHEAD < n)
-            __builtin_prefetch(dma_kv_bias_ptr(c, b, h, keys[i + AHEAD]));
-        dst[i] = dma_kv_bias_at(c, b, h, keys ? keys[i] : first + i);
-    }
+    if (keys) /* a selection's union: the selection carries the biases (no scattered reads) */
+        memcpy(dst, sp->vals + (keys - sp->keys), sizeof(float) * (size_t)n);
+    else
+        for (int i = 0; i < n; i++)
+            dst[i] = dma_kv_bias_at(c, b, h, first + i);
     for (int i = n; i < n_pad; i++)
         dst[i] = 0.0f;
 }

@@ -87,15 +87,16 @@ dma_status dma_kv_select(dma_context *ctx, const dma_kv_cache *cache, dma_mask_k
                          int64_t window, int64_t Lq, const int64_t *counts, dma_sparsity **out);
 
 /* Gather n keys of entry b, head h (keys[c], or first + c when keys is NULL) for the forward:
- * K as float32 rows in `stage` (n * D floats, row stride D) and, unless kp is NULL, packed from
- * there into kp; V into float32 rows of vp with stride ldv (zero-padded to ldv), whatever the
- * storage. */
+ * K as float32 rows in `stage` (n * D floats, row stride D; rows n .. n_pad - 1 zeroed when kp
+ * is NULL) and, unless kp is NULL, packed from there into kp; V into float32 rows of vp with
+ * stride ldv (zero-padded to ldv), whatever the storage. */
 void dma_kv_gather(const dma_kv_cache *cache, const dma_kernels *kern, int64_t b, int64_t h,
-                   const int32_t *keys, int32_t first, int n, float *kp, float *vp, int ldv,
-                   float *stage);
+                   const int32_t *keys, int32_t first, int n, int n_pad, float *kp, float *vp,
+                   int ldv, float *stage);
 
-/* The cached bias of those n keys into dst, zero from n to n_pad. */
-void dma_kv_gather_bias(const dma_kv_cache *cache, int64_t b, int64_t h, const int32_t *keys,
-                        int32_t first, int n, int n_pad, float *dst);
+/* The bias of those n keys into dst, zero from n to n_pad: from the selection sp when keys is
+ * its union (dma_kv_select carries each key's bias), else read from the pages. */
+void dma_kv_gather_bias(const dma_kv_cache *cache, const dma_sparsity *sp, int64_t b, int64_t h,
+                        const int32_t *keys, int32_t first, int n, int n_pad, float *dst);
 
 #endif /* DMATTN_KVCACHE_H */
