@@ -336,14 +336,11 @@ dma_status dma_kv_cache_append(dma_context *ctx, dma_kv_cache *c, const dma_tens
         for (int64_t t = 0; t < cnt; t++) {
             unsigned char *krow = (unsigned char *)dma_kv_k_row(c, b, h, len + t);
             store_row(krow, k, c->elem, b, t, h, p->head_dim);
-            store_row(krow + (size_t)H * c->head_bytes, v, c->elem, b, t, h, p->head_dim);
-            if (bias) {
-                const unsigned char *page = c->pages[c->table[b * c->pages_per_entry +
-                                                              (len + t) / P]];
-                float *brow = (float *)(page + 2 * (size_t)H * c->head_bytes);
-                brow[h * P + (len + t) % P] =
+            store_row((unsigned char *)dma_kv_v_row(c, b, h, len + t), v, c->elem, b, t, h,
+                      p->head_dim);
+            if (bias)
+                *(float *)dma_kv_bias_ptr(c, b, h, len + t) =
                     f32(bias)[b * bias->stride[0] + h * bias->stride[1] + t * bias->stride[3]];
-            }
         }
         if (p->window > 0 && cnt > 0)
             select_append(c, b, h, len, cnt);
