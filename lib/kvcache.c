@@ -402,12 +402,6 @@ dma_status dma_kv_cache_append_dynamic(dma_context *ctx, dma_kv_cache *c, const 
     return st;
 }
 
-static int cmp_key(const void *x, const void *y)
-{
-    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
-    return (a > b) - (a < b);
-}
-
 dma_status dma_kv_cache_selection(const dma_kv_cache *c, int64_t b, int64_t h, int32_t *keys,
                                   int64_t cap, int64_t *n)
 {
@@ -424,7 +418,7 @@ dma_status dma_kv_cache_selection(const dma_kv_cache *c, int64_t b, int64_t h, i
     }
     for (int64_t i = 0; i < count; i++)
         keys[i] = c->heap[s * c->p.window + i].key;
-    qsort(keys, (size_t)count, sizeof(int32_t), cmp_key);
+    qsort(keys, (size_t)count, sizeof(int32_t), cmp_i32);
     *n = count;
     return DMA_OK;
 }
