@@ -21,7 +21,8 @@ static size_t forward_scratch_floats(const dma_attn *a)
 {
     /* the most rows an item has: decode (Lq = 1) needs a few, not a whole tile's */
     int64_t M = dma_min64(DMA_HEADS_PER_ITEM, a->heads_per_group) * dma_min64(DMA_TILE, a->Lq);
-    size_t n = (size_t)(2 * M * a->ld + 3 * DMA_CHUNK * a->ld +
+    /* + DMA_CHUNK rows of `stage` for the K rows gathered from a cache */
+    size_t n = (size_t)(2 * M * a->ld + (a->cache ? 3 : 2) * DMA_CHUNK * a->ld +
                         (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK + 2 * M + 64);
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
 }
