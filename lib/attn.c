@@ -8,6 +8,25 @@
 
 #include "internal.h"
 
+dma_status dma_check_lse(dma_context *ctx, const dma_tensor *lse, int64_t B, int64_t Hq,
+                         int64_t Lq)
+{
+    if (!lse)
+        return DMA_OK;
+    dma_status st = dma_check_tensor(ctx, "lse", lse, DMA_F32, 3);
+    if (st == DMA_OK && (lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq))
+        st = dma_fail(ctx, DMA_ERR_SHAPE, "lse: shape must be (B, Hq, Lq)");
+    return st;
+}
+
+dma_status dma_check_scale(dma_context *ctx, float scale, float softcap)
+{
+    if (!isfinite(scale) || !isfinite(softcap) || softcap < 0.0f)
+        return dma_fail(ctx, DMA_ERR_BAD_VALUE, "params: scale must be finite and softcap finite "
+                        "and >= 0");
+    return DMA_OK;
+}
+
 dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                           const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
                           const dma_attn_params *params, const dma_tensor *out,
@@ -60,22 +79,17 @@ dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tenso
                         "not fit (B %lld, H 1|%lld|%lld, Lq %lld, Lk %lld)", (long long)sp->B,
                         (long long)sp->H, (long long)sp->Lq, (long long)sp->Lk, (long long)B,
                         (long long)Hkv, (long long)Hq, (long long)Lq, (long long)Lk);
-    if (lse) {
-        if ((st = dma_check_tensor(ctx, "lse", lse, DMA_F32, 3)))
-            return st;
-        if (lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq)
-            return dma_fail(ctx, DMA_ERR_SHAPE, "lse: shape must be (B, Hq, Lq)");
-    }
+    if ((st = dma_check_lse(ctx, lse, B, Hq, Lq)))
+        return st;
     dma_attn_params p = {0};
     if (params)
         p = *params;
-    if (!isfinite(p.scale) || !isfinite(p.softcap) || p.softcap < 0.0f)
-        return dma_fail(ctx, DMA_ERR_BAD_VALUE, "params: scale must be finite and softcap finite "
-                        "and >= 0");
+    if ((st = dma_check_scale(ctx, p.scale, p.softcap)))
+        return st;
     int64_t hs = sp ? sp->H : 1;
     *a = (dma_attn){.kern = ctx->kernels, .B = B, .Lq = Lq, .Lk = Lk, .Hq = Hq, .Hkv = Hkv,
                     .D = D, .off = Lk - Lq,
-                    .scale = p.scale != 0.0f ? p.scale : 1.0f / sqrtf((float)D),
+                    .scale = dma_scale_or_default(p.scale, D),
                     .softcap = p.softcap, .causal = p.causal != 0, .q = q, .k = k, .v = v,
                     .bias = bias, .out = out, .lse = lse, .sp = sp,
                     .heads_per_group = Hq / (Hkv > hs ? Hkv : hs)};

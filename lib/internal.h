@@ -5,6 +5,7 @@
 #ifndef DMATTN_INTERNAL_H
 #define DMATTN_INTERNAL_H
 
+#include <math.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stddef.h>
@@ -164,6 +165,18 @@ dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tenso
                           const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
                           const dma_attn_params *params, const dma_tensor *out,
                           const dma_tensor *lse, dma_attn *a);
+
+/* Optional lse (B, Hq, Lq) float32, and finite scale / softcap >= 0: the attention calls
+ * shared checks (status and message in ctx). */
+dma_status dma_check_lse(dma_context *ctx, const dma_tensor *lse, int64_t B, int64_t Hq,
+                         int64_t Lq);
+dma_status dma_check_scale(dma_context *ctx, float scale, float softcap);
+
+/* The attention scale a call asked for: 0 means 1/sqrt(D). */
+static inline float dma_scale_or_default(float scale, int64_t D)
+{
+    return scale != 0.0f ? scale : 1.0f / sqrtf((float)D);
+}
 
 /* Run the forward's work items of a prepared problem over the context's threads. */
 dma_status dma_forward_run(dma_context *ctx, const dma_attn *a);

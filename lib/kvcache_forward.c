@@ -32,12 +32,8 @@ static dma_status check_forward(dma_context *ctx, const dma_kv_cache *c, const d
     for (int d = 0; d < 4; d++)
         if (out->shape[d] != q->shape[d])
             return dma_fail(ctx, DMA_ERR_SHAPE, "out: shape differs from q's in dimension %d", d);
-    if (lse) {
-        if ((st = dma_check_tensor(ctx, "lse", lse, DMA_F32, 3)))
-            return st;
-        if (lse->shape[0] != B || lse->shape[1] != Hq || lse->shape[2] != Lq)
-            return dma_fail(ctx, DMA_ERR_SHAPE, "lse: shape must be (B, Hq, Lq)");
-    }
+    if ((st = dma_check_lse(ctx, lse, B, Hq, Lq)))
+        return st;
     if (p->kind != DMA_MASK_TOPK && p->kind != DMA_MASK_WINDOW && p->kind != DMA_MASK_DENSE)
         return dma_fail(ctx, DMA_ERR_ARG, "kv_forward: kind must be TOPK, WINDOW or DENSE");
     if ((p->kind == DMA_MASK_TOPK || p->add_bias) && cp->window == 0)
@@ -46,9 +42,8 @@ static dma_status check_forward(dma_context *ctx, const dma_kv_cache *c, const d
     if (p->kind == DMA_MASK_WINDOW && p->window < 0)
         return dma_fail(ctx, DMA_ERR_WINDOW, "kv_forward: window %lld must be >= 0",
                         (long long)p->window);
-    if (!isfinite(p->scale) || !isfinite(p->softcap) || p->softcap < 0.0f)
-        return dma_fail(ctx, DMA_ERR_BAD_VALUE, "params: scale must be finite and softcap finite "
-                        "and >= 0");
+    if ((st = dma_check_scale(ctx, p->scale, p->softcap)))
+        return st;
     for (int64_t b = 0; b < B; b++) {
         int64_t n = counts ? counts[b] : Lq;
         int64_t most = p->kind == DMA_MASK_TOPK ? c->last_n[b] : c->len[b];
@@ -78,7 +73,7 @@ dma_status dma_kv_forward(dma_context *ctx, const dma_kv_cache *cache, const dma
         return st;
     dma_attn a = {.kern = ctx->kernels, .B = cache->p.batch, .Lq = Lq, .Lk = sp->Lk, .Hq = Hq,
                   .Hkv = cache->p.kv_heads, .D = D,
-                  .scale = params->scale != 0.0f ? params->scale : 1.0f / sqrtf((float)D),
+                  .scale = dma_scale_or_default(params->scale, D),
                   .softcap = params->softcap, .q = q, .out = out, .lse = lse, .sp = sp,
                   .heads_per_group = Hq / cache->p.kv_heads, .cache = cache,
                   .cache_bias = params->add_bias != 0};
