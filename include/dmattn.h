@@ -81,7 +81,10 @@ DMA_API const char *dma_status_string(dma_status status);
 /** Element types. DMA_BF16 (bfloat16) and DMA_F16 (IEEE binary16) are storage types: the
  *  attention (q, k, v, out, dout; the KV cache) reads them into float32 exactly and computes in
  *  float32; a 16-bit output is the float32 result rounded once to nearest-even, so it is within
- *  2^-9 (bf16) or 2^-12 (f16) relative of the float32 output on the same stored inputs. Biases,
+ *  2^-9 (bf16) or 2^-12 (f16) relative of the float32 output on the same stored inputs. (Where
+ *  dma_context_bf16_dot() says so, the forward's bf16 Q K^T sums exact bf16 products in float32
+ *  in another order: the output can then differ from the float32 forward's by float32 rounding
+ *  before its own rounding, one bf16 step at most.) Biases,
  *  lse and gradients are always float32. The 16-bit tensors hold the raw bit patterns
  *  (uint16_t). */
 typedef enum dma_dtype {
@@ -146,6 +149,11 @@ typedef struct dma_context dma_context;
  * @return DMA_OK; DMA_ERR_NULL (out is NULL); DMA_ERR_ARG (negative threads, unknown isa, or a
  *         DMATTN_ISA value that is not a known name); DMA_ERR_ISA (the ISA asked for, by option
  *         or environment, is not supported by this CPU or was not built); DMA_ERR_NOMEM.
+ * With the environment variable DMATTN_BF16_DOT=1, an AVX-512 context on a CPU with
+ * AVX512_BF16 computes the Q K^T of forwards whose q and k are both bf16 with VDPBF16PS (bf16
+ * products are exact; bf16 subnormals count as zero). It is off by default because it was
+ * slower than the float32 path on the Xeon (Sapphire Rapids) it was measured on, which issues
+ * one VDPBF16PS per cycle against two float32 FMAs: the same products per cycle.
  * Thread-safe (no shared state). The environment is read only here.
  */
 DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_context **out);
@@ -158,6 +166,11 @@ DMA_API dma_isa dma_context_isa(const dma_context *ctx);
 
 /** The thread count the context's calls use (>= 1). ctx must not be NULL. */
 DMA_API int dma_context_threads(const dma_context *ctx);
+
+/** 1 if the context's forward computes Q K^T of bf16 q and k with bf16 dot-product
+ *  instructions (an AVX-512 context on a CPU with AVX512_BF16 when DMATTN_BF16_DOT=1 was set;
+ *  see dma_context_create), else 0. ctx must not be NULL. */
+DMA_API int dma_context_bf16_dot(const dma_context *ctx);
 
 /** Lower-case name of an ISA: "auto", "scalar", "avx2", "avx512", "neon"; "unknown" otherwise. */
 DMA_API const char *dma_isa_name(dma_isa isa);

@@ -209,13 +209,17 @@ void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys
                  int n, float *kp, float *vp)
 {
     const dma_kernels *kern = a->kern;
+    if (a->bf16_dots)
+        kern->pack_k_bf16((uint16_t *)kp, (const uint16_t *)a->k->data + iv->koff,
+                          a->k->stride[1], keys, first, n, (int)a->D);
     if (a->k->dtype == DMA_F32) {
         kern->pack_k(kp, iv->kbase, a->k->stride[1], keys, first, n, (int)a->D);
         kern->pack_v(vp, a->ld, iv->vbase, a->v->stride[1], keys, first, n, (int)a->D);
         return;
     }
-    kern->pack_k_half(kp, (const uint16_t *)a->k->data + iv->koff, a->k->stride[1], keys, first,
-                      n, (int)a->D, a->k->dtype == DMA_F16);
+    if (!a->bf16_dots)
+        kern->pack_k_half(kp, (const uint16_t *)a->k->data + iv->koff, a->k->stride[1], keys,
+                          first, n, (int)a->D, a->k->dtype == DMA_F16);
     dma_gather_rows(a, a->v, iv->voff, keys, first, n, vp, a->ld);
 }
 

@@ -3,7 +3,7 @@
 #include <string.h>
 
 #include <omp.h>
-#if defined(__clang__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
 
@@ -51,6 +51,22 @@ static int cpu_has_f16c(void)
     __builtin_cpu_init();
     return __builtin_cpu_supports("f16c");
 #endif
+}
+#endif
+
+#if defined(DMATTN_HAVE_AVX512)
+/* AVX512_BF16 (VDPBF16PS): cpuid leaf 7, subleaf 1, EAX bit 5. */
+static int cpu_has_avx512_bf16(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
+}
+
+/* An environment variable that is set to something other than "" or "0". */
+static int getenv_flag(const char *name)
+{
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0;
 }
 #endif
 
@@ -123,7 +139,14 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
     if (ctx->threads < 1)
         ctx->threads = 1;
     ctx->isa = isa;
-    ctx->kernels = kernels_built(isa);
+    ctx->table = *kernels_built(isa);
+#if defined(DMATTN_HAVE_AVX512)
+    if (isa == DMA_ISA_AVX512 && cpu_has_avx512_bf16() && getenv_flag("DMATTN_BF16_DOT")) {
+        ctx->table.pack_k_bf16 = dma_avx512_pack_k_bf16;
+        ctx->table.scores_bf16 = dma_avx512_scores_bf16;
+    }
+#endif
+    ctx->kernels = &ctx->table;
     *out = ctx;
     return DMA_OK;
 }
@@ -133,5 +156,7 @@ void dma_context_destroy(dma_context *ctx) { free(ctx); }
 dma_isa dma_context_isa(const dma_context *ctx) { return ctx->isa; }
 
 int dma_context_threads(const dma_context *ctx) { return ctx->threads; }
+
+int dma_context_bf16_dot(const dma_context *ctx) { return ctx->kernels->scores_bf16 != NULL; }
 
 const char *dma_context_last_error(const dma_context *ctx) { return ctx->last_error; }

@@ -24,7 +24,35 @@ static size_t forward_scratch_floats(const dma_attn *a)
     /* + DMA_CHUNK rows of `stage` for the K rows gathered from a cache */
     size_t n = (size_t)(2 * M * a->ld + (a->cache ? 3 : 2) * DMA_CHUNK * a->ld +
                         (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK + 2 * M + 64);
+    if (a->bf16_dots) /* + the bf16 query rows */
+        n += (size_t)(M * a->ld / 2);
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
+}
+
+/* The item's query rows as stored (bf16, unscaled), zero-padded to ld: scores_bf16's rows. */
+static void load_rows_bf16(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                           uint16_t *dst, int64_t ld)
+{
+    const dma_tensor *q = a->q;
+    for (int64_t hh = 0; hh < iv->nh; hh++)
+        for (int64_t i = 0; i < iv->nrows; i++) {
+            const int64_t off = it->b * q->stride[0] + (iv->r0 + i) * q->stride[1] +
+                                (iv->h0 + hh) * q->stride[2];
+            uint16_t *d = dst + (hh * iv->nrows + i) * ld;
+            memcpy(d, (const uint16_t *)q->data + off, sizeof(uint16_t) * (size_t)a->D);
+            memset(d + a->D, 0, sizeof(uint16_t) * (size_t)(ld - a->D));
+        }
+}
+
+/* Whether the forward's Q K^T can run on the bf16 dot products: q and k bf16, the kernels
+ * have them, and K's pairs of dimensions are aligned 32-bit words (D, the row stride and the
+ * start even). */
+static bool use_bf16_dots(const dma_attn *a)
+{
+    const dma_tensor *k = a->k;
+    return a->kern->scores_bf16 && !a->cache && a->q->dtype == DMA_BF16 &&
+           k->dtype == DMA_BF16 && a->D % 2 == 0 && k->stride[1] % 2 == 0 &&
+           k->stride[0] % 2 == 0 && k->stride[2] % 2 == 0 && ((uintptr_t)k->data & 3) == 0;
 }
 
 static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
@@ -46,10 +74,15 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
     float *row_l = row_m + M;
     float *alpha = row_l + M;                  /* [mr] */
     float *stage = alpha + mr;                 /* [DMA_CHUNK][D] K rows gathered from a cache */
+    /* bf16 dots: [M][ld] bf16 query rows (unscaled) and the bf16 pair panel in Kp's place */
+    uint16_t *Qh = (uint16_t *)(stage + (a->cache ? DMA_CHUNK * ld : 0));
+    const uint16_t *Kh = (const uint16_t *)Kp;
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
     const bool decode = a->cache && nrows == 1 && mr <= 8;
     dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
+    if (a->bf16_dots)
+        load_rows_bf16(a, it, &iv, Qh, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
         row_m[r] = -INFINITY;
@@ -87,7 +120,10 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
             int64_t ca, cb;
             if (!dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb))
                 continue;
-            if (decode)
+            if (a->bf16_dots)
+                kern->scores_bf16(S, DMA_CHUNK, Qh + row0 * ld, (int)ld, (int)m, Kh + ca * D,
+                                  (int)(cb - ca), (int)D, a->scale);
+            else if (decode)
                 kern->dots(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, stage + ca * D, (int)D,
                            (int)(cb - ca), (int)D);
             else
@@ -171,6 +207,7 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
         return st;
     if ((st = dma_attn_prepare(ctx, &a)) != DMA_OK)
         return st;
+    a.bf16_dots = use_bf16_dots(&a);
     st = dma_forward_run(ctx, &a);
     dma_attn_release(&a);
     return st;

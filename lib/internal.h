@@ -20,7 +20,9 @@
 struct dma_context {
     int threads;
     dma_isa isa;
-    const dma_kernels *kernels;
+    const dma_kernels *kernels; /* -> table: the ISA's kernels, with the bf16 dot products added
+                                   when the CPU has them */
+    dma_kernels table;
     char last_error[256];
 };
 
@@ -130,6 +132,7 @@ typedef struct dma_attn {
     int ld;                  /* row stride of Q, O and V panels: D rounded up to 16 */
     const dma_kv_cache *cache; /* keys, values (and bias) come from a KV cache (k, v NULL) */
     bool cache_bias;         /* add the cache's per-key bias to the scores */
+    bool bf16_dots;          /* the forward's Q K^T runs on the kernels' bf16 dot products */
 } dma_attn;
 
 /* Work item: (batch, head group, sub-group of at most DMA_HEADS_PER_ITEM heads, query tile). */

@@ -117,6 +117,24 @@ typedef struct dma_kernels {
      * for packing K; this reads each key row once for all m rows. Any alignment. */
     void (*dots)(float *s, int lds, const float *q, int ldq, int m, const float *k, int ldk,
                  int n, int D);
+
+    /* ---- bf16 dot products: NULL in every table except AVX-512 on a CPU with AVX512_BF16 ---- */
+
+    /* Pack n bf16 keys as pairs of dimensions for VDPBF16PS, in blocks of nr keys:
+     *   kp[(c / nr) * (D * nr) + (d / 2) * (2 * nr) + (c % nr) * 2 + d % 2] = K[key c][d]
+     * (D even; the last block zero-filled past n), so the panel for keys [c0, ...) with
+     * c0 % nr == 0 starts at kp + c0 * D. Addressing as pack_k; ld counts uint16_t elements and
+     * is even, and the rows start 4-byte aligned. */
+    void (*pack_k_bf16)(uint16_t *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
+                        int32_t first, int n, int D);
+
+    /* s[r][c] = scale * sum_d q[r][d] * K[c][d] for r < m (m <= mr), c < n (n a multiple of
+     * nr): bf16 query rows (unscaled, row stride ldq elements, even) against a pack_k_bf16
+     * panel. Each product of two bf16 values is exact in float32 and the sums are float32, so
+     * s differs from `scores` on the same values by float32 rounding only (VDPBF16PS reads bf16
+     * subnormals as zero and flushes subnormal sums). */
+    void (*scores_bf16)(float *s, int lds, const uint16_t *q, int ldq, int m, const uint16_t *kp,
+                        int n, int D, float scale);
 } dma_kernels;
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */
@@ -128,6 +146,12 @@ extern const dma_kernels dma_kernels_avx2;
 #endif
 #if defined(DMATTN_HAVE_AVX512)
 extern const dma_kernels dma_kernels_avx512;
+/* The AVX512_BF16 members (pack_k_bf16, scores_bf16) the context adds to the AVX-512 table
+ * when the CPU has that extension. */
+void dma_avx512_pack_k_bf16(uint16_t *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
+                            int32_t first, int n, int D);
+void dma_avx512_scores_bf16(float *s, int lds, const uint16_t *q, int ldq, int m,
+                            const uint16_t *kp, int n, int D, float scale);
 #endif
 #if defined(DMATTN_HAVE_NEON)
 extern const dma_kernels dma_kernels_neon;

@@ -61,12 +61,26 @@ static void half_case(test_ctx *tc, dma_dtype dt, test_rng *r, int check_referen
     dma_tensor hv = dma_tensor_4d(vh, dt, B, Lk, Hkv, D), ho = dma_tensor_4d(outh, dt, B, Lq, Hq, D);
     dma_tensor hl = dma_tensor_3d(lseh, DMA_F32, B, Hq, Lq);
     ck_assert_int_eq(dma_forward(tc->ctx, &hq, &hk, &hv, &tb, sp, &ap, &ho, &hl), DMA_OK);
-    for (int64_t i = 0; i < nq; i++) {
-        uint16_t want = dt == DMA_BF16 ? test_to_bf16(out32[i]) : test_to_f16(out32[i]);
-        REQUIRE(outh[i] == want, "%s dtype %d: out[%lld] = 0x%04x, want 0x%04x (from %g)",
-                dma_isa_name(tc->isa), (int)dt, (long long)i, outh[i], want, out32[i]);
+    if (dt == DMA_BF16 && dma_context_bf16_dot(tc->ctx) && D % 2 == 0) {
+        /* bf16 dot products: the same exact products summed in another order, so the output
+         * is within float32 rounding of the float32 forward's before its own rounding */
+        for (int64_t i = 0; i < nq; i++)
+            REQUIRE(fabsf(test_from_half(outh[i], dt) - out32[i]) <=
+                        fabsf(out32[i]) / 64 + 1e-6f,
+                    "%s bf16 dots: out[%lld] = %g, float32 forward %g", dma_isa_name(tc->isa),
+                    (long long)i, test_from_half(outh[i], dt), out32[i]);
+        for (int64_t i = 0; i < B * Hq * Lq; i++)
+            REQUIRE(fabsf(lseh[i] - lse32[i]) <= 1e-5f * (1 + fabsf(lse32[i])),
+                    "%s bf16 dots: lse[%lld] = %g, float32 forward %g", dma_isa_name(tc->isa),
+                    (long long)i, lseh[i], lse32[i]);
+    } else {
+        for (int64_t i = 0; i < nq; i++) {
+            uint16_t want = dt == DMA_BF16 ? test_to_bf16(out32[i]) : test_to_f16(out32[i]);
+            REQUIRE(outh[i] == want, "%s dtype %d: out[%lld] = 0x%04x, want 0x%04x (from %g)",
+                    dma_isa_name(tc->isa), (int)dt, (long long)i, outh[i], want, out32[i]);
+        }
+        ck_assert(memcmp(lse32, lseh, sizeof(float) * (size_t)(B * Hq * Lq)) == 0);
     }
-    ck_assert(memcmp(lse32, lseh, sizeof(float) * (size_t)(B * Hq * Lq)) == 0);
 
     /* Backward: 16-bit q, k, v, out, dout; float32 gradients equal the float32 backward's. */
     float *out_w = test_malloc(sizeof(float) * (size_t)nq);
@@ -140,6 +154,17 @@ START_TEST(half_storage_is_float32_on_the_stored_values)
             half_case(&list[i], DMA_F16, &r, rep == 0);
         }
     test_contexts_destroy(list, n);
+    /* The opt-in bf16 dot products (AVX512_BF16 CPUs only). */
+    setenv("DMATTN_BF16_DOT", "1", 1);
+    test_ctx dots = {.isa = DMA_ISA_AVX512, .threads = 2};
+    dma_status st = dma_context_create(&(dma_context_options){.threads = 2,
+                                                              .isa = DMA_ISA_AVX512}, &dots.ctx);
+    unsetenv("DMATTN_BF16_DOT");
+    if (st == DMA_OK && dma_context_bf16_dot(dots.ctx))
+        for (int rep = 0; rep < 8; rep++)
+            half_case(&dots, DMA_BF16, &r, rep < 2);
+    if (st == DMA_OK)
+        dma_context_destroy(dots.ctx);
 }
 END_TEST
 

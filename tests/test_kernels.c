@@ -29,6 +29,13 @@
 extern const dma_kernels dma_kernels_avx2 __attribute__((weak));
 extern const dma_kernels dma_kernels_avx512 __attribute__((weak));
 extern const dma_kernels dma_kernels_neon __attribute__((weak));
+/* The AVX512_BF16 kernels the context adds to the AVX-512 table (kernels.h). */
+extern void dma_avx512_pack_k_bf16(uint16_t *kp, const uint16_t *base, int64_t ld,
+                                   const int32_t *keys, int32_t first, int n, int D)
+    __attribute__((weak));
+extern void dma_avx512_scores_bf16(float *s, int lds, const uint16_t *q, int ldq, int m,
+                                   const uint16_t *kp, int n, int D, float scale)
+    __attribute__((weak));
 
 #define TOL 1e-5
 
@@ -282,6 +289,108 @@ START_TEST(dots_vs_reference)
             free(kr);
             free(s);
         }
+    }
+}
+END_TEST
+
+/* The bf16 dot products (AVX512_BF16): the pair panel's exact layout (zeros past n, nothing
+ * written past it), and scale * Q K^T against a double reference on the same bf16 values, m =
+ * 1..8, strided and gathered keys. A context has them only with DMATTN_BF16_DOT=1, and only an
+ * AVX-512 one. */
+START_TEST(bf16_dots_vs_reference)
+{
+    static const dma_isa isas[] = {DMA_ISA_SCALAR, DMA_ISA_AVX2, DMA_ISA_AVX512, DMA_ISA_NEON};
+    int have = 0;
+    for (int opt_in = 0; opt_in <= 1; opt_in++)
+        for (size_t i = 0; i < sizeof isas / sizeof isas[0]; i++) {
+            if (!dma_isa_supported(isas[i]))
+                continue;
+            if (opt_in)
+                setenv("DMATTN_BF16_DOT", "1", 1);
+            dma_context *ctx;
+            ck_assert_int_eq(dma_context_create(&(dma_context_options){.threads = 1,
+                                                                       .isa = isas[i]}, &ctx),
+                             DMA_OK);
+            unsetenv("DMATTN_BF16_DOT");
+            const int dot = dma_context_bf16_dot(ctx);
+            ck_assert_msg(!dot || (opt_in && isas[i] == DMA_ISA_AVX512),
+                          "%s reports bf16 dot products (DMATTN_BF16_DOT %s)",
+                          dma_isa_name(isas[i]), opt_in ? "set" : "unset");
+            have |= dot;
+            dma_context_destroy(ctx);
+        }
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+    __builtin_cpu_init();
+    ck_assert_msg(have || !dma_isa_supported(DMA_ISA_AVX512) ||
+                      !__builtin_cpu_supports("avx512bf16"),
+                  "the CPU has AVX512_BF16 but no opted-in AVX-512 context uses it");
+#endif
+    if (!have)
+        return; /* this CPU has no AVX512_BF16: the kernels cannot run here */
+    ck_assert(dma_avx512_pack_k_bf16 && dma_avx512_scores_bf16);
+    const int nr = dma_kernels_avx512.nr;
+    static const int dims[] = {2, 16, 40, 64, 100, 128, 256};
+    test_rng r = rng_make(109);
+    for (int iter = 0; iter < 300; iter++) {
+        const int m = 1 + iter % 8, D = dims[iter % 7];
+        const int n = (int)rng_int(&r, 1, DMA_CHUNK), n_pad = round_up(n, nr);
+        const int64_t ld = D + 2 * rng_int(&r, 0, 3), nkeys = n + rng_int(&r, 0, 40);
+        const int ldq = D + 2 * (int)rng_int(&r, 0, 3), lds = n_pad + (int)rng_int(&r, 0, 9);
+        uint16_t *base = malloc(sizeof(uint16_t) * (size_t)(nkeys * ld));
+        uint16_t *q = malloc(sizeof(uint16_t) * (size_t)(m * ldq));
+        for (int64_t i = 0; i < nkeys * ld; i++)
+            base[i] = test_to_bf16(rng_float(&r, -2, 2));
+        for (int64_t i = 0; i < (int64_t)m * ldq; i++)
+            q[i] = test_to_bf16(rng_float(&r, -2, 2));
+        key_list kl = draw_keys(&r, n, nkeys);
+        const size_t kp_len = (size_t)n_pad * D, guard = 64;
+        uint16_t *kp = malloc(sizeof(uint16_t) * (kp_len + guard));
+        for (size_t i = 0; i < kp_len + guard; i++)
+            kp[i] = 0xBEEF;
+        dma_avx512_pack_k_bf16(kp, base, ld, kl.keys, kl.first, n, D);
+        for (int c = 0; c < n_pad; c++)
+            for (int d = 0; d < D; d++) {
+                const uint16_t got = kp[(size_t)(c / nr) * D * nr + (size_t)(d / 2) * 2 * nr +
+                                        (size_t)(c % nr) * 2 + d % 2];
+                const int32_t key = kl.keys ? kl.keys[c < n ? c : 0] : kl.first + c;
+                const uint16_t want = c < n ? base[(int64_t)key * ld + d] : 0;
+                ck_assert_msg(got == want, "pack_k_bf16 D=%d n=%d key %d dim %d: 0x%04x, want "
+                              "0x%04x", D, n, c, d, got, want);
+            }
+        for (size_t i = kp_len; i < kp_len + guard; i++)
+            ck_assert_msg(kp[i] == 0xBEEF, "pack_k_bf16 wrote past the panel");
+
+        const float scale = rng_float(&r, 0.05f, 1.0f);
+        const size_t s_len = (size_t)m * lds;
+        float *s = fbuf(s_len + 64);
+        fill_guard(s, s_len + 64);
+        dma_avx512_scores_bf16(s, lds, q, ldq, m, kp, n_pad, D, scale);
+        for (int i = 0; i < m; i++)
+            for (int c = 0; c < lds; c++) {
+                const float got = s[(size_t)i * lds + c];
+                if (c >= n_pad) {
+                    ck_assert_msg(got == GUARD, "scores_bf16 wrote column %d >= n", c);
+                    continue;
+                }
+                double want = 0, mag = 0;
+                for (int d = 0; d < D && c < n; d++) {
+                    const int32_t key = kl.keys ? kl.keys[c] : kl.first + c;
+                    const double x = (double)test_from_half(q[(size_t)i * ldq + d], DMA_BF16) *
+                                     test_from_half(base[(int64_t)key * ld + d], DMA_BF16);
+                    want += x;
+                    mag += fabs(x);
+                }
+                ck_assert_msg(fabs(got - scale * want) <= TOL * scale * (1 + mag),
+                              "scores_bf16 m=%d D=%d row %d key %d: %g, want %g", m, D, i, c,
+                              (double)got, scale * want);
+            }
+        for (size_t i = s_len; i < s_len + 64; i++)
+            ck_assert_msg(s[i] == GUARD, "scores_bf16 wrote past s");
+        free(base);
+        free(q);
+        free(kp);
+        free(s);
+        free(kl.keys);
     }
 }
 END_TEST
@@ -1184,6 +1293,7 @@ static Suite *kernels_suite(void)
     tcase_add_test(tc, pack_layouts);
     tcase_add_test(tc, pack_k_half_layout);
     tcase_add_test(tc, dots_vs_reference);
+    tcase_add_test(tc, bf16_dots_vs_reference);
     tcase_add_test(tc, scores_vs_scalar);
     tcase_add_test(tc, softmax_vs_scalar);
     tcase_add_test(tc, softmax_empty_rows);

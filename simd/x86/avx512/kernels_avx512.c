@@ -513,6 +513,83 @@ static void from_f32(uint16_t *dst, const float *src, int64_t n, int f16)
     }
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* bf16 dot products (AVX512_BF16; the context adds them to the table when the CPU has it)     */
+/* ------------------------------------------------------------------------------------------ */
+
+/* A pair of bf16 dimensions is one 32-bit word, so the pair panel is pack_k's transposed panel
+ * of D / 2 words per key. */
+void dma_avx512_pack_k_bf16(uint16_t *kp, const uint16_t *base, int64_t ld, const int32_t *keys,
+                            int32_t first, int n, int D)
+{
+    pack_k_blocks((float *)kp, (const float *)base, ld / 2, keys, first, n, D / 2, NR);
+}
+
+/* M rows x all n keys: per pair of dimensions, the pair (q[d], q[d+1]) of each row broadcast
+ * against 16 keys' pairs per vector. */
+__attribute__((target("avx512f,avx512bf16"), always_inline)) static inline void
+scores_rows_bf16(float *s, int lds, const uint16_t *q, int ldq, const uint16_t *kp, int n,
+                 int D, float scale, const int M)
+{
+    const __m512 sc = _mm512_set1_ps(scale);
+    for (int c0 = 0; c0 < n; c0 += NR) {
+        const uint16_t *panel = kp + (int64_t)c0 * D;
+        __m512 acc[MR][2];
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++)
+            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d += 2) {
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(panel + (int64_t)d * NR);
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(panel + (int64_t)d * NR + 2 * VW);
+#pragma GCC unroll 16
+            for (int r = 0; r < M; r++) {
+                uint32_t pair;
+                memcpy(&pair, q + (int64_t)r * ldq + d, sizeof pair);
+                const __m512bh a = (__m512bh)_mm512_set1_epi32((int)pair);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+            }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++) {
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0, _mm512_mul_ps(sc, acc[r][0]));
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0 + VW, _mm512_mul_ps(sc, acc[r][1]));
+        }
+    }
+}
+
+#define SCORES_BF16_M(M)                                                                       \
+    __attribute__((target("avx512f,avx512bf16"))) static void scores_bf16_##M(                 \
+        float *s, int lds, const uint16_t *q, int ldq, const uint16_t *kp, int n, int D,       \
+        float scale)                                                                           \
+    {                                                                                          \
+        scores_rows_bf16(s, lds, q, ldq, kp, n, D, scale, M);                                  \
+    }
+SCORES_BF16_M(1)
+SCORES_BF16_M(2)
+SCORES_BF16_M(3)
+SCORES_BF16_M(4)
+SCORES_BF16_M(5)
+SCORES_BF16_M(6)
+SCORES_BF16_M(7)
+SCORES_BF16_M(8)
+
+void dma_avx512_scores_bf16(float *s, int lds, const uint16_t *q, int ldq, int m,
+                            const uint16_t *kp, int n, int D, float scale)
+{
+    switch (m) {
+    case 1: scores_bf16_1(s, lds, q, ldq, kp, n, D, scale); break;
+    case 2: scores_bf16_2(s, lds, q, ldq, kp, n, D, scale); break;
+    case 3: scores_bf16_3(s, lds, q, ldq, kp, n, D, scale); break;
+    case 4: scores_bf16_4(s, lds, q, ldq, kp, n, D, scale); break;
+    case 5: scores_bf16_5(s, lds, q, ldq, kp, n, D, scale); break;
+    case 6: scores_bf16_6(s, lds, q, ldq, kp, n, D, scale); break;
+    case 7: scores_bf16_7(s, lds, q, ldq, kp, n, D, scale); break;
+    case 8: scores_bf16_8(s, lds, q, ldq, kp, n, D, scale); break;
+    default: break;
+    }
+}
+
 const dma_kernels dma_kernels_avx512 = {
     .name = "avx512",
     .mr = MR,
