@@ -16,15 +16,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
 
 #include <omp.h>
 
-#include "checkpoint.h"
 #include "flags.h"
 #include "model.h"
 #include "mqar_data.h"
-#include "progress.h"
+#include "train_loop.h"
 
 /* Salts that keep the training, test and initialisation streams apart for one --seed. */
 #define TRAIN_STREAM 0x7261696eull
@@ -39,14 +37,13 @@ typedef struct run {
     int eval_every, mlp, untied, pos_emb, quiet;
 } run;
 
-/* What a checkpoint of this program carries besides the model: the run it belongs to (a resume
- * with other data settings is refused) and the training time so far. */
-static int describe(const run *r, char *buf, size_t len, double seconds)
+/* The run's data settings, which its checkpoint carries: a resume with other settings is
+ * refused. */
+static void describe(const run *r, char *buf, size_t len)
 {
-    return snprintf(buf, len, "mqar v1 L=%d kv=%d V=%d a=%.9g steps=%d batch=%d "
-                    "train_examples=%d seed=%d secs=%.3f", r->data.seq_len, r->data.kv,
-                    r->data.vocab, (double)r->data.power_a, r->steps, r->batch,
-                    r->train_examples, r->seed, seconds);
+    snprintf(buf, len, "mqar v1 L=%d kv=%d V=%d a=%.9g steps=%d batch=%d train_examples=%d "
+             "seed=%d", r->data.seq_len, r->data.kv, r->data.vocab, (double)r->data.power_a,
+             r->steps, r->batch, r->train_examples, r->seed);
 }
 
 /* Fill a batch: examples first .. first + B - 1 of a stream (modulo `cycle` when > 0). */
@@ -83,6 +80,29 @@ static int evaluate(model *m, mqar_gen *g, const run *r, int count, int32_t *tok
     *accuracy = labelled ? (double)correct / (double)labelled : 0.0;
     *loss = labelled ? loss_sum / (double)labelled : 0.0;
     return 0;
+}
+
+/* The training loop's hooks: the batch of a step, and the accuracy on (up to 256) test
+ * sequences during training. */
+typedef struct hooks_ctx {
+    const run *r;
+    mqar_gen *gen;
+    int32_t *tok, *lab; /* the evaluation's batch */
+    uint64_t train_stream;
+} hooks_ctx;
+
+static void hook_batch(void *ctx, int64_t step, int32_t *tok, int32_t *lab)
+{
+    const hooks_ctx *h = ctx;
+    make_batch(h->gen, h->train_stream, (uint64_t)step * (uint64_t)h->r->batch, h->r->batch,
+               h->r->train_examples, h->r->data.seq_len, tok, lab);
+}
+
+static int hook_evaluate(void *ctx, model *m, double *accuracy, double *loss)
+{
+    const hooks_ctx *h = ctx;
+    int count = h->r->test_examples < 256 ? h->r->test_examples : 256;
+    return evaluate(m, h->gen, h->r, count, h->tok, h->lab, accuracy, loss);
 }
 
 static int append_result(const run *r, const model *m, double acc, double test_loss,
@@ -208,37 +228,21 @@ int main(int argc, char **argv)
     }
 
     /* Resume or start. */
+    char run_id[256];
+    describe(&r, run_id, sizeof run_id);
+    train_settings ts = {.program = "mqar", .run_id = run_id, .checkpoint = r.checkpoint,
+                         .batch = r.batch, .seq_len = L, .steps = r.steps,
+                         .save_every = r.save_every, .eval_every = r.eval_every,
+                         .max_minutes = r.max_minutes, .stop_at = r.stop_at, .quiet = r.quiet};
     model *m = NULL;
     double trained_seconds = 0.0;
-    char want[256], got[CHECKPOINT_USER_MAX + 1];
-    describe(&r, want, sizeof want, 0.0);
-    if (r.checkpoint && access(r.checkpoint, F_OK) == 0) {
-        uint32_t n = 0;
-        adamw_config saved;
-        if (checkpoint_load(r.checkpoint, r.batch, r.threads, &m, &saved, got,
-                            CHECKPOINT_USER_MAX, &n, err, sizeof err)) {
-            fprintf(stderr, "mqar: %s\n", err);
-            return 1;
-        }
-        got[n] = '\0';
-        /* the same run: data settings (all but the time) and model configuration */
-        const char *secs = strstr(got, " secs=");
-        if (!secs || strncmp(got, want, (size_t)(secs - got)) != 0 ||
-            memcmp(&m->cfg, &mc, sizeof mc) != 0 || memcmp(&saved, &opt, sizeof opt) != 0) {
-            fprintf(stderr, "mqar: %s belongs to another run (%s); this run is %s with "
-                    "%s attention, d_model %d, %d layers\n", r.checkpoint, got, want,
-                    r.attn_name, r.d_model, r.layers);
-            model_destroy(m);
-            return 1;
-        }
-        trained_seconds = atof(secs + 6);
-        if (!r.quiet)
-            printf("resuming %s at step %lld of %d\n", r.checkpoint, (long long)m->step,
-                   r.steps);
-    } else if (model_create(&mc, r.batch, r.threads, (uint64_t)r.seed, &m, err, sizeof err)) {
-        fprintf(stderr, "mqar: %s\n", err);
+    if (train_open(&ts, &mc, &opt, (uint64_t)r.seed, r.batch, r.threads, &m, &trained_seconds,
+                   err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
         return 1;
     }
+    if (!r.quiet && m->step > 0)
+        printf("resuming %s at step %lld of %d\n", r.checkpoint, (long long)m->step, r.steps);
     mqar_gen *gen;
     if (mqar_gen_create(&r.data, &gen, err, sizeof err)) {
         fprintf(stderr, "%s\n", err);
@@ -260,77 +264,15 @@ int main(int argc, char **argv)
                r.threads);
 
     /* Train. */
-    const uint64_t train_stream = (uint64_t)r.seed * 0x9E3779B97F4A7C15ull ^ TRAIN_STREAM;
-    progress prog;
-    progress_begin(&prog, stdout, "train", m->step, r.steps);
-    double running_acc = -1.0, last_loss = NAN, t_start = omp_get_wtime();
-    int64_t tokens_done = 0;
+    hooks_ctx hc = {.r = &r, .gen = gen, .tok = tok, .lab = lab,
+                    .train_stream = (uint64_t)r.seed * 0x9E3779B97F4A7C15ull ^ TRAIN_STREAM};
+    train_hooks hooks = {.ctx = &hc, .make_batch = hook_batch, .evaluate = hook_evaluate};
+    train_outcome out;
     int status = 0;
-    while (m->step < r.steps) {
-        make_batch(gen, train_stream, (uint64_t)m->step * (uint64_t)r.batch, r.batch,
-                   r.train_examples, L, tok, lab);
-        batch bt = {r.batch, L, tok, lab};
-        step_stats st;
-        if (model_train_step(m, &opt, &bt, &st)) {
-            if (!r.quiet)
-                progress_end(&prog);
-            fprintf(stderr, "mqar: %s\n", m->error);
-            status = 1;
-            break;
-        }
-        tokens_done += (int64_t)r.batch * L;
-        last_loss = st.loss;
-        double acc = st.labelled ? (double)st.correct / st.labelled : 0.0;
-        running_acc = running_acc < 0 ? acc : 0.95 * running_acc + 0.05 * acc;
-        double elapsed = omp_get_wtime() - t_start;
-        if (!r.quiet)
-            progress_step(&prog, m->step, st.loss, running_acc, (double)tokens_done / elapsed);
-        /* The budget counts the time of earlier sessions of a resumed run too. */
-        int out_of_time = r.max_minutes > 0 && trained_seconds + elapsed > 60.0 * r.max_minutes;
-        int learnt = 0;
-        if (r.eval_every > 0 && (m->step % r.eval_every == 0 || out_of_time)) {
-            double ea, el;
-            if (evaluate(m, gen, &r, r.test_examples < 256 ? r.test_examples : 256, tok, lab,
-                         &ea, &el)) {
-                fprintf(stderr, "mqar: %s\n", m->error);
-                status = 1;
-                break;
-            }
-            if (!r.quiet) {
-                if (prog.tty)
-                    progress_end(&prog);
-                printf("eval step %lld: test accuracy %.2f%%, test loss %.4f (%.0f s)\n",
-                       (long long)m->step, 100.0 * ea, el, trained_seconds + elapsed);
-                fflush(stdout);
-            }
-            learnt = r.stop_at > 0 && ea >= r.stop_at;
-        }
-        if (r.checkpoint &&
-            (m->step % r.save_every == 0 || m->step == r.steps || out_of_time || learnt)) {
-            char user[256];
-            int n = describe(&r, user, sizeof user, trained_seconds + elapsed);
-            if (checkpoint_save(m, &opt, user, (uint32_t)n, r.checkpoint, err, sizeof err)) {
-                fprintf(stderr, "mqar: %s\n", err);
-                status = 1;
-                break;
-            }
-        }
-        if (out_of_time || learnt) {
-            if (!r.quiet) {
-                progress_end(&prog);
-                if (learnt)
-                    printf("stopping at step %lld of %d: --stop-at %g reached\n",
-                           (long long)m->step, r.steps, (double)r.stop_at);
-                else
-                    printf("stopping at step %lld of %d: --max-minutes %g reached\n",
-                           (long long)m->step, r.steps, (double)r.max_minutes);
-            }
-            break;
-        }
+    if (train_run(m, &opt, &ts, &hooks, trained_seconds, &out, err, sizeof err)) {
+        fprintf(stderr, "%s\n", err);
+        status = 1;
     }
-    const double session_seconds = omp_get_wtime() - t_start;
-    if (!r.quiet && status == 0 && m->step >= r.steps)
-        progress_end(&prog);
 
     /* Test. */
     double acc = 0.0, test_loss = 0.0;
@@ -339,12 +281,11 @@ int main(int argc, char **argv)
         status = 1;
     }
     if (status == 0) {
-        const double seconds = trained_seconds + session_seconds;
-        const double tok_per_s = (double)m->step * r.batch * L / seconds;
+        const double seconds = out.seconds, tok_per_s = out.tokens_per_s;
         printf("test accuracy %.2f%% (%d sequences, %d queries each), test loss %.4f; "
                "trained %.0f s, %.0f tokens/s\n", 100.0 * acc, r.test_examples, r.data.kv,
                test_loss, seconds, tok_per_s);
-        if (append_result(&r, m, acc, test_loss, last_loss, seconds, tok_per_s))
+        if (append_result(&r, m, acc, test_loss, out.last_loss, seconds, tok_per_s))
             status = 1;
     }
     free(tok);
