@@ -67,6 +67,8 @@ typedef enum dma_status {
     DMA_ERR_ISA,            /**< the requested instruction set is not supported by this CPU/build */
     DMA_ERR_ARG,            /**< any other invalid argument (unknown enum value, ...) */
     DMA_ERR_BUFFER,         /**< a caller-given output buffer is too small */
+    DMA_ERR_OVERLAP,        /**< an output's memory overlaps an input it is computed from, or
+                                 another output (address ranges spanned by the tensors) */
     DMA_STATUS_COUNT_       /**< number of status codes (not a status) */
 } dma_status;
 
@@ -316,7 +318,8 @@ typedef struct dma_attn_params {
  * Work and memory are proportional to the number of selected keys, not to Lq * Lk.
  * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_HEADS,
  * DMA_ERR_HEAD_DIM, DMA_ERR_OVERFLOW, DMA_ERR_BAD_VALUE (non-finite scale or softcap, negative
- * softcap), DMA_ERR_NOMEM.
+ * softcap), DMA_ERR_OVERLAP (the address range of out or lse overlaps q's, k's, v's, bias's
+ * or each other's: no in-place forward), DMA_ERR_NOMEM.
  */
 DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                        const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
@@ -354,8 +357,11 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  * O((window + tile) * D); nothing is O(Lq * Lk) except a per-row dbias, which is that size
  * itself.
  * Errors: those of dma_forward, plus DMA_ERR_NULL (lse, dout, dq, dk or dv missing; dbias without
- * bias), DMA_ERR_SHAPE (a gradient's shape differs from its input's) and DMA_ERR_DTYPE (dout not
- * of q's type, or a gradient that is not float32).
+ * bias), DMA_ERR_SHAPE (a gradient's shape differs from its input's), DMA_ERR_DTYPE (dout not
+ * of q's type, or a gradient that is not float32) and DMA_ERR_OVERLAP (a gradient's address
+ * range overlaps that of q, k, v, bias, out, lse or dout). The gradients may be interleaved
+ * views of one buffer (dq, dk and dv in the rows of one fused array), as they are written
+ * element by element; gradients that share elements give undefined values.
  */
 DMA_API dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
                         const dma_tensor *v, const dma_tensor *bias, const dma_sparsity *sp,
@@ -388,7 +394,8 @@ DMA_API dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma
  * B == 0 or Lk == 0 is valid and writes nothing. Non-finite values propagate (a NaN in v gives
  * a NaN bias, which dma_sparsity_build() then reports).
  * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_HEADS (Hkv < 1),
- * DMA_ERR_HEAD_DIM, DMA_ERR_OVERFLOW, DMA_ERR_NOMEM.
+ * DMA_ERR_HEAD_DIM, DMA_ERR_OVERFLOW, DMA_ERR_OVERLAP (bias shares memory with an input),
+ * DMA_ERR_NOMEM.
  */
 DMA_API dma_status dma_dynamic_bias_forward(dma_context *ctx, const dma_tensor *v,
                                             const dma_tensor *w_dt, const dma_tensor *b_dt,
@@ -416,7 +423,9 @@ DMA_API dma_status dma_dynamic_bias_forward(dma_context *ctx, const dma_tensor *
  * 2 * B * ceil(Lk / 512) * Hkv doubles when db_dt or da is asked for.
  * Sums over b and t run in a fixed order: results do not depend on the context's thread count.
  * Errors: those of the forward; a gradient is checked like its input (DMA_ERR_NULL for a NULL
- * data pointer, DMA_ERR_DTYPE, DMA_ERR_STRIDE, DMA_ERR_SHAPE when its shape differs).
+ * data pointer, DMA_ERR_DTYPE, DMA_ERR_STRIDE, DMA_ERR_SHAPE when its shape differs);
+ * DMA_ERR_OVERLAP when the address range of dv or of a parameter gradient overlaps an input's
+ * (v, w_dt, b_dt, a, dbias).
  */
 DMA_API dma_status dma_dynamic_bias_backward(dma_context *ctx, const dma_tensor *v,
                                              const dma_tensor *w_dt, const dma_tensor *b_dt,
@@ -578,7 +587,8 @@ typedef struct dma_kv_attn_params {
  * what was stored.
  * Errors: DMA_ERR_NULL, DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE, DMA_ERR_HEADS,
  * DMA_ERR_ARG (kind not supported, or TOPK/add_bias on a cache without a window),
- * DMA_ERR_WINDOW, DMA_ERR_BAD_VALUE (scale, softcap), DMA_ERR_NOMEM.
+ * DMA_ERR_WINDOW, DMA_ERR_BAD_VALUE (scale, softcap), DMA_ERR_OVERLAP (out or lse shares
+ * memory with q or each other), DMA_ERR_NOMEM.
  */
 DMA_API dma_status dma_kv_forward(dma_context *ctx, const dma_kv_cache *cache,
                                   const dma_tensor *q, const int64_t *counts,

@@ -702,6 +702,11 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         if ((st = check_grad(ctx, "dbias", dbias, bias, DMA_F32)))
             return st;
     }
+    const dma_named_tensor grads[] = {{"dq", dq}, {"dk", dk}, {"dv", dv}, {"dbias", dbias}};
+    const dma_named_tensor inputs[] = {{"q", q}, {"k", k}, {"v", v}, {"bias", bias},
+                                       {"out", out}, {"lse", lse}, {"dout", dout}};
+    if ((st = dma_check_apart(ctx, grads, 4, inputs, 7, false)))
+        return st;
     w.per_row_bias = bias && bias->shape[2] != 1;
     if ((st = dma_attn_prepare(ctx, &w.a)) != DMA_OK)
         return st;

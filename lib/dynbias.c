@@ -196,6 +196,10 @@ dma_status dma_dynamic_bias_forward(dma_context *ctx, const dma_tensor *v, const
         return DMA_ERR_NULL;
     dyn_problem p;
     dma_status st = dyn_check(ctx, v, w_dt, b_dt, a, "bias", bias, &p);
+    if (st == DMA_OK)
+        st = dma_check_apart(ctx, (dma_named_tensor[]){{"bias", bias}}, 1,
+                             (dma_named_tensor[]){{"v", v}, {"w_dt", w_dt}, {"b_dt", b_dt},
+                                                  {"a", a}}, 4, false);
     if (st != DMA_OK || p.B == 0 || p.Lk == 0)
         return st;
     float *dt = dma_alloc(sizeof(float) * (size_t)(p.B * p.Lk * p.H));
@@ -259,6 +263,12 @@ dma_status dma_dynamic_bias_backward(dma_context *ctx, const dma_tensor *v,
     if ((st = check_grad(ctx, "dv", dv, v)) || (st = check_grad(ctx, "dw_dt", dw_dt, w_dt)) ||
         (st = check_grad(ctx, "db_dt", db_dt, &heads_vec)) ||
         (st = check_grad(ctx, "da", da, &heads_vec)))
+        return st;
+    /* dv is added to (it holds dma_backward's share), so it is an output here */
+    const dma_named_tensor grads[] = {{"dv", dv}, {"dw_dt", dw_dt}, {"db_dt", db_dt}, {"da", da}};
+    const dma_named_tensor inputs[] = {{"v", v}, {"w_dt", w_dt}, {"b_dt", b_dt}, {"a", a},
+                                       {"dbias", dbias}};
+    if ((st = dma_check_apart(ctx, grads, 4, inputs, 5, false)))
         return st;
     if (p.B == 0 || p.Lk == 0) {
         /* Empty sums: the written-whole gradients are zero; dv has no elements. */

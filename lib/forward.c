@@ -203,6 +203,10 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
         return DMA_ERR_NULL;
     dma_attn a;
     dma_status st = dma_attn_check(ctx, q, k, v, bias, sp, params, out, lse, &a);
+    if (st == DMA_OK)
+        st = dma_check_apart(ctx, (dma_named_tensor[]){{"out", out}, {"lse", lse}}, 2,
+                             (dma_named_tensor[]){{"q", q}, {"k", k}, {"v", v}, {"bias", bias}},
+                             4, true);
     if (st != DMA_OK || a.B == 0 || a.Lq == 0)
         return st;
     if ((st = dma_attn_prepare(ctx, &a)) != DMA_OK)

@@ -84,6 +84,19 @@ int32_t dma_tile_cut(const dma_sparsity *sp, const dma_tile *t, int64_t last);
 dma_status dma_check_tensor(dma_context *ctx, const char *name, const dma_tensor *t,
                             dma_dtype dtype, int ndim);
 
+/* An argument and its name, for dma_check_apart. */
+typedef struct dma_named_tensor {
+    const char *name;
+    const dma_tensor *t; /* NULL: absent, skipped */
+} dma_named_tensor;
+
+/* DMA_ERR_OVERLAP when the address range of an output overlaps an input's, or (pairwise)
+ * another output's. Conservative: interleaved views of one buffer count as overlapping, which
+ * is why the gradients, often views into one fused array, are not checked pairwise. The
+ * tensors must have passed dma_check_tensor. */
+dma_status dma_check_apart(dma_context *ctx, const dma_named_tensor *outs, int n_out,
+                           const dma_named_tensor *ins, int n_in, bool pairwise);
+
 /* Check that `got` is 1 or `full` (a broadcastable size). */
 bool dma_is_bcast(int64_t got, int64_t full);
 

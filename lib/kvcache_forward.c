@@ -53,7 +53,8 @@ static dma_status check_forward(dma_context *ctx, const dma_kv_cache *c, const d
                             p->kind == DMA_MASK_TOPK ? " rows from its last append" : " tokens",
                             (long long)Lq);
     }
-    return DMA_OK;
+    return dma_check_apart(ctx, (dma_named_tensor[]){{"out", out}, {"lse", lse}}, 2,
+                           (dma_named_tensor[]){{"q", q}}, 1, true);
 }
 
 dma_status dma_kv_forward(dma_context *ctx, const dma_kv_cache *cache, const dma_tensor *q,

@@ -22,6 +22,7 @@ const char *dma_status_string(dma_status status)
     case DMA_ERR_ISA: return "instruction set not available";
     case DMA_ERR_ARG: return "invalid argument";
     case DMA_ERR_BUFFER: return "output buffer too small";
+    case DMA_ERR_OVERLAP: return "an output overlaps an input or another output";
     default: return "unknown status";
     }
 }
@@ -115,5 +116,46 @@ dma_status dma_check_tensor(dma_context *ctx, const char *name, const dma_tensor
     /* The byte offset of the last element must fit too. */
     if (span > INT64_MAX / 8)
         return dma_fail(ctx, DMA_ERR_OVERFLOW, "%s: byte offsets overflow", name);
+    return DMA_OK;
+}
+
+/* The bytes [*lo, *hi) a checked tensor's elements span (empty when a dimension is 0). */
+static void tensor_bytes(const dma_tensor *t, uintptr_t *lo, uintptr_t *hi)
+{
+    const size_t elem = t->dtype == DMA_F32 ? 4 : 2;
+    int64_t last = 0;
+    *lo = *hi = (uintptr_t)t->data;
+    for (int d = 0; d < t->ndim; d++) {
+        if (t->shape[d] == 0)
+            return;
+        last += (t->shape[d] - 1) * t->stride[d];
+    }
+    *hi = *lo + (uintptr_t)(last + 1) * elem;
+}
+
+static bool tensors_overlap(const dma_tensor *x, const dma_tensor *y)
+{
+    uintptr_t xl, xh, yl, yh;
+    tensor_bytes(x, &xl, &xh);
+    tensor_bytes(y, &yl, &yh);
+    return xl < xh && yl < yh && xl < yh && yl < xh;
+}
+
+dma_status dma_check_apart(dma_context *ctx, const dma_named_tensor *outs, int n_out,
+                           const dma_named_tensor *ins, int n_in, bool pairwise)
+{
+    for (int i = 0; i < n_out; i++) {
+        if (!outs[i].t)
+            continue;
+        for (int j = 0; j < n_in; j++)
+            if (ins[j].t && tensors_overlap(outs[i].t, ins[j].t))
+                return dma_fail(ctx, DMA_ERR_OVERLAP, "%s: its memory overlaps %s's (an output "
+                                "may not share memory with an input it is computed from)",
+                                outs[i].name, ins[j].name);
+        for (int j = i + 1; pairwise && j < n_out; j++)
+            if (outs[j].t && tensors_overlap(outs[i].t, outs[j].t))
+                return dma_fail(ctx, DMA_ERR_OVERLAP, "%s and %s: their memory overlaps",
+                                outs[i].name, outs[j].name);
+    }
     return DMA_OK;
 }

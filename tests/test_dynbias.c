@@ -720,8 +720,8 @@ static void err_huge(err_call *c, int64_t B, int64_t Lk, int64_t H)
 
 /* Mutation i of the valid call (forward or backward); returns the status it must give. The
  * bias tensor is the forward's output or the backward's dbias. */
-#define N_SHARED_ERRORS 43
-#define N_BWD_ERRORS 18
+#define N_SHARED_ERRORS 44
+#define N_BWD_ERRORS 20
 
 static dma_status err_mutate(err_call *c, int i)
 {
@@ -771,7 +771,16 @@ static dma_status err_mutate(err_call *c, int i)
     case 39: err_huge(c, EB, (int64_t)INT32_MAX + 1, EH); return DMA_ERR_OVERFLOW; /* Lk */
     case 40: err_huge(c, (int64_t)1 << 40, (int64_t)1 << 30, EH); return DMA_ERR_OVERFLOW;
     case 41: err_huge(c, EB, ELK, (int64_t)1 << 62); return DMA_ERR_OVERFLOW; /* Hkv * D */
-    case 42: err_huge(c, BIG, BIG, EH); return DMA_ERR_NOMEM; /* 2^51 bytes of scratch */
+    case 42: /* 2^51 bytes of scratch; the huge bias is moved above every buffer, so that its
+              * address range overlaps none (it is never read: the allocation fails first) */
+        err_huge(c, BIG, BIG, EH);
+        for (int k = 0; k < N_BUFS; k++)
+            if ((uintptr_t)(c->buf[k] + EBUF) > (uintptr_t)bias->data)
+                bias->data = c->buf[k] + EBUF;
+        return DMA_ERR_NOMEM;
+    case 43: /* the bias (an output) over the input a, or dbias (an input) over db_dt */
+        bias->data = c->backward ? c->buf[O_DB] : c->buf[I_A];
+        return DMA_ERR_OVERLAP;
     default: break;
     }
     switch (i - N_SHARED_ERRORS) { /* the backward's gradients */
@@ -793,6 +802,8 @@ static dma_status err_mutate(err_call *c, int i)
     case 15: c->t[O_DB].stride[0] = 0; return DMA_ERR_STRIDE;
     case 16: c->t[O_DA].shape[0] = 1; return DMA_ERR_SHAPE;
     case 17: c->t[O_DA].data = NULL; return DMA_ERR_NULL;
+    case 18: dv->data = c->buf[I_V]; return DMA_ERR_OVERLAP;            /* dv over v */
+    case 19: c->t[O_DW].data = c->buf[I_W] + 1; return DMA_ERR_OVERLAP; /* dw_dt over w_dt */
     default: ck_abort_msg("no mutation %d", i);
     }
     return DMA_OK;

@@ -263,6 +263,12 @@ static void f_scale_neg_inf(fwd_call *c) { c->params.scale = -INFINITY; }
 static void f_softcap_neg(fwd_call *c) { c->params.softcap = -1.0f; }
 static void f_softcap_nan(fwd_call *c) { c->params.softcap = NAN; }
 static void f_softcap_inf(fwd_call *c) { c->params.softcap = INFINITY; }
+/* outputs over inputs, or over each other (no in-place forward) */
+static void f_out_over_q(fwd_call *c) { c->out.data = c->buf[0]; }
+static void f_out_over_v_tail(fwd_call *c) { c->out.data = c->buf[2] + 7; }
+static void f_out_over_bias(fwd_call *c) { c->out.data = c->buf[3]; }
+static void f_lse_over_k(fwd_call *c) { c->lse.data = c->buf[1] + 3; }
+static void f_lse_over_out(fwd_call *c) { c->lse.data = c->buf[4] + 5; }
 
 typedef struct fwd_error {
     const char *name;
@@ -349,6 +355,11 @@ static const fwd_error FWD_ERRORS[] = {
     FWD_ERR(f_softcap_neg, DMA_ERR_BAD_VALUE),
     FWD_ERR(f_softcap_nan, DMA_ERR_BAD_VALUE),
     FWD_ERR(f_softcap_inf, DMA_ERR_BAD_VALUE),
+    FWD_ERR(f_out_over_q, DMA_ERR_OVERLAP),
+    FWD_ERR(f_out_over_v_tail, DMA_ERR_OVERLAP),
+    FWD_ERR(f_out_over_bias, DMA_ERR_OVERLAP),
+    FWD_ERR(f_lse_over_k, DMA_ERR_OVERLAP),
+    FWD_ERR(f_lse_over_out, DMA_ERR_OVERLAP),
 };
 #define N_FWD_ERRORS ((int)(sizeof FWD_ERRORS / sizeof FWD_ERRORS[0]))
 

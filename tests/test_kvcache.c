@@ -467,6 +467,12 @@ START_TEST(bad_input_leaves_the_cache_untouched)
     ck_assert_int_eq(dma_kv_forward(ctx, c, &q11, NULL, &ap, &o11, NULL), DMA_ERR_SHAPE); /* 11 > last append */
     dma_tensor q3 = dma_tensor_4d(q, DMA_F32, 2, 10, 3, 8);
     ck_assert_int_eq(dma_kv_forward(ctx, c, &q3, NULL, &ap, &t1, &tl1), DMA_ERR_HEADS);
+    /* no in-place forward: out over q, lse over out */
+    dma_tensor in_place = dma_tensor_4d(q, DMA_F32, 2, 10, 4, 8);
+    dma_tensor lse_over_out = dma_tensor_3d(o1 + 8, DMA_F32, 2, 4, 10);
+    ck_assert_int_eq(dma_kv_forward(ctx, c, &tq, NULL, &ap, &in_place, &tl1), DMA_ERR_OVERLAP);
+    ck_assert_int_eq(dma_kv_forward(ctx, c, &tq, NULL, &ap, &t1, &lse_over_out),
+                     DMA_ERR_OVERLAP);
     dma_kv_attn_params relu = {.kind = DMA_MASK_RELU};
     ck_assert_int_eq(dma_kv_forward(ctx, c, &tq, NULL, &relu, &t1, &tl1), DMA_ERR_ARG);
     dma_kv_attn_params nanscale = {.kind = DMA_MASK_DENSE, .scale = NAN};
