@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The README's second command (and CI's): install what is missing, then build and run every test:
 #   1. release build with -Werror, all Check suites (every ISA this CPU runs);
-#   2. the README's C example, compiled and run against that build;
+#   2. the README's C example, compiled and run against that build, then against an installed
+#      copy (scripts/consumer-test.sh: pkg-config, shared and static, C and C++);
 #   3. the same suites under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   4. an aarch64 cross build whose suites run under qemu (the NEON path).
 set -euo pipefail
@@ -24,6 +25,9 @@ meson test -C build-test --print-errorlogs
 
 echo "== README example"
 scripts/readme-example.sh build-test
+
+echo "== the installed library: pkg-config consumers in C and C++, shared and static"
+scripts/consumer-test.sh
 
 echo "== ASan + UBSan build and tests"
 setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false \
