@@ -4,7 +4,8 @@
 #   2. the README's C example, compiled and run against that build, then against an installed
 #      copy (scripts/consumer-test.sh: pkg-config, shared and static, C and C++);
 #   3. the same suites under AddressSanitizer + UndefinedBehaviorSanitizer;
-#   4. an aarch64 cross build whose suites run under qemu (the NEON path).
+#   4. the threads suite under ThreadSanitizer;
+#   5. an aarch64 cross build whose suites run under qemu (the NEON path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -35,6 +36,15 @@ setup build-asan --buildtype=debugoptimized -Db_sanitize=address,undefined -Db_l
 ninja -C build-asan
 ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
   meson test -C build-asan --print-errorlogs --timeout-multiplier 3
+
+echo "== ThreadSanitizer: application threads sharing a sparsity object (tests/test_threads.c)"
+# One OpenMP thread per context: libgomp is not built for TSan, so its own hand-offs between
+# the threads of a parallel region would be reported as races in every region.
+setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread -Db_lundef=false \
+  -Dopenblas=disabled -Dwerror=true
+ninja -C build-tsan tests/test_threads >/dev/null
+DMATTN_TEST_OMP_THREADS=1 TSAN_OPTIONS=halt_on_error=1 OMP_WAIT_POLICY=passive CK_FORK=no \
+  build-tsan/tests/test_threads
 
 echo "== aarch64 (NEON) under qemu"
 scripts/test-aarch64.sh
