@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the packages dmattn builds and tests with, when any is missing (Debian; root or sudo).
 set -euo pipefail
-pkgs=(build-essential meson ninja-build pkg-config libopenblas-dev check libsubunit-dev python3)
+pkgs=(build-essential meson ninja-build pkg-config libopenblas-dev check libsubunit-dev python3
+      clang libomp-dev)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -5,7 +5,8 @@
 #      copy (scripts/consumer-test.sh: pkg-config, shared and static, C and C++);
 #   3. the same suites under AddressSanitizer + UndefinedBehaviorSanitizer;
 #   4. the threads suite under ThreadSanitizer;
-#   5. an aarch64 cross build whose suites run under qemu (the NEON path).
+#   5. the fuzz targets (scripts/fuzz.sh, clang + libFuzzer), 45 s each;
+#   6. an aarch64 cross build whose suites run under qemu (the NEON path).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -45,6 +46,9 @@ setup build-tsan --buildtype=debugoptimized -Db_sanitize=thread -Db_lundef=false
 ninja -C build-tsan tests/test_threads >/dev/null
 DMATTN_TEST_OMP_THREADS=1 TSAN_OPTIONS=halt_on_error=1 OMP_WAIT_POLICY=passive CK_FORK=no \
   build-tsan/tests/test_threads
+
+echo "== fuzzing: libFuzzer targets, 45 s each from their seed corpora"
+scripts/fuzz.sh 45
 
 echo "== aarch64 (NEON) under qemu"
 scripts/test-aarch64.sh
