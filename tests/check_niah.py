@@ -2,8 +2,9 @@
 """The NIAH programs on a tiny configuration (seconds): examples/niah/niah trains, saves its
 checkpoint and writes the whole grid (CSV, JSON, one cells line per cell); run again it
 evaluates nothing; with cells missing from its cells file it evaluates exactly those, to the
-same results; a checkpoint of another run and bad flags are refused with a message; niah-cost
-writes one row per length. Usage: check_niah.py NIAH NIAH_COST. Exit 1 on any failure."""
+same results; a checkpoint of another run and bad flags are refused with a message; --init-from
+starts a run from another's weights and refuses another model; niah-cost writes one row per
+length. Usage: check_niah.py NIAH NIAH_COST. Exit 1 on any failure."""
 import csv
 import json
 import os
@@ -83,6 +84,19 @@ with tempfile.TemporaryDirectory() as t:
     expect("--lengths" in p.stderr, f"bad --lengths: {p.stderr}")
     p = run([niah, "--attn", "dma"], want_rc=2)
     expect("--checkpoint is required" in p.stderr, f"no checkpoint: {p.stderr}")
+
+    # --init-from: a new run at another length starts from the first run's weights; a model
+    # of another shape is refused.
+    def second(name, d_model):
+        o = os.path.join(t, name)
+        return [niah, "--attn", "dma", "--window", "32", "--train-len", "96", "--vocab", "64",
+                "--d-model", d_model, "--steps", "2", "--batch", "2", "--lengths", "96",
+                "--depths", "2", "--samples", "1", "--threads", "1", "--checkpoint",
+                o + ".ckpt", "--out", o, "--init-from", ckpt]
+    p = run(second("m2", "16"))
+    expect("starting from the weights" in p.stdout, f"--init-from:\n{p.stdout}")
+    p = run(second("m3", "8"), want_rc=1)
+    expect("is not this run's" in p.stderr, f"--init-from another model: {p.stderr}")
 
     # niah-cost: one row per length, positive times.
     cost = os.path.join(t, "cost")
