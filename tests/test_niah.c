@@ -47,6 +47,11 @@ static void check_example(const niah_config *c, uint64_t seed, uint64_t index, d
         else
             REQUIRE(x >= 1 && x < fe, "haystack token %d at %d is not filler", x, t);
     }
+    /* The key's tokens are distinct, and so are the value's. */
+    for (int i = 0; i < N; i++)
+        for (int j = i + 1; j < (i < K ? K : N); j++)
+            REQUIRE(tok[pos + i] != tok[pos + j], "needle tokens %d and %d repeat %d", i, j,
+                    tok[pos + i]);
     /* Exactly once in the haystack (key run and whole needle). */
     int at = -1;
     REQUIRE(occurrences(tok, H, tok + pos, K, &at) == 1 && at == pos, "the key occurs again");
@@ -164,6 +169,8 @@ START_TEST(bad_configurations_are_refused)
         {.seq_len = 100, .key_len = 2, .value_len = 2, .vocab = 6},  /* vocabulary too small */
         {.seq_len = 100, .key_len = 2, .value_len = 2, .vocab = 64, .sentences = 3},
         {.seq_len = 100, .key_len = 2, .value_len = 2, .vocab = 64, .sentences = -1},
+        {.seq_len = 100, .key_len = 5, .value_len = 2, .vocab = 16}, /* 4 key tokens < 5 */
+        {.seq_len = 100, .key_len = 2, .value_len = 5, .vocab = 16}, /* 4 value tokens < 5 */
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         err[0] = '\0';

@@ -25,8 +25,11 @@ int niah_check(const niah_config *c, char *err, size_t errlen)
               "2 (key_len + value_len)), L <= 2^24";
     else if (c->vocab < 8 || c->vocab > (1 << 24))
         why = "the vocabulary must be 8 .. 2^24";
-    else if (key_end(c) - filler_end(c) < 2 || c->vocab - key_end(c) < 2)
-        why = "the key and value ranges need at least 2 tokens each";
+    else if (key_end(c) - filler_end(c) < 2 || c->vocab - key_end(c) < 2 ||
+             key_end(c) - filler_end(c) < c->key_len || c->vocab - key_end(c) < c->value_len)
+        why = "the key and value ranges (a quarter of the vocabulary each) need at least 2 "
+              "tokens each, and as many as key_len and value_len (the needle's tokens are "
+              "distinct)";
     else if (c->sentences < 0 || c->sentences > 4096 ||
              (c->sentences > 0 && (c->sentence_len < 1 || c->sentence_len > 4096)))
         why = "sentences must be 0 .. 4096, and sentence_len 1 .. 4096 when sentences > 0";
@@ -54,6 +57,22 @@ static int32_t sentence_token(const niah_config *c, uint64_t seed, int s, int j)
     return 1 + (int32_t)prng_below(&r, (uint32_t)(filler_end(c) - 1));
 }
 
+/* n distinct tokens drawn uniformly from [lo, hi) (n <= hi - lo, and n <= 64). */
+static void draw_distinct(prng *r, int32_t *out, int n, int lo, int hi)
+{
+    for (int i = 0; i < n; i++) {
+        int32_t t;
+        int fresh;
+        do {
+            t = lo + (int32_t)prng_below(r, (uint32_t)(hi - lo));
+            fresh = 1;
+            for (int j = 0; j < i; j++)
+                fresh &= out[j] != t;
+        } while (!fresh);
+        out[i] = t;
+    }
+}
+
 int niah_example(const niah_config *c, uint64_t seed, uint64_t index, double depth,
                  int32_t *tokens, int32_t *labels)
 {
@@ -72,12 +91,11 @@ int niah_example(const niah_config *c, uint64_t seed, uint64_t index, double dep
     }
     if (depth < 0.0)
         depth = prng_unit(&r);
-    /* The needle: its key tokens, then its value tokens (tokens may repeat within each). */
+    /* The needle: its key tokens, then its value tokens, distinct within each (a repeated
+     * token would make "the token after this one" ambiguous, and exact retrieval impossible). */
     const int pos = niah_needle_pos(c, depth);
-    for (int i = 0; i < c->key_len; i++)
-        tokens[pos + i] = filler_end(c) + (int32_t)prng_below(&r, (uint32_t)(ke - filler_end(c)));
-    for (int i = 0; i < c->value_len; i++)
-        tokens[pos + c->key_len + i] = ke + (int32_t)prng_below(&r, (uint32_t)(c->vocab - ke));
+    draw_distinct(&r, tokens + pos, c->key_len, filler_end(c), ke);
+    draw_distinct(&r, tokens + pos + c->key_len, c->value_len, ke, c->vocab);
     /* The query: the key again, then the value as the answer. */
     for (int i = 0; i < c->key_len + c->value_len; i++)
         tokens[H + i] = tokens[pos + i];

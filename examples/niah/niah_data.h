@@ -7,8 +7,9 @@
  *   - a haystack of L - key_len - value_len filler tokens: random ones, or (sentences > 0) a
  *     random succession of `sentences` filler "sentences" of sentence_len tokens, the sentences
  *     themselves a function of the stream's seed;
- *   - with one needle written over the haystack: key_len key tokens then value_len value tokens,
- *     starting at round(depth * (H - N)), H the haystack length, N = key_len + value_len;
+ *   - with one needle written over the haystack: key_len distinct key tokens then value_len
+ *     distinct value tokens, starting at round(depth * (H - N)), H the haystack length,
+ *     N = key_len + value_len;
  *   - then, at the end, the query: the needle's key again, followed by its value as the answer.
  * Labels: the answer's value tokens, each at the position before it (the next token a model must
  * predict: the query's last key token is labelled with the first value token, ...); every other
