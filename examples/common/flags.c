@@ -80,3 +80,24 @@ int flags_parse(int argc, char **argv, const char *program, const char *synopsis
     }
     return 0;
 }
+
+int flags_int_list(const char *s, const char *what, long lo, long hi, int *out, int max,
+                   char *err, size_t errlen)
+{
+    int n = 0;
+    for (const char *at = s; *at;) {
+        char *end;
+        errno = 0;
+        long v = strtol(at, &end, 10);
+        if (end == at || errno || v < lo || v > hi || n == max || (*end && *end != ',')) {
+            snprintf(err, errlen, "%s is a comma-separated list of up to %d integers %ld .. %ld, "
+                     "not \"%s\"", what, max, lo, hi, s);
+            return -1;
+        }
+        out[n++] = (int)v;
+        at = *end ? end + 1 : end;
+    }
+    if (n == 0)
+        snprintf(err, errlen, "%s is empty", what);
+    return n ? n : -1;
+}

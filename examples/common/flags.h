@@ -27,4 +27,10 @@ int flags_parse(int argc, char **argv, const char *program, const char *synopsis
 void flags_usage(FILE *f, const char *program, const char *synopsis, const flag *flags,
                  int nflags);
 
+/** Parse a comma-separated list of integers in [lo, hi] ("1024,2048") into out (at most max).
+ *  The count, or -1 with a sentence (naming `what`) in err when the list is empty, too long,
+ *  or has a bad or out-of-range entry. */
+int flags_int_list(const char *s, const char *what, long lo, long hi, int *out, int max,
+                   char *err, size_t errlen);
+
 #endif /* DMTRAIN_FLAGS_H */

@@ -149,3 +149,20 @@ int train_run(model *m, const adamw_config *opt, const train_settings *s,
     free(lab);
     return status;
 }
+
+int eval_add(model *m, const batch *b, eval_sum *s)
+{
+    step_stats st;
+    if (model_forward(m, b, &st))
+        return -1;
+    s->correct += st.correct;
+    s->labelled += st.labelled;
+    s->loss_sum += st.loss * st.labelled;
+    return 0;
+}
+
+void eval_result(const eval_sum *s, double *accuracy, double *loss)
+{
+    *accuracy = s->labelled ? (double)s->correct / (double)s->labelled : 0.0;
+    *loss = s->labelled ? s->loss_sum / (double)s->labelled : 0.0;
+}

@@ -70,4 +70,17 @@ int train_run(model *m, const adamw_config *opt, const train_settings *s,
               const train_hooks *h, double trained_seconds, train_outcome *o, char *err,
               size_t errlen);
 
+/** Forward-only scores summed over batches: the evaluations of the example programs. */
+typedef struct eval_sum {
+    long correct, labelled;
+    double loss_sum; /* loss x labelled positions */
+} eval_sum;
+
+/** model_forward of one batch, added to *s. 0, or -1 with the reason in m->error. */
+int eval_add(model *m, const batch *b, eval_sum *s);
+
+/** Accuracy (correct / labelled) and mean loss of the sums so far (0 when nothing was
+ *  labelled). */
+void eval_result(const eval_sum *s, double *accuracy, double *loss);
+
 #endif /* DMTRAIN_TRAIN_LOOP_H */

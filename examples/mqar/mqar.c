@@ -63,22 +63,16 @@ static int evaluate(model *m, mqar_gen *g, const run *r, int count, int32_t *tok
                     double *accuracy, double *loss)
 {
     const int L = r->data.seq_len;
-    long correct = 0, labelled = 0;
-    double loss_sum = 0.0;
+    eval_sum sum = {0};
     for (int first = 0; first < count; first += r->batch) {
         int B = count - first < r->batch ? count - first : r->batch;
         make_batch(g, (uint64_t)r->seed * 0x9E3779B97F4A7C15ull ^ TEST_STREAM, (uint64_t)first,
                    B, 0, L, tok, lab);
         batch bt = {B, L, tok, lab};
-        step_stats st;
-        if (model_forward(m, &bt, &st))
+        if (eval_add(m, &bt, &sum))
             return -1;
-        correct += st.correct;
-        labelled += st.labelled;
-        loss_sum += st.loss * st.labelled;
     }
-    *accuracy = labelled ? (double)correct / (double)labelled : 0.0;
-    *loss = labelled ? loss_sum / (double)labelled : 0.0;
+    eval_result(&sum, accuracy, loss);
     return 0;
 }
 

@@ -116,23 +116,17 @@ static int hook_evaluate(void *ctx, model *m, double *accuracy, double *loss)
 {
     const hooks_ctx *h = ctx;
     const int L = h->r->data.seq_len, B = h->r->batch;
-    long correct = 0, labelled = 0;
-    double loss_sum = 0.0;
+    eval_sum sum = {0};
     for (int first = 0; first < 64; first += B) {
         int n = 64 - first < B ? 64 - first : B;
         for (int b = 0; b < n; b++)
             niah_example(&h->r->data, stream(h->r, TEST_STREAM), (uint64_t)(first + b), -1.0,
                          h->tok + (size_t)b * L, h->lab + (size_t)b * L);
         batch bt = {n, L, h->tok, h->lab};
-        step_stats st;
-        if (model_forward(m, &bt, &st))
+        if (eval_add(m, &bt, &sum))
             return -1;
-        correct += st.correct;
-        labelled += st.labelled;
-        loss_sum += st.loss * st.labelled;
     }
-    *accuracy = labelled ? (double)correct / (double)labelled : 0.0;
-    *loss = labelled ? loss_sum / (double)labelled : 0.0;
+    eval_result(&sum, accuracy, loss);
     return 0;
 }
 
@@ -376,33 +370,23 @@ done:
     return status;
 }
 
+/* --lengths, each a length the generator can fill. */
 static int parse_lengths(run *r)
 {
-    const char *s = r->lengths_arg;
-    r->n_lengths = 0;
-    while (*s) {
-        char *end;
-        errno = 0;
-        long v = strtol(s, &end, 10);
-        if (end == s || errno || v < 1 || v > (1 << 22) || r->n_lengths == MAX_LENGTHS ||
-            (*end && *end != ',')) {
-            fprintf(stderr, "niah: --lengths is a comma-separated list of up to %d lengths "
-                    "1 .. 2^22, not \"%s\"\n", MAX_LENGTHS, r->lengths_arg);
-            return -1;
-        }
+    char err[512];
+    r->n_lengths = flags_int_list(r->lengths_arg, "niah: --lengths", 1, 1 << 22, r->lengths,
+                                  MAX_LENGTHS, err, sizeof err);
+    for (int j = 0; j < r->n_lengths; j++) {
         niah_config d = r->data;
-        d.seq_len = (int)v;
-        char err[256];
+        d.seq_len = r->lengths[j];
         if (niah_check(&d, err, sizeof err)) {
-            fprintf(stderr, "%s\n", err);
-            return -1;
+            r->n_lengths = -1;
+            break;
         }
-        r->lengths[r->n_lengths++] = (int)v;
-        s = *end ? end + 1 : end;
     }
-    if (r->n_lengths == 0)
-        fprintf(stderr, "niah: --lengths is empty\n");
-    return r->n_lengths ? 0 : -1;
+    if (r->n_lengths < 0)
+        fprintf(stderr, "%s\n", err);
+    return r->n_lengths < 0 ? -1 : 0;
 }
 
 int main(int argc, char **argv)

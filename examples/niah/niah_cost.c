@@ -101,24 +101,12 @@ done:
 
 static int parse_lengths(cost_run *c)
 {
-    const char *s = c->lengths_arg;
-    c->n_lengths = 0;
-    while (*s) {
-        char *end;
-        errno = 0;
-        long v = strtol(s, &end, 10);
-        if (end == s || errno || v < 1 || v > (1 << 22) || c->n_lengths == MAX_LENGTHS ||
-            (*end && *end != ',')) {
-            fprintf(stderr, "niah-cost: --lengths is a comma-separated list of up to %d "
-                    "lengths 1 .. 2^22, not \"%s\"\n", MAX_LENGTHS, c->lengths_arg);
-            return -1;
-        }
-        c->lengths[c->n_lengths++] = (int)v;
-        s = *end ? end + 1 : end;
-    }
-    if (c->n_lengths == 0)
-        fprintf(stderr, "niah-cost: --lengths is empty\n");
-    return c->n_lengths ? 0 : -1;
+    char err[512];
+    c->n_lengths = flags_int_list(c->lengths_arg, "niah-cost: --lengths", 1, 1 << 22,
+                                  c->lengths, MAX_LENGTHS, err, sizeof err);
+    if (c->n_lengths < 0)
+        fprintf(stderr, "%s\n", err);
+    return c->n_lengths < 0 ? -1 : 0;
 }
 
 /* <out>.csv and <out>.json; -1 with a message when a file cannot be written. */
