@@ -5,7 +5,7 @@
 #      256-key window (full attention at that length), batch 64, until 98% of the answer tokens
 #      of 64 test sequences are right (at most 1500 steps);
 #   2. each kind trained on at 1024 tokens with its own window of 256 keys (swa starts from the
-#      dense model, which has the same parameters), batch 32, lr 1e-3, until 99% (at most 600
+#      dense model, which has the same parameters), batch 32, lr 1e-3, until 99% (at most 800
 #      steps); then its grid of lengths 1K..32K x depths 0..100% (10 sequences a cell) is
 #      evaluated from its checkpoint;
 #   3. niah-cost times dense vs dma attention per sequence over the same lengths in one run, and
@@ -22,7 +22,7 @@ mkdir -p "$out"
 niah=build/examples/niah/niah
 short=(--train-len 256 --window 256 --batch 64 --steps 1500 --eval-every 100 --stop-at 0.98
        --lengths 256 --depths 3 --samples 4 --threads 1)
-long=(--train-len 1024 --window 256 --batch 32 --steps 600 --lr 1e-3 --eval-every 100
+long=(--train-len 1024 --window 256 --batch 32 --steps 800 --lr 1e-3 --eval-every 100
       --stop-at 0.99 --samples 10 --threads 1)
 job() { # name, then niah's flags; its log in $out/<name>.log
     local name=$1; shift
