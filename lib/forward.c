@@ -80,9 +80,11 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
     const bool decode = a->cache && nrows == 1 && mr <= 8;
-    dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
+    /* the bf16 dots read the stored rows; every other path the scaled float32 ones */
     if (a->bf16_dots)
         load_rows_bf16(a, it, &iv, Qh, ld);
+    else
+        dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
         row_m[r] = -INFINITY;

@@ -166,3 +166,18 @@ void eval_result(const eval_sum *s, double *accuracy, double *loss)
     *accuracy = s->labelled ? (double)s->correct / (double)s->labelled : 0.0;
     *loss = s->labelled ? s->loss_sum / (double)s->labelled : 0.0;
 }
+
+int train_adamw(float lr, float min_lr, float weight_decay, float grad_clip, int steps,
+                int warmup, adamw_config *out, char *err, size_t errlen)
+{
+    adamw_config o = {.lr = lr, .min_lr = min_lr > 0 ? min_lr : lr / 10, .beta1 = 0.9f,
+                      .beta2 = 0.95f, .eps = 1e-8f, .weight_decay = weight_decay,
+                      .grad_clip = grad_clip, .total_steps = steps,
+                      .warmup_steps = warmup ? warmup : steps / 20};
+    if (o.warmup_steps > o.total_steps)
+        o.warmup_steps = o.total_steps;
+    if (adamw_config_check(&o, err, errlen))
+        return -1;
+    *out = o;
+    return 0;
+}

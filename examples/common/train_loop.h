@@ -70,6 +70,11 @@ int train_run(model *m, const adamw_config *opt, const train_settings *s,
               const train_hooks *h, double trained_seconds, train_outcome *o, char *err,
               size_t errlen);
 
+/** The examples' AdamW settings: betas 0.9 / 0.95, eps 1e-8; min_lr 0 means lr / 10, warmup 0
+ *  means 5% of the steps (at most all of them). 0, or -1 with a sentence in err. */
+int train_adamw(float lr, float min_lr, float weight_decay, float grad_clip, int steps,
+                int warmup, adamw_config *out, char *err, size_t errlen);
+
 /** Forward-only scores summed over batches: the evaluations of the example programs. */
 typedef struct eval_sum {
     long correct, labelled;

@@ -470,13 +470,9 @@ int main(int argc, char **argv)
         .vocab = r.data.vocab, .d_model = r.d_model, .n_layers = r.layers, .n_heads = r.heads,
         .n_kv_heads = r.kv_heads, .max_seq = r.data.seq_len, .attn = (attn_kind)kind,
         .window = r.window, .attn_only = !r.mlp, .tie_embeddings = 1});
-    adamw_config opt = {.lr = r.lr, .min_lr = r.min_lr > 0 ? r.min_lr : r.lr / 10,
-                        .beta1 = 0.9f, .beta2 = 0.95f, .eps = 1e-8f,
-                        .weight_decay = r.weight_decay, .grad_clip = r.grad_clip,
-                        .total_steps = r.steps, .warmup_steps = r.warmup ? r.warmup : r.steps / 20};
-    if (opt.warmup_steps > opt.total_steps)
-        opt.warmup_steps = opt.total_steps;
-    if (adamw_config_check(&opt, err, sizeof err)) {
+    adamw_config opt;
+    if (train_adamw(r.lr, r.min_lr, r.weight_decay, r.grad_clip, r.steps, r.warmup, &opt, err,
+                    sizeof err)) {
         fprintf(stderr, "niah: %s\n", err);
         return 2;
     }
