@@ -3,7 +3,8 @@
  *
  * Each (batch, head) pair is a "slab" built independently (OpenMP over slabs) into its own
  * growable arrays; the slabs are concatenated at the end. Three paths:
- *   - causal top-k over a per-key bias: the streaming heap/evict builder (O(Lk log w));
+ *   - causal top-k over a per-key bias: the streaming heap/evict builder (O(Lk log w)); with
+ *     fewer slabs than threads, each slab split among the threads (mask_topk_parallel.c);
  *   - non-causal top-k, relu, dense and window over a per-key bias (or none): one sorted list of
  *     candidate keys per slab, of which every tile's union is a slice and every row a range;
  *   - everything else (per-row bias, block smoothing, a user's dense mask): one sorted key list
@@ -16,6 +17,7 @@
 #include <omp.h>
 
 #include "internal.h"
+#include "mask_topk_parallel.h"
 #include "select.h"
 
 /* Internal kind for dma_sparsity_from_mask(). */
@@ -471,6 +473,23 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
     bool per_key = !bd->bias || bd->bias->shape[2] == 1;
     bool streaming = bd->kind == DMA_MASK_TOPK && bd->causal && per_key && bd->block_size <= 1;
     bool shared = !streaming && bd->kind != KIND_FROM_MASK && per_key && bd->block_size <= 1;
+
+    /* Fewer slabs than threads: each slab in turn over all threads (mask_topk_parallel.c). */
+    if (streaming && dma_topk_split_pays(nslab, ctx->threads, bd->Lq, bd->Lk, bd->window)) {
+        const dma_tensor *t = bd->bias, *pad = bd->pad;
+        for (int64_t s = 0; s < nslab; s++) {
+            int64_t b = s / bd->H, h = s % bd->H;
+            int64_t pad_row = pad && pad->shape[0] != 1 ? b * pad->stride[0] : 0;
+            dma_topk_slab in = {
+                .bias = f32(t) + dma_offset4(t, b, h, 0, 0),
+                .pad = pad ? (const uint8_t *)pad->data + pad_row : NULL,
+                .Lq = bd->Lq, .Lk = bd->Lk, .window = bd->window,
+                .tiles = sp->tiles + s * sp->ntiles,
+                .row_lo = sp->row_lo + s * bd->Lq, .row_hi = sp->row_hi + s * bd->Lq};
+            dma_topk_causal_split(&in, ctx->threads, dma_topk_min_block(bd->window), &slabs[s]);
+        }
+        return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);
+    }
 
 #pragma omp parallel for schedule(dynamic, 1) num_threads(ctx->threads)
     for (int64_t s = 0; s < nslab; s++) {

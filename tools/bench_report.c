@@ -82,6 +82,23 @@ void link_results(result *r, int n, const result *sgemm)
     }
 }
 
+void link_thread_scaling(result *r, int n)
+{
+    for (int i = 0; i < n; i++) {
+        const result *base = NULL;
+        for (int j = 0; j < n; j++)
+            if (r[j].op == r[i].op && r[j].impl == r[i].impl && r[j].dtype == r[i].dtype &&
+                r[j].ms_median > 0 && (!base || r[j].threads < base->threads))
+                base = &r[j];
+        if (!base || !(r[i].ms_median > 0))
+            continue;
+        r[i].base_threads = base->threads;
+        r[i].thread_speedup = base->ms_median / r[i].ms_median;
+        r[i].thread_efficiency =
+            r[i].thread_speedup * (double)base->threads / (double)r[i].threads;
+    }
+}
+
 double max_abs_diff(const float *a, const float *b, int64_t n)
 {
     double m = 0.0;
@@ -145,6 +162,11 @@ static void print_json(const result *r)
         json_int("N", r->sgemm_n, 0);
     if (r->impl == IMPL_OPENBLAS)
         json_str("blas_core", r->blas_core);
+    if (r->base_threads > 0) {
+        json_int("base_threads", r->base_threads, 0);
+        json_num("thread_speedup", r->thread_speedup);
+        json_num("thread_efficiency", r->thread_efficiency);
+    }
     printf("}\n");
 }
 
@@ -271,3 +293,35 @@ void print_dtype_summary(const result *r, int n)
                    r[i].ms_median, r[i].ms_median * r[i].speedup_vs_f32, r[i].speedup_vs_f32);
 }
 
+void print_scaling_table(const result *r, int n)
+{
+    static const int order[] = {OP_MASK_BUILD, OP_FORWARD, OP_BACKWARD, OP_SGEMM};
+    printf("%-10s %-8s %-5s %7s %11s %8s %10s %9s %8s\n", "op", "impl", "dtype", "threads",
+           "ms_median", "speedup", "efficiency", "GFLOP/s", "of_sgemm");
+    for (int k = 0; k < 4; k++) {
+        /* one block per (op, dtype), threads in the order measured */
+        for (int i = 0; i < n; i++) {
+            if (r[i].op != order[k])
+                continue;
+            int first = 1;
+            for (int j = 0; j < i; j++)
+                first &= !(r[j].op == r[i].op && r[j].dtype == r[i].dtype);
+            if (!first)
+                continue;
+            for (int j = i; j < n; j++) {
+                if (r[j].op != r[i].op || r[j].dtype != r[i].dtype)
+                    continue;
+                char ms[32], spd[32], eff[32], gf[32], of[32];
+                fmt_num(ms, sizeof ms, "%.3f", r[j].ms_median);
+                fmt_num(spd, sizeof spd, "%.2fx", r[j].thread_speedup);
+                fmt_num(eff, sizeof eff, "%.0f%%", 100.0 * r[j].thread_efficiency);
+                fmt_num(gf, sizeof gf, "%.2f", r[j].op == OP_MASK_BUILD ? NAN : r[j].gflops);
+                fmt_num(of, sizeof of, "%.3f", r[j].gflops_vs_sgemm);
+                printf("%-10s %-8s %-5s %7d %11s %8s %10s %9s %8s\n", op_names[r[j].op],
+                       impl_names[r[j].impl], dtype_name(r[j].dtype), r[j].threads, ms, spd, eff,
+                       gf, of);
+            }
+        }
+    }
+    fflush(stdout);
+}

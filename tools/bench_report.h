@@ -22,6 +22,11 @@ typedef struct report_style {
  * openblas baseline and sgemm are float32 and serve every dtype). */
 void link_results(result *r, int n, const result *sgemm);
 
+/* Thread scaling among r[0..n) (one shape at several thread counts): each line's speed-up
+ * over the line of the same op, impl and dtype with the fewest threads, and that speed-up
+ * divided by the thread ratio (the scaling efficiency). */
+void link_thread_scaling(result *r, int n);
+
 /* max |a[i] - b[i]| (NaN anywhere gives NaN or the largest difference, never hides it). */
 double max_abs_diff(const float *a, const float *b, int64_t n);
 
@@ -42,5 +47,10 @@ void print_sgemm_summary(report_style st, const result *r, int n, const result *
 /* The table's closing lines for 16-bit storage: each 16-bit forward and backward line's time
  * against the f32 line's, and their ratio. */
 void print_dtype_summary(const result *r, int n);
+
+/* The thread-scaling table: per op and dtype, one row per thread count with the time, the
+ * speed-up and efficiency over the fewest threads, GFLOP/s and the fraction of the SGEMM
+ * GFLOP/s at the same thread count. */
+void print_scaling_table(const result *r, int n);
 
 #endif /* DMATTN_BENCH_REPORT_H */

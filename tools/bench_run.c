@@ -82,6 +82,9 @@ result new_result(int op, int impl, const char *isa, int threads, timing tm)
     r.max_abs_diff = NAN;
     r.sgemm_n = -1;
     r.blas_core = NULL;
+    r.base_threads = -1;
+    r.thread_speedup = NAN;
+    r.thread_efficiency = NAN;
     return r;
 }
 

@@ -57,6 +57,10 @@ typedef struct result {
     double max_abs_diff;        /* dense line: max |dense - openblas| */
     int64_t sgemm_n;
     const char *blas_core;      /* openblas lines: openblas_get_corename() */
+    /* thread scaling (--sweep-threads without --sweep), filled by link_thread_scaling() */
+    int base_threads;           /* the fewest threads measured (the base); -1: not a sweep */
+    double thread_speedup;      /* the base's ms / this ms (same op, impl, dtype) */
+    double thread_efficiency;   /* thread_speedup / (threads / base_threads) */
 } result;
 
 /* A result with every optional field unset (null). */

@@ -36,7 +36,8 @@
  *
  * Files: this one holds the options, the help and the modes (one shape, the sweep); the core
  * (problems, dmattn measurements) is bench_run.c, the OpenBLAS baseline bench_blas.c, the
- * reporters bench_report.c, the decode and prefill modes bench_decode.c.
+ * reporters bench_report.c, the decode and prefill modes bench_decode.c, the thread-scaling
+ * mode (--sweep-threads without --sweep) bench_scaling.c.
  *
  * Exit status: 0 success, 1 a library or allocation error (the library's status and last error
  * are printed), 2 a bad command line.
@@ -49,6 +50,7 @@
 #include "bench_dtype.h"
 #include "bench_report.h"
 #include "bench_run.h"
+#include "bench_scaling.h"
 
 #include <math.h>
 #include <omp.h>
@@ -80,6 +82,7 @@ typedef struct options {
     dma_isa isa;
     int no_dense, no_openblas;
     int sweep, sweep_quick;
+    int scaling; /* --sweep-threads without --sweep: the thread-scaling mode */
     int backward;
     int_list sw_lens, sw_windows, sw_dims, sw_hkvs, sw_threads;
     /* --decode, --prefill CHUNK (bench_decode.c) */
@@ -166,6 +169,15 @@ static void print_help(void)
         "  --sweep-hkvs LIST\n"
         "  --sweep-threads LIST\n"
         "\n"
+        "Thread scaling (--sweep-threads LIST without --sweep, e.g. --sweep-threads 1,2,4,8):\n"
+        "  the one shape above (mask topk or window) at each thread count: the dma mask_build,\n"
+        "  forward and backward (always on here), and an OpenBLAS sgemm line (--sgemm-n) on as\n"
+        "  many threads. Per op: time, speed-up and efficiency over the fewest threads listed,\n"
+        "  GFLOP/s and their fraction of SGEMM at the same thread count (of_sgemm). The counts\n"
+        "  run one after the other: on a busy machine, read ms_min/ms_max too. The mask build\n"
+        "  splits a (batch, kv head) slab among threads only when B*Hkv is below the thread\n"
+        "  count (try --hkv 1). Plot with tools/plot_bench.py.\n"
+        "\n"
         "JSON fields: op (forward|mask_build|sgemm|backward), impl (dma|dense|openblas), mask\n"
         "(the mask the line computed: topk|window for dma, causal|dense for dense/openblas, null\n"
         "for sgemm), B, Lq, Lk, Hq, Hkv, D, window (null where the line does not depend on it),\n"
@@ -181,6 +193,9 @@ static void print_help(void)
         "speedup_vs_openblas always null) plus bwd_fwd_ratio (this ms / the forward ms of the\n"
         "same impl, mask and window) and bwd_fwd_per_call (dma: the median over rounds of each\n"
         "backward call's time over the forward call's just before it; dense: null).\n"
+        "Thread-scaling lines add base_threads (the fewest threads listed), thread_speedup (the\n"
+        "base line's ms / this ms: same op, impl, dtype) and thread_efficiency (thread_speedup *\n"
+        "base_threads / threads).\n"
         "dtype (f32|bf16|f16, --dtype) is on every line: the storage of q, k, v, out, dout;\n"
         "f32 for openblas and sgemm; mask_build carries the first dtype measured. The 16-bit\n"
         "forward and backward lines add speedup_vs_f32 (the f32 line's ms / this ms: same op,\n"
@@ -383,8 +398,9 @@ static void parse_args(int argc, char **argv, options *o)
 #undef VALUE
     }
 
-    int sweep_opts = lens_set || quick_lens_only || o->sw_windows.n || o->sw_dims.n ||
-                     o->sw_hkvs.n || o->sw_threads.n;
+    int grid_opts = lens_set || quick_lens_only || o->sw_windows.n || o->sw_dims.n ||
+                    o->sw_hkvs.n;
+    int sweep_opts = grid_opts || o->sw_threads.n;
     if (o->decode || o->prefill) {
         /* the decode and prefill modes (bench_decode.c) take their own defaults */
         const char *bad = o->Lq >= 0 ? "--lq/--len" : mask_set ? "--mask"
@@ -441,8 +457,15 @@ static void parse_args(int argc, char **argv, options *o)
         usage_error("--hq (%lld) must be a multiple of --hkv (%lld)", (long long)o->Hq,
                     (long long)o->Hkv);
 
-    if (sweep_opts && !o->sweep)
-        usage_error("the --sweep-* options need --sweep");
+    if (grid_opts && !o->sweep)
+        usage_error("the --sweep-* options other than --sweep-threads need --sweep");
+    o->scaling = o->sw_threads.n && !o->sweep;
+    if (o->scaling) {
+        if (o->mask != MASK_TOPK && o->mask != MASK_WINDOW)
+            usage_error("--sweep-threads measures --mask topk or window, not %s",
+                        mask_names[o->mask]);
+        o->backward = 1;
+    }
     if (o->sweep) {
         if (o->mask != MASK_TOPK && o->mask != MASK_WINDOW)
             usage_error("--sweep measures --mask topk or window, not %s", mask_names[o->mask]);
@@ -629,6 +652,17 @@ static int run_sweep(const options *o)
     return 0;
 }
 
+static int run_scaling(const options *o)
+{
+    scaling_options so = {.B = o->B, .Lq = o->Lq, .Lk = o->Lk, .Hq = o->Hq, .Hkv = o->Hkv,
+                          .D = o->D, .window = o->window, .mask = o->mask,
+                          .nthreads = o->sw_threads.n, .threads = o->sw_threads.v, .isa = o->isa,
+                          .ndtypes = o->ndtypes, .dtypes = o->dtypes,
+                          .rs = {o->warmup, o->runs, o->max_ms}, .sgemm_n = o->sgemm_n,
+                          .json = o->json};
+    return bench_scaling_run(&so);
+}
+
 static int run_decode(const options *o)
 {
     decode_options d;
@@ -659,8 +693,10 @@ int main(int argc, char **argv)
     parse_args(argc, argv, &o);
     if (o.decode || o.prefill)
         return run_decode(&o);
-    if (o.sweep || o.sgemm || !o.no_openblas)
+    if (o.sweep || o.scaling || o.sgemm || !o.no_openblas)
         check_blas_core();
     settle_blas(); /* OpenBLAS's workers spin for a while after the library is loaded */
+    if (o.scaling)
+        return run_scaling(&o);
     return o.sweep ? run_sweep(&o) : run_single(&o);
 }

@@ -22,6 +22,14 @@ and, when the input has op "backward" lines (dmattn-bench --backward):
     NAME_backward_speedup.png     speed-up of the dma backward over the dense backward vs
                                   window, as NAME_speedup.png
 
+and, when the input has thread-scaling lines (dmattn-bench --sweep-threads LIST without --sweep;
+they carry thread_speedup and are left out of the plots above):
+
+    NAME_thread_scaling.png       per shape: speed-up over the fewest threads vs threads, one
+                                  curve per op (mask_build, forward, backward, sgemm), with the
+                                  ideal line; beside it the fraction of the SGEMM GFLOP/s at the
+                                  same thread count (forward, backward)
+
 and prints the path of each file written. Only float32 lines are plotted: the bf16/f16 lines
 of --dtype are skipped. Needs only matplotlib.
 """
@@ -218,6 +226,62 @@ def plot_speedup(fwd, path, what="forward"):
     return True
 
 
+SCALING_STYLE = {"mask_build": ("tab:green", "o"), "forward": ("tab:blue", "s"),
+                 "backward": ("tab:red", "^"), "sgemm": ("black", "x")}
+
+
+def plot_thread_scaling(recs, path):
+    """Speed-up vs threads per op (with the ideal line), and the fraction of SGEMM."""
+    shape_of = lambda r: (r.get("B"), r.get("Lq"), r.get("Lk"), r.get("Hq"), r.get("Hkv"),
+                          r.get("D"), r.get("window"), r.get("isa"))
+    shapes = sorted({shape_of(r) for r in recs if r.get("op") != "sgemm"},
+                    key=lambda k: tuple(str(x) for x in k))
+    if not shapes:
+        return False
+    fig, axes = plt.subplots(len(shapes), 2, figsize=(10, 4 * len(shapes)), squeeze=False)
+    for (ax_sp, ax_sg), shape in zip(axes, shapes):
+        # sgemm lines have no attention shape: they go with every shape of the same isa
+        rs = [r for r in recs if shape_of(r) == shape or
+              (r.get("op") == "sgemm" and r.get("isa") == shape[7])]
+        threads = sorted({r["threads"] for r in rs if num(r.get("threads"))})
+        base = min((r.get("base_threads") for r in rs if num(r.get("base_threads"))), default=1)
+        ax_sp.plot(threads, [t / base for t in threads], color="gray", linestyle="--",
+                   linewidth=1, label="ideal")
+        for op, (color, marker) in SCALING_STYLE.items():
+            pts = sorted((r["threads"], r["thread_speedup"], r.get("gflops_vs_sgemm")) for r in rs
+                         if r.get("op") == op and num(r.get("thread_speedup")) is not None)
+            if not pts:
+                continue
+            ax_sp.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, color=color,
+                       label=op, linewidth=1.4, markersize=5)
+            sg = [(t, f) for t, _, f in pts if num(f) is not None]
+            if sg:
+                ax_sg.plot([p[0] for p in sg], [p[1] for p in sg], marker=marker, color=color,
+                           label=op, linewidth=1.4, markersize=5)
+        B, Lq, Lk, Hq, Hkv, D, window, isa = shape
+        title = f"B={B} Lq={Lq} Lk={Lk} Hq={Hq} Hkv={Hkv} D={D} window={window} {isa}"
+        for ax in (ax_sp, ax_sg):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(threads)
+            ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.xaxis.set_minor_formatter(NullFormatter())
+            ax.set_xlabel("threads")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.set_title(title, fontsize=9)
+        ax_sp.set_yscale("log", base=2)
+        ax_sp.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax_sp.set_ylabel(f"speed-up over {base} thread{'s' if base != 1 else ''} (x)")
+        ax_sp.legend(fontsize=8)
+        ax_sg.set_ylabel("GFLOP/s / SGEMM GFLOP/s (same threads)")
+        if ax_sg.lines:
+            ax_sg.legend(fontsize=8)
+    fig.suptitle("dmattn thread scaling (dmattn-bench --sweep-threads)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Plot dmattn-bench JSON lines.")
     ap.add_argument("files", nargs="*", help="JSON-lines files ('-' or none: stdin)")
@@ -230,6 +294,8 @@ def main(argv=None):
         print("plot_bench: no dmattn-bench JSON records in the input", file=sys.stderr)
         return 1
     os.makedirs(a.outdir, exist_ok=True)
+    scaling = [r for r in recs if "thread_speedup" in r]
+    recs = [r for r in recs if "thread_speedup" not in r]
     fwd = forward_records(recs)
     sgemm = [r for r in recs if r.get("op") == "sgemm"]
     written = []
@@ -251,6 +317,9 @@ def main(argv=None):
         written.append(p)
     p = os.path.join(a.outdir, f"{a.prefix}_backward_speedup.png")
     if plot_speedup(bwd, p, "backward"):
+        written.append(p)
+    p = os.path.join(a.outdir, f"{a.prefix}_thread_scaling.png")
+    if plot_thread_scaling(scaling, p):
         written.append(p)
     if not written:
         print("plot_bench: nothing to plot (no forward or backward records)", file=sys.stderr)
