@@ -89,8 +89,10 @@ int niah_example(const niah_config *c, uint64_t seed, uint64_t index, double dep
         for (int j = 0; j < c->sentence_len && t < H; j++)
             tokens[t++] = sentence_token(c, seed, s, j);
     }
+    /* A random depth is uniform, with about 5.6% of the draws at each end exactly: the needle
+     * right at the start or right before the query is otherwise almost never trained on. */
     if (depth < 0.0)
-        depth = prng_unit(&r);
+        depth = fmin(1.0, fmax(0.0, (prng_unit(&r) - 0.05) / 0.9));
     /* The needle: its key tokens, then its value tokens, distinct within each (a repeated
      * token would make "the token after this one" ambiguous, and exact retrieval impossible). */
     const int pos = niah_needle_pos(c, depth);

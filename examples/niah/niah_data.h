@@ -42,8 +42,8 @@ int niah_needle_pos(const niah_config *c, double depth);
 
 /**
  * Example `index` of stream `seed` with the needle at `depth` (0 = the start of the haystack,
- * 1 = its end; a negative depth draws one uniformly from the example's own randomness, for
- * training): tokens[L] and labels[L]. The configuration must pass niah_check(). Returns the
+ * 1 = its end; a negative depth draws one from the example's own randomness, for training:
+ * uniform, with about 5.6% of the draws exactly at each end): tokens[L] and labels[L]. The configuration must pass niah_check(). Returns the
  * needle's start position.
  */
 int niah_example(const niah_config *c, uint64_t seed, uint64_t index, double depth,
