@@ -69,6 +69,9 @@ typedef enum dma_status {
     DMA_ERR_BUFFER,         /**< a caller-given output buffer is too small */
     DMA_ERR_OVERLAP,        /**< an output's memory overlaps an input it is computed from, or
                                  another output (address ranges spanned by the tensors) */
+    DMA_ERR_DEVICE,         /**< CUDA: no backend in this build, no usable GPU, a CUDA runtime
+                                 error, memory on the wrong side (host vs device), an object of
+                                 the other kind of context, or a call a CUDA context lacks */
     DMA_STATUS_COUNT_       /**< number of status codes (not a status) */
 } dma_status;
 
@@ -134,11 +137,21 @@ typedef enum dma_isa {
     DMA_ISA_NEON        /**< aarch64 Advanced SIMD */
 } dma_isa;
 
+/** Where a context computes. */
+typedef enum dma_device {
+    DMA_DEVICE_CPU = 0, /**< the CPU kernels (default) */
+    DMA_DEVICE_CUDA     /**< an NVIDIA GPU (the optional cuda/ backend; see below) */
+} dma_device;
+
 /** Options for dma_context_create(). Zero-initialise, then set what you need. */
 typedef struct dma_context_options {
     int threads;   /**< OpenMP threads per call; 0 = omp_get_max_threads(); must be >= 0 */
     dma_isa isa;   /**< DMA_ISA_AUTO honours the environment variable DMATTN_ISA
                         (scalar|avx2|avx512|neon); any other value forces that ISA */
+    dma_device device;  /**< DMA_DEVICE_CPU (0, default) or DMA_DEVICE_CUDA */
+    int cuda_device;    /**< DMA_DEVICE_CUDA: the device ordinal (0 = the first GPU) */
+    void *cuda_stream;  /**< DMA_DEVICE_CUDA: the cudaStream_t the calls run on; NULL = the
+                             legacy default stream (which orders with PyTorch's default) */
 } dma_context_options;
 
 /** Opaque context: thread count, chosen kernels, last error message. */
@@ -148,9 +161,11 @@ typedef struct dma_context dma_context;
  * Create a context.
  * @param opts  options, or NULL for all defaults.
  * @param out   receives the new context on success; untouched on error.
- * @return DMA_OK; DMA_ERR_NULL (out is NULL); DMA_ERR_ARG (negative threads, unknown isa, or a
- *         DMATTN_ISA value that is not a known name); DMA_ERR_ISA (the ISA asked for, by option
- *         or environment, is not supported by this CPU or was not built); DMA_ERR_NOMEM.
+ * @return DMA_OK; DMA_ERR_NULL (out is NULL); DMA_ERR_ARG (negative threads, unknown isa or
+ *         device, or a DMATTN_ISA value that is not a known name); DMA_ERR_ISA (the ISA asked
+ *         for, by option or environment, is not supported by this CPU or was not built);
+ *         DMA_ERR_DEVICE (DMA_DEVICE_CUDA without a CUDA backend in this build, or the device
+ *         ordinal names no usable GPU); DMA_ERR_NOMEM.
  * With the environment variable DMATTN_BF16_DOT=1, an AVX-512 context on a CPU with
  * AVX512_BF16 computes the Q K^T of forwards whose q and k are both bf16 with VDPBF16PS (bf16
  * products are exact; bf16 subnormals count as zero). It is off by default because it was
@@ -159,6 +174,36 @@ typedef struct dma_context dma_context;
  * Thread-safe (no shared state). The environment is read only here.
  */
 DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_context **out);
+
+/*
+ * CUDA contexts (DMA_DEVICE_CUDA; built when nvcc was found, see README). A CUDA context runs
+ * dma_sparsity_build, dma_sparsity_from_mask, dma_forward and dma_backward on the GPU:
+ * - every tensor's data is device memory of that GPU (cudaMalloc, managed memory, or a PyTorch
+ *   CUDA tensor's data_ptr()); host memory gives DMA_ERR_DEVICE, before anything runs;
+ * - a sparsity object built by a CUDA context lives on its GPU and is usable only with CUDA
+ *   contexts of that GPU (DMA_ERR_DEVICE otherwise, and for a CPU object given to a CUDA call);
+ *   dma_sparsity_nnz, _shape, _bytes and _to_dense (into host memory) work on it;
+ * - validation, status codes, messages and semantics (DESIGN §1) are those of the CPU path;
+ *   a NaN or +inf bias is found by the GPU builder and reported as DMA_ERR_BAD_VALUE;
+ * - each call is synchronous: it returns once its work on the stream has finished;
+ * - exceptions, documented and tested: (1) bf16/f16 forwards on tensor cores round the softmax
+ *   weights P to the storage type before P V (as flash attention does): out is within
+ *   2^-8 * sum_j p_ij |v_j| (plus the output's own rounding) of the float32 result, lse within
+ *   1e-5 relative; float32 inputs are computed in float32. (2) the backward adds the
+ *   contributions to dk, dv and dbias with atomic float32 adds, so their last bits may change
+ *   from run to run; out, lse and dq are bitwise reproducible;
+ * - dma_dynamic_bias_forward/_backward and the KV cache return DMA_ERR_DEVICE with a CUDA
+ *   context in this version (compute the bias with your framework, or on a CPU context).
+ * The library needs no CUDA library at run time (the CUDA runtime is linked statically and
+ * loads the driver only when a CUDA context is created).
+ */
+
+/** Number of CUDA devices a CUDA context can use: 0 when this build has no CUDA backend or no
+ *  driver or GPU is present. Thread-safe. */
+DMA_API int dma_cuda_device_count(void);
+
+/** Where the context computes. ctx must not be NULL. */
+DMA_API dma_device dma_context_device(const dma_context *ctx);
 
 /** Free a context. NULL is a no-op. */
 DMA_API void dma_context_destroy(dma_context *ctx);

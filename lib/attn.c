@@ -79,6 +79,8 @@ dma_status dma_attn_check(dma_context *ctx, const dma_tensor *q, const dma_tenso
                         "not fit (B %lld, H 1|%lld|%lld, Lq %lld, Lk %lld)", (long long)sp->B,
                         (long long)sp->H, (long long)sp->Lq, (long long)sp->Lk, (long long)B,
                         (long long)Hkv, (long long)Hq, (long long)Lq, (long long)Lk);
+    if (sp && (st = dma_device_match(ctx, sp)))
+        return st;
     if ((st = dma_check_lse(ctx, lse, B, Hq, Lq)))
         return st;
     dma_attn_params p = {0};

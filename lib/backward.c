@@ -707,6 +707,8 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
                                        {"out", out}, {"lse", lse}, {"dout", dout}};
     if ((st = dma_check_apart(ctx, grads, 4, inputs, 7, false)))
         return st;
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_device_backward(ctx, &w.a, dout, dq, dk, dv, dbias);
     w.per_row_bias = bias && bias->shape[2] != 1;
     if ((st = dma_attn_prepare(ctx, &w.a)) != DMA_OK)
         return st;

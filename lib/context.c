@@ -107,10 +107,12 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
 {
     if (!out)
         return DMA_ERR_NULL;
-    dma_context_options o = {0, DMA_ISA_AUTO};
+    dma_context_options o = {.threads = 0, .isa = DMA_ISA_AUTO};
     if (opts)
         o = *opts;
     if (o.threads < 0)
+        return DMA_ERR_ARG;
+    if (o.device != DMA_DEVICE_CPU && o.device != DMA_DEVICE_CUDA)
         return DMA_ERR_ARG;
     if (o.isa < DMA_ISA_AUTO || o.isa > DMA_ISA_NEON)
         return DMA_ERR_ARG;
@@ -147,6 +149,16 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
     }
 #endif
     ctx->kernels = &ctx->table;
+    ctx->device = o.device;
+    ctx->cuda_device = o.cuda_device;
+    ctx->cuda_stream = o.cuda_stream;
+    if (o.device == DMA_DEVICE_CUDA) {
+        dma_status st = dma_device_init(ctx);
+        if (st != DMA_OK) {
+            free(ctx);
+            return st;
+        }
+    }
     *out = ctx;
     return DMA_OK;
 }
@@ -156,6 +168,8 @@ void dma_context_destroy(dma_context *ctx) { free(ctx); }
 dma_isa dma_context_isa(const dma_context *ctx) { return ctx->isa; }
 
 int dma_context_threads(const dma_context *ctx) { return ctx->threads; }
+
+dma_device dma_context_device(const dma_context *ctx) { return ctx->device; }
 
 int dma_context_bf16_dot(const dma_context *ctx) { return ctx->kernels->scores_bf16 != NULL; }
 

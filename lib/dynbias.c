@@ -194,6 +194,8 @@ dma_status dma_dynamic_bias_forward(dma_context *ctx, const dma_tensor *v, const
 {
     if (!ctx)
         return DMA_ERR_NULL;
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "dynamic_bias_forward");
     dyn_problem p;
     dma_status st = dyn_check(ctx, v, w_dt, b_dt, a, "bias", bias, &p);
     if (st == DMA_OK)
@@ -254,6 +256,8 @@ dma_status dma_dynamic_bias_backward(dma_context *ctx, const dma_tensor *v,
 {
     if (!ctx)
         return DMA_ERR_NULL;
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "dynamic_bias_backward");
     dyn_problem p;
     dma_status st = dyn_check(ctx, v, w_dt, b_dt, a, "dbias", dbias, &p);
     if (st != DMA_OK)

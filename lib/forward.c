@@ -211,6 +211,8 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
                              4, true);
     if (st != DMA_OK || a.B == 0 || a.Lq == 0)
         return st;
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_device_forward(ctx, &a);
     if ((st = dma_attn_prepare(ctx, &a)) != DMA_OK)
         return st;
     a.bf16_dots = use_bf16_dots(&a);

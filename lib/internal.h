@@ -23,6 +23,9 @@ struct dma_context {
     const dma_kernels *kernels; /* -> table: the ISA's kernels, with the bf16 dot products added
                                    when the CPU has them */
     dma_kernels table;
+    dma_device device;  /* DMA_DEVICE_CUDA: the calls route to lib/device.c (cuda/) */
+    int cuda_device;    /* the GPU's ordinal */
+    void *cuda_stream;  /* cudaStream_t, NULL = legacy default stream */
     char last_error[256];
 };
 
@@ -59,6 +62,9 @@ struct dma_sparsity {
     uint64_t *words;    /* row bitmasks, concatenated */
     int64_t nkeys, nwords;
     int64_t nnz;
+    int cuda;           /* 1: tiles, row_lo, row_hi, keys and words are device memory of GPU
+                           cuda_device (built by a CUDA context; vals is then NULL) */
+    int cuda_device;
 };
 
 /* The float data of a validated DMA_F32 tensor. */
@@ -113,6 +119,21 @@ static inline int64_t dma_offset4(const dma_tensor *t, int64_t i0, int64_t i1, i
     return (t->shape[0] == 1 ? 0 : i0 * t->stride[0]) + (t->shape[1] == 1 ? 0 : i1 * t->stride[1]) +
            (t->shape[2] == 1 ? 0 : i2 * t->stride[2]) + (t->shape[3] == 1 ? 0 : i3 * t->stride[3]);
 }
+
+/* ---- the CUDA backend's entry points (lib/device.c; DMA_ERR_DEVICE when not built) ---- */
+
+/* DMA_ERR_DEVICE with "<call>: not available with a CUDA context" when ctx is a CUDA context. */
+dma_status dma_cpu_only(dma_context *ctx, const char *call);
+/* Whether the object lives where the context computes (DMA_ERR_DEVICE with a message if not). */
+dma_status dma_device_match(dma_context *ctx, const dma_sparsity *sp);
+dma_status dma_device_init(dma_context *ctx); /* dma_context_create: select and check the GPU */
+dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                                     int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                                     const dma_tensor *key_padding, dma_sparsity **out);
+dma_status dma_device_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask,
+                                         dma_sparsity **out);
+dma_status dma_device_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t bytes);
+void dma_device_sparsity_free(dma_sparsity *sp);
 
 /* ---- memory ---- */
 
@@ -249,5 +270,12 @@ void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_v
 const uint64_t *dma_row_bits(const dma_item_view *iv, int64_t i);
 void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,
                   int *lo, int *hi);
+
+/* The CUDA forward and backward of a validated attention call (dma_attn_check done, no
+ * sparsity made yet; lib/device.c). */
+dma_status dma_device_forward(dma_context *ctx, dma_attn *a);
+dma_status dma_device_backward(dma_context *ctx, dma_attn *a, const dma_tensor *dout,
+                               dma_tensor *dq, dma_tensor *dk, dma_tensor *dv,
+                               dma_tensor *dbias);
 
 #endif /* DMATTN_INTERNAL_H */

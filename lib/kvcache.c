@@ -20,6 +20,8 @@ dma_status dma_kv_cache_create(dma_context *ctx, const dma_kv_cache_params *para
 {
     if (!ctx || !params || !out)
         return dma_fail(ctx, DMA_ERR_NULL, "kv_cache_create: ctx, params and out are required");
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "kv_cache_create");
     dma_kv_cache_params p = *params;
     if (p.page_len == 0)
         p.page_len = 256;
@@ -306,6 +308,8 @@ dma_status dma_kv_cache_append(dma_context *ctx, dma_kv_cache *c, const dma_tens
 {
     if (!ctx || !c)
         return dma_fail(ctx, DMA_ERR_NULL, "kv_cache_append: ctx and cache are required");
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "kv_cache_append");
     dma_status st = check_kv(ctx, c, k, v, bias, counts);
     if (st != DMA_OK)
         return st;
@@ -361,6 +365,8 @@ dma_status dma_kv_cache_append_dynamic(dma_context *ctx, dma_kv_cache *c, const 
 {
     if (!ctx || !c)
         return dma_fail(ctx, DMA_ERR_NULL, "kv_cache_append_dynamic: ctx and cache are required");
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "kv_cache_append_dynamic");
     if (c->p.window == 0)
         return dma_fail(ctx, DMA_ERR_ARG, "kv_cache_append_dynamic: the cache has no window");
     if (!k || !v)
@@ -428,6 +434,8 @@ dma_status dma_kv_cache_sparsity(dma_context *ctx, const dma_kv_cache *c, int64_
 {
     if (!ctx || !c || !out)
         return dma_fail(ctx, DMA_ERR_NULL, "kv_cache_sparsity: ctx, cache and out are required");
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "kv_cache_sparsity");
     if (c->p.window == 0)
         return dma_fail(ctx, DMA_ERR_ARG, "kv_cache_sparsity: the cache has no window");
     for (int64_t b = 0; b < c->p.batch; b++)

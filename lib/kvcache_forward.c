@@ -63,6 +63,8 @@ dma_status dma_kv_forward(dma_context *ctx, const dma_kv_cache *cache, const dma
 {
     if (!ctx || !cache || !params)
         return dma_fail(ctx, DMA_ERR_NULL, "kv_forward: ctx, cache and params are required");
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_cpu_only(ctx, "kv_forward");
     dma_status st = check_forward(ctx, cache, q, counts, params, out, lse);
     if (st != DMA_OK || q->shape[1] == 0)
         return st;

@@ -561,6 +561,8 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
                             (long long)key_padding->shape[0], (long long)key_padding->shape[1],
                             (long long)B, (long long)Lk);
     }
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_device_sparsity_build(ctx, params, B, H, Lq, Lk, bias, key_padding, out);
     build bd = {.kind = kind, .causal = params->causal != 0,
                 .window = kind == DMA_MASK_TOPK || kind == DMA_MASK_WINDOW ? params->window : 0,
                 .block_size = params->block_size, .B = B, .H = H, .Lq = Lq, .Lk = Lk,
@@ -581,6 +583,8 @@ dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_
     if ((st = check_lengths(ctx, mask->shape[0], mask->shape[1], mask->shape[2],
                             mask->shape[3])) != DMA_OK)
         return st;
+    if (ctx->device == DMA_DEVICE_CUDA)
+        return dma_device_sparsity_from_mask(ctx, mask, out);
     build bd = {.kind = KIND_FROM_MASK, .B = mask->shape[0], .H = mask->shape[1],
                 .Lq = mask->shape[2], .Lk = mask->shape[3],
                 .off = mask->shape[3] - mask->shape[2], .mask = mask};

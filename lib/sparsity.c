@@ -43,6 +43,10 @@ void dma_sparsity_destroy(dma_sparsity *sp)
 {
     if (!sp)
         return;
+    if (sp->cuda) {
+        dma_device_sparsity_free(sp);
+        return;
+    }
     dma_free(sp->tiles);
     dma_free(sp->row_lo);
     dma_free(sp->row_hi);
@@ -93,6 +97,8 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
     int64_t total = sp->B * sp->H * sp->Lq * sp->Lk; /* fits: checked when built */
     if ((uint64_t)total > (uint64_t)out_bytes)
         return DMA_ERR_BUFFER;
+    if (sp->cuda)
+        return dma_device_sparsity_to_dense(sp, out, out_bytes);
     memset(out, 0, (size_t)total);
     for (int64_t s = 0; s < sp->B * sp->H; s++)
         for (int64_t i = 0; i < sp->Lq; i++) {

@@ -23,6 +23,7 @@ const char *dma_status_string(dma_status status)
     case DMA_ERR_ARG: return "invalid argument";
     case DMA_ERR_BUFFER: return "output buffer too small";
     case DMA_ERR_OVERLAP: return "an output overlaps an input or another output";
+    case DMA_ERR_DEVICE: return "CUDA device unavailable or memory on the wrong device";
     default: return "unknown status";
     }
 }

@@ -1,0 +1,87 @@
+/* attn_common.cuh - what the forward and the backward kernels share: one work item is (batch,
+ * query head, tile of 64 query rows); the tile's key union is read in chunks. */
+#ifndef DMATTN_CUDA_ATTN_COMMON_CUH
+#define DMATTN_CUDA_ATTN_COMMON_CUH
+
+#include "common.cuh"
+
+/* Threads of a work item's block: 4 per query row of the tile. */
+#define DCU_ITEM_THREADS (4 * DCU_TILE)
+
+struct dcu_item {
+    int64_t b, h, tile, hkv, slab, r0;
+    int nrows;
+    dcu_tile t;
+};
+
+static __device__ __forceinline__ dcu_item dcu_item_of(const dcu_attn &a, int64_t id)
+{
+    dcu_item it;
+    const int64_t ntiles = a.sp.ntiles;
+    it.tile = id % ntiles;
+    it.h = (id / ntiles) % a.Hq;
+    it.b = id / ntiles / a.Hq;
+    it.hkv = it.h / (a.Hq / a.Hkv);
+    it.slab = dcu_slab(a.sp, it.b, it.h, a.Hq);
+    it.r0 = it.tile * DCU_TILE;
+    it.nrows = (int)min((int64_t)DCU_TILE, a.Lq - it.r0);
+    it.t = a.sp.tiles[it.slab * ntiles + it.tile];
+    return it;
+}
+
+/* The bias head a query head reads. */
+static __device__ __forceinline__ int64_t dcu_bias_head(const dcu_attn &a, int64_t h)
+{
+    return h / (a.Hq / a.bias.shape[1]);
+}
+
+/* Whether tile row r (query row i) selects chunk position pos holding key `key`. */
+static __device__ __forceinline__ bool dcu_item_selects(const dcu_attn &a, const dcu_item &it,
+                                                        int r, int32_t pos, int32_t key)
+{
+    if (r >= it.nrows || pos >= it.t.count)
+        return false;
+    const int64_t i = it.r0 + r;
+    if (a.causal && key > i + a.off)
+        return false;
+    return dcu_selects(a.sp, it.t, it.slab * a.Lq + i, r, pos);
+}
+
+/* The score of (row i, key) before the bias: scale * <q, k>, then softcap. Also returns
+ * softcap's derivative factor (1 - tanh^2), 1 without softcap. */
+static __device__ __forceinline__ float dcu_capped(const dcu_attn &a, float dot, float *dcap)
+{
+    float s = a.scale * dot;
+    if (a.softcap > 0.0f) {
+        const float t = tanhf(s / a.softcap);
+        *dcap = 1.0f - t * t;
+        return a.softcap * t;
+    }
+    *dcap = 1.0f;
+    return s;
+}
+
+/* Load `rows` rows of a (B, L, H, D) tensor at head h into dst[rows][ld] as float. */
+static __device__ __forceinline__ void dcu_load_rows(const dcu_tensor &t, int64_t b, int64_t row0,
+                                                     int rows, int64_t h, int D, float *dst,
+                                                     int ld, int64_t L)
+{
+    for (int x = threadIdx.x; x < rows * D; x += blockDim.x) {
+        const int r = x / D, d = x % D;
+        const int64_t row = row0 + r;
+        dst[r * ld + d] = row < L ? dcu_load(t.data, t.dtype, b * t.stride[0] + row * t.stride[1] +
+                                                              h * t.stride[2] + d)
+                                  : 0.0f;
+    }
+}
+
+/* A per-key bias value, or 0 without a bias. */
+static __device__ __forceinline__ float dcu_bias_at(const dcu_attn &a, int64_t b, int64_t hb,
+                                                    int64_t i, int32_t key)
+{
+    if (!a.bias.data)
+        return 0.0f;
+    return ((const float *)a.bias.data)[dcu_off(a.bias, b, hb, i, key)];
+}
+
+#endif

@@ -1,0 +1,87 @@
+/*
+ * dma_cuda.h - the C interface of the CUDA backend (the .cu files of cuda/), called by lib/device.c only.
+ * Plain structs, no library types: the .cu files are C++ and do not include lib/internal.h.
+ * Functions return 0 on success; a negative value is a CUDA runtime error, which
+ * dcu_last_error() describes (per thread).
+ */
+#ifndef DMATTN_CUDA_H
+#define DMATTN_CUDA_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A strided tensor of up to 4 dimensions in device memory; data NULL = absent.
+ * dtype: 0 float32, 1 bf16, 2 f16, 3 bool (dma_dtype's values). */
+typedef struct dcu_tensor {
+    const void *data;
+    int dtype;
+    int64_t shape[4];
+    int64_t stride[4];
+} dcu_tensor;
+
+/* One tile of the sparsity object: the layout of lib/internal.h's dma_tile (checked there). */
+typedef struct dcu_tile {
+    int64_t key_off, word_off;
+    int32_t first, count, words_per_row, pad_;
+} dcu_tile;
+
+/* A sparsity object's device arrays (lib/internal.h explains each). */
+typedef struct dcu_sparsity {
+    int64_t B, H, Lq, Lk, ntiles;
+    dcu_tile *tiles;
+    int32_t *row_lo, *row_hi, *keys;
+    uint64_t *words;
+    int64_t nkeys, nwords, nnz;
+} dcu_sparsity;
+
+/* A validated attention call. */
+typedef struct dcu_attn {
+    int64_t B, Lq, Lk, Hq, Hkv, D, off;
+    float scale, softcap;
+    int causal;
+    dcu_tensor q, k, v, bias, out, lse;
+    dcu_sparsity sp;
+} dcu_attn;
+
+const char *dcu_last_error(void);
+int dcu_device_count(void);
+int dcu_set_device(int device);
+/* 1 if p is memory GPU `device` can read as device memory (device or managed), else 0. */
+int dcu_on_device(const void *p, int device);
+int dcu_malloc(void **p, size_t bytes);
+void dcu_free(void *p);
+int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream);
+int dcu_copy_to_host(void *dst, const void *src, size_t bytes, void *stream);
+int dcu_sync(void *stream);
+
+/* Windows the causal top-k builder handles on the GPU (larger ones are built on the host). */
+#define DCU_TOPK_MAX_WINDOW 4096
+
+/* Causal top-`window` selection over a per-key bias (Bb, Hb, 1, Lk) float32 for an object of
+ * (B, H, Lq, Lk), bottom-right aligned; pad optional (Bp, Lk) bool. Allocates sp's arrays
+ * (free with dcu_sparsity_free) and fills sp. Returns 0; 1 when the bias holds a NaN or +inf;
+ * 2 when the window needs more shared memory than the GPU has (build it on the host); < 0 on
+ * a runtime error. Nothing is allocated unless it returns 0. */
+int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
+                          dcu_sparsity *sp, void *stream);
+void dcu_sparsity_free(dcu_sparsity *sp);
+
+int dcu_forward(const dcu_attn *a, void *stream);
+/* The tensor-core forward (bf16 / f16, D % 16 == 0, D <= 128, 16-byte aligned rows): whether
+ * it takes a call, and the call over `items` work items. */
+int dcu_forward_mma_fits(const dcu_attn *a);
+int dcu_forward_mma(const dcu_attn *a, int64_t items, void *stream);
+/* dq, dk, dv float32 written whole; dbias (data NULL = not asked) written whole. */
+int dcu_backward(const dcu_attn *a, const dcu_tensor *dout, const dcu_tensor *dq,
+                 const dcu_tensor *dk, const dcu_tensor *dv, const dcu_tensor *dbias,
+                 void *stream);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,87 @@
+/* runtime.cu - the backend's runtime calls: devices, memory, copies, errors. */
+#include <stdio.h>
+
+#include "common.cuh"
+
+static thread_local char last_error[256];
+
+int dcu_fail(cudaError_t e, const char *where)
+{
+    snprintf(last_error, sizeof last_error, "%s (%s)", cudaGetErrorString(e), where);
+    cudaGetLastError(); /* clear a sticky launch error where it can be cleared */
+    return -1;
+}
+
+extern "C" const char *dcu_last_error(void) { return last_error; }
+
+extern "C" int dcu_device_count(void)
+{
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n;
+}
+
+extern "C" int dcu_set_device(int device)
+{
+    DCU_TRY(cudaSetDevice(device));
+    return 0;
+}
+
+extern "C" int dcu_on_device(const void *p, int device)
+{
+    cudaPointerAttributes at;
+    if (cudaPointerGetAttributes(&at, p) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    if (at.type == cudaMemoryTypeManaged)
+        return 1;
+    return at.type == cudaMemoryTypeDevice && at.device == device;
+}
+
+extern "C" int dcu_malloc(void **p, size_t bytes)
+{
+    *p = NULL;
+    DCU_TRY(cudaMalloc(p, bytes ? bytes : 1));
+    return 0;
+}
+
+extern "C" void dcu_free(void *p)
+{
+    if (p)
+        cudaFree(p);
+}
+
+extern "C" int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream)
+{
+    DCU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream));
+    return 0;
+}
+
+extern "C" int dcu_copy_to_host(void *dst, const void *src, size_t bytes, void *stream)
+{
+    DCU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, (cudaStream_t)stream));
+    DCU_TRY(cudaStreamSynchronize((cudaStream_t)stream));
+    return 0;
+}
+
+extern "C" int dcu_sync(void *stream)
+{
+    DCU_TRY(cudaStreamSynchronize((cudaStream_t)stream));
+    return 0;
+}
+
+extern "C" void dcu_sparsity_free(dcu_sparsity *sp)
+{
+    dcu_free(sp->tiles);
+    dcu_free(sp->row_lo);
+    dcu_free(sp->row_hi);
+    dcu_free(sp->keys);
+    dcu_free(sp->words);
+    sp->tiles = NULL;
+    sp->row_lo = sp->row_hi = sp->keys = NULL;
+    sp->words = NULL;
+}
