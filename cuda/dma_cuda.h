@@ -50,6 +50,8 @@ typedef struct dcu_attn {
 const char *dcu_last_error(void);
 int dcu_device_count(void);
 int dcu_set_device(int device);
+/* Select the device and set up its memory pool (once per context). */
+int dcu_init(int device);
 /* 1 if p is memory GPU `device` can read as device memory (device or managed), else 0. */
 int dcu_on_device(const void *p, int device);
 int dcu_malloc(void **p, size_t bytes);

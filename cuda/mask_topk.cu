@@ -387,7 +387,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
     const int64_t wcap = (capU + 63) / 64;
     entry *elems = nullptr;
-    int *counts = nullptr, *bad = nullptr;
+    int *counts = nullptr, *bad = nullptr; /* bad: the NaN flag, then the nnz (8-aligned) */
     unsigned long long *nnz = nullptr;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
@@ -402,7 +402,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const size_t rows = (size_t)(nslab * Lq);
 #define ALLOC(p, bytes) if (e == cudaSuccess) e = cudaMallocAsync((void **)&(p), std::max<size_t>(bytes, 8), stream)
     ALLOC(elems, (size_t)(nslab * t.slab_elems) * sizeof(entry));
-    ALLOC(counts, (size_t)(nslab * t.slab_counts) * sizeof(int) + 16);
+    ALLOC(counts, (size_t)(nslab * t.slab_counts) * sizeof(int));
+    ALLOC(bad, 16);
     ALLOC(out.tiles, (size_t)ntile_all * sizeof(dcu_tile));
     ALLOC(out.row_lo, rows * 4);
     ALLOC(out.row_hi, rows * 4);
@@ -410,7 +411,6 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     ALLOC(out.words, (size_t)(ntile_all * DCU_TILE * wcap) * 8);
 #undef ALLOC
     if (e == cudaSuccess) {
-        bad = counts + nslab * t.slab_counts;
         nnz = (unsigned long long *)(bad + 2);
         e = cudaMemsetAsync(bad, 0, 16, stream);
     }

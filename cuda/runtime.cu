@@ -30,6 +30,18 @@ extern "C" int dcu_set_device(int device)
     return 0;
 }
 
+extern "C" int dcu_init(int device)
+{
+    DCU_TRY(cudaSetDevice(device));
+    /* Keep the stream-ordered pool's memory between calls: without a threshold it is handed
+     * back to the driver at every synchronisation and each call pays for new allocations. */
+    cudaMemPool_t pool;
+    DCU_TRY(cudaDeviceGetDefaultMemPool(&pool, device));
+    uint64_t keep = UINT64_MAX;
+    DCU_TRY(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
+    return 0;
+}
+
 extern "C" int dcu_on_device(const void *p, int device)
 {
     cudaPointerAttributes at;
@@ -45,14 +57,15 @@ extern "C" int dcu_on_device(const void *p, int device)
 extern "C" int dcu_malloc(void **p, size_t bytes)
 {
     *p = NULL;
-    DCU_TRY(cudaMalloc(p, bytes ? bytes : 1));
+    /* From the device's stream-ordered pool (kept between calls, see dcu_init). */
+    DCU_TRY(cudaMallocAsync(p, bytes ? bytes : 1, 0));
     return 0;
 }
 
 extern "C" void dcu_free(void *p)
 {
     if (p)
-        cudaFree(p);
+        cudaFreeAsync(p, 0);
 }
 
 extern "C" int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream)

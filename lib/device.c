@@ -100,7 +100,7 @@ dma_status dma_device_init(dma_context *ctx)
     const int n = dcu_device_count();
     if (ctx->cuda_device < 0 || ctx->cuda_device >= n)
         return DMA_ERR_DEVICE;
-    return dcu_set_device(ctx->cuda_device) == 0 ? DMA_OK : DMA_ERR_DEVICE;
+    return dcu_init(ctx->cuda_device) == 0 ? DMA_OK : DMA_ERR_DEVICE;
 }
 
 /* Every element a (validated) tensor spans: 1 + sum (shape - 1) * stride, 0 if it is empty. */

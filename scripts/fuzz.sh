@@ -11,7 +11,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-60}
 log=$(mktemp)
-args=(--buildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false
+args=(--buildtype=debugoptimized -Db_sanitize=address,undefined -Db_lundef=false -Dcuda=disabled
       -Dc_args="-fsanitize=fuzzer-no-link -Wno-pass-failed")
 if [ -d build-fuzz ]; then args+=(--wipe); fi
 CC=clang meson setup build-fuzz "${args[@]}" >"$log" 2>&1 || { cat "$log"; exit 1; }
