@@ -84,4 +84,33 @@ static __device__ __forceinline__ float dcu_bias_at(const dcu_attn &a, int64_t b
     return ((const float *)a.bias.data)[dcu_off(a.bias, b, hb, i, key)];
 }
 
+/* Chunk [c0, c0 + NC) of the item's union into shared memory for the float32 kernels: the keys
+ * (-1 past the union), the per-key bias (0 without one) and K, V rows as float32 with row
+ * stride ld (zero rows past the union). Starts and ends with a barrier. */
+template <int NC>
+static __device__ __forceinline__ void dcu_load_chunk(const dcu_attn &a, const dcu_item &it,
+                                                      int c0, bool per_key_bias, int64_t hb,
+                                                      int32_t *keys, float *kbias, float *Ks,
+                                                      float *Vs, int ld)
+{
+    __syncthreads(); /* the previous chunk is consumed */
+    const int n = min(NC, it.t.count - c0), D = (int)a.D;
+    if (threadIdx.x < NC) {
+        const int j = threadIdx.x;
+        const int32_t key = j < n ? dcu_tile_key(a.sp, it.t, c0 + j) : -1;
+        keys[j] = key;
+        kbias[j] = per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, hb, 0, key) : 0.0f;
+    }
+    __syncthreads();
+    const int64_t kbase = it.b * a.k.stride[0] + it.hkv * a.k.stride[2];
+    const int64_t vbase = it.b * a.v.stride[0] + it.hkv * a.v.stride[2];
+    for (int x = threadIdx.x; x < NC * D; x += blockDim.x) {
+        const int j = x / D, d = x % D;
+        const int32_t key = keys[j];
+        Ks[j * ld + d] = key >= 0 ? dcu_load(a.k.data, a.k.dtype, kbase + key * a.k.stride[1] + d) : 0.0f;
+        Vs[j * ld + d] = key >= 0 ? dcu_load(a.v.data, a.v.dtype, vbase + key * a.v.stride[1] + d) : 0.0f;
+    }
+    __syncthreads();
+}
+
 #endif

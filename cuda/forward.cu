@@ -36,25 +36,9 @@ forward_simt(dcu_attn a)
     for (int k = 0; k < DV; k++)
         o[k] = 0.0f;
     float m = -INFINITY, l = 0.0f;
-    const int64_t kbase = it.b * a.k.stride[0] + it.hkv * a.k.stride[2];
-    const int64_t vbase = it.b * a.v.stride[0] + it.hkv * a.v.stride[2];
     for (int c0 = 0; c0 < it.t.count; c0 += NC) {
-        __syncthreads(); /* the previous chunk's K, V and P are consumed */
+        dcu_load_chunk<NC>(a, it, c0, per_key_bias, hb, keys, kbias, Ks, Vs, ld);
         const int n = min(NC, it.t.count - c0);
-        if (threadIdx.x < NC) {
-            const int j = threadIdx.x;
-            const int32_t key = j < n ? dcu_tile_key(a.sp, it.t, c0 + j) : -1;
-            keys[j] = key;
-            kbias[j] = per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, hb, 0, key) : 0.0f;
-        }
-        __syncthreads();
-        for (int x = threadIdx.x; x < NC * D; x += blockDim.x) {
-            const int j = x / D, d = x % D;
-            const int32_t key = keys[j];
-            Ks[j * ld + d] = key >= 0 ? dcu_load(a.k.data, a.k.dtype, kbase + key * a.k.stride[1] + d) : 0.0f;
-            Vs[j * ld + d] = key >= 0 ? dcu_load(a.v.data, a.v.dtype, vbase + key * a.v.stride[1] + d) : 0.0f;
-        }
-        __syncthreads();
         /* Scores of this thread's keys j = sub, sub + 4, ... */
         float s[NC / 4];
         float cmax = -INFINITY;
