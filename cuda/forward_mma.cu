@@ -53,6 +53,19 @@ __device__ __forceinline__ void mma16816(float c[4], const uint32_t a[4], uint32
                      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* 16 bytes global -> shared without passing through registers; zeros when !valid. */
+__device__ __forceinline__ void cp_async16(void *dst, const void *src, bool valid)
+{
+    const uint32_t d = (uint32_t)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
+                 "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
 __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p, bool trans)
 {
     const uint32_t a = (uint32_t)__cvta_generic_to_shared(p);
@@ -85,10 +98,11 @@ __global__ void __launch_bounds__(128) forward_mma(dcu_attn a)
     constexpr int LDS = D + 8; /* shared row stride in elements: 16 bytes of padding */
     constexpr int KS = D / 16; /* k-steps of Q K^T */
     constexpr int NT = D / 8;  /* n-tiles of P V */
+    /* Two buffers of K and V rows: the next chunk's copies (cp.async) overlap this chunk's
+     * arithmetic. */
     extern __shared__ __align__(16) uint16_t smh[];
-    uint16_t *Ks = smh, *Vs = smh + CH * LDS;
-    __shared__ int32_t keys[CH];
-    __shared__ float kbias[CH];
+    __shared__ int32_t keys_buf[2][CH];
+    __shared__ float kbias_buf[2][CH];
 
     const dcu_item it = dcu_item_of(a, blockIdx.x);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -122,31 +136,42 @@ __global__ void __launch_bounds__(128) forward_mma(dcu_attn a)
     const uint16_t *kg = (const uint16_t *)a.k.data, *vg = (const uint16_t *)a.v.data;
     const float LOG2E = 1.4426950408889634f;
 
-    for (int c0 = 0; c0 < it.t.count; c0 += CH) {
-        const uint64_t mka = row_mask(a, it, ra, c0), mkb = row_mask(a, it, rb, c0);
-        if (!__syncthreads_or((mka | mkb) != 0))
-            continue; /* no row of the tile selects any key of this chunk */
+    /* Start the copies of chunk c0 into buffer bi: its keys, per-key biases, K and V rows
+     * (zeros past the union). */
+    auto issue = [&](int c0, int bi) {
         const int n = min(CH, it.t.count - c0);
         if (threadIdx.x < CH) {
             const int j = threadIdx.x;
             const int32_t key = j < n ? dcu_tile_key(a.sp, it.t, c0 + j) : -1;
-            keys[j] = key;
-            kbias[j] = per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, hb, 0, key) : 0.0f;
+            keys_buf[bi][j] = key;
+            kbias_buf[bi][j] = per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, hb, 0, key) : 0.0f;
         }
-        __syncthreads();
-        /* K and V rows of the chunk, 16 bytes at a time (zeros past the union). */
+        uint16_t *Kd = smh + bi * 2 * CH * LDS, *Vd = Kd + CH * LDS;
         for (int x = threadIdx.x; x < CH * (D / 8); x += blockDim.x) {
             const int j = x / (D / 8), d = (x % (D / 8)) * 8;
-            const int32_t key = keys[j];
-            uint4 kv = make_uint4(0, 0, 0, 0), vv = make_uint4(0, 0, 0, 0);
-            if (key >= 0) {
-                kv = *(const uint4 *)(kg + kbase + key * a.k.stride[1] + d);
-                vv = *(const uint4 *)(vg + vbase + key * a.v.stride[1] + d);
-            }
-            *(uint4 *)(Ks + j * LDS + d) = kv;
-            *(uint4 *)(Vs + j * LDS + d) = vv;
+            const int32_t key = j < n ? dcu_tile_key(a.sp, it.t, c0 + j) : -1;
+            const int64_t kk = key >= 0 ? key : 0;
+            cp_async16(Kd + j * LDS + d, kg + kbase + kk * a.k.stride[1] + d, key >= 0);
+            cp_async16(Vd + j * LDS + d, vg + vbase + kk * a.v.stride[1] + d, key >= 0);
         }
-        __syncthreads();
+        cp_async_commit();
+    };
+    if (it.t.count > 0)
+        issue(0, 0);
+    for (int c0 = 0, bi = 0; c0 < it.t.count; c0 += CH, bi ^= 1) {
+        if (c0 + CH < it.t.count) {
+            issue(c0 + CH, bi ^ 1);
+            cp_async_wait<1>();
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads(); /* chunk c0's rows, keys and biases are in place */
+        const uint16_t *Ks = smh + bi * 2 * CH * LDS, *Vs = Ks + CH * LDS;
+        const int32_t *keys = keys_buf[bi];
+        const float *kbias = kbias_buf[bi];
+        const uint64_t mka = row_mask(a, it, ra, c0), mkb = row_mask(a, it, rb, c0);
+        if (!__syncthreads_or((mka | mkb) != 0))
+            continue; /* no row of the tile selects any key of this chunk */
         /* S = Q K^T for this warp's 16 rows and the chunk's 64 keys. */
         float s[8][4];
 #pragma unroll
@@ -264,7 +289,7 @@ __global__ void __launch_bounds__(128) forward_mma(dcu_attn a)
 template <bool BF16, int D>
 int launch(const dcu_attn *a, int64_t items, cudaStream_t stream)
 {
-    const size_t smem = (size_t)2 * CH * (D + 8) * sizeof(uint16_t);
+    const size_t smem = (size_t)4 * CH * (D + 8) * sizeof(uint16_t);
     DCU_TRY(cudaFuncSetAttribute(forward_mma<BF16, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                  (int)smem));
     forward_mma<BF16, D><<<(unsigned)items, 128, smem, stream>>>(*a);
