@@ -505,6 +505,31 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
     return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);
 }
 
+/* A top-k whose window covers every key keeps every visible key that exists and has a finite
+ * bias. When that is every key, the object is the dense one: contiguous ranges instead of
+ * bitmasks, which the kernels run as fast as the dense baseline. A NaN or +inf bias answers
+ * "no", so that the builder proper reports it. */
+static bool topk_keeps_all(const build *bd)
+{
+    if (bd->kind != DMA_MASK_TOPK || bd->window < bd->Lk || bd->block_size > 1)
+        return false;
+    if (bd->pad)
+        for (int64_t b = 0; b < bd->pad->shape[0]; b++)
+            for (int64_t j = 0; j < bd->Lk; j++)
+                if (!key_exists(bd, b, j))
+                    return false;
+    const dma_tensor *t = bd->bias;
+    for (int64_t b = 0; b < t->shape[0]; b++)
+        for (int64_t h = 0; h < t->shape[1]; h++)
+            for (int64_t i = 0; i < t->shape[2]; i++)
+                for (int64_t j = 0; j < t->shape[3]; j++) {
+                    const float x = bias_at(bd, b, h, i, j);
+                    if (!(x > -INFINITY && x < INFINITY))
+                        return false;
+                }
+    return true;
+}
+
 static dma_status check_lengths(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk)
 {
     if (B < 1 || H < 1)
@@ -570,6 +595,11 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
     /* A window of Lk or more selects the same keys as Lk (every row's last key is < Lk); the
      * clamp keeps heaps small and p - window free of overflow. */
     bd.window = dma_min64(bd.window, Lk);
+    if (topk_keeps_all(&bd)) {
+        bd.kind = DMA_MASK_DENSE;
+        bd.bias = NULL;
+        bd.window = 0;
+    }
     return run_build(ctx, &bd, out);
 }
 

@@ -505,6 +505,67 @@ START_TEST(random_builds)
 }
 END_TEST
 
+/* A top-k whose window covers every key, with finite biases and no padding, selects every
+ * visible key: its object is the dense one (ranges, no bitmasks: the same bytes as a DENSE
+ * build). One -inf key or one padded key keeps the top-k object. Selections match the
+ * reference either way. */
+START_TEST(topk_full_window_is_dense)
+{
+    dma_context *ctx;
+    ck_assert_int_eq(dma_context_create(NULL, &ctx), DMA_OK);
+    const int64_t shapes[][2] = {{70, 70}, {40, 130}, {130, 40}, {1, 200}, {257, 257}};
+    test_rng r = rng_make(77);
+    for (size_t n = 0; n < sizeof shapes / sizeof shapes[0]; n++)
+        for (int causal = 0; causal < 2; causal++)
+            for (int per_row = 0; per_row < 2; per_row++)
+                for (int spoil = 0; spoil < 3; spoil++) { /* none, a -inf key, a padded key */
+                    const int64_t B = 2, H = 2, Lq = shapes[n][0], Lk = shapes[n][1];
+                    const int64_t Lb = per_row ? Lq : 1, nb = B * H * Lb * Lk;
+                    float *bias = test_malloc((size_t)nb * sizeof *bias);
+                    uint8_t *pad = test_malloc((size_t)(B * Lk));
+                    for (int64_t x = 0; x < nb; x++)
+                        bias[x] = (float)rng_int(&r, -2, 2); /* ties everywhere */
+                    memset(pad, 1, (size_t)(B * Lk));
+                    if (spoil == 1)
+                        bias[rng_int(&r, 0, (int)nb - 1)] = -INFINITY;
+                    if (spoil == 2)
+                        pad[rng_int(&r, 0, (int)(B * Lk) - 1)] = 0;
+                    const dma_tensor tb = dma_tensor_4d(bias, DMA_F32, B, H, Lb, Lk);
+                    const dma_tensor tp = dma_tensor_2d(pad, DMA_BOOL, B, Lk);
+                    const dma_mask_params topk = {.kind = DMA_MASK_TOPK, .causal = causal,
+                                                  .window = Lk + (int64_t)n};
+                    const dma_mask_params dense = {.kind = DMA_MASK_DENSE, .causal = causal};
+                    dma_sparsity *sp, *dn;
+                    ck_assert_int_eq(dma_sparsity_build(ctx, &topk, B, H, Lq, Lk, &tb, &tp, &sp),
+                                     DMA_OK);
+                    ck_assert_int_eq(dma_sparsity_build(ctx, &dense, B, H, Lq, Lk, NULL, NULL, &dn),
+                                     DMA_OK);
+                    const size_t cells = (size_t)(B * H * Lq * Lk);
+                    uint8_t *got = test_malloc(cells), *want = test_malloc(cells);
+                    ref_mask_args ra = {.kind = DMA_MASK_TOPK, .causal = causal,
+                                        .window = topk.window, .B = B, .H = H, .Lq = Lq,
+                                        .Lk = Lk, .bias = bias, .Bb = B, .Hb = H, .Lb = Lb,
+                                        .padding = pad, .Bp = B};
+                    ref_mask(&ra, want);
+                    ck_assert_int_eq(dma_sparsity_to_dense(sp, got, cells), DMA_OK);
+                    ck_assert_msg(memcmp(got, want, cells) == 0, "Lq %lld Lk %lld causal %d "
+                                  "per_row %d spoil %d: selection differs from the reference",
+                                  (long long)Lq, (long long)Lk, causal, per_row, spoil);
+                    if (spoil == 0)
+                        ck_assert_uint_eq(dma_sparsity_bytes(sp), dma_sparsity_bytes(dn));
+                    else if (dma_sparsity_nnz(sp) > 0)
+                        ck_assert_uint_gt(dma_sparsity_bytes(sp), dma_sparsity_bytes(dn));
+                    dma_sparsity_destroy(sp);
+                    dma_sparsity_destroy(dn);
+                    free(got);
+                    free(want);
+                    free(bias);
+                    free(pad);
+                }
+    dma_context_destroy(ctx);
+}
+END_TEST
+
 START_TEST(topk_memory_not_quadratic)
 {
     /* causal top-k with a per-key bias over 8192 keys: the object must not hold a dense mask
@@ -726,6 +787,7 @@ static Suite *sparsity_suite(void)
     tcase_add_test(tc, stride0_broadcast);
     tcase_add_test(tc, random_builds);
     tcase_add_test(tc, topk_memory_not_quadratic);
+    tcase_add_test(tc, topk_full_window_is_dense);
     suite_add_tcase(s, tc);
 
     TCase *tm = tcase_create("from_mask");
