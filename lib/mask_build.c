@@ -3,8 +3,9 @@
  *
  * Each (batch, head) pair is a "slab" built independently (OpenMP over slabs) into its own
  * growable arrays; the slabs are concatenated at the end. Three paths:
- *   - causal top-k over a per-key bias: the streaming heap/evict builder (O(Lk log w)); with
- *     fewer slabs than threads, each slab split among the threads (mask_topk_parallel.c);
+ *   - causal top-k over a per-key bias: the streaming heap/evict builder (O(Lk log w),
+ *     mask_topk_parallel.c): one segment per slab, or, with fewer slabs than threads, each slab
+ *     split among the threads;
  *   - non-causal top-k, relu, dense and window over a per-key bias (or none): one sorted list of
  *     candidate keys per slab, of which every tile's union is a slice and every row a range;
  *   - everything else (per-row bias, block smoothing, a user's dense mask): one sorted key list
@@ -57,119 +58,18 @@ static inline bool key_exists(const build *bd, int64_t b, int64_t j)
  * the keys in the heap, in key order, gives each tile's starting set without sorting; within a
  * tile each row differs from the previous by at most one key in and one key out.
  */
-static void build_topk_causal(const build *bd, int64_t b, int64_t h, slab *sl)
+/* One slab's input to the causal top-k builder (mask_topk_parallel.c). */
+static dma_topk_slab topk_slab(const build *bd, int64_t s)
 {
-    const int64_t Lk = bd->Lk, w = bd->window;
+    const dma_tensor *t = bd->bias, *pad = bd->pad;
+    const int64_t b = s / bd->H, h = s % bd->H;
+    const int64_t pad_row = pad && pad->shape[0] != 1 ? b * pad->stride[0] : 0;
     dma_sparsity *sp = bd->sp;
-    int64_t s = b * bd->H + h;
-    int32_t *evict = malloc(sizeof(int32_t) * (size_t)(4 * Lk + 1));
-    heap_item *heap = malloc(sizeof(heap_item) * (size_t)(dma_min64(w, Lk) + 1));
-    if (!evict || !heap) {
-        sl->status = DMA_ERR_NOMEM;
-        goto done;
-    }
-    int32_t *evicted_at = evict + Lk, *next = evicted_at + Lk, *prev = next + Lk;
-    int64_t hn = 0;
-    for (int64_t j = 0; j < Lk; j++) {
-        float x = bias_at(bd, b, h, 0, j);
-        if (!bias_ok(x)) {
-            sl->status = DMA_ERR_BAD_VALUE;
-            goto done;
-        }
-        evict[j] = (int32_t)j;
-        evicted_at[j] = -1;
-        if (!key_exists(bd, b, j) || x == -INFINITY)
-            continue;
-        evict[j] = INT32_MAX;
-        int32_t out = heap_offer(heap, &hn, w, (heap_item){x, (int32_t)j});
-        if (out >= 0) {
-            evict[out] = (int32_t)j;
-            evicted_at[j] = out;
-        }
-    }
-
-    /* The live list: head sentinel index Lk... use -1 as "none" and track head/tail. */
-    int32_t head = -1, tail = -1;
-    int64_t swept = -1; /* the list holds the heap after key `swept` was offered */
-#define SWEEP_STEP(P)                                                                    \
-    do {                                                                                 \
-        int32_t p_ = (int32_t)(P);                                                       \
-        if (evict[p_] > p_) {                                                            \
-            prev[p_] = tail;                                                             \
-            next[p_] = -1;                                                               \
-            if (tail >= 0) next[tail] = p_; else head = p_;                              \
-            tail = p_;                                                                   \
-        }                                                                                \
-        int32_t e_ = evicted_at[p_];                                                     \
-        if (e_ >= 0 && e_ != p_) {                                                       \
-            if (prev[e_] >= 0) next[prev[e_]] = next[e_]; else head = next[e_];          \
-            if (next[e_] >= 0) prev[next[e_]] = prev[e_]; else tail = prev[e_];          \
-        }                                                                                \
-        swept = p_;                                                                      \
-    } while (0)
-
-    for (int64_t t = 0; t < sp->ntiles; t++) {
-        int64_t r0 = t * DMA_TILE, r1 = dma_min64(bd->Lq, r0 + DMA_TILE);
-        int64_t p0 = r0 + bd->off, p1 = r1 - 1 + bd->off;
-        dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
-        int32_t *lo = sp->row_lo + s * bd->Lq, *hi = sp->row_hi + s * bd->Lq;
-        while (swept < p0)
-            SWEEP_STEP(swept + 1);
-        /* Union: the live keys at p0, then the keys that enter within the tile. */
-        int64_t n_new = 0, n_live = 0;
-        if (p0 >= 0)
-            for (int32_t k = head; k >= 0; k = next[k])
-                n_live++;
-        for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
-            n_new += evict[j] > j;
-        int64_t count = n_live + n_new;
-        int64_t base = sl->nkeys;
-        int32_t *u = slab_keys(sl, count);
-        if (!u) {
-            sl->status = DMA_ERR_NOMEM;
-            goto done;
-        }
-        int64_t c = 0;
-        if (p0 >= 0)
-            for (int32_t k = head; k >= 0; k = next[k])
-                u[c++] = k;
-        for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
-            if (evict[j] > j)
-                u[c++] = (int32_t)j;
-        int32_t wpr = (int32_t)dma_div_up(count, 64);
-        int64_t wbase = sl->nwords;
-        uint64_t *words = slab_words(sl, (r1 - r0) * (int64_t)wpr);
-        if (!words) {
-            sl->status = DMA_ERR_NOMEM;
-            goto done;
-        }
-        u = sl->keys + base; /* slab_words does not move keys, but stay obvious */
-        *tile = (dma_tile){.key_off = base, .word_off = wbase, .first = 0, .count = (int32_t)count,
-                           .words_per_row = wpr};
-        int32_t next_new = (int32_t)n_live;
-        for (int64_t i = r0; i < r1; i++) {
-            int64_t p = i + bd->off;
-            uint64_t *row = words + (i - r0) * wpr;
-            if (p >= 0 && i == r0) {
-                for (int32_t k = 0; k < n_live; k++)
-                    bit_set(row, k);
-            } else if (p >= 0) {
-                memcpy(row, row - wpr, sizeof(uint64_t) * (size_t)wpr);
-                int32_t e = evicted_at[p];
-                bool enters = evict[p] > p;
-                SWEEP_STEP(p);
-                if (enters)
-                    bit_set(row, next_new++);
-                if (e >= 0 && e != p)
-                    bit_clear(row, find_pos(u, (int32_t)count, e));
-            }
-            bits_bounds(row, wpr, &lo[i], &hi[i], &sl->nnz);
-        }
-    }
-#undef SWEEP_STEP
-done:
-    free(evict);
-    free(heap);
+    return (dma_topk_slab){.bias = f32(t) + dma_offset4(t, b, h, 0, 0),
+                           .pad = pad ? (const uint8_t *)pad->data + pad_row : NULL,
+                           .Lq = bd->Lq, .Lk = bd->Lk, .window = bd->window,
+                           .tiles = sp->tiles + s * sp->ntiles,
+                           .row_lo = sp->row_lo + s * bd->Lq, .row_hi = sp->row_hi + s * bd->Lq};
 }
 
 /* ================================================================================== */
@@ -476,16 +376,8 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
 
     /* Fewer slabs than threads: each slab in turn over all threads (mask_topk_parallel.c). */
     if (streaming && dma_topk_split_pays(nslab, ctx->threads, bd->Lq, bd->Lk, bd->window)) {
-        const dma_tensor *t = bd->bias, *pad = bd->pad;
         for (int64_t s = 0; s < nslab; s++) {
-            int64_t b = s / bd->H, h = s % bd->H;
-            int64_t pad_row = pad && pad->shape[0] != 1 ? b * pad->stride[0] : 0;
-            dma_topk_slab in = {
-                .bias = f32(t) + dma_offset4(t, b, h, 0, 0),
-                .pad = pad ? (const uint8_t *)pad->data + pad_row : NULL,
-                .Lq = bd->Lq, .Lk = bd->Lk, .window = bd->window,
-                .tiles = sp->tiles + s * sp->ntiles,
-                .row_lo = sp->row_lo + s * bd->Lq, .row_hi = sp->row_hi + s * bd->Lq};
+            const dma_topk_slab in = topk_slab(bd, s);
             dma_topk_causal_split(&in, ctx->threads, dma_topk_min_block(bd->window), &slabs[s]);
         }
         return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);
@@ -494,12 +386,14 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
 #pragma omp parallel for schedule(dynamic, 1) num_threads(ctx->threads)
     for (int64_t s = 0; s < nslab; s++) {
         int64_t b = s / bd->H, h = s % bd->H;
-        if (streaming)
-            build_topk_causal(bd, b, h, &slabs[s]);
-        else if (shared)
+        if (streaming) { /* one thread, one segment: the streaming scan of DESIGN §2 */
+            const dma_topk_slab in = topk_slab(bd, s);
+            dma_topk_causal_split(&in, 1, INT64_MAX / 4, &slabs[s]);
+        } else if (shared) {
             build_shared(bd, b, h, &slabs[s]);
-        else
+        } else {
             build_rows(bd, b, h, &slabs[s]);
+        }
     }
 
     return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);

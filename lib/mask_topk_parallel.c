@@ -93,6 +93,15 @@ static int64_t block_top(const dma_topk_slab *in, int64_t k0, int64_t k1, heap_i
     return n;
 }
 
+/* Step 1 for the last block, whose top set nobody reads: only the biases' check. */
+static int64_t block_check(const dma_topk_slab *in, int64_t k0, int64_t k1)
+{
+    for (int64_t j = k0; j < k1; j++)
+        if (!bias_ok(in->bias[j]))
+            return -1;
+    return 0;
+}
+
 /* Step 2: the w best of two best-first lists, best first; returns how many. */
 static int64_t merge_top(const heap_item *a, int64_t na, const heap_item *b, int64_t nb,
                          int64_t w, heap_item *out)
@@ -303,7 +312,8 @@ void dma_topk_causal_split(const dma_topk_slab *in, int threads, int64_t min_blo
         /* Step 1. */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t b = 0; b < nb; b++)
-            ntop[b] = block_top(in, kb[b], kb[b + 1], tops + toff[b]);
+            ntop[b] = b == nb - 1 ? block_check(in, kb[b], kb[b + 1])
+                                  : block_top(in, kb[b], kb[b + 1], tops + toff[b]);
 
 #pragma omp single
         {
@@ -325,7 +335,14 @@ void dma_topk_causal_split(const dma_topk_slab *in, int threads, int64_t min_blo
             }
         }
 
-        if (st == DMA_OK) {
+        if (st == DMA_OK && pl.g == 1) {
+            /* One segment (the sequential builder): straight into sl, nothing to move. */
+#pragma omp single
+            {
+                build_segment(in, 0, pl.ntiles, kb[pl.p], kb[pl.p + 1], seeds, nseed[0], sl);
+                st = sl->status;
+            }
+        } else if (st == DMA_OK) {
             /* Step 3. */
 #pragma omp for schedule(dynamic, 1)
             for (int64_t s = 0; s < pl.g; s++)
