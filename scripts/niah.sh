@@ -8,7 +8,10 @@
 #      dense model, which has the same parameters), batch 32, lr 1e-3, until 99.5% (at most
 #      1200 steps); then its grid of lengths 1K..32K x depths 0..100% (20 sequences a cell) is
 #      evaluated from its checkpoint;
-#   3. niah-cost times dense vs dma attention per sequence over the same lengths in one run, and
+#   3. dma (whose target is >= 95% at every depth at 1K) trained on from its phase-2 weights
+#      for up to 600 steps at lr 3e-4 (phase 2 left depths 0% and 100% at 90% and 85%), then
+#      its grid (out: dma3);
+#   4. niah-cost times dense vs dma attention per sequence over the same lengths in one run, and
 #      tools/niah-plot draws the heat maps and the cost line.
 # Everything resumes: run it again after an interruption and finished work is skipped.
 #   bash scripts/niah.sh [OUT_DIR (default runs/niah)] [PLOT_PREFIX (default OUT_DIR/niah)]
@@ -40,7 +43,10 @@ job dense --attn dense "${long[@]}" --init-from "$out/dense-128.ckpt" \
 job dma --attn dma "${long[@]}" --init-from "$out/dma-128.ckpt" --checkpoint "$out/dma.ckpt"
 job swa --attn swa "${long[@]}" --init-from "$out/dense-128.ckpt" --checkpoint "$out/swa.ckpt"
 wait "$p"
-build/examples/niah/niah-cost --window 256 --out "$out/cost"
-for k in dense swa dma; do sed -n '/^$/,$p' "$out/$k.log"; done
-python3 tools/niah-plot --grid "$out/dense.json" "$out/swa.json" "$out/dma.json" \
+echo "phase 3 (dma, lr 3e-4) and its grid; log in $out/dma3.log"
+job dma3 --attn dma "${long[@]}" --steps 600 --lr 3e-4 --stop-at 0.999 \
+    --init-from "$out/dma.ckpt" --checkpoint "$out/dma3.ckpt"
+build/examples/niah/niah-cost --heads 8 --head-dim 16 --window 256 --out "$out/cost"
+for k in dense swa dma3; do sed -n '/^$/,$p' "$out/$k.log"; done
+python3 tools/niah-plot --grid "$out/dense.json" "$out/swa.json" "$out/dma3.json" \
     --cost "$out/cost.json" --out "$plots"
