@@ -12,6 +12,8 @@ struct dcu_item {
     int64_t b, h, tile, hkv, slab, r0;
     int nrows;
     dcu_tile t;
+    bool per_key_bias, row_bias; /* a bias of shape (., ., 1, Lk), or (., ., Lq, Lk) */
+    int64_t hb;                  /* the bias head this query head reads */
 };
 
 static __device__ __forceinline__ dcu_item dcu_item_of(const dcu_attn &a, int64_t id)
@@ -26,13 +28,10 @@ static __device__ __forceinline__ dcu_item dcu_item_of(const dcu_attn &a, int64_
     it.r0 = it.tile * DCU_TILE;
     it.nrows = (int)min((int64_t)DCU_TILE, a.Lq - it.r0);
     it.t = a.sp.tiles[it.slab * ntiles + it.tile];
+    it.per_key_bias = a.bias.data && a.bias.shape[2] == 1;
+    it.row_bias = a.bias.data && !it.per_key_bias;
+    it.hb = a.bias.data ? it.h / (a.Hq / a.bias.shape[1]) : 0;
     return it;
-}
-
-/* The bias head a query head reads. */
-static __device__ __forceinline__ int64_t dcu_bias_head(const dcu_attn &a, int64_t h)
-{
-    return h / (a.Hq / a.bias.shape[1]);
 }
 
 /* Whether tile row r (query row i) selects chunk position pos holding key `key`. */
@@ -75,7 +74,7 @@ static __device__ __forceinline__ void dcu_load_rows(const dcu_tensor &t, int64_
     }
 }
 
-/* A per-key bias value, or 0 without a bias. */
+/* The bias element (b, hb, i, key) (i ignored by a per-key bias), or 0 without a bias. */
 static __device__ __forceinline__ float dcu_bias_at(const dcu_attn &a, int64_t b, int64_t hb,
                                                     int64_t i, int32_t key)
 {
@@ -84,13 +83,20 @@ static __device__ __forceinline__ float dcu_bias_at(const dcu_attn &a, int64_t b
     return ((const float *)a.bias.data)[dcu_off(a.bias, b, hb, i, key)];
 }
 
+/* The bias added to the score of (row i, key): a per-row bias's element, else the chunk's
+ * staged per-key value (0 without a bias). */
+static __device__ __forceinline__ float dcu_score_bias(const dcu_attn &a, const dcu_item &it,
+                                                       int64_t i, int32_t key, float staged)
+{
+    return it.row_bias ? dcu_bias_at(a, it.b, it.hb, i, key) : staged;
+}
+
 /* Chunk [c0, c0 + NC) of the item's union into shared memory for the float32 kernels: the keys
  * (-1 past the union), the per-key bias (0 without one) and K, V rows as float32 with row
  * stride ld (zero rows past the union). Starts and ends with a barrier. */
 template <int NC>
 static __device__ __forceinline__ void dcu_load_chunk(const dcu_attn &a, const dcu_item &it,
-                                                      int c0, bool per_key_bias, int64_t hb,
-                                                      int32_t *keys, float *kbias, float *Ks,
+                                                      int c0, int32_t *keys, float *kbias, float *Ks,
                                                       float *Vs, int ld)
 {
     __syncthreads(); /* the previous chunk is consumed */
@@ -99,7 +105,7 @@ static __device__ __forceinline__ void dcu_load_chunk(const dcu_attn &a, const d
         const int j = threadIdx.x;
         const int32_t key = j < n ? dcu_tile_key(a.sp, it.t, c0 + j) : -1;
         keys[j] = key;
-        kbias[j] = per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, hb, 0, key) : 0.0f;
+        kbias[j] = it.per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, it.hb, 0, key) : 0.0f;
     }
     __syncthreads();
     const int64_t kbase = it.b * a.k.stride[0] + it.hkv * a.k.stride[2];

@@ -38,8 +38,6 @@ backward_simt(dcu_attn a, grads g)
     const dcu_item it = dcu_item_of(a, blockIdx.x);
     const int r = threadIdx.x >> 2, sub = threadIdx.x & 3;
     const int64_t i = it.r0 + r;
-    const bool per_key_bias = a.bias.data && a.bias.shape[2] == 1;
-    const int64_t hb = a.bias.data ? dcu_bias_head(a, it.h) : 0;
     dcu_load_rows(a.q, it.b, it.r0, it.nrows, it.h, D, Qs, ld, a.Lq);
     dcu_load_rows(g.dout, it.b, it.r0, it.nrows, it.h, D, dOs, ld, a.Lq);
     __syncthreads();
@@ -65,7 +63,7 @@ backward_simt(dcu_attn a, grads g)
     const int64_t dkbase = it.b * g.dk.stride[0] + it.hkv * g.dk.stride[2];
     const int64_t dvbase = it.b * g.dv.stride[0] + it.hkv * g.dv.stride[2];
     for (int c0 = 0; c0 < it.t.count; c0 += NC) {
-        dcu_load_chunk<NC>(a, it, c0, per_key_bias, hb, keys, kbias, Ks, Vs, ld);
+        dcu_load_chunk<NC>(a, it, c0, keys, kbias, Ks, Vs, ld);
         const int n = min(NC, it.t.count - c0);
 #pragma unroll
         for (int q = 0; q < NC / 4; q++) {
@@ -78,7 +76,7 @@ backward_simt(dcu_attn a, grads g)
                     dp += dOs[r * ld + d] * Vs[j * ld + d];
                 }
                 const float s = dcu_capped(a, dot, &dcap) +
-                                (per_key_bias ? kbias[j] : dcu_bias_at(a, it.b, hb, i, keys[j]));
+                                dcu_score_bias(a, it, i, keys[j], kbias[j]);
                 p = __expf(s - lse);
                 ds = p * (dp - delta);
             }
@@ -105,27 +103,27 @@ backward_simt(dcu_attn a, grads g)
                 sk += dSq[rr * lp + j] * Qs[rr * ld + d];
                 sv += Ps[rr * lp + j] * dOs[rr * ld + d];
             }
-            if (sk != 0.0f || sv != 0.0f || sk != sk || sv != sv) {
+            if (sk != 0.0f || sv != 0.0f) { /* NaN too */
                 atomicAdd(dk + dkbase + keys[j] * g.dk.stride[1] + d, a.scale * sk);
                 atomicAdd(dv + dvbase + keys[j] * g.dv.stride[1] + d, sv);
             }
         }
         if (g.dbias.data) {
             float *db = (float *)g.dbias.data;
-            if (per_key_bias) {
+            if (it.per_key_bias) {
                 if (threadIdx.x < n) {
                     const int j = threadIdx.x;
                     float sum = 0.0f;
                     for (int rr = 0; rr < it.nrows; rr++)
                         sum += dSb[rr * lp + j];
-                    if (sum != 0.0f || sum != sum)
-                        atomicAdd(db + dcu_off(g.dbias, it.b, hb, 0, keys[j]), sum);
+                    if (sum != 0.0f) /* NaN too */
+                        atomicAdd(db + dcu_off(g.dbias, it.b, it.hb, 0, keys[j]), sum);
                 }
             } else if (r < it.nrows) {
                 for (int j = sub; j < n; j += 4) {
                     const float ds = dSb[r * lp + j];
-                    if (ds != 0.0f || ds != ds)
-                        atomicAdd(db + dcu_off(g.dbias, it.b, hb, i, keys[j]), ds);
+                    if (ds != 0.0f) /* NaN too */
+                        atomicAdd(db + dcu_off(g.dbias, it.b, it.hb, i, keys[j]), ds);
                 }
             }
         }

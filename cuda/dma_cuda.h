@@ -54,19 +54,20 @@ int dcu_set_device(int device);
 int dcu_init(int device);
 /* 1 if p is memory GPU `device` can read as device memory (device or managed), else 0. */
 int dcu_on_device(const void *p, int device);
-int dcu_malloc(void **p, size_t bytes);
+/* From the device's pool, ordered on `stream` (where the memory is first used); dcu_free
+ * returns it on the legacy stream (objects are freed without a context; every call has
+ * finished its work by then). */
+int dcu_malloc(void **p, size_t bytes, void *stream);
 void dcu_free(void *p);
 int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream);
 int dcu_copy_to_host(void *dst, const void *src, size_t bytes, void *stream);
 int dcu_sync(void *stream);
 
-/* Windows the causal top-k builder handles on the GPU (larger ones are built on the host). */
-#define DCU_TOPK_MAX_WINDOW 4096
-
 /* Causal top-`window` selection over a per-key bias (Bb, Hb, 1, Lk) float32 for an object of
  * (B, H, Lq, Lk), bottom-right aligned; pad optional (Bp, Lk) bool. Allocates sp's arrays
  * (free with dcu_sparsity_free) and fills sp. Returns 0; 1 when the bias holds a NaN or +inf;
- * 2 when the window needs more shared memory than the GPU has (build it on the host); < 0 on
+ * 2 when the window is too large for it (over 4096 keys, or more shared memory than the GPU
+ * has: build it on the host); < 0 on
  * a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
                           dcu_sparsity *sp, void *stream);

@@ -27,8 +27,6 @@ forward_simt(dcu_attn a)
     const dcu_item it = dcu_item_of(a, blockIdx.x);
     const int r = threadIdx.x >> 2, sub = threadIdx.x & 3;
     const int64_t i = it.r0 + r;
-    const bool per_key_bias = a.bias.data && a.bias.shape[2] == 1;
-    const int64_t hb = a.bias.data ? dcu_bias_head(a, it.h) : 0;
     dcu_load_rows(a.q, it.b, it.r0, it.nrows, it.h, D, Qs, ld, a.Lq);
 
     float o[DV];
@@ -37,7 +35,7 @@ forward_simt(dcu_attn a)
         o[k] = 0.0f;
     float m = -INFINITY, l = 0.0f;
     for (int c0 = 0; c0 < it.t.count; c0 += NC) {
-        dcu_load_chunk<NC>(a, it, c0, per_key_bias, hb, keys, kbias, Ks, Vs, ld);
+        dcu_load_chunk<NC>(a, it, c0, keys, kbias, Ks, Vs, ld);
         const int n = min(NC, it.t.count - c0);
         /* Scores of this thread's keys j = sub, sub + 4, ... */
         float s[NC / 4];
@@ -52,7 +50,7 @@ forward_simt(dcu_attn a)
                     dot += Qs[r * ld + d] * Ks[j * ld + d];
                 float dcap;
                 s[q] = dcu_capped(a, dot, &dcap) +
-                       (per_key_bias ? kbias[j] : dcu_bias_at(a, it.b, hb, i, keys[j]));
+                       dcu_score_bias(a, it, i, keys[j], kbias[j]);
             }
             cmax = fmaxf(cmax, s[q]);
         }

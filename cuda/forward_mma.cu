@@ -107,9 +107,6 @@ __global__ void __launch_bounds__(128) forward_mma(dcu_attn a)
     const dcu_item it = dcu_item_of(a, blockIdx.x);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int ra = warp * 16 + g, rb = ra + 8; /* this thread's two rows of the tile */
-    const bool per_key_bias = a.bias.data && a.bias.shape[2] == 1;
-    const bool row_bias = a.bias.data && !per_key_bias;
-    const int64_t hb = a.bias.data ? dcu_bias_head(a, it.h) : 0;
     const int64_t ia = it.r0 + ra, ib = it.r0 + rb;
 
     /* Q's A fragments for the whole of D, once. */
@@ -144,7 +141,7 @@ __global__ void __launch_bounds__(128) forward_mma(dcu_attn a)
             const int j = threadIdx.x;
             const int32_t key = j < n ? dcu_tile_key(a.sp, it.t, c0 + j) : -1;
             keys_buf[bi][j] = key;
-            kbias_buf[bi][j] = per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, hb, 0, key) : 0.0f;
+            kbias_buf[bi][j] = it.per_key_bias && key >= 0 ? dcu_bias_at(a, it.b, it.hb, 0, key) : 0.0f;
         }
         uint16_t *Kd = smh + bi * 2 * CH * LDS, *Vd = Kd + CH * LDS;
         for (int x = threadIdx.x; x < CH * (D / 8); x += blockDim.x) {
@@ -203,7 +200,7 @@ __global__ void __launch_bounds__(128) forward_mma(dcu_attn a)
                 if (((mk >> j) & 1) && !(a.causal && keys[j] > i + a.off)) {
                     float dcap;
                     v = dcu_capped(a, s[nt][e], &dcap) +
-                        (row_bias ? dcu_bias_at(a, it.b, hb, i, keys[j]) : kbias[j]);
+                        dcu_score_bias(a, it, i, keys[j], kbias[j]);
                 }
                 s[nt][e] = v;
                 if (lower)

@@ -54,11 +54,11 @@ extern "C" int dcu_on_device(const void *p, int device)
     return at.type == cudaMemoryTypeDevice && at.device == device;
 }
 
-extern "C" int dcu_malloc(void **p, size_t bytes)
+extern "C" int dcu_malloc(void **p, size_t bytes, void *stream)
 {
     *p = NULL;
     /* From the device's stream-ordered pool (kept between calls, see dcu_init). */
-    DCU_TRY(cudaMallocAsync(p, bytes ? bytes : 1, 0));
+    DCU_TRY(cudaMallocAsync(p, bytes ? bytes : 1, (cudaStream_t)stream));
     return 0;
 }
 

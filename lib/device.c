@@ -179,22 +179,28 @@ static dma_status relay(dma_context *ctx, dma_context *cpu, dma_status st)
 
 static dma_sparsity *device_object(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk)
 {
-    dma_sparsity *sp = calloc(1, sizeof *sp);
-    if (sp) {
+    dma_sparsity *sp = malloc(sizeof *sp);
+    if (sp)
         *sp = (dma_sparsity){.B = B, .H = H, .Lq = Lq, .Lk = Lk,
                              .ntiles = dma_div_up(Lq, DMA_TILE), .cuda = 1,
                              .cuda_device = ctx->cuda_device};
-    }
     return sp;
+}
+
+/* The backend's view of a device object (the same arrays). */
+static dcu_sparsity to_dcu_sparsity(const dma_sparsity *sp)
+{
+    return (dcu_sparsity){.B = sp->B, .H = sp->H, .Lq = sp->Lq, .Lk = sp->Lk,
+                          .ntiles = sp->ntiles, .tiles = (dcu_tile *)sp->tiles,
+                          .row_lo = sp->row_lo, .row_hi = sp->row_hi, .keys = sp->keys,
+                          .words = sp->words, .nkeys = sp->nkeys, .nwords = sp->nwords,
+                          .nnz = sp->nnz};
 }
 
 void dma_device_sparsity_free(dma_sparsity *sp)
 {
-    dcu_free(sp->tiles);
-    dcu_free(sp->row_lo);
-    dcu_free(sp->row_hi);
-    dcu_free(sp->keys);
-    dcu_free(sp->words);
+    dcu_sparsity d = to_dcu_sparsity(sp);
+    dcu_sparsity_free(&d);
     free(sp);
 }
 
@@ -203,7 +209,7 @@ static int upload_array(void **dst, const void *src, size_t bytes, void *stream)
     *dst = NULL;
     if (bytes == 0)
         return 0;
-    if (dcu_malloc(dst, bytes) != 0)
+    if (dcu_malloc(dst, bytes, stream) != 0)
         return -1;
     return dcu_copy_to_device(*dst, src, bytes, stream);
 }
@@ -314,8 +320,7 @@ dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *pa
         return runtime_error(ctx, "sparsity_build");
     const int64_t window = dma_min64(params->window, Lk);
     const bool gpu = params->kind == DMA_MASK_TOPK && params->causal && bias &&
-                     bias->shape[2] == 1 && params->block_size <= 1 &&
-                     window <= DCU_TOPK_MAX_WINDOW;
+                     bias->shape[2] == 1 && params->block_size <= 1;
     if (!gpu)
         return build_on_host(ctx, params, B, H, Lq, Lk, bias, key_padding, NULL, out);
     dma_sparsity *sp = device_object(ctx, B, H, Lq, Lk);
@@ -324,7 +329,7 @@ dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *pa
     dcu_sparsity d = {.B = B, .H = H, .Lq = Lq, .Lk = Lk, .ntiles = sp->ntiles};
     const dcu_tensor b = to_dcu(bias), p = to_dcu(key_padding);
     int rc = dcu_build_topk_causal(window, &b, &p, &d, ctx->cuda_stream);
-    if (rc == 2) { /* a window too large for the GPU builder's shared memory */
+    if (rc == 2) { /* a window too large for the GPU builder (over 4096 keys) */
         free(sp);
         return build_on_host(ctx, params, B, H, Lq, Lk, bias, key_padding, NULL, out);
     }
@@ -375,17 +380,11 @@ static dma_status device_prepare(dma_context *ctx, dma_attn *a, dcu_attn *d)
             return st;
         a->sp = a->owned_sp;
     }
-    const dma_sparsity *sp = a->sp;
     *d = (dcu_attn){.B = a->B, .Lq = a->Lq, .Lk = a->Lk, .Hq = a->Hq, .Hkv = a->Hkv, .D = a->D,
                     .off = a->off, .scale = a->scale, .softcap = a->softcap,
                     .causal = a->causal, .q = to_dcu(a->q), .k = to_dcu(a->k),
                     .v = to_dcu(a->v), .bias = to_dcu(a->bias), .out = to_dcu(a->out),
-                    .lse = to_dcu(a->lse),
-                    .sp = {.B = sp->B, .H = sp->H, .Lq = sp->Lq, .Lk = sp->Lk,
-                           .ntiles = sp->ntiles, .tiles = (dcu_tile *)sp->tiles,
-                           .row_lo = sp->row_lo, .row_hi = sp->row_hi, .keys = sp->keys,
-                           .words = sp->words, .nkeys = sp->nkeys, .nwords = sp->nwords,
-                           .nnz = sp->nnz}};
+                    .lse = to_dcu(a->lse), .sp = to_dcu_sparsity(a->sp)};
     return DMA_OK;
 }
 
