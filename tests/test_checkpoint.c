@@ -270,6 +270,17 @@ START_TEST(bad_files_load_nothing)
     rehash(copy, n);
     write_bytes(bad, copy, n);
     expect_refused(bad, "checkpoint", "wrong parameter count");
+    /* a valid configuration of a model far larger than the stored parameters (vocab 2^24,
+     * d_model 16384, 64 heads: 2^38 embedding floats): refused by the count before any model
+     * of it is made (making one first failed for memory, or aborted under ASan) */
+    memcpy(copy, img, n);
+    const int32_t forged[][2] = {{16, 1 << 24}, {20, 16384}, {28, 64}, {32, 64}};
+    for (size_t f = 0; f < sizeof forged / sizeof forged[0]; f++)
+        for (int i = 0; i < 4; i++)
+            copy[forged[f][0] + i] = (unsigned char)((uint32_t)forged[f][1] >> (8 * i));
+    rehash(copy, n);
+    write_bytes(bad, copy, n);
+    expect_refused(bad, "parameters stored", "forged configuration of a huge model");
     memcpy(copy, img, n);
     poke(copy, n + 16, n, 0, 16);
     write_bytes(bad, copy, n + 16);

@@ -258,12 +258,13 @@ int checkpoint_load(const char *path, int max_batch, int threads, model **out,
     if (ub > user_capacity || (ub && !user))
         BAD("its own section has %u bytes, more than the %u this program expects", ub,
             user_capacity);
-    /* Only now is anything created. */
+    /* The configuration must describe the stored parameters before a model of it is made (a
+     * forged configuration must not size an allocation). */
+    if (model_param_count(&c) != n)
+        BAD("%llu parameters stored, but its configuration has %zu", (unsigned long long)n,
+            model_param_count(&c));
     if (model_create(&c, max_batch, threads, 0, &m, cfg_err, sizeof cfg_err))
         BAD("%s", cfg_err);
-    if (m->n_params != n)
-        BAD("%llu parameters stored, but its configuration has %zu", (unsigned long long)n,
-            m->n_params);
     const uint8_t *p = buf + USER_OFFSET + ub;
     get_floats(m->params, p, n);
     get_floats(m->adam_m, p + 4 * n, n);

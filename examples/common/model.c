@@ -210,6 +210,13 @@ static void layout(model *m, int bind)
 #undef T
 }
 
+size_t model_param_count(const model_config *c)
+{
+    model m = {.cfg = *c}; /* no tensors: layout only counts */
+    layout(&m, 0);
+    return m.n_params;
+}
+
 /* calloc of count elements of `size` bytes, recording a failure in *ok. */
 static void *zalloc(size_t count, size_t size, int *ok)
 {

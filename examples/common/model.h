@@ -57,6 +57,10 @@ model_config model_config_defaults(model_config c);
 /** 0 if every field is in range; otherwise -1 and a sentence in err. */
 int model_config_check(const model_config *c, char *err, size_t errlen);
 
+/** The number of parameters a configuration (checked by model_config_check) has, without
+ *  allocating anything: what a checkpoint's stored count must equal before a model is made. */
+size_t model_param_count(const model_config *c);
+
 /** AdamW with linear warm-up and cosine decay to min_lr at total_steps, global-norm clipping. */
 typedef struct adamw_config {
     float lr, min_lr;
