@@ -193,6 +193,8 @@ extern "C" int dcu_backward(const dcu_attn *a, const dcu_tensor *dout, const dcu
     const int64_t items = a->B * a->Hq * a->sp.ntiles;
     if (items == 0)
         return 0;
+    if (dcu_backward_mma_fits(a, dout))
+        return dcu_backward_mma(a, dout, dq, dk, dv, dbias, items, stream);
     if (a->D <= 32)
         return launch<8>(a, g, items, stream);
     if (a->D <= 64)

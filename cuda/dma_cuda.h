@@ -78,6 +78,13 @@ int dcu_forward(const dcu_attn *a, void *stream);
  * it takes a call, and the call over `items` work items. */
 int dcu_forward_mma_fits(const dcu_attn *a);
 int dcu_forward_mma(const dcu_attn *a, int64_t items, void *stream);
+/* The tensor-core backward (bf16 / f16, D % 16 == 0, D <= 128, 16-byte aligned rows of q, k,
+ * v and dout): whether it takes a call, and the call over `items` work items (dk, dv, dbias
+ * already zeroed). */
+int dcu_backward_mma_fits(const dcu_attn *a, const dcu_tensor *dout);
+int dcu_backward_mma(const dcu_attn *a, const dcu_tensor *dout, const dcu_tensor *dq,
+                     const dcu_tensor *dk, const dcu_tensor *dv, const dcu_tensor *dbias,
+                     int64_t items, void *stream);
 /* dq, dk, dv float32 written whole; dbias (data NULL = not asked) written whole. */
 int dcu_backward(const dcu_attn *a, const dcu_tensor *dout, const dcu_tensor *dq,
                  const dcu_tensor *dk, const dcu_tensor *dv, const dcu_tensor *dbias,

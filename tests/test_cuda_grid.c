@@ -1,6 +1,6 @@
 /*
  * test_cuda_grid.c - the CUDA forward and backward against the CPU context's, on a randomised
- * grid of shapes (fixed seeds): float32, bf16 and f16 forwards, float32 and bf16 backwards;
+ * grid of shapes (fixed seeds): float32, bf16 and f16 forwards and backwards;
  * D in {1, 13, 64, 80, 128, 256}; Lq != Lk; GQA, MQA, MHA; per-key and per-row biases; causal
  * or not; softcap; default and custom scales; sp NULL (dense) or a top-k object built by each
  * context; strided views; empty rows. Tolerances (GPU vs CPU, same stored inputs):
@@ -12,9 +12,11 @@
  *   - backward, given the same out and lse (the CPU forward's) and dout: each gradient entry
  *     within 1e-6 + 1e-4 mag, mag the entry's sum with every factor taken absolute (computed
  *     by tests/reference_backward.c; test_backward.c explains why that is the scale of float32
- *     rounding), for float32 and bf16 alike (the backward recomputes P in float32); entries no
- *     selected pair reaches exactly 0; a second GPU run gives the same out, lse and dq bit for
- *     bit, and dk, dv, dbias within 1e-6 mag (exception (2): atomic adds).
+ *     rounding); bf16/f16 within 1e-6 + (1e-4 + 2^-8) mag (exception (3): the tensor-core
+ *     backward rounds P and dS to the storage type before the products, a relative error of at
+ *     most 2^-8 each, and every |dS| or |P| factor is in mag); entries no selected pair reaches
+ *     exactly 0; a second GPU run gives the same out, lse and dq bit for bit, and dk, dv,
+ *     dbias within 1e-6 mag (exception (2): atomic adds).
  */
 #include <check.h>
 #include <math.h>
@@ -33,6 +35,7 @@
 #define F32_TOL 2e-5
 #define BWD_ATOL 1e-6
 #define BWD_RTOL 1e-4
+#define BWD16_RTOL (1e-4 + 1.0 / 256) /* + one rounding of P or dS to bf16 */
 #define RERUN_RTOL 1e-6
 #define REF_MAX_WORK 3e7 /* B Hq Lq Lk D up to which the double references run */
 
@@ -355,7 +358,8 @@ static dma_status gpu_backward(dma_context *gpu, const gcase *c, gdata *g)
     return st;
 }
 
-/* GPU (back image) against CPU (host image) within BWD_ATOL + BWD_RTOL mag; entries no pair
+/* GPU (back image) against CPU (host image) within BWD_ATOL + BWD_RTOL mag (BWD16_RTOL for
+ * 16-bit inputs); entries no pair
  * reaches (live[x / per] == 0) exactly 0 on the GPU. */
 static void grad_check(const char *name, const tbuf *t, const double *mag, const uint8_t *live,
                        int64_t per, const gcase *c)
@@ -368,7 +372,7 @@ static void grad_check(const char *name, const tbuf *t, const double *mag, const
                     name, (long long)x, gg, gc, gdesc(c));
             continue;
         }
-        const double tol = BWD_ATOL + BWD_RTOL * mag[x];
+        const double tol = BWD_ATOL + (c->dt == DMA_F32 ? BWD_RTOL : BWD16_RTOL) * mag[x];
         REQUIRE(isfinite(gg) && fabs(gg - gc) <= tol,
                 "%s[%lld]: GPU %.9g, CPU %.9g, tolerance %.3g %s", name, (long long)x, gg, gc, tol,
                 gdesc(c));
@@ -404,12 +408,16 @@ static void backward_check(const gcase *c, gdata *g, dma_context *cpu, dma_conte
         .dbias_mag = test_malloc(nb * 8)};
     ref_fwd_args ra = ref_args(c, g);
     ref_backward(&ra, g->fdout, &o);
-    grad_check(c->dt == DMA_F32 ? "bwd f32 dq" : "bwd bf16 dq", &g->dq, o.dq_mag, o.live_q, c->D, c);
-    grad_check(c->dt == DMA_F32 ? "bwd f32 dk" : "bwd bf16 dk", &g->dk, o.dk_mag, o.live_kv, c->D, c);
-    grad_check(c->dt == DMA_F32 ? "bwd f32 dv" : "bwd bf16 dv", &g->dv, o.dv_mag, o.live_kv, c->D, c);
+    static const char *names_of[3][4] = {
+        {"bwd f32 dq", "bwd f32 dk", "bwd f32 dv", "bwd f32 dbias"},
+        {"bwd bf16 dq", "bwd bf16 dk", "bwd bf16 dv", "bwd bf16 dbias"},
+        {"bwd f16 dq", "bwd f16 dk", "bwd f16 dv", "bwd f16 dbias"}};
+    const char **gn = names_of[c->dt == DMA_F32 ? 0 : c->dt == DMA_BF16 ? 1 : 2];
+    grad_check(gn[0], &g->dq, o.dq_mag, o.live_q, c->D, c);
+    grad_check(gn[1], &g->dk, o.dk_mag, o.live_kv, c->D, c);
+    grad_check(gn[2], &g->dv, o.dv_mag, o.live_kv, c->D, c);
     if (db)
-        grad_check(c->dt == DMA_F32 ? "bwd f32 dbias" : "bwd bf16 dbias", &g->dbias,
-                   o.dbias_mag, o.live_bias, 1, c);
+        grad_check(gn[3], &g->dbias, o.dbias_mag, o.live_bias, 1, c);
 
     /* a second run: dq bit for bit, dk, dv and dbias within RERUN_RTOL mag */
     tbuf *grads[] = {&g->dq, &g->dk, &g->dv, &g->dbias};
@@ -599,16 +607,16 @@ END_TEST
 
 START_TEST(backward_grid)
 {
-    static const dma_dtype dts[] = {DMA_F32, DMA_BF16};
+    static const dma_dtype dts[] = {DMA_F32, DMA_BF16, DMA_F16};
     test_rng r = rng_make(203);
-    gcase cases[2 * 6 * 3 + 8];
+    gcase cases[3 * 6 * 3 + 3 * 4 + 2];
     int n = 0;
-    for (int t = 0; t < 2; t++)
+    for (int t = 0; t < 3; t++)
         for (int d = 0; d < 6; d++)
             for (int v = 0; v < 3; v++)
                 cases[n++] = random_case(&r, dts[t], DIMS[d], 1.5e7, 2e6);
     /* every bias layout of the gradient: per-key, broadcast over the batch, per-row */
-    for (int t = 0; t < 2; t++)
+    for (int t = 0; t < 3; t++)
         for (int b = 0; b < 4; b++) {
             gcase c = plain_case(&r, dts[t], 2, 129, 300, 8, 2, 64);
             c.bias = b < 2 ? BIAS_KEY : BIAS_ROW;
@@ -620,6 +628,13 @@ START_TEST(backward_grid)
                 c.causal = 1;
             cases[n++] = c;
         }
+    /* the DMA case on tensor cores: many chunks, causal top-k of the per-key bias, GQA, dbias */
+    for (int t = 1; t < 3; t++) {
+        gcase c = plain_case(&r, dts[t], 1, 1100, 1100, 8, 2, 128);
+        set_topk(&c, 200, 1, 2);
+        c.bias = BIAS_KEY, c.Bb = 1, c.Hb = 2;
+        cases[n++] = c;
+    }
     run_cases(cases, n, 1);
     stat_print("backward_grid");
 }
