@@ -108,6 +108,8 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int ra = warp * 16 + g, rb = ra + 8; /* this thread's two rows of the tile */
     const int64_t ia = it.r0 + ra, ib = it.r0 + rb;
+    /* the last key each row sees when causal (within int32: i + off < Lk) */
+    const int32_t lim_a = (int32_t)(ia + a.off), lim_b = (int32_t)(ib + a.off);
     const bool key_dbias = gr.dbias.data && it.per_key_bias;
     const bool row_dbias = gr.dbias.data && it.row_bias;
 
@@ -153,7 +155,7 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
                        live);
         }
     }
-    union_loader<D> load;
+    union_loader<D, 128> load;
     load.init(a, it);
     if (it.t.count > 0)
         load.template issue<LDS>(a, it, 0, Ks, Vs, keys_buf[0], kbias_buf[0]);
@@ -210,6 +212,8 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
             }
             /* P and dS where selected (0 elsewhere); s becomes dS times softcap's derivative,
              * dp becomes P. */
+            /* keys ascend along the union: see the forward */
+            const bool cz = a.causal && keys[min(CH, it.t.count - c0) - 1] > it.r0 + a.off;
             float cs[8][2]; /* per-key dbias: this thread's two rows' dS, per column */
             const uint64_t sha = mka >> (2 * t), shb = mkb >> (2 * t);
 #pragma unroll
@@ -226,10 +230,10 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
                         const int64_t i = lower ? ib : ia;
                         const int x = lower ? 2 + e : e;
                         float p = 0.0f, ds = 0.0f, dsq = 0.0f;
-                        if (((sh >> (nt * 8 + e)) & 1) && !(a.causal && key > i + a.off)) {
+                        if (((sh >> (nt * 8 + e)) & 1) && !(cz && key > (lower ? lim_b : lim_a))) {
                             float dcap;
                             const float sc = score2<PLAIN>(a, it, s[nt][x], i, key, kb, &dcap);
-                            p = exp2f(sc - (lower ? lse2_b : lse2_a));
+                            p = exp2_fast(sc - (lower ? lse2_b : lse2_a));
                             ds = p * (dp[nt][x] - (lower ? delta_b : delta_a));
                             dsq = ds * dcap;
                             if (!PLAIN && row_dbias && ds != 0.0f) /* NaN too */

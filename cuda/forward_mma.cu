@@ -1,12 +1,14 @@
 /*
  * forward_mma.cu - the bf16 / f16 forward on tensor cores (mma.sync m16n8k16, float32
  * accumulation), for D a multiple of 16 up to 128 and 16-byte aligned rows. One block per
- * (batch, query head, tile of 64 rows), 4 warps of 16 rows. The union is read in chunks of 64
- * positions, which line up with the 64-bit words of the rows' bitmasks: a row's mask for a
- * chunk is one word. Per chunk: K and V rows to shared memory, S = Q K^T (Q's fragments stay
- * in registers), mask, scale, softcap, bias, the online softmax in float32, then P V with P
- * rounded to the storage type (flash attention's choice; the documented exception of
- * dmattn.h).
+ * (batch, query head, tile of 64 rows), 4 warps of 16 rows; where two query heads share the
+ * tile's union, its K, V and per-key bias (GQA), one block of 8 warps takes both, so that each
+ * chunk is copied once for twice the arithmetic. The union is read in chunks of 64 positions,
+ * which line up with the 64-bit words of the rows' bitmasks: a row's mask for a chunk is one
+ * word. Per chunk: K and V rows to shared memory (the next chunk's copies overlap this one's
+ * arithmetic), S = Q K^T (Q's fragments stay in registers), mask, scale, softcap, bias, the
+ * online softmax in float32 and log2 units, then P V with P rounded to the storage type
+ * (flash attention's choice; the documented exception of dmattn.h).
  */
 #include "mma.cuh"
 
@@ -14,27 +16,53 @@ namespace {
 
 using namespace dcu_mma;
 
-template <bool BF16, int D, bool PLAIN>
-__global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
+/* K/V buffers: the copies of chunk c + 1 run while chunk c is computed, and the buffer they
+ * fill was last read two chunks ago, which the one barrier a chunk already orders. */
+constexpr int NB = 3;
+
+/* The work item of a warp of a block that takes HP query heads of one group (4 warps each). */
+template <int HP>
+static __device__ __forceinline__ dcu_item pair_item(const dcu_attn &a, int hh)
+{
+    int64_t id = blockIdx.x;
+    if (HP > 1) {
+        const int64_t ntiles = a.sp.ntiles, groups = a.Hq / HP;
+        const int64_t tile = id % ntiles, hg = (id / ntiles) % groups, b = id / ntiles / groups;
+        id = (b * a.Hq + hg * HP + hh) * ntiles + tile;
+    }
+    return dcu_item_of(a, id);
+}
+
+template <bool BF16, int D, bool PLAIN, int HP>
+__global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_attn a)
 {
     constexpr int LDS = D + 8; /* shared row stride in elements: 16 bytes of padding */
     constexpr int KS = D / 16; /* k-steps of Q K^T */
     constexpr int NT = D / 8;  /* n-tiles of P V */
-    /* Two buffers of K and V rows: the next chunk's copies (cp.async) overlap this chunk's
-     * arithmetic. */
     extern __shared__ __align__(16) uint16_t smh[];
-    __shared__ int32_t keys_buf[2][CH];
-    __shared__ float kbias_buf[2][CH];
+    __shared__ int32_t keys_buf[NB][CH];
+    __shared__ float kbias_buf[NB][CH];
 
-    const dcu_item it = dcu_item_of(a, blockIdx.x);
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    /* HP heads share the chunks: the same slab, kv head and per-key bias (see launch) */
+    const dcu_item it = pair_item<HP>(a, threadIdx.x >> 7);
+    const int warp = (threadIdx.x >> 5) & 3, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int ra = warp * 16 + g, rb = ra + 8; /* this thread's two rows of the tile */
     const int64_t ia = it.r0 + ra, ib = it.r0 + rb;
+    /* the last key each row sees when causal (within int32: i + off < Lk) */
+    const int32_t lim_a = (int32_t)(ia + a.off), lim_b = (int32_t)(ib + a.off);
 
-    union_loader<D> load;
+    union_loader<D, 128 * HP> load;
     load.init(a, it);
-    if (it.t.count > 0)
-        load.template issue<LDS>(a, it, 0, smh, smh + CH * LDS, keys_buf[0], kbias_buf[0]);
+    auto issue = [&](int c0) {
+        if (c0 < it.t.count) {
+            const int bi = (c0 / CH) % NB;
+            uint16_t *Kd = smh + bi * 2 * CH * LDS;
+            load.template issue<LDS>(a, it, c0, Kd, Kd + CH * LDS, keys_buf[bi], kbias_buf[bi]);
+        } else {
+            cp_async_commit(); /* an empty group keeps the wait counts uniform */
+        }
+    };
+    issue(0);
 
     /* Q's A fragments for the whole of D, once. */
     uint32_t qf[KS][4];
@@ -59,15 +87,10 @@ __global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
     const row_sel sel_a = row_sel_of(a, it, ra, true), sel_b = row_sel_of(a, it, rb, true);
     uint64_t mka = row_sel_word(sel_a, 0), mkb = row_sel_word(sel_b, 0);
 
-    for (int c0 = 0, bi = 0; c0 < it.t.count; c0 += CH, bi ^= 1) {
-        if (c0 + CH < it.t.count) {
-            uint16_t *Kn = smh + (bi ^ 1) * 2 * CH * LDS;
-            load.template issue<LDS>(a, it, c0 + CH, Kn, Kn + CH * LDS, keys_buf[bi ^ 1],
-                                     kbias_buf[bi ^ 1]);
-            cp_async_wait<1>();
-        } else {
-            cp_async_wait<0>();
-        }
+    for (int c0 = 0; c0 < it.t.count; c0 += CH) {
+        const int bi = (c0 / CH) % NB;
+        issue(c0 + CH);
+        cp_async_wait<1>(); /* this thread's copies of chunk c0 are done */
         /* the next chunk's mask words, read now, used next time round */
         const uint64_t nka = row_sel_word(sel_a, c0 + CH), nkb = row_sel_word(sel_b, c0 + CH);
         const bool any = __syncthreads_or((mka | mkb) != 0); /* chunk c0 is in place */
@@ -92,7 +115,10 @@ __global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
                     mma16816<BF16>(s[2 * np], qf[ks], bf[0], bf[1]);
                     mma16816<BF16>(s[2 * np + 1], qf[ks], bf[2], bf[3]);
                 }
-            /* Scores of the selected pairs (log2 units), -inf elsewhere; the row maxima. */
+            /* Scores of the selected pairs (log2 units), -inf elsewhere; the row maxima. Keys
+             * ascend along the union: only a chunk whose last key passes the tile's first row
+             * needs the causal test. */
+            const bool cz = a.causal && keys[min(CH, it.t.count - c0) - 1] > it.r0 + a.off;
             const uint64_t sha = mka >> (2 * t), shb = mkb >> (2 * t);
             float cmax_a = -INFINITY, cmax_b = -INFINITY;
 #pragma unroll
@@ -104,9 +130,9 @@ __global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
                     const float kb = kbias[j];
                     float dcap;
                     float va = -INFINITY, vb = -INFINITY;
-                    if (((sha >> (nt * 8 + e)) & 1) && !(a.causal && key > ia + a.off))
+                    if (((sha >> (nt * 8 + e)) & 1) && !(cz && key > lim_a))
                         va = score2<PLAIN>(a, it, s[nt][e], ia, key, kb, &dcap);
-                    if (((shb >> (nt * 8 + e)) & 1) && !(a.causal && key > ib + a.off))
+                    if (((shb >> (nt * 8 + e)) & 1) && !(cz && key > lim_b))
                         vb = score2<PLAIN>(a, it, s[nt][2 + e], ib, key, kb, &dcap);
                     s[nt][e] = va;
                     s[nt][2 + e] = vb;
@@ -120,13 +146,13 @@ __global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
             const float mna = fmaxf(ma, cmax_a), mnb = fmaxf(mb, cmax_b);
             /* exp2(-inf - u) = 0 for a finite u: unselected pairs need no test */
             const float ua = mna == -INFINITY ? 0.0f : mna, ub = mnb == -INFINITY ? 0.0f : mnb;
-            const float alpha_a = exp2f(ma - ua), alpha_b = exp2f(mb - ub);
+            const float alpha_a = exp2_fast(ma - ua), alpha_b = exp2_fast(mb - ub);
             float sa = 0.0f, sb = 0.0f;
             uint32_t pf[4][4]; /* P as A fragments of the 4 k-steps of P V */
 #pragma unroll
             for (int nt = 0; nt < 8; nt++) {
-                const float p0 = exp2f(s[nt][0] - ua), p1 = exp2f(s[nt][1] - ua);
-                const float p2 = exp2f(s[nt][2] - ub), p3 = exp2f(s[nt][3] - ub);
+                const float p0 = exp2_fast(s[nt][0] - ua), p1 = exp2_fast(s[nt][1] - ua);
+                const float p2 = exp2_fast(s[nt][2] - ub), p3 = exp2_fast(s[nt][3] - ub);
                 sa += p0 + p1;
                 sb += p2 + p3;
                 const int kk = nt >> 1, hi = nt & 1;
@@ -164,7 +190,6 @@ __global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
         }
         mka = nka;
         mkb = nkb;
-        __syncthreads(); /* K, V and keys are rewritten by the copies of the chunk after next */
     }
     /* out = O / l (0 for an empty row) and lse = m ln 2 + ln l. */
     uint16_t *out = (uint16_t *)a.out.data;
@@ -191,23 +216,34 @@ __global__ void __launch_bounds__(128, 2) forward_mma(dcu_attn a)
     }
 }
 
-template <bool BF16, int D, bool PLAIN>
+template <bool BF16, int D, bool PLAIN, int HP>
 int launch_kind(const dcu_attn *a, int64_t items, cudaStream_t stream)
 {
-    const size_t smem = (size_t)4 * CH * (D + 8) * sizeof(uint16_t);
-    DCU_TRY(cudaFuncSetAttribute(forward_mma<BF16, D, PLAIN>,
+    const size_t smem = (size_t)2 * NB * CH * (D + 8) * sizeof(uint16_t);
+    DCU_TRY(cudaFuncSetAttribute(forward_mma<BF16, D, PLAIN, HP>,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
-    forward_mma<BF16, D, PLAIN><<<(unsigned)items, 128, smem, stream>>>(*a);
+    forward_mma<BF16, D, PLAIN, HP><<<(unsigned)(items / HP), 128 * HP, smem, stream>>>(*a);
     DCU_LAUNCHED("forward (tensor cores)");
     return 0;
+}
+
+/* Whether pairs of query heads (2k, 2k + 1) share a slab, a kv head and a per-key bias head. */
+bool heads_pair(const dcu_attn *a)
+{
+    const int64_t Hb = a->bias.data ? a->bias.shape[1] : 1;
+    return a->Hq % 2 == 0 && (a->Hq / a->Hkv) % 2 == 0 && (a->Hq / a->sp.H) % 2 == 0 &&
+           (a->Hq / Hb) % 2 == 0;
 }
 
 template <bool BF16, int D>
 int launch(const dcu_attn *a, int64_t items, cudaStream_t stream)
 {
-    if (a->softcap > 0.0f || (a->bias.data && a->bias.shape[2] != 1))
-        return launch_kind<BF16, D, false>(a, items, stream);
-    return launch_kind<BF16, D, true>(a, items, stream);
+    const bool plain = !(a->softcap > 0.0f || (a->bias.data && a->bias.shape[2] != 1));
+    if (heads_pair(a))
+        return plain ? launch_kind<BF16, D, true, 2>(a, items, stream)
+                     : launch_kind<BF16, D, false, 2>(a, items, stream);
+    return plain ? launch_kind<BF16, D, true, 1>(a, items, stream)
+                 : launch_kind<BF16, D, false, 1>(a, items, stream);
 }
 
 template <bool BF16>

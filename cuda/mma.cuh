@@ -119,12 +119,14 @@ static __device__ __forceinline__ uint64_t row_sel_word(const row_sel &s, int c0
 }
 
 /* Copies a tile's union into shared memory chunk by chunk (cp.async; zero rows past the union).
- * Two threads share a key row, a half each. A thread's key is read from global memory two
- * chunks ahead and its per-key bias one chunk ahead, so that no copy waits for either. */
-template <int D> struct union_loader {
+ * THREADS / 64 threads share a key row, taking its 16-byte segments in turn (so that a warp's
+ * copies read whole 32-byte sectors). A thread's key is read from global memory two chunks
+ * ahead and its per-key bias one chunk ahead, so that no copy waits for either. */
+template <int D, int THREADS> struct union_loader {
+    static constexpr int P = THREADS / CH, SEGS = D / 8;
     const uint16_t *kg, *vg;
     int64_t kbase, vbase, kstride, vstride;
-    int j, half;
+    int j, part;
     int32_t key1, key2; /* the keys of the next chunk to copy and of the one after */
     float bias1;        /* key1's per-key bias (0 without one) */
 
@@ -142,37 +144,48 @@ template <int D> struct union_loader {
         kbase = it.b * a.k.stride[0] + it.hkv * a.k.stride[2];
         vbase = it.b * a.v.stride[0] + it.hkv * a.v.stride[2];
         kstride = a.k.stride[1], vstride = a.v.stride[1];
-        j = threadIdx.x >> 1, half = threadIdx.x & 1;
+        j = threadIdx.x / P, part = threadIdx.x % P;
         key1 = key_at(a, it, 0);
         key2 = key_at(a, it, CH);
-        bias1 = bias_of(a, it, key1);
+        bias1 = part == 0 ? bias_of(a, it, key1) : 0.0f;
     }
     /* Start the copies of chunk c0 (the next one: key1's) into K, V (row stride LDS), its keys
-     * and per-key biases into keys, kbias; then read ahead. 128 threads. */
+     * and per-key biases into keys, kbias; then read ahead. */
     template <int LDS>
     __device__ __forceinline__ void issue(const dcu_attn &a, const dcu_item &it, int c0,
                                           uint16_t *K, uint16_t *V, int32_t *keys, float *kbias)
     {
-        if (!half) {
+        if (part == 0) {
             keys[j] = key1;
             kbias[j] = bias1;
         }
         const bool valid = key1 >= 0;
         const int64_t kk = valid ? key1 : 0;
-        const uint16_t *ks = kg + kbase + kk * kstride + half * (D / 2);
-        const uint16_t *vs = vg + vbase + kk * vstride + half * (D / 2);
-        uint16_t *kd = K + j * LDS + half * (D / 2), *vd = V + j * LDS + half * (D / 2);
+        const uint16_t *ks = kg + kbase + kk * kstride, *vs = vg + vbase + kk * vstride;
+        uint16_t *kd = K + j * LDS, *vd = V + j * LDS;
 #pragma unroll
-        for (int s = 0; s < D / 16; s++) {
-            cp_async16(kd + 8 * s, ks + 8 * s, valid);
-            cp_async16(vd + 8 * s, vs + 8 * s, valid);
+        for (int s = 0; s < (SEGS + P - 1) / P; s++) {
+            const int seg = part + P * s;
+            if (SEGS % P == 0 || seg < SEGS) {
+                cp_async16(kd + 8 * seg, ks + 8 * seg, valid);
+                cp_async16(vd + 8 * seg, vs + 8 * seg, valid);
+            }
         }
         cp_async_commit();
         key1 = key2;
-        bias1 = bias_of(a, it, key1);
+        bias1 = part == 0 ? bias_of(a, it, key1) : 0.0f;
         key2 = key_at(a, it, c0 + 2 * CH);
     }
 };
+
+/* 2^x on the special function unit; subnormal results flush to 0 (weights below 2^-126 of the
+ * row's largest). */
+static __device__ __forceinline__ float exp2_fast(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
 
 /* Whether a 16-bit tensor's rows start on 16-byte boundaries (cp.async and ldmatrix need it). */
 static inline bool dcu_aligned16(const dcu_tensor &t)
