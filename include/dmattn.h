@@ -191,7 +191,12 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   2^-8 * sum_j p_ij |v_j| (plus the output's own rounding) of the float32 result, lse within
  *   1e-5 relative; float32 inputs are computed in float32. (2) the backward adds the
  *   contributions to dk, dv and dbias with atomic float32 adds, so their last bits may change
- *   from run to run; out, lse and dq are bitwise reproducible;
+ *   from run to run; out, lse and dq are bitwise reproducible. (3) bf16/f16 backwards on
+ *   tensor cores (D a multiple of 16 up to 128, 16-byte aligned rows) round P and dS to the
+ *   storage type before the products dq = dS K, dk = dS^T Q, dv = P^T dout (as flash attention
+ *   does; everything else, dbias included, is float32): each gradient entry is within
+ *   2^-8 * (its sum with every factor taken absolute) of the float32 result; with f16, a dS
+ *   beyond f16's range (65504) becomes infinite;
  * - dma_dynamic_bias_forward/_backward and the KV cache return DMA_ERR_DEVICE with a CUDA
  *   context in this version (compute the bias with your framework, or on a CPU context).
  * The library needs no CUDA library at run time (the CUDA runtime is linked statically and
@@ -390,8 +395,9 @@ DMA_API dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_
  *                  both required.
  * @param dout      (B, Lq, Hq, D) of q's type: the gradient of the loss with respect to out.
  *                  With bf16/f16 inputs everything is read into float32 exactly and the
- *                  gradients below are float32 (equal, bit for bit, to the float32 backward on
- *                  the same stored values).
+ *                  gradients below are float32 (on a CPU context equal, bit for bit, to the
+ *                  float32 backward on the same stored values; CUDA contexts: see exception (3)
+ *                  above).
  * @param dq        float32 (B, Lq, Hq, D), written whole.
  * @param dk, dv    float32 (B, Lk, Hkv, D), written whole (keys nobody selected get 0).
  * @param dbias     optional float32 with the bias's shape, written whole; requires bias.
