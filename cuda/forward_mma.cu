@@ -6,9 +6,10 @@
  * chunk is copied once for twice the arithmetic. The union is read in chunks of 64 positions,
  * which line up with the 64-bit words of the rows' bitmasks: a row's mask for a chunk is one
  * word. Per chunk: K and V rows to shared memory (the next chunk's copies overlap this one's
- * arithmetic), S = Q K^T (Q's fragments stay in registers), mask, scale, softcap, bias, the
- * online softmax in float32 and log2 units, then P V with P rounded to the storage type
- * (flash attention's choice; the documented exception of dmattn.h).
+ * arithmetic; mbarriers, not block barriers, order the buffers), S = Q K^T (Q's fragments
+ * stay in registers), mask, scale, softcap, bias, the online softmax in float32 and log2
+ * units, then P V with P rounded to the storage type (flash attention's choice; the
+ * documented exception of dmattn.h).
  */
 #include "mma.cuh"
 
@@ -16,9 +17,6 @@ namespace {
 
 using namespace dcu_mma;
 
-/* K/V buffers: the copies of chunk c + 1 run while chunk c is computed, and the buffer they
- * fill was last read two chunks ago, which the one barrier a chunk already orders. */
-constexpr int NB = 3;
 
 /* The work item of a warp of a block that takes HP query heads of one group (4 warps each). */
 template <int HP>
@@ -39,9 +37,20 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
     constexpr int LDS = D + 8; /* shared row stride in elements: 16 bytes of padding */
     constexpr int KS = D / 16; /* k-steps of Q K^T */
     constexpr int NT = D / 8;  /* n-tiles of P V */
+    /* NB buffers of K and V rows. The copies of chunk c + 1 run while chunk c is computed;
+     * full[b] completes when buffer b's copies have landed, empty[b] when every warp has
+     * read it, so that warps wait only for the data they need and for the readers of the
+     * buffer they fill (NB - 1 chunks back), not for each other every chunk. */
+    constexpr int NB = HP == 2 ? 4 : 3, WARPS = 4 * HP;
     extern __shared__ __align__(16) uint16_t smh[];
     __shared__ int32_t keys_buf[NB][CH];
     __shared__ float kbias_buf[NB][CH];
+    __shared__ uint64_t full[NB], empty[NB];
+    if (threadIdx.x < NB) {
+        mbar_init(&full[threadIdx.x], 2 * 128 * HP); /* each thread: its copies, its writes */
+        mbar_init(&empty[threadIdx.x], WARPS);
+    }
+    __syncthreads();
 
     /* HP heads share the chunks: the same slab, kv head and per-key bias (see launch) */
     const dcu_item it = pair_item<HP>(a, threadIdx.x >> 7);
@@ -54,13 +63,15 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
     union_loader<D, 128 * HP> load;
     load.init(a, it);
     auto issue = [&](int c0) {
-        if (c0 < it.t.count) {
-            const int bi = (c0 / CH) % NB;
-            uint16_t *Kd = smh + bi * 2 * CH * LDS;
-            load.template issue<LDS>(a, it, c0, Kd, Kd + CH * LDS, keys_buf[bi], kbias_buf[bi]);
-        } else {
-            cp_async_commit(); /* an empty group keeps the wait counts uniform */
-        }
+        if (c0 >= it.t.count)
+            return;
+        const int n = c0 / CH, bi = n % NB;
+        if (n >= NB)
+            mbar_wait(&empty[bi], (n / NB - 1) & 1); /* chunk n - NB is read */
+        uint16_t *Kd = smh + bi * 2 * CH * LDS;
+        load.template issue<LDS>(a, it, c0, Kd, Kd + CH * LDS, keys_buf[bi], kbias_buf[bi]);
+        mbar_arrive_copies(&full[bi]);
+        mbar_arrive(&full[bi]);
     };
     issue(0);
 
@@ -90,10 +101,10 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
     for (int c0 = 0; c0 < it.t.count; c0 += CH) {
         const int bi = (c0 / CH) % NB;
         issue(c0 + CH);
-        cp_async_wait<1>(); /* this thread's copies of chunk c0 are done */
         /* the next chunk's mask words, read now, used next time round */
         const uint64_t nka = row_sel_word(sel_a, c0 + CH), nkb = row_sel_word(sel_b, c0 + CH);
-        const bool any = __syncthreads_or((mka | mkb) != 0); /* chunk c0 is in place */
+        mbar_wait(&full[bi], (c0 / CH / NB) & 1); /* chunk c0 is in place */
+        const bool any = __any_sync(0xffffffffu, (mka | mkb) != 0);
         if (any) {
             const uint16_t *Ks = smh + bi * 2 * CH * LDS, *Vs = Ks + CH * LDS;
             const int32_t *keys = keys_buf[bi];
@@ -190,6 +201,9 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
         }
         mka = nka;
         mkb = nkb;
+        __syncwarp();
+        if (lane == 0)
+            mbar_arrive(&empty[bi]); /* this warp is done with buffer bi */
     }
     /* out = O / l (0 for an empty row) and lse = m ln 2 + ln l. */
     uint16_t *out = (uint16_t *)a.out.data;
@@ -219,7 +233,7 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
 template <bool BF16, int D, bool PLAIN, int HP>
 int launch_kind(const dcu_attn *a, int64_t items, cudaStream_t stream)
 {
-    const size_t smem = (size_t)2 * NB * CH * (D + 8) * sizeof(uint16_t);
+    const size_t smem = (size_t)2 * (HP == 2 ? 4 : 3) * CH * (D + 8) * sizeof(uint16_t);
     DCU_TRY(cudaFuncSetAttribute(forward_mma<BF16, D, PLAIN, HP>,
                                  cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem));
     forward_mma<BF16, D, PLAIN, HP><<<(unsigned)(items / HP), 128 * HP, smem, stream>>>(*a);

@@ -319,8 +319,10 @@ __global__ void build_tiles(slab_in in, tree t, const entry *elems, const int *c
     if (threadIdx.x == 0)
         o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, count, wpr, 0};
     uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
+    /* Neighbouring threads take neighbouring rows of one word: their reads of span[] are the
+     * same address (a broadcast; a row's words side by side would all hit one bank). */
     for (int x = threadIdx.x; x < nrows * wpr; x += blockDim.x) {
-        const int r = x / wpr, wd = x % wpr;
+        const int wd = x / nrows, r = x % nrows;
         uint64_t bits = 0;
         for (int b = 0; b < 64; b++) {
             const int u = wd * 64 + b;
@@ -425,7 +427,9 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         for (int k = 1; k < t.levels; k++) {
             const size_t smem = (size_t)t.cap[k - 1] * 2 * sizeof(entry);
             cudaFuncSetAttribute(merge_level, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-            merge_level<<<dim3((unsigned)t.nodes[k], (unsigned)nslab), 256, smem, stream>>>(t, k, elems, counts);
+            /* the top levels have few nodes of long lists: more threads a node there */
+            const int threads = t.cap[k] >= 512 ? 1024 : 256;
+            merge_level<<<dim3((unsigned)t.nodes[k], (unsigned)nslab), threads, smem, stream>>>(t, k, elems, counts);
         }
     }
     if (sp->ntiles > 0) {

@@ -187,6 +187,35 @@ static __device__ __forceinline__ float exp2_fast(float x)
     return y;
 }
 
+/* mbarriers in shared memory (sm_80+): a phase completes when `count` arrivals have come. */
+static __device__ __forceinline__ void mbar_init(uint64_t *bar, int count)
+{
+    asm volatile("mbarrier.init.shared.b64 [%0], %1;\n" ::"r"((uint32_t)__cvta_generic_to_shared(bar)),
+                 "r"(count) : "memory");
+}
+/* An arrival (release: this thread's earlier writes and reads are ordered before it). */
+static __device__ __forceinline__ void mbar_arrive(uint64_t *bar)
+{
+    asm volatile("{ .reg .b64 st; mbarrier.arrive.shared.b64 st, [%0]; }\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(bar)) : "memory");
+}
+/* An arrival made when this thread's cp.async copies so far have landed (counted in `count`). */
+static __device__ __forceinline__ void mbar_arrive_copies(uint64_t *bar)
+{
+    asm volatile("cp.async.mbarrier.arrive.noinc.shared.b64 [%0];\n" ::"r"(
+                     (uint32_t)__cvta_generic_to_shared(bar)) : "memory");
+}
+/* Wait until the phase of the given parity has completed (acquire). */
+static __device__ __forceinline__ void mbar_wait(uint64_t *bar, uint32_t parity)
+{
+    const uint32_t addr = (uint32_t)__cvta_generic_to_shared(bar);
+    uint32_t done = 0;
+    while (!done)
+        asm volatile("{ .reg .pred p; mbarrier.test_wait.parity.shared.b64 p, [%1], %2; "
+                     "selp.u32 %0, 1, 0, p; }\n"
+                     : "=r"(done) : "r"(addr), "r"(parity) : "memory");
+}
+
 /* Whether a 16-bit tensor's rows start on 16-byte boundaries (cp.async and ldmatrix need it). */
 static inline bool dcu_aligned16(const dcu_tensor &t)
 {
