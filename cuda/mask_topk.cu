@@ -426,14 +426,16 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         base_lists<<<dim3((unsigned)nb, (unsigned)nslab), 64, 0, stream>>>(in, t, elems, counts, bad);
         for (int k = 1; k < t.levels; k++) {
             const size_t smem = (size_t)t.cap[k - 1] * 2 * sizeof(entry);
-            cudaFuncSetAttribute(merge_level, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+            if (smem > 48 * 1024) /* the default limit; the call costs host time */
+                cudaFuncSetAttribute(merge_level, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
             /* the top levels have few nodes of long lists: more threads a node there */
             const int threads = t.cap[k] >= 512 ? 1024 : 256;
             merge_level<<<dim3((unsigned)t.nodes[k], (unsigned)nslab), threads, smem, stream>>>(t, k, elems, counts);
         }
     }
     if (sp->ntiles > 0) {
-        cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
+        if (tile_smem > 48 * 1024)
+            cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
         tile_out o = {out.tiles, out.row_lo, out.row_hi, out.keys, out.words, nnz,
                       Lq, Lk - Lq, sp->ntiles, capU, wcap};
         build_tiles<<<dim3((unsigned)sp->ntiles, (unsigned)nslab), TILE_THREADS, tile_smem, stream>>>(
