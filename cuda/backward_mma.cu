@@ -273,18 +273,7 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
                 *(uint32_t *)(dSs + rb * LDP + j) = df[kk][hi ? 3 : 1];
             }
             /* dq += dS K. */
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    const int mi = lane >> 3;
-                    const int key = kk * 16 + (lane & 7) + ((mi & 1) ? 8 : 0);
-                    const int dim = np * 16 + ((mi >> 1) ? 8 : 0);
-                    uint32_t bf[4];
-                    ldmatrix_x4(bf, Ks + key * LDS + dim, true);
-                    mma16816<BF16>(dq[2 * np], df[kk], bf[0], bf[1]);
-                    mma16816<BF16>(dq[2 * np + 1], df[kk], bf[2], bf[3]);
-                }
+            mma_rows_by_chunk<BF16, D, LDS>(dq, df, Ks, lane);
         }
         mka = nka;
         mkb = nkb;

@@ -186,18 +186,7 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
                 o[nt][3] *= alpha_b;
             }
             /* O += P V. */
-#pragma unroll
-            for (int kk = 0; kk < 4; kk++)
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    const int mi = lane >> 3;
-                    const int key = kk * 16 + (lane & 7) + ((mi & 1) ? 8 : 0);
-                    const int dim = np * 16 + ((mi >> 1) ? 8 : 0);
-                    uint32_t bf[4];
-                    ldmatrix_x4(bf, Vs + key * LDS + dim, true);
-                    mma16816<BF16>(o[2 * np], pf[kk], bf[0], bf[1]);
-                    mma16816<BF16>(o[2 * np + 1], pf[kk], bf[2], bf[3]);
-                }
+            mma_rows_by_chunk<BF16, D, LDS>(o, pf, Vs, lane);
         }
         mka = nka;
         mkb = nkb;

@@ -74,6 +74,27 @@ static __device__ __forceinline__ void ldmatrix_x4(uint32_t r[4], const void *p,
                      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
 }
 
+/* acc[16 rows][D] += A B for one warp: A the 16 x 64 A fragments of the chunk's 4 k-steps of
+ * 16 positions (P or dS, from registers), B the chunk's [64 positions][LDS] rows of V or K in
+ * shared memory, read transposed. */
+template <bool BF16, int D, int LDS>
+static __device__ __forceinline__ void mma_rows_by_chunk(float (*acc)[4], const uint32_t (*af)[4],
+                                                         const uint16_t *B, int lane)
+{
+    const int mi = lane >> 3;
+#pragma unroll
+    for (int kk = 0; kk < 4; kk++)
+#pragma unroll
+        for (int np = 0; np < D / 16; np++) {
+            const int key = kk * 16 + (lane & 7) + ((mi & 1) ? 8 : 0);
+            const int dim = np * 16 + ((mi >> 1) ? 8 : 0);
+            uint32_t bf[4];
+            ldmatrix_x4(bf, B + key * LDS + dim, true);
+            mma16816<BF16>(acc[2 * np], af[kk], bf[0], bf[1]);
+            mma16816<BF16>(acc[2 * np + 1], af[kk], bf[2], bf[3]);
+        }
+}
+
 /* The score of a selected pair in log2 units (times log2 e): scale, softcap and bias. PLAIN:
  * no softcap and no per-row bias, so it is one multiply-add of the staged per-key bias. */
 template <bool PLAIN>
