@@ -243,6 +243,28 @@ void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const 
 void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys, int32_t first,
                  int n, float *kp, float *vp);
 
+/* ---- pairs of consecutive tiles over their merged union (lib/tile_pairs.c) ---- */
+
+/* Whether items p and q are tiles t, t + 1 (t even) of the same heads. */
+bool dma_items_adjacent(const dma_item *p, const dma_item *q);
+
+/* Whether the views of two adjacent items are worth one work item: both select through
+ * bitmasks, the pair has at most max_rows rows (heads x tile rows), and the merged union costs
+ * at most `growth` times the products of the two tiles apart. *count receives the merged
+ * union's size when they pair. */
+bool dma_views_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows,
+                    double growth, int64_t *count);
+
+/* Ints dma_merge_views() needs for a merged union of two tiles of at most tile_keys keys each:
+ * the keys, then how each tile's positions map into them. */
+int64_t dma_merge_ints(int64_t tile_keys);
+
+/* The view of tiles A and B together: rows of A then of B, over their merged union. `ints`
+ * holds dma_merge_ints(max(A.count, B.count)), `bits` (A.nrows + B.nrows) rows of
+ * ceil((A.count + B.count) / 64) words. */
+void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
+                     int32_t *ints, uint64_t *bits);
+
 /* Whether a dtype is one the attention computes on (float32, bf16, f16). */
 static inline bool dma_is_float(dma_dtype t)
 {
