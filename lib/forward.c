@@ -93,13 +93,17 @@ static void prefetch_item_rows(const dma_attn *a, const dma_item *it, const dma_
         }
 }
 
-/* Rows of the next block when `rest` rows are left: mr, except that a rest of less than one and
- * a half blocks is split in two halves (a pair's 128 rows are 20 x 6 + 4 + 4, not 21 x 6 + 2: a
- * block of few rows has too few accumulators to keep the FMA units busy). Results do not depend
- * on the blocks. */
+/* Rows of the next block when `rest` rows are left: mr, except that the last (at most four)
+ * blocks share the rest evenly when it is not a multiple of mr (with mr = 6, a pair's 128 rows
+ * are 18 x 6 + 4 x 5, not 21 x 6 + 2: a block of few rows has too few accumulators to keep the
+ * FMA units busy). Results do not depend on the blocks. */
 static inline int64_t block_rows(int64_t rest, int64_t mr)
 {
-    return rest > mr && rest < mr + mr / 2 ? (rest + 1) / 2 : dma_min64(mr, rest);
+    if (rest % mr && rest <= 4 * mr) {
+        const int64_t blocks = dma_div_up(rest, mr);
+        return dma_div_up(rest, blocks);
+    }
+    return mr;
 }
 
 /* The forward of item `it` over the view iv: its own, or its pair's merged (rows r0 on). */
@@ -233,12 +237,17 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
         }
 }
 
-/* A unit of the schedule: one item, or two adjacent ones (tiles t, t + 1) when items pair. */
+/* A unit of the schedule: a run of items of consecutive tiles of the same heads, taken by one
+ * thread tile after tile, so that each tile finds most of its union's K and V rows in cache
+ * (the unions of nearby tiles nearly agree). */
 typedef struct span {
-    int64_t item, work;
+    int64_t item, n, work;
     int64_t rank; /* its place among spans of the same work class: tile-major */
-    bool two;
 } span;
+
+/* Tiles per run at most. Runs start at a tile that is a multiple of their length, so pairs
+ * (t even, t + 1) never straddle two runs. */
+#define RUN_TILES 8
 
 static int by_work_desc(const void *x, const void *y)
 {
@@ -270,25 +279,42 @@ static void order_spans(const dma_attn *a, const dma_item *items, span *spans, i
     qsort(spans, (size_t)nspans, sizeof(span), by_work_desc);
 }
 
-/* Items x (and x + 1 if `two`): one item over the merged union when the two tiles pair, else one
- * after the other (the second finds most of its K and V rows in cache). */
-static void forward_span(const dma_attn *a, const dma_item *items, const span *sp,
+/* Tiles per run: RUN_TILES, halved while that leaves fewer than 4 spans per thread (small
+ * problems on many threads), but never below 2 where tiles pair. Which tiles pair does not
+ * depend on it (pairs are tiles 2t, 2t + 1), so neither do the results. */
+static int64_t run_tiles(const dma_attn *a, int threads, bool pairs)
+{
+    const int64_t lanes = a->B * (a->Hq / a->heads_per_group) * a->items_per_group;
+    int64_t run = RUN_TILES;
+    while (run > (pairs ? 2 : 1) && lanes * dma_div_up(a->sp->ntiles, run) < 4 * (int64_t)threads)
+        run /= 2;
+    return run;
+}
+
+/* The items of a span, tile after tile; where pairs are on, tiles 2t and 2t + 1 that pair run
+ * as one item over their merged union. */
+static void forward_span(const dma_attn *a, const dma_item *items, const span *sp, bool pairs,
                          float *scratch, int32_t *merge_ints, uint64_t *merge_bits)
 {
-    dma_item_view A, B, merged;
-    dma_item_view_init(a, &items[sp->item], &A);
-    if (!sp->two) {
-        forward_item(a, &items[sp->item], &A, scratch);
-        return;
-    }
-    dma_item_view_init(a, &items[sp->item + 1], &B);
-    int64_t count;
-    if (dma_views_pair(&A, &B, PAIR_ROWS, PAIR_GROWTH, &count)) {
-        dma_merge_views(&A, &B, &merged, merge_ints, merge_bits);
-        forward_item(a, &items[sp->item], &merged, scratch);
-    } else {
-        forward_item(a, &items[sp->item], &A, scratch);
-        forward_item(a, &items[sp->item + 1], &B, scratch);
+    for (int64_t k = 0; k < sp->n; k++) {
+        const dma_item *it = &items[sp->item + k];
+        dma_item_view A, B, merged;
+        dma_item_view_init(a, it, &A);
+        if (pairs && k + 1 < sp->n && dma_items_adjacent(it, it + 1)) {
+            dma_item_view_init(a, it + 1, &B);
+            int64_t n;
+            if (dma_views_may_pair(&A, &B, PAIR_ROWS) &&
+                dma_pair_worth(&A, &B, n = dma_merge_union(&A, &B, merge_ints), PAIR_GROWTH)) {
+                dma_merge_rows(&A, &B, n, merge_ints, merge_bits, &merged);
+                forward_item(a, it, &merged, scratch);
+            } else {
+                forward_item(a, it, &A, scratch);
+                forward_item(a, it + 1, &B, scratch);
+            }
+            k++;
+        } else {
+            forward_item(a, it, &A, scratch);
+        }
     }
 }
 
@@ -331,10 +357,17 @@ dma_status dma_forward_run(dma_context *ctx, const dma_attn *a)
         st = dma_fail(ctx, DMA_ERR_NOMEM, "forward: out of memory for work items");
         goto done;
     }
-    for (int64_t x = 0; x < nitems; x++) {
-        const bool two = pairs && x + 1 < nitems && dma_items_adjacent(&items[x], &items[x + 1]);
-        spans[nspans++] = (span){x, items[x].work + (two ? items[x + 1].work : 0), 0, two};
-        x += two;
+    /* Items come in natural order (b, group, sub, tile): a run ends at a multiple of `run`
+     * tiles or where the heads change. */
+    const int64_t run = run_tiles(a, ctx->threads, pairs);
+    for (int64_t x = 0; x < nitems;) {
+        int64_t e = x + 1, work = items[x].work;
+        while (e < nitems && items[e].tile % run && items[e].tile == items[e - 1].tile + 1 &&
+               items[e].b == items[x].b && items[e].group == items[x].group &&
+               items[e].sub == items[x].sub)
+            work += items[e++].work;
+        spans[nspans++] = (span){x, e - x, work, 0};
+        x = e;
     }
     /* Merge scratch for the largest tile of the object (a pair's union is at most twice it). */
     int64_t tile_keys = 0;
@@ -361,7 +394,7 @@ dma_status dma_forward_run(dma_context *ctx, const dma_attn *a)
         uint64_t *merge_bits = (uint64_t *)(mine + panel_floats + merge_int_floats);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t x = 0; x < nspans; x++)
-            forward_span(a, items, &spans[x], mine, merge_ints, merge_bits);
+            forward_span(a, items, &spans[x], pairs, mine, merge_ints, merge_bits);
     }
 done:
     free(items);

@@ -255,12 +255,29 @@ bool dma_items_adjacent(const dma_item *p, const dma_item *q);
 bool dma_views_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows,
                     double growth, int64_t *count);
 
-/* Ints dma_merge_views() needs for a merged union of two tiles of at most tile_keys keys each:
- * the keys, then how each tile's positions map into them. */
+/* Whether two adjacent views may pair at all: both select through bitmasks and the pair has at
+ * most max_rows rows. */
+bool dma_views_may_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows);
+
+/* Whether a merged union of `count` keys costs at most `growth` times the products of the two
+ * tiles apart. */
+bool dma_pair_worth(const dma_item_view *A, const dma_item_view *B, int64_t count,
+                    double growth);
+
+/* Ints the merge of two tiles of at most tile_keys keys each needs: the merged keys, then how
+ * each tile's positions map into them. */
 int64_t dma_merge_ints(int64_t tile_keys);
 
-/* The view of tiles A and B together: rows of A then of B, over their merged union. `ints`
- * holds dma_merge_ints(max(A.count, B.count)), `bits` (A.nrows + B.nrows) rows of
+/* The merged union of views A and B into `ints` (dma_merge_ints(max(A.count, B.count))): its
+ * size. */
+int64_t dma_merge_union(const dma_item_view *A, const dma_item_view *B, int32_t *ints);
+
+/* After dma_merge_union() gave n: the view of tiles A and B together, rows of A then of B, over
+ * the merged union; `bits` holds (A.nrows + B.nrows) rows of ceil(n / 64) words. */
+void dma_merge_rows(const dma_item_view *A, const dma_item_view *B, int64_t n, int32_t *ints,
+                    uint64_t *bits, dma_item_view *out);
+
+/* Both steps: the view of tiles A and B together. `bits` holds (A.nrows + B.nrows) rows of
  * ceil((A.count + B.count) / 64) words. */
 void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
                      int32_t *ints, uint64_t *bits);

@@ -33,20 +33,32 @@ bool dma_items_adjacent(const dma_item *p, const dma_item *q)
 bool dma_views_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows,
                     double growth, int64_t *count)
 {
-    if (!A->bits || !B->bits || A->nh * (A->nrows + B->nrows) > max_rows)
+    if (!dma_views_may_pair(A, B, max_rows))
         return false;
     *count = merged_count(A, B);
-    return (double)*count * (double)(A->nrows + B->nrows) <=
-           growth * (double)(A->count * A->nrows + B->count * B->nrows);
+    return dma_pair_worth(A, B, *count, growth);
 }
 
-/* dst bits [d, d + len) |= src bits [s, s + len) (src NULL: all ones). */
+bool dma_views_may_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows)
+{
+    return A->bits && B->bits && A->nh * (A->nrows + B->nrows) <= max_rows;
+}
+
+/* dst bits [d, d + len) |= src bits [s, s + len) (src NULL: all ones), one destination word
+ * per step. */
 static void or_bits(uint64_t *dst, int64_t d, const uint64_t *src, int64_t s, int64_t len)
 {
     while (len > 0) {
-        int64_t take = dma_min64(len, dma_min64(64 - (s & 63), 64 - (d & 63)));
-        uint64_t mask = take == 64 ? ~(uint64_t)0 : ((uint64_t)1 << take) - 1;
-        uint64_t chunk = src ? (src[s >> 6] >> (s & 63)) & mask : mask;
+        const int64_t take = dma_min64(len, 64 - (d & 63));
+        const uint64_t mask = take == 64 ? ~(uint64_t)0 : ((uint64_t)1 << take) - 1;
+        uint64_t chunk = mask;
+        if (src) {
+            const int64_t w = s >> 6, sh = s & 63;
+            chunk = src[w] >> sh;
+            if (sh && sh + take > 64)
+                chunk |= src[w + 1] << (64 - sh);
+            chunk &= mask;
+        }
         dst[d >> 6] |= chunk << (d & 63);
         s += take;
         d += take;
@@ -113,14 +125,22 @@ static void merge_row(const dma_item_view *T, int64_t i, const pos_runs *runs, d
 
 int64_t dma_merge_ints(int64_t tile_keys) { return 2 * tile_keys + 2 * (2 * tile_keys + 2); }
 
-void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
-                     int32_t *ints, uint64_t *bits)
+/* Where dma_merge_union() leaves the runs of tile A and tile B in `ints`. */
+static void runs_of(const dma_item_view *A, const dma_item_view *B, int32_t *ints, pos_runs *ra,
+                    pos_runs *rb)
+{
+    ra->src = ints + A->count + B->count;
+    ra->dst = ra->src + A->count + 1;
+    rb->src = ra->dst + A->count + 1;
+    rb->dst = rb->src + B->count + 1;
+}
+
+int64_t dma_merge_union(const dma_item_view *A, const dma_item_view *B, int32_t *ints)
 {
     int32_t *keys = ints;
-    pos_runs ra = {keys + A->count + B->count, NULL, 0};
-    ra.dst = ra.src + A->count + 1;
-    pos_runs rb = {ra.dst + A->count + 1, NULL, 0};
-    rb.dst = rb.src + B->count + 1;
+    pos_runs ra, rb;
+    runs_of(A, B, ints, &ra, &rb);
+    ra.nruns = rb.nruns = 0;
     int32_t i = 0, j = 0, n = 0;
     while (i < A->count || j < B->count) {
         int32_t ka = i < A->count ? dma_view_key(A, i) : INT32_MAX;
@@ -133,12 +153,25 @@ void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_vi
     }
     ra.src[ra.nruns] = A->count;
     rb.src[rb.nruns] = B->count;
+    /* the run counts, kept past each tile's end marker */
+    ra.dst[A->count] = (int32_t)ra.nruns;
+    rb.dst[B->count] = (int32_t)rb.nruns;
+    return n;
+}
+
+void dma_merge_rows(const dma_item_view *A, const dma_item_view *B, int64_t n, int32_t *ints,
+                    uint64_t *bits, dma_item_view *out)
+{
+    pos_runs ra, rb;
+    runs_of(A, B, ints, &ra, &rb);
+    ra.nruns = ra.dst[A->count];
+    rb.nruns = rb.dst[B->count];
     *out = *A;
     out->nrows = A->nrows + B->nrows;
     out->M = A->nh * out->nrows;
-    out->keys = keys;
+    out->keys = ints;
     out->first = 0;
-    out->count = n;
+    out->count = (int32_t)n;
     out->words_per_row = dma_div_up(n, 64);
     out->bits = bits;
     memset(bits, 0, sizeof(uint64_t) * (size_t)(out->nrows * out->words_per_row));
@@ -146,4 +179,17 @@ void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_vi
         merge_row(A, r, &ra, out, r);
     for (int64_t r = 0; r < B->nrows; r++)
         merge_row(B, r, &rb, out, A->nrows + r);
+}
+
+void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
+                     int32_t *ints, uint64_t *bits)
+{
+    dma_merge_rows(A, B, dma_merge_union(A, B, ints), ints, bits, out);
+}
+
+bool dma_pair_worth(const dma_item_view *A, const dma_item_view *B, int64_t count,
+                    double growth)
+{
+    return (double)count * (double)(A->nrows + B->nrows) <=
+           growth * (double)(A->count * A->nrows + B->count * B->nrows);
 }
