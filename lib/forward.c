@@ -71,28 +71,6 @@ static bool use_bf16_dots(const dma_attn *a)
            k->stride[0] % 2 == 0 && k->stride[2] % 2 == 0 && ((uintptr_t)k->data & 3) == 0;
 }
 
-/* Ask for the item's query rows and out rows to be brought into the cache, all at once: a head's
- * rows are a few lines each, one row stride apart, which the hardware prefetchers do not follow
- * far enough (with one head per item, loading them missed on every line). */
-static void prefetch_item_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv)
-{
-    const dma_tensor *q = a->q, *out = a->out;
-    const int64_t qsize = q->dtype == DMA_F32 ? 4 : 2, osize = out->dtype == DMA_F32 ? 4 : 2;
-    for (int64_t hh = 0; hh < iv->nh; hh++)
-        for (int64_t i = 0; i < iv->nrows; i++) {
-            const int64_t row = iv->r0 + i, h = iv->h0 + hh;
-            const char *qr = (const char *)q->data +
-                             qsize * (it->b * q->stride[0] + row * q->stride[1] + h * q->stride[2]);
-            const char *orow = (const char *)out->data + osize * (it->b * out->stride[0] +
-                                                                  row * out->stride[1] +
-                                                                  h * out->stride[2]);
-            for (int64_t byte = 0; byte < qsize * a->D; byte += 64)
-                __builtin_prefetch(qr + byte, 0, 3);
-            for (int64_t byte = 0; byte < osize * a->D; byte += 64)
-                __builtin_prefetch(orow + byte, 1, 3);
-        }
-}
-
 /* Rows of the next block when `rest` rows are left: mr, except that the last (at most four)
  * blocks share the rest evenly when it is not a multiple of mr (with mr = 6, a pair's 128 rows
  * are 18 x 6 + 4 x 5, not 21 x 6 + 2: a block of few rows has too few accumulators to keep the
@@ -131,7 +109,8 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
     const bool decode = a->cache && nrows == 1 && mr <= 8;
-    prefetch_item_rows(a, it, iv);
+    dma_prefetch_rows(a, it, iv, a->q, false);
+    dma_prefetch_rows(a, it, iv, a->out, true);
     /* the bf16 dots read the stored rows; every other path the scaled float32 ones */
     if (a->bf16_dots)
         load_rows_bf16(a, it, iv, Qh, ld);

@@ -233,6 +233,13 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
 void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                         const dma_tensor *src, float scale, float *dst, int64_t ld);
 
+/* Ask for the item's rows of a (B, L, H, D) tensor to be brought into the cache, all at once
+ * (to be written if `write`): a head's rows are a few lines each, one row stride apart, which
+ * the hardware prefetchers do not follow far enough; with one head per item, loading them
+ * missed on nearly every line. */
+void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                       const dma_tensor *t, bool write);
+
 /* n rows of a (B, L, H, D) tensor of any storage type (key c is row keys[c], or first + c, at
  * element offset off + key * stride[1]) as float32 rows dst[c * ld ...], zero-padded to ld. */
 void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,
