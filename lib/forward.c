@@ -6,6 +6,8 @@
  * block of query rows of every head of the group computes its scores, the online softmax and its
  * P*V update against those panels. The dense and causal baselines run through the same code with
  * a union that is simply every visible key.
+ * Threads take runs of consecutive tiles of the same heads (spans), tile-major; with one head per
+ * item, tiles 2t and 2t + 1 of a run run as one item over their merged union when that pays.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -16,14 +18,14 @@
 #include "internal.h"
 #include "kvcache.h"
 
-/* Pairs (lib/tile_pairs.c): with few heads per item, each K and V row gathered serves few query
- * rows, so tiles t, t + 1 run as one item over their merged union when its rows fit PAIR_ROWS
- * and it costs at most PAIR_GROWTH times the products of the two tiles apart. */
+/* Pairs (lib/tile_pairs.c): with one head per item (MHA), each K and V row gathered serves only
+ * a tile's rows, so tiles t, t + 1 run as one item over their merged union when its rows fit
+ * PAIR_ROWS and it costs at most PAIR_GROWTH times the products of the two tiles apart. */
 #define PAIR_ROWS DMA_VIEW_ROWS
 #define PAIR_GROWTH 1.04
 
-/* Whether the forward's items are pairs of tiles: a KV cache's per-key bias is read by tile, and
- * items of more heads than PAIR_ROWS / 2 rows never pair. */
+/* Whether tiles may pair: items of one head (two tiles of more heads exceed PAIR_ROWS), not over
+ * a KV cache (its per-key bias is read by tile). */
 static bool forward_pairs(const dma_attn *a)
 {
     return !a->cache && a->sp->ntiles > 1 &&
@@ -265,7 +267,7 @@ static int64_t run_tiles(const dma_attn *a, int threads, bool pairs)
 {
     const int64_t lanes = a->B * (a->Hq / a->heads_per_group) * a->items_per_group;
     int64_t run = RUN_TILES;
-    while (run > (pairs ? 2 : 1) && lanes * dma_div_up(a->sp->ntiles, run) < 4 * (int64_t)threads)
+    while (run > (pairs ? 2 : 1) && lanes * dma_div_up(a->sp->ntiles, run) < 4 * threads)
         run /= 2;
     return run;
 }

@@ -174,7 +174,8 @@ typedef struct dma_item {
     int64_t b, group, sub, tile, work;
 } dma_item;
 
-/* Rows a view can hold: the backward merges two tiles into one view (lib/backward.c). */
+/* Rows a view can hold: the forward and the backward merge two tiles into one view
+ * (lib/tile_pairs.c). */
 #define DMA_VIEW_ROWS (2 * DMA_TILE)
 
 /* What a work item reads: its heads, rows, union and each row's selected positions. */
