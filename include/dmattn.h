@@ -345,8 +345,9 @@ typedef struct dma_attn_params {
  * element; for a NaN in v[j][d], element d) and a NaN lse. The scores of keys a row did not
  * select never matter. But, as in any dense masked implementation (0 * NaN = NaN), the P V
  * product multiplies the zero weights of a block of rows with the values of every key that rows
- * of their query tile (DESIGN §2) selected: a NaN in v[j][d] may also give a NaN out[d] to rows
- * of that tile and kv head that did not select key j. An out row that holds a NaN always has a
+ * of their query tile (DESIGN §2) selected, or of two consecutive tiles, which the forward may
+ * process together: a NaN in v[j][d] may also give a NaN out[d] to rows of those tiles and kv
+ * head that did not select key j. An out row that holds a NaN always has a
  * NaN lse. An infinite input may give NaN (inf - inf), or an empty row where it makes every
  * selected score -inf (as a -inf bias does).
  *

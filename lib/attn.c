@@ -192,6 +192,24 @@ void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_vi
         }
 }
 
+void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                       const dma_tensor *t, bool write)
+{
+    const int64_t size = t->dtype == DMA_F32 ? 4 : 2;
+    for (int64_t hh = 0; hh < iv->nh; hh++)
+        for (int64_t i = 0; i < iv->nrows; i++) {
+            const char *row = (const char *)t->data +
+                              size * (it->b * t->stride[0] + (iv->r0 + i) * t->stride[1] +
+                                      (iv->h0 + hh) * t->stride[2]);
+            for (int64_t byte = 0; byte < size * a->D; byte += 64) {
+                if (write)
+                    __builtin_prefetch(row + byte, 1, 3);
+                else
+                    __builtin_prefetch(row + byte, 0, 3);
+            }
+        }
+}
+
 void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,
                      int32_t first, int n, float *dst, int ld)
 {

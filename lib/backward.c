@@ -146,126 +146,10 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
         }
 }
 
-/*
- * Pairs. Two consecutive tiles of the same heads usually select nearly the same keys (a causal
- * top-k union changes only by the keys that enter the top w within the tile), so one work item
- * of both tiles over their merged union gathers K and V once for both and adds into dk/dv once:
- * half the gathers and half the adds per row, for a few more products. Tiles t and t + 1 (t
- * even) of the same heads are paired when both select through bitmasks, the pair's rows fit
- * BWD_ROWS, and the merged union costs at most PAIR_GROWTH times the products of the two.
- */
+/* Pairs (lib/tile_pairs.c): tiles t, t + 1 of the same heads as one work item over their merged
+ * union, when its rows fit BWD_ROWS and it costs at most PAIR_GROWTH times the products of the
+ * two tiles apart. */
 #define PAIR_GROWTH 1.04
-
-/* Keys in the union of two views' unions (both sorted). */
-static int64_t merged_count(const dma_item_view *A, const dma_item_view *B)
-{
-    int64_t i = 0, j = 0, n = 0;
-    while (i < A->count && j < B->count) {
-        int32_t ka = dma_view_key(A, i), kb = dma_view_key(B, j);
-        i += ka <= kb;
-        j += kb <= ka;
-        n++;
-    }
-    return n + (A->count - i) + (B->count - j);
-}
-
-/* dst bits [d, d + len) |= src bits [s, s + len) (src NULL: all ones). */
-static void or_bits(uint64_t *dst, int64_t d, const uint64_t *src, int64_t s, int64_t len)
-{
-    while (len > 0) {
-        int64_t take = dma_min64(len, dma_min64(64 - (s & 63), 64 - (d & 63)));
-        uint64_t mask = take == 64 ? ~(uint64_t)0 : ((uint64_t)1 << take) - 1;
-        uint64_t chunk = src ? (src[s >> 6] >> (s & 63)) & mask : mask;
-        dst[d >> 6] |= chunk << (d & 63);
-        s += take;
-        d += take;
-        len -= take;
-    }
-}
-
-/* How a tile's union positions map into the merged union: run k takes positions
- * [src[k], src[k + 1]) to the consecutive positions from dst[k] on (src[nruns] = the tile's
- * count). The two unions differ in a few keys, so there are few runs. */
-typedef struct pos_runs {
-    int32_t *src, *dst;
-    int64_t nruns;
-} pos_runs;
-
-static void add_position(pos_runs *runs, int32_t pos, int32_t to)
-{
-    int64_t k = runs->nruns;
-    if (k == 0 || to != runs->dst[k - 1] + (pos - runs->src[k - 1])) {
-        runs->src[k] = pos;
-        runs->dst[k] = to;
-        runs->nruns = k + 1;
-    }
-}
-
-/* Mark row `row` of `out` with the positions tile view T's row i selects, moved run by run. */
-static void merge_row(const dma_item_view *T, int64_t i, const pos_runs *runs, dma_item_view *out,
-                      int64_t row)
-{
-    uint64_t *dst = (uint64_t *)out->bits + row * out->words_per_row;
-    const uint64_t *src = dma_row_bits(T, i);
-    const int64_t lo = T->lo[i], hi = T->hi[i];
-    for (int64_t k = 0; k < runs->nruns && runs->src[k] < hi; k++) {
-        int64_t s = dma_max64(runs->src[k], lo), e = dma_min64(runs->src[k + 1], hi);
-        if (e > s)
-            or_bits(dst, runs->dst[k] + (s - runs->src[k]), src, s, e - s);
-    }
-    /* The row's bounds: its first and last set bit. */
-    int64_t first = -1, last = -1;
-    for (int64_t w = 0; w < out->words_per_row; w++)
-        if (dst[w]) {
-            if (first < 0)
-                first = w * 64 + __builtin_ctzll(dst[w]);
-            last = w * 64 + 63 - __builtin_clzll(dst[w]) + 1;
-        }
-    out->lo[row] = first >= 0 ? (int32_t)first : 0;
-    out->hi[row] = first >= 0 ? (int32_t)last : 0;
-}
-
-/* Ints merge_views() needs for a merged union of at most 2 * tile_keys keys: the keys, then
- * the runs of both tiles (at most one per position, plus an end each). */
-static int64_t merge_ints(int64_t tile_keys) { return 2 * tile_keys + 2 * (2 * tile_keys + 2); }
-
-/* The view of tiles A and B together: rows of A then of B, over their merged union. `ints`
- * holds merge_ints(max(A.count, B.count)), `bits` (A.nrows + B.nrows) * words of the merged
- * union. */
-static void merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
-                        int32_t *ints, uint64_t *bits)
-{
-    int32_t *keys = ints;
-    pos_runs ra = {keys + A->count + B->count, NULL, 0};
-    ra.dst = ra.src + A->count + 1;
-    pos_runs rb = {ra.dst + A->count + 1, NULL, 0};
-    rb.dst = rb.src + B->count + 1;
-    int32_t i = 0, j = 0, n = 0;
-    while (i < A->count || j < B->count) {
-        int32_t ka = i < A->count ? dma_view_key(A, i) : INT32_MAX;
-        int32_t kb = j < B->count ? dma_view_key(B, j) : INT32_MAX;
-        if (ka <= kb)
-            add_position(&ra, i++, n);
-        if (kb <= ka)
-            add_position(&rb, j++, n);
-        keys[n++] = ka < kb ? ka : kb;
-    }
-    ra.src[ra.nruns] = A->count;
-    rb.src[rb.nruns] = B->count;
-    *out = *A;
-    out->nrows = A->nrows + B->nrows;
-    out->M = A->nh * out->nrows;
-    out->keys = keys;
-    out->first = 0;
-    out->count = n;
-    out->words_per_row = dma_div_up(n, 64);
-    out->bits = bits;
-    memset(bits, 0, sizeof(uint64_t) * (size_t)(out->nrows * out->words_per_row));
-    for (int64_t r = 0; r < A->nrows; r++)
-        merge_row(A, r, &ra, out, r);
-    for (int64_t r = 0; r < B->nrows; r++)
-        merge_row(B, r, &rb, out, A->nrows + r);
-}
 
 /*
  * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
@@ -298,23 +182,15 @@ static void plan_free(turn_plan *p)
     free((void *)p->done);
 }
 
-/* Whether items x and x + 1 are tiles t, t + 1 (t even) of the same heads and worth pairing.
- * A is item x's view; when they pair, B is item x + 1's and *count their merged union's size. */
+/* Whether items x and x + 1 pair up (A is item x's view; B receives item x + 1's, *count
+ * their merged union's size). */
 static bool pair_up(const bwd *w, int64_t x, int64_t nitems, const dma_item_view *A,
                     dma_item_view *B, int64_t *count)
 {
-    if (x + 1 >= nitems)
+    if (x + 1 >= nitems || !dma_items_adjacent(&w->items[x], &w->items[x + 1]))
         return false;
-    const dma_item *p = &w->items[x], *q = &w->items[x + 1];
-    if (p->tile % 2 || q->tile != p->tile + 1 || q->b != p->b || q->group != p->group ||
-        q->sub != p->sub)
-        return false;
-    dma_item_view_init(&w->a, q, B);
-    if (!A->bits || !B->bits || A->nh * (A->nrows + B->nrows) > BWD_ROWS)
-        return false;
-    *count = merged_count(A, B);
-    return (double)*count * (double)(A->nrows + B->nrows) <=
-           PAIR_GROWTH * (double)(A->count * A->nrows + B->count * B->nrows);
+    dma_item_view_init(&w->a, &w->items[x + 1], B);
+    return dma_views_pair(A, B, BWD_ROWS, PAIR_GROWTH, count);
 }
 
 static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
@@ -731,9 +607,9 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     /* Per thread: the panels, room to merge two tiles' views, then the private buffers of the
      * largest work item. */
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, plan.nspans));
-    /* merge_views: merge_ints(tile_keys) ints, DMA_VIEW_ROWS rows of (2 * tile_keys) bits */
+    /* dma_merge_views: dma_merge_ints(tile_keys) ints, DMA_VIEW_ROWS rows of 2 * tile_keys bits */
     const int64_t tile_keys = plan.tile_keys;
-    const int64_t merge_int_floats = (merge_ints(tile_keys) + 1) / 2 * 2; /* 8-byte aligned */
+    const int64_t merge_int_floats = (dma_merge_ints(tile_keys) + 1) / 2 * 2; /* 8-byte aligned */
     const size_t merge_floats = (size_t)merge_int_floats +
                                 (size_t)(2 * DMA_VIEW_ROWS * dma_div_up(2 * tile_keys, 64)) + 16;
     const size_t panel_floats = backward_scratch_floats(&w.a);
@@ -762,7 +638,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
             if (plan.span_pair[sx]) {
                 dma_item_view first = iv, second;
                 dma_item_view_init(&w.a, &items[x + 1], &second);
-                merge_views(&first, &second, &iv, merge_keys, merge_bits);
+                dma_merge_views(&first, &second, &iv, merge_keys, merge_bits);
             }
             item_grads g;
             item_layout(&w, &iv, &g);

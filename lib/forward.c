@@ -6,6 +6,8 @@
  * block of query rows of every head of the group computes its scores, the online softmax and its
  * P*V update against those panels. The dense and causal baselines run through the same code with
  * a union that is simply every visible key.
+ * Threads take runs of consecutive tiles of the same heads (spans), tile-major; with one head per
+ * item, tiles 2t and 2t + 1 of a run run as one item over their merged union when that pays.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -16,11 +18,27 @@
 #include "internal.h"
 #include "kvcache.h"
 
+/* Pairs (lib/tile_pairs.c): with one head per item (MHA), each K and V row gathered serves only
+ * a tile's rows, so tiles t, t + 1 run as one item over their merged union when its rows fit
+ * PAIR_ROWS and it costs at most PAIR_GROWTH times the products of the two tiles apart. */
+#define PAIR_ROWS DMA_VIEW_ROWS
+#define PAIR_GROWTH 1.04
+
+/* Whether tiles may pair: items of one head (two tiles of more heads exceed PAIR_ROWS), not over
+ * a KV cache (its per-key bias is read by tile). */
+static bool forward_pairs(const dma_attn *a)
+{
+    return !a->cache && a->sp->ntiles > 1 &&
+           dma_min64(DMA_HEADS_PER_ITEM, a->heads_per_group) * 2 * DMA_TILE <= PAIR_ROWS;
+}
+
 /* Floats of per-thread scratch forward_item() uses. */
 static size_t forward_scratch_floats(const dma_attn *a)
 {
     /* the most rows an item has: decode (Lq = 1) needs a few, not a whole tile's */
-    int64_t M = dma_min64(DMA_HEADS_PER_ITEM, a->heads_per_group) * dma_min64(DMA_TILE, a->Lq);
+    int64_t M = forward_pairs(a) ? PAIR_ROWS
+                                 : dma_min64(DMA_HEADS_PER_ITEM, a->heads_per_group) *
+                                       dma_min64(DMA_TILE, a->Lq);
     /* + DMA_CHUNK rows of `stage` for the K rows gathered from a cache */
     size_t n = (size_t)(2 * M * a->ld + (a->cache ? 3 : 2) * DMA_CHUNK * a->ld +
                         (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK + 2 * M + 64);
@@ -55,14 +73,27 @@ static bool use_bf16_dots(const dma_attn *a)
            k->stride[0] % 2 == 0 && k->stride[2] % 2 == 0 && ((uintptr_t)k->data & 3) == 0;
 }
 
-static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
+/* Rows of the next block when `rest` rows are left: mr, except that the last (at most four)
+ * blocks share the rest evenly when it is not a multiple of mr (with mr = 6, a pair's 128 rows
+ * are 18 x 6 + 4 x 5, not 21 x 6 + 2: a block of few rows has too few accumulators to keep the
+ * FMA units busy). Results do not depend on the blocks. */
+static inline int64_t block_rows(int64_t rest, int64_t mr)
+{
+    if (rest % mr && rest <= 4 * mr) {
+        const int64_t blocks = dma_div_up(rest, mr);
+        return dma_div_up(rest, blocks);
+    }
+    return mr;
+}
+
+/* The forward of item `it` over the view iv: its own, or its pair's merged (rows r0 on). */
+static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                         float *scratch)
 {
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, mr = kern->mr, nr = kern->nr;
     const bool per_row_bias = a->bias && a->bias->shape[2] != 1;
-    dma_item_view iv;
-    dma_item_view_init(a, it, &iv);
-    const int64_t M = iv.M, nrows = iv.nrows;
+    const int64_t M = iv->M, nrows = iv->nrows;
 
     float *Q = scratch;                        /* [M][ld] scaled queries */
     float *O = Q + M * ld;                     /* [M][ld] running output */
@@ -80,47 +111,49 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
     const bool decode = a->cache && nrows == 1 && mr <= 8;
+    dma_prefetch_rows(a, it, iv, a->q, false);
+    dma_prefetch_rows(a, it, iv, a->out, true);
     /* the bf16 dots read the stored rows; every other path the scaled float32 ones */
     if (a->bf16_dots)
-        load_rows_bf16(a, it, &iv, Qh, ld);
+        load_rows_bf16(a, it, iv, Qh, ld);
     else
-        dma_item_load_rows(a, it, &iv, a->q, a->scale, Q, ld);
+        dma_item_load_rows(a, it, iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
         row_m[r] = -INFINITY;
         row_l[r] = 0.0f;
     }
 
-    for (int64_t c0 = 0; c0 < iv.count; c0 += DMA_CHUNK) {
-        const int64_t n = dma_min64(DMA_CHUNK, iv.count - c0);
-        if (!dma_chunk_active(&iv, c0, n))
+    for (int64_t c0 = 0; c0 < iv->count; c0 += DMA_CHUNK) {
+        const int64_t n = dma_min64(DMA_CHUNK, iv->count - c0);
+        if (!dma_chunk_active(iv, c0, n))
             continue;
-        const int32_t *keys = iv.keys ? iv.keys + c0 : NULL;
-        const int32_t first = (int32_t)(iv.first + c0);
+        const int32_t *keys = iv->keys ? iv->keys + c0 : NULL;
+        const int32_t first = (int32_t)(iv->first + c0);
         if (a->cache) {
             /* A decode item (one row per head) scores the key rows directly (dots). */
             const int n_pad = (int)(dma_div_up(n, nr) * nr);
-            dma_kv_gather(a->cache, kern, it->b, iv.hkv, keys, first, (int)n, n_pad,
+            dma_kv_gather(a->cache, kern, it->b, iv->hkv, keys, first, (int)n, n_pad,
                           decode ? NULL : Kp, Vp, (int)ld, stage);
             if (a->cache_bias) { /* one kv head's bias, the same for every head of the item */
-                dma_kv_gather_bias(a->cache, a->sp, it->b, iv.hkv, keys, first, (int)n, n_pad,
+                dma_kv_gather_bias(a->cache, a->sp, it->b, iv->hkv, keys, first, (int)n, n_pad,
                                    bias_buf);
-                for (int64_t hh = 1; hh < iv.nh; hh++)
+                for (int64_t hh = 1; hh < iv->nh; hh++)
                     memcpy(bias_buf + hh * DMA_CHUNK, bias_buf, sizeof(float) * (size_t)n_pad);
             }
         } else {
-            dma_pack_kv(a, &iv, keys, first, (int)n, Kp, Vp);
+            dma_pack_kv(a, iv, keys, first, (int)n, Kp, Vp);
         }
         if (a->bias && !per_row_bias)
-            for (int64_t hh = 0; hh < iv.nh; hh++)
-                dma_gather_key_bias(a, it, &iv, hh, c0, n, dma_div_up(n, nr) * nr,
+            for (int64_t hh = 0; hh < iv->nh; hh++)
+                dma_gather_key_bias(a, it, iv, hh, c0, n, dma_div_up(n, nr) * nr,
                                     bias_buf + hh * DMA_CHUNK);
-        /* Blocks of mr rows run across head boundaries (rows of all heads are contiguous in Q),
-         * so only the item's last block is short. */
-        for (int64_t row0 = 0; row0 < M; row0 += mr) {
-            const int64_t m = dma_min64(mr, M - row0);
+        /* Blocks of rows run across head boundaries (rows of all heads are contiguous in Q),
+         * so only the item's last blocks are short. */
+        for (int64_t row0 = 0, m; row0 < M; row0 += m) {
+            m = block_rows(M - row0, mr);
             int64_t ca, cb;
-            if (!dma_block_cols(&iv, row0, m, c0, n, nr, &ca, &cb))
+            if (!dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb))
                 continue;
             if (a->bf16_dots)
                 kern->scores_bf16(S, DMA_CHUNK, Qh + row0 * ld, (int)ld, (int)m, Kh + ca * D,
@@ -136,14 +169,14 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                 const float *brow = NULL;
                 if (per_row_bias) {
                     brow = bias_buf;
-                    dma_gather_row_bias(a, it, &iv, hh, i, c0, ca, cb, n, bias_buf);
+                    dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
                 } else if (a->bias || a->cache_bias) {
                     brow = bias_buf + hh * DMA_CHUNK + ca;
                 }
                 int lo, hi;
-                dma_row_span(&iv, i, c0, ca, cb, &lo, &hi);
+                dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
                 alpha[r] = kern->softmax_row(S + r * DMA_CHUNK, (int)(cb - ca), brow,
-                                             dma_row_bits(&iv, i), (int)(c0 + ca), lo, hi,
+                                             dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
                                              a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
             }
             /* P is zero past n, and V rows past n were never packed: stop at n. */
@@ -156,11 +189,11 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
      * exp(0) = 1 at the max): out = 0 (written, not O * 0, which a NaN in V of the tile's
      * union would turn into NaN) and lse = -inf. Any other l, NaN included (a NaN logit), is a
      * row; a NaN in the row written (also from V, which never enters l) makes its lse NaN. */
-    for (int64_t hh = 0; hh < iv.nh; hh++)
+    for (int64_t hh = 0; hh < iv->nh; hh++)
         for (int64_t i = 0; i < nrows; i++) {
             const int64_t r = hh * nrows + i;
-            const int64_t off = it->b * a->out->stride[0] + (iv.r0 + i) * a->out->stride[1] +
-                                (iv.h0 + hh) * a->out->stride[2];
+            const int64_t off = it->b * a->out->stride[0] + (iv->r0 + i) * a->out->stride[1] +
+                                (iv->h0 + hh) * a->out->stride[2];
             /* 16-bit outputs are rounded once from the row in O (normalised in place). */
             float *dst = a->out->dtype == DMA_F32 ? f32(a->out) + off : O + r * ld;
             float row_lse = -INFINITY;
@@ -180,21 +213,90 @@ static void forward_item(const dma_attn *a, const dma_item *it, float *scratch)
                 kern->from_f32((uint16_t *)a->out->data + off, dst, D,
                                a->out->dtype == DMA_F16);
             if (a->lse)
-                f32(a->lse)[it->b * a->lse->stride[0] + (iv.h0 + hh) * a->lse->stride[1] +
-                            (iv.r0 + i) * a->lse->stride[2]] = row_lse;
+                f32(a->lse)[it->b * a->lse->stride[0] + (iv->h0 + hh) * a->lse->stride[1] +
+                            (iv->r0 + i) * a->lse->stride[2]] = row_lse;
         }
 }
 
+/* A unit of the schedule: a run of items of consecutive tiles of the same heads, taken by one
+ * thread tile after tile, so that each tile finds most of its union's K and V rows in cache
+ * (the unions of nearby tiles nearly agree). */
+typedef struct span {
+    int64_t item, n, work;
+    int64_t rank; /* its place among spans of the same work class: tile-major */
+} span;
+
+/* Tiles per run at most. Runs start at a tile that is a multiple of their length, so pairs
+ * (t even, t + 1) never straddle two runs. */
+#define RUN_TILES 8
+
 static int by_work_desc(const void *x, const void *y)
 {
-    const dma_item *p = x, *q = y;
+    const span *p = x, *q = y;
     if (p->work != q->work)
         return p->work < q->work ? 1 : -1;
-    /* Ties in natural order; the schedule never changes results, only speed. */
-    if (p->b != q->b) return p->b < q->b ? -1 : 1;
-    if (p->group != q->group) return p->group < q->group ? -1 : 1;
-    if (p->sub != q->sub) return p->sub < q->sub ? -1 : 1;
-    return p->tile < q->tile ? -1 : (p->tile > q->tile);
+    return p->rank < q->rank ? -1 : (p->rank > q->rank);
+}
+
+/* Work classes of the schedule: spans are taken largest class first (late causal tiles, the
+ * heaviest, do not end the schedule), and within a class tile by tile, all heads of a tile
+ * together: their query and out rows share cache lines and pages (a row of all heads is
+ * contiguous), which head after head, each a few lines per row, leaves to be missed one by
+ * one. The order never changes results, only speed. */
+#define WORK_CLASSES 16
+
+static void order_spans(const dma_attn *a, const dma_item *items, span *spans, int64_t nspans)
+{
+    int64_t most = 0;
+    for (int64_t x = 0; x < nspans; x++)
+        most = dma_max64(most, spans[x].work);
+    const int64_t groups = a->Hq / a->heads_per_group;
+    for (int64_t x = 0; x < nspans; x++) {
+        const dma_item *it = &items[spans[x].item];
+        spans[x].work = spans[x].work * WORK_CLASSES / (most + 1);
+        spans[x].rank = ((it->b * a->sp->ntiles + it->tile) * groups + it->group) *
+                            a->items_per_group + it->sub;
+    }
+    qsort(spans, (size_t)nspans, sizeof(span), by_work_desc);
+}
+
+/* Tiles per run: RUN_TILES, halved while that leaves fewer than 4 spans per thread (small
+ * problems on many threads), but never below 2 where tiles pair. Which tiles pair does not
+ * depend on it (pairs are tiles 2t, 2t + 1), so neither do the results. */
+static int64_t run_tiles(const dma_attn *a, int threads, bool pairs)
+{
+    const int64_t lanes = a->B * (a->Hq / a->heads_per_group) * a->items_per_group;
+    int64_t run = RUN_TILES;
+    while (run > (pairs ? 2 : 1) && lanes * dma_div_up(a->sp->ntiles, run) < 4 * threads)
+        run /= 2;
+    return run;
+}
+
+/* The items of a span, tile after tile; where pairs are on, tiles 2t and 2t + 1 that pair run
+ * as one item over their merged union. */
+static void forward_span(const dma_attn *a, const dma_item *items, const span *sp, bool pairs,
+                         float *scratch, int32_t *merge_ints, uint64_t *merge_bits)
+{
+    for (int64_t k = 0; k < sp->n; k++) {
+        const dma_item *it = &items[sp->item + k];
+        dma_item_view A, B, merged;
+        dma_item_view_init(a, it, &A);
+        if (pairs && k + 1 < sp->n && dma_items_adjacent(it, it + 1)) {
+            dma_item_view_init(a, it + 1, &B);
+            int64_t n;
+            if (dma_views_may_pair(&A, &B, PAIR_ROWS) &&
+                dma_pair_worth(&A, &B, n = dma_merge_union(&A, &B, merge_ints), PAIR_GROWTH)) {
+                dma_merge_rows(&A, &B, n, merge_ints, merge_bits, &merged);
+                forward_item(a, it, &merged, scratch);
+            } else {
+                forward_item(a, it, &A, scratch);
+                forward_item(a, it + 1, &B, scratch);
+            }
+            k++;
+        } else {
+            forward_item(a, it, &A, scratch);
+        }
+    }
 }
 
 dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *k,
@@ -224,29 +326,60 @@ dma_status dma_forward(dma_context *ctx, const dma_tensor *q, const dma_tensor *
 dma_status dma_forward_run(dma_context *ctx, const dma_attn *a)
 {
     dma_item *items = NULL;
-    int64_t nitems = 0;
+    span *spans = NULL;
+    int64_t nitems = 0, nspans = 0;
     float *scratch = NULL;
     dma_status st = dma_attn_items(ctx, a, &items, &nitems);
     if (st != DMA_OK)
         goto done;
-    int threads = (int)dma_max64(1, dma_min64(ctx->threads, nitems));
-    size_t per_thread = forward_scratch_floats(a);
+    const bool pairs = forward_pairs(a);
+    spans = malloc(sizeof(span) * (size_t)(nitems ? nitems : 1));
+    if (!spans) {
+        st = dma_fail(ctx, DMA_ERR_NOMEM, "forward: out of memory for work items");
+        goto done;
+    }
+    /* Items come in natural order (b, group, sub, tile): a run ends at a multiple of `run`
+     * tiles or where the heads change. */
+    const int64_t run = run_tiles(a, ctx->threads, pairs);
+    for (int64_t x = 0; x < nitems;) {
+        int64_t e = x + 1, work = items[x].work;
+        while (e < nitems && items[e].tile % run && items[e].tile == items[e - 1].tile + 1 &&
+               items[e].b == items[x].b && items[e].group == items[x].group &&
+               items[e].sub == items[x].sub)
+            work += items[e++].work;
+        spans[nspans++] = (span){x, e - x, work, 0};
+        x = e;
+    }
+    /* Merge scratch for the largest tile of the object (a pair's union is at most twice it). */
+    int64_t tile_keys = 0;
+    if (pairs)
+        for (int64_t t = 0; t < a->sp->B * a->sp->H * a->sp->ntiles; t++)
+            tile_keys = dma_max64(tile_keys, a->sp->tiles[t].count);
+    const size_t panel_floats = forward_scratch_floats(a);
+    const int64_t merge_int_floats = (dma_merge_ints(tile_keys) + 1) / 2 * 2; /* 8-byte aligned */
+    const size_t merge_floats =
+        pairs ? (size_t)(merge_int_floats + 2 * PAIR_ROWS * dma_div_up(2 * tile_keys, 64) + 16)
+              : 0;
+    int threads = (int)dma_max64(1, dma_min64(ctx->threads, nspans));
+    size_t per_thread = (panel_floats + merge_floats + 15) / 16 * 16;
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
     if (!scratch) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "forward: out of memory for scratch");
         goto done;
     }
-    /* Largest first, then dynamic: balances causal shapes whose late tiles are the heaviest. */
-    qsort(items, (size_t)nitems, sizeof(dma_item), by_work_desc);
+    order_spans(a, items, spans, nspans);
 #pragma omp parallel num_threads(threads)
     {
         float *mine = scratch + per_thread * (size_t)omp_get_thread_num();
+        int32_t *merge_ints = (int32_t *)(mine + panel_floats);
+        uint64_t *merge_bits = (uint64_t *)(mine + panel_floats + merge_int_floats);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t x = 0; x < nitems; x++)
-            forward_item(a, &items[x], mine);
+        for (int64_t x = 0; x < nspans; x++)
+            forward_span(a, items, &spans[x], pairs, mine, merge_ints, merge_bits);
     }
 done:
     free(items);
+    free(spans);
     dma_free(scratch);
     return st;
 }

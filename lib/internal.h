@@ -174,7 +174,8 @@ typedef struct dma_item {
     int64_t b, group, sub, tile, work;
 } dma_item;
 
-/* Rows a view can hold: the backward merges two tiles into one view (lib/backward.c). */
+/* Rows a view can hold: the forward and the backward merge two tiles into one view
+ * (lib/tile_pairs.c). */
 #define DMA_VIEW_ROWS (2 * DMA_TILE)
 
 /* What a work item reads: its heads, rows, union and each row's selected positions. */
@@ -233,6 +234,13 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
 void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                         const dma_tensor *src, float scale, float *dst, int64_t ld);
 
+/* Ask for the item's rows of a (B, L, H, D) tensor to be brought into the cache, all at once
+ * (to be written if `write`): a head's rows are a few lines each, one row stride apart, which
+ * the hardware prefetchers do not follow far enough; with one head per item, loading them
+ * missed on nearly every line. */
+void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                       const dma_tensor *t, bool write);
+
 /* n rows of a (B, L, H, D) tensor of any storage type (key c is row keys[c], or first + c, at
  * element offset off + key * stride[1]) as float32 rows dst[c * ld ...], zero-padded to ld. */
 void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,
@@ -242,6 +250,45 @@ void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const 
  * float32 or 16-bit k and v. */
 void dma_pack_kv(const dma_attn *a, const dma_item_view *iv, const int32_t *keys, int32_t first,
                  int n, float *kp, float *vp);
+
+/* ---- pairs of consecutive tiles over their merged union (lib/tile_pairs.c) ---- */
+
+/* Whether items p and q are tiles t, t + 1 (t even) of the same heads. */
+bool dma_items_adjacent(const dma_item *p, const dma_item *q);
+
+/* Whether the views of two adjacent items are worth one work item: both select through
+ * bitmasks, the pair has at most max_rows rows (heads x tile rows), and the merged union costs
+ * at most `growth` times the products of the two tiles apart. *count receives the merged
+ * union's size when they pair. */
+bool dma_views_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows,
+                    double growth, int64_t *count);
+
+/* Whether two adjacent views may pair at all: both select through bitmasks and the pair has at
+ * most max_rows rows. */
+bool dma_views_may_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_rows);
+
+/* Whether a merged union of `count` keys costs at most `growth` times the products of the two
+ * tiles apart. */
+bool dma_pair_worth(const dma_item_view *A, const dma_item_view *B, int64_t count,
+                    double growth);
+
+/* Ints the merge of two tiles of at most tile_keys keys each needs: the merged keys, then how
+ * each tile's positions map into them. */
+int64_t dma_merge_ints(int64_t tile_keys);
+
+/* The merged union of views A and B into `ints` (dma_merge_ints(max(A.count, B.count))): its
+ * size. */
+int64_t dma_merge_union(const dma_item_view *A, const dma_item_view *B, int32_t *ints);
+
+/* After dma_merge_union() gave n: the view of tiles A and B together, rows of A then of B, over
+ * the merged union; `bits` holds (A.nrows + B.nrows) rows of ceil(n / 64) words. */
+void dma_merge_rows(const dma_item_view *A, const dma_item_view *B, int64_t n, int32_t *ints,
+                    uint64_t *bits, dma_item_view *out);
+
+/* Both steps: the view of tiles A and B together. `bits` holds (A.nrows + B.nrows) rows of
+ * ceil((A.count + B.count) / 64) words. */
+void dma_merge_views(const dma_item_view *A, const dma_item_view *B, dma_item_view *out,
+                     int32_t *ints, uint64_t *bits);
 
 /* Whether a dtype is one the attention computes on (float32, bf16, f16). */
 static inline bool dma_is_float(dma_dtype t)

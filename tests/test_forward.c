@@ -41,6 +41,8 @@ typedef struct fwd_case {
     int strided;      /* non-contiguous q, k, v, out, lse; stride-0 broadcast bias */
     int params_null;  /* pass params = NULL (scale, softcap and causal must then be 0) */
     int lse_null;     /* pass lse = NULL */
+    int decaying;     /* SEL_BUILD: the builder's bias falls with the key, with a few late
+                         risers, so that consecutive tiles select nearly the same keys */
     uint64_t seed;
 } fwd_case;
 
@@ -53,7 +55,7 @@ static const char *describe(const fwd_case *c)
              "{B=%lld Lq=%lld Lk=%lld Hq=%lld Hkv=%lld D=%lld causal=%d scale=%g softcap=%g "
              "bias=(%lld,%lld,%lld) neginf=%d sel=%s Bs=%lld Hs=%lld kind=%s mask_causal=%d "
              "window=%lld block=%lld mbias=(%lld,%lld,%lld) Bp=%lld density=%.2f strided=%d "
-             "params_null=%d lse_null=%d seed=%llu}",
+             "params_null=%d lse_null=%d decaying=%d seed=%llu}",
              (long long)c->B, (long long)c->Lq, (long long)c->Lk, (long long)c->Hq,
              (long long)c->Hkv, (long long)c->D, c->causal, (double)c->scale,
              (double)c->softcap, (long long)c->Bb, (long long)c->Hb, (long long)c->Lb,
@@ -61,7 +63,7 @@ static const char *describe(const fwd_case *c)
              kind_names[c->kind], c->mask_causal, (long long)c->window,
              (long long)c->block_size, (long long)c->mBb, (long long)c->mHb, (long long)c->mLb,
              (long long)c->Bp, c->density, c->strided, c->params_null, c->lse_null,
-             (unsigned long long)c->seed);
+             c->decaying, (unsigned long long)c->seed);
     return buf;
 }
 
@@ -119,7 +121,10 @@ static void fwd_data_make(const fwd_case *c, fwd_data *f)
         int64_t nb = c->mBb * c->mHb * c->mLb * Lk;
         f->mbias = test_malloc((size_t)nb * sizeof(float));
         for (int64_t x = 0; x < nb; x++) /* a mix of ties and distinct values */
-            f->mbias[x] = (c->seed & 1) ? (float)rng_int(&r, -1, 3) : rng_float(&r, -1.0f, 1.0f);
+            f->mbias[x] = c->decaying ? -0.01f * (float)(x % Lk) +
+                                            (rng_bernoulli(&r, 0.03) ? 20.0f : 0.0f)
+                          : (c->seed & 1) ? (float)rng_int(&r, -1, 3)
+                                          : rng_float(&r, -1.0f, 1.0f);
         f->pad = test_malloc((size_t)(c->Bp * Lk));
         for (int64_t x = 0; x < c->Bp * Lk; x++)
             f->pad[x] = !rng_bernoulli(&r, 0.2);
@@ -593,6 +598,45 @@ START_TEST(large)
 }
 END_TEST
 
+START_TEST(paired_tiles)
+{
+    /* Causal top-k over a builder bias that falls with the key, with a few late risers: with one
+     * query head per kv head (or per head of the object) the forward runs tiles t, t + 1 as one
+     * item over their merged union (most tiles pair here). Covered: MHA, an object per query
+     * head over GQA, Lq != Lk, a partial last tile, unions of more than one chunk, a per-key
+     * and a per-row forward bias, softcap, a batch of two, and strided tensors. */
+    fwd_case cases[5];
+    test_rng r = rng_make(23);
+    cases[0] = plain_case(1, 600, 600, 4, 4, 32, rng_u64(&r));
+    cases[0].window = 128;
+    cases[1] = plain_case(2, 400, 450, 2, 2, 40, rng_u64(&r));
+    cases[1].window = 64;
+    cases[1].softcap = 5.0f;
+    cases[1].Bb = 2;
+    cases[1].Hb = 2;
+    cases[1].Lb = 1;
+    cases[2] = plain_case(1, 700, 700, 2, 2, 64, rng_u64(&r));
+    cases[2].window = 300;
+    cases[2].strided = 1;
+    cases[3] = plain_case(1, 333, 333, 4, 1, 16, rng_u64(&r));
+    cases[3].window = 40;
+    cases[4] = plain_case(1, 520, 520, 1, 1, 24, rng_u64(&r));
+    cases[4].window = 96;
+    cases[4].Bb = cases[4].Hb = 1;
+    cases[4].Lb = 520;
+    for (int i = 0; i < 5; i++) {
+        fwd_case *c = &cases[i];
+        c->causal = c->mask_causal = 1;
+        c->sel = SEL_BUILD;
+        c->kind = DMA_MASK_TOPK;
+        c->decaying = 1;
+        c->Bs = c->mBb = c->B;
+        c->Hs = c->mHb = i == 3 ? c->Hq : c->Hkv; /* case 3: one object head per query head */
+    }
+    run_cases(cases, 5);
+}
+END_TEST
+
 START_TEST(decode)
 {
     /* Lq = 1 (one new token against a KV cache) and Lk = 1 */
@@ -856,6 +900,7 @@ static Suite *forward_suite(void)
     tcase_add_test(tc, random_medium);
     tcase_add_test(tc, every_head_dim);
     tcase_add_test(tc, large);
+    tcase_add_test(tc, paired_tiles);
     tcase_add_test(tc, decode);
     tcase_add_test(tc, lq_differs_from_lk);
     tcase_add_test(tc, sparsity_heads_and_batches);

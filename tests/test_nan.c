@@ -24,12 +24,12 @@
 
 #include "common.h"
 
-/* The query tile of the sparsity object is DMA_TILE = 64 rows (lib/internal.h) and the backward
- * may merge tiles 2t and 2t + 1 into one work item. The union of the keys an item's rows
- * selected is what the 0 * NaN products of an item can reach; the bounds below over-approximate
- * it by the range of keys selected in aligned windows of rows (valid for any DMA_TILE that
- * divides 64). */
-#define FWD_ROWS 64
+/* The query tile of the sparsity object is DMA_TILE = 64 rows (lib/internal.h) and the forward
+ * and the backward may merge tiles 2t and 2t + 1 into one work item. The union of the keys an
+ * item's rows selected is what the 0 * NaN products of an item can reach; the bounds below
+ * over-approximate it by the range of keys selected in aligned windows of rows (valid for any
+ * DMA_TILE that divides 64). */
+#define FWD_ROWS 128
 #define BWD_ROWS 128
 
 typedef enum nan_kind { NAN_Q, NAN_K, NAN_V, NAN_BIAS, NAN_Q_EMPTY } nan_kind;
