@@ -112,51 +112,53 @@ static int64_t merge_top(const heap_item *a, int64_t na, const heap_item *b, int
     return n;
 }
 
-/* A segment's scan and live list. List nodes 0 .. ns-1 are the seed keys (ascending), node
- * ns + (p - k0) is key p of the segment, so the list is in key order like the sequential
- * builder's. */
+/* A segment's scan and its live keys: the heap's content in key order, as an array (keys
+ * arrive in increasing order, so an entering key is appended; a leaving key is marked
+ * removed, as -1 - key, found by binary search). Each tile's pass over it drops the marks,
+ * so it holds at most w + 64 slots. */
 typedef struct seg {
     int64_t k0;
-    int32_t ns;
-    const int32_t *skeys;  /* the seed keys, ascending */
     const uint8_t *enters; /* [p - k0]: key p entered the heap */
     const int32_t *evk;    /* [p - k0]: the key whose place p took, or -1 */
-    int32_t *next, *prev;
-    int32_t head, tail;
-    int64_t swept;         /* the list holds the heap after key `swept` was offered */
+    int32_t *live;         /* ascending keys; removed ones as -1 - key */
+    int64_t nslots;
+    int64_t swept;         /* live holds the heap after key `swept` was offered */
 } seg;
 
-static inline int32_t seg_key(const seg *g, int32_t node)
-{
-    return node < g->ns ? g->skeys[node] : (int32_t)(g->k0 + (node - g->ns));
-}
+static inline int32_t slot_key(int32_t x) { return x >= 0 ? x : -1 - x; }
 
 static inline void seg_sweep(seg *g, int64_t p)
 {
     int64_t d = p - g->k0;
-    if (g->enters[d]) {
-        int32_t n = (int32_t)(g->ns + d);
-        g->prev[n] = g->tail;
-        g->next[n] = -1;
-        if (g->tail >= 0)
-            g->next[g->tail] = n;
-        else
-            g->head = n;
-        g->tail = n;
-    }
+    if (g->enters[d])
+        g->live[g->nslots++] = (int32_t)p;
     int32_t e = g->evk[d];
     if (e >= 0) {
-        int32_t n = e >= g->k0 ? (int32_t)(g->ns + (e - g->k0)) : find_pos(g->skeys, g->ns, e);
-        if (g->prev[n] >= 0)
-            g->next[g->prev[n]] = g->next[n];
-        else
-            g->head = g->next[n];
-        if (g->next[n] >= 0)
-            g->prev[g->next[n]] = g->prev[n];
-        else
-            g->tail = g->prev[n];
+        int64_t lo = 0, hi = g->nslots;
+        while (lo < hi) {
+            int64_t mid = lo + (hi - lo) / 2;
+            if (slot_key(g->live[mid]) < e)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        g->live[lo] = -1 - e;
     }
     g->swept = p;
+}
+
+/* Copies the live keys to u (ascending) and drops the removed slots; returns their number. */
+static inline int64_t seg_collect(seg *g, int32_t *u)
+{
+    int64_t n = 0;
+    for (int64_t x = 0; x < g->nslots; x++) {
+        const int32_t k = g->live[x];
+        g->live[n] = k;
+        u[n] = k;
+        n += k >= 0;
+    }
+    g->nslots = n;
+    return n;
 }
 
 /* Step 3: tiles [t0, t1), whose rows' positions are keys [k0, k1), given the heap content
@@ -164,33 +166,34 @@ static inline void seg_sweep(seg *g, int64_t p)
 static void build_segment(const dma_topk_slab *in, int64_t t0, int64_t t1, int64_t k0,
                           int64_t k1, const heap_item *seed, int64_t ns, slab *ps)
 {
-    const int64_t w = in->window, off = in->Lk - in->Lq, len = k1 - k0, nn = ns + len;
+    const int64_t w = in->window, off = in->Lk - in->Lq, len = k1 - k0;
     heap_item *heap = malloc(sizeof(heap_item) * (size_t)(w + 1));
-    int32_t *buf = malloc(sizeof(int32_t) * (size_t)(ns + len + 2 * nn + 1));
+    int32_t *buf = malloc(sizeof(int32_t) * (size_t)(len + ns + w + 2 * DMA_TILE + 1));
     uint8_t *enters = malloc((size_t)len + 1);
     if (!heap || !buf || !enters) {
         ps->status = DMA_ERR_NOMEM;
         goto done;
     }
-    seg g = {.k0 = k0, .ns = (int32_t)ns, .skeys = buf, .enters = enters, .evk = buf + ns,
-             .next = buf + ns + len, .prev = buf + ns + len + nn, .head = -1, .tail = -1,
+    /* live: the seed's keys, then at most a tile's rows of arrivals between two passes */
+    seg g = {.k0 = k0, .enters = enters, .evk = buf, .live = buf + len, .nslots = ns,
              .swept = k0 - 1};
-    int32_t *skeys = buf, *evk = buf + ns;
+    int32_t *evk = buf;
+    /* Room for the segment's tiles at once (a tile's union holds at most w live keys and its
+     * rows' 63 newer ones): no regrowth and copy while it is written. */
+    const int64_t ucap = dma_min64(w + DMA_TILE, in->Lk) + 1;
+    if (!grow((void **)&ps->keys, &ps->cap_keys, ps->nkeys + (t1 - t0) * ucap, sizeof(int32_t)) ||
+        !grow((void **)&ps->words, &ps->cap_words,
+              ps->nwords + (t1 - t0) * DMA_TILE * dma_div_up(ucap, 64), sizeof(uint64_t))) {
+        ps->status = DMA_ERR_NOMEM;
+        goto done;
+    }
     /* Best first reversed is worst first: parents drop before children, a valid min-heap. */
     int64_t hn = ns;
     for (int64_t k = 0; k < ns; k++) {
         heap[k] = seed[ns - 1 - k];
-        skeys[k] = seed[k].key;
+        g.live[k] = seed[k].key;
     }
-    qsort(skeys, (size_t)ns, sizeof *skeys, cmp_i32);
-    for (int32_t k = 0; k < ns; k++) {
-        g.prev[k] = k - 1;
-        g.next[k] = k + 1 < ns ? k + 1 : -1;
-    }
-    if (ns > 0) {
-        g.head = 0;
-        g.tail = (int32_t)ns - 1;
-    }
+    qsort(g.live, (size_t)ns, sizeof *g.live, cmp_i32);
     /* The biases were checked in step 1. */
     for (int64_t p = k0; p < k1; p++) {
         float x = in->bias[p];
@@ -205,32 +208,25 @@ static void build_segment(const dma_topk_slab *in, int64_t t0, int64_t t1, int64
         evk[p - k0] = out;
     }
 
-    /* The tiles: the sequential builder's steps, keys through seg_key. */
+    /* The tiles: the sequential builder's steps. */
     for (int64_t t = t0; t < t1; t++) {
         int64_t r0 = t * DMA_TILE, r1 = dma_min64(in->Lq, r0 + DMA_TILE);
         int64_t p0 = r0 + off, p1 = r1 - 1 + off;
         while (g.swept < p0)
             seg_sweep(&g, g.swept + 1);
-        int64_t n_new = 0, n_live = 0;
-        if (p0 >= 0)
-            for (int32_t k = g.head; k >= 0; k = g.next[k])
-                n_live++;
-        for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
-            n_new += enters[j - k0];
-        int64_t count = n_live + n_new;
+        /* the union: the live keys (in order), then the keys that enter at the later rows */
         int64_t base = ps->nkeys;
-        int32_t *u = slab_keys(ps, count);
+        int32_t *u = slab_keys(ps, 0);
         if (!u) {
             ps->status = DMA_ERR_NOMEM;
             goto done;
         }
-        int64_t c = 0;
-        if (p0 >= 0)
-            for (int32_t k = g.head; k >= 0; k = g.next[k])
-                u[c++] = seg_key(&g, k);
+        int64_t n_live = p0 >= 0 ? seg_collect(&g, u) : 0, c = n_live;
         for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
             if (enters[j - k0])
                 u[c++] = (int32_t)j;
+        const int64_t count = c;
+        slab_keys(ps, count); /* within the room made above */
         int32_t wpr = (int32_t)dma_div_up(count, 64);
         int64_t wbase = ps->nwords;
         uint64_t *words = slab_words(ps, (r1 - r0) * (int64_t)wpr);
@@ -242,23 +238,34 @@ static void build_segment(const dma_topk_slab *in, int64_t t0, int64_t t1, int64
         in->tiles[t] = (dma_tile){.key_off = base, .word_off = wbase, .first = 0,
                                   .count = (int32_t)count, .words_per_row = wpr};
         int32_t next_new = (int32_t)n_live;
+        int64_t selected = 0; /* the row's set bits: the heap's size after its key */
         for (int64_t i = r0; i < r1; i++) {
             int64_t p = i + off;
             uint64_t *row = words + (i - r0) * wpr;
             if (p >= 0 && i == r0) {
-                for (int32_t k = 0; k < n_live; k++)
-                    bit_set(row, k);
+                /* positions 0 .. n_live - 1: whole words, then the low bits of one (the
+                 * words were zeroed) */
+                for (int64_t k = 0; k < n_live / 64; k++)
+                    row[k] = ~0ull;
+                if (n_live % 64)
+                    row[n_live / 64] = (1ull << (n_live % 64)) - 1;
+                selected = n_live;
             } else if (p >= 0) {
                 memcpy(row, row - wpr, sizeof(uint64_t) * (size_t)wpr);
                 int32_t e = evk[p - k0];
                 bool entered = enters[p - k0];
                 seg_sweep(&g, p);
-                if (entered)
+                if (entered) {
                     bit_set(row, next_new++);
-                if (e >= 0)
+                    selected++;
+                }
+                if (e >= 0) {
                     bit_clear(row, find_pos(u, (int32_t)count, e));
+                    selected--;
+                }
             }
-            bits_bounds(row, wpr, &in->row_lo[i], &in->row_hi[i], &ps->nnz);
+            bits_ends(row, wpr, &in->row_lo[i], &in->row_hi[i]);
+            ps->nnz += selected;
         }
     }
 done:
@@ -352,7 +359,8 @@ void dma_topk_causal_split(const dma_topk_slab *in, int threads, int64_t min_blo
 
 #pragma omp single
             {
-                /* Step 4: where each part goes, and room for all of them in sl. */
+                /* Step 4: the parts follow sl's own arrays, in tile order; the object's
+                 * assembly copies them (once). */
                 int64_t nk = 0, nw = 0;
                 for (int64_t s = 0; s < pl.g; s++) {
                     if (parts[s].status != DMA_OK && st == DMA_OK)
@@ -363,11 +371,6 @@ void dma_topk_causal_split(const dma_topk_slab *in, int threads, int64_t min_blo
                     nw += parts[s].nwords;
                     sl->nnz += parts[s].nnz;
                 }
-                if (st == DMA_OK &&
-                    (!grow((void **)&sl->keys, &sl->cap_keys, kbase + nk + 1, sizeof(int32_t)) ||
-                     !grow((void **)&sl->words, &sl->cap_words, wbase + nw + 1,
-                           sizeof(uint64_t))))
-                    st = DMA_ERR_NOMEM;
                 if (st == DMA_OK) {
                     sl->nkeys = kbase + nk;
                     sl->nwords = wbase + nw;
@@ -375,21 +378,19 @@ void dma_topk_causal_split(const dma_topk_slab *in, int threads, int64_t min_blo
             }
 
             if (st == DMA_OK) {
-#pragma omp for schedule(dynamic, 1)
-                for (int64_t s = 0; s < pl.g; s++) {
-                    const slab *ps = &parts[s];
-                    if (ps->nkeys)
-                        memcpy(sl->keys + kpos[s], ps->keys, sizeof(int32_t) * (size_t)ps->nkeys);
-                    if (ps->nwords)
-                        memcpy(sl->words + wpos[s], ps->words,
-                               sizeof(uint64_t) * (size_t)ps->nwords);
+#pragma omp for schedule(static)
+                for (int64_t s = 0; s < pl.g; s++)
                     for (int64_t t = pl.ntiles * s / pl.g; t < pl.ntiles * (s + 1) / pl.g; t++) {
                         in->tiles[t].key_off += kpos[s];
                         in->tiles[t].word_off += wpos[s];
                     }
-                }
             }
         }
+    }
+    if (st == DMA_OK && pl.g > 1) {
+        sl->parts = parts; /* sl owns them now */
+        sl->nparts = pl.g;
+        parts = NULL;
     }
     if (st != DMA_OK)
         sl->status = st;

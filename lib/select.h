@@ -23,6 +23,11 @@ typedef struct slab {
     int64_t nwords, cap_words;
     int64_t nnz;
     dma_status status;
+    /* A slab built in pieces (mask_topk_parallel.c): its keys and words are its own arrays'
+     * then each part's, in order (nkeys and nwords count them all; the parts own theirs), so
+     * that they are copied once, into the object. */
+    struct slab *parts;
+    int64_t nparts;
 } slab;
 
 static inline bool grow(void **p, int64_t *cap, int64_t need, size_t elem)
@@ -154,6 +159,23 @@ static inline void bits_bounds(const uint64_t *w, int32_t nw, int32_t *lo, int32
     *hi = first < 0 ? 0 : last + 1;
 }
 
+/* Row bounds of a bitmask row (0, 0 when empty), from its first and last non-zero words:
+ * no population count (a library call where the ISA baseline has no POPCNT). */
+static inline void bits_ends(const uint64_t *w, int32_t nw, int32_t *lo, int32_t *hi)
+{
+    int32_t a = 0, b = nw - 1;
+    while (a < nw && !w[a])
+        a++;
+    if (a == nw) {
+        *lo = *hi = 0;
+        return;
+    }
+    while (!w[b])
+        b--;
+    *lo = a * 64 + __builtin_ctzll(w[a]);
+    *hi = b * 64 + 64 - __builtin_clzll(w[b]);
+}
+
 static inline void bit_set(uint64_t *w, int32_t pos) { w[pos >> 6] |= 1ull << (pos & 63); }
 static inline void bit_clear(uint64_t *w, int32_t pos) { w[pos >> 6] &= ~(1ull << (pos & 63)); }
 
@@ -206,8 +228,8 @@ static inline void sort_items_by_key(heap_item *a, int64_t n, heap_item *tmp)
         memcpy(a, src, sizeof(heap_item) * (size_t)n);
 }
 
-/* Concatenate the slabs' keys and words into sp (tiles' offsets made global) and free the
- * slabs' arrays. st: the first failure of any slab, or DMA_OK. On failure sp is destroyed and
+/* Concatenate the slabs' keys and words (and their parts') into sp with ctx's threads (tiles'
+ * offsets made global) and free the slabs' arrays. st: the first failure of any slab, or DMA_OK. On failure sp is destroyed and
  * the status recorded in ctx; on success *out = sp. */
 dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs, int64_t nslab,
                                  dma_sparsity **out);

@@ -115,6 +115,26 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
     return DMA_OK;
 }
 
+/* One piece of a slab's keys and words, and where it goes in the object. */
+typedef struct piece {
+    const slab *src;
+    int64_t nkeys, nwords, kdst, wdst;
+} piece;
+
+/* Copies of at most this many bytes a task, so that a few large slabs still use every thread. */
+#define ASSEMBLE_CHUNK ((int64_t)1 << 18)
+
+static void copy_piece_part(const piece *pc, int64_t part, int64_t nchunks, dma_sparsity *sp)
+{
+    const int64_t kb = pc->nkeys * part / nchunks, ke = pc->nkeys * (part + 1) / nchunks;
+    const int64_t wb = pc->nwords * part / nchunks, we = pc->nwords * (part + 1) / nchunks;
+    if (ke > kb)
+        memcpy(sp->keys + pc->kdst + kb, pc->src->keys + kb, sizeof(int32_t) * (size_t)(ke - kb));
+    if (we > wb)
+        memcpy(sp->words + pc->wdst + wb, pc->src->words + wb,
+               sizeof(uint64_t) * (size_t)(we - wb));
+}
+
 dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs, int64_t nslab,
                                  dma_sparsity **out)
 {
@@ -122,12 +142,14 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
     /* First failure in slab order (deterministic whatever the threads did). */
     for (int64_t s = 0; s < nslab && st == DMA_OK; s++)
         st = slabs[s].status;
-    int64_t nkeys = 0, nwords = 0;
+    int64_t nkeys = 0, nwords = 0, npieces = 0;
     for (int64_t s = 0; s < nslab; s++) {
         nkeys += slabs[s].nkeys;
         nwords += slabs[s].nwords;
         sp->nnz += slabs[s].nnz;
+        npieces += 1 + slabs[s].nparts;
     }
+    piece *pieces = NULL;
     if (st == DMA_OK) {
         sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
         bool with_vals = false;
@@ -136,23 +158,37 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
         if (with_vals && !(sp->vals = dma_alloc((size_t)nkeys * sizeof(float))))
             st = DMA_ERR_NOMEM;
         sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
-        if (!sp->keys || !sp->words)
+        pieces = malloc(sizeof(piece) * (size_t)(npieces + 1));
+        if (!sp->keys || !sp->words || !pieces)
             st = DMA_ERR_NOMEM;
     }
     if (st == DMA_OK) {
-        int64_t kb = 0, wb = 0;
+        int64_t kb = 0, wb = 0, n = 0, tasks = 0;
         for (int64_t s = 0; s < nslab; s++) {
-            if (slabs[s].nkeys)
-                memcpy(sp->keys + kb, slabs[s].keys, sizeof(int32_t) * (size_t)slabs[s].nkeys);
-            if (sp->vals && slabs[s].nkeys) {
-                if (slabs[s].vals)
-                    memcpy(sp->vals + kb, slabs[s].vals, sizeof(float) * (size_t)slabs[s].nkeys);
+            const slab *sl = &slabs[s];
+            /* its own arrays first, then its parts' */
+            int64_t own_k = sl->nkeys, own_w = sl->nwords;
+            for (int64_t q = 0; q < sl->nparts; q++) {
+                own_k -= sl->parts[q].nkeys;
+                own_w -= sl->parts[q].nwords;
+            }
+            int64_t k = kb, w = wb;
+            for (int64_t q = -1; q < sl->nparts; q++) {
+                const slab *src = q < 0 ? sl : &sl->parts[q];
+                pieces[n] = (piece){src, q < 0 ? own_k : src->nkeys, q < 0 ? own_w : src->nwords,
+                                    k, w};
+                k += pieces[n].nkeys;
+                w += pieces[n].nwords;
+                tasks += 1 + (pieces[n].nkeys * 4 + pieces[n].nwords * 8) / ASSEMBLE_CHUNK;
+                n++;
+            }
+            if (sp->vals && sl->nkeys) {
+                if (sl->vals)
+                    memcpy(sp->vals + kb, sl->vals, sizeof(float) * (size_t)sl->nkeys);
                 else
-                    for (int64_t i = 0; i < slabs[s].nkeys; i++)
+                    for (int64_t i = 0; i < sl->nkeys; i++)
                         sp->vals[kb + i] = NAN;
             }
-            if (slabs[s].nwords)
-                memcpy(sp->words + wb, slabs[s].words, sizeof(uint64_t) * (size_t)slabs[s].nwords);
             for (int64_t t = 0; t < sp->ntiles; t++) {
                 dma_tile *tile = &sp->tiles[s * sp->ntiles + t];
                 if (tile->key_off >= 0)
@@ -160,13 +196,38 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
                 if (tile->word_off >= 0)
                     tile->word_off += wb;
             }
-            kb += slabs[s].nkeys;
-            wb += slabs[s].nwords;
+            kb += sl->nkeys;
+            wb += sl->nwords;
+        }
+        /* Task x of piece p: chunk x - first[p] of its chunks (fresh pages fault in parallel). */
+        int64_t *first = malloc(sizeof(int64_t) * (size_t)(npieces + 1));
+        if (!first) {
+            st = DMA_ERR_NOMEM;
+        } else {
+            first[0] = 0;
+            for (int64_t p = 0; p < npieces; p++)
+                first[p + 1] = first[p] + 1 + (pieces[p].nkeys * 4 + pieces[p].nwords * 8) /
+                                                  ASSEMBLE_CHUNK;
+            const int threads = tasks > 1 ? ctx->threads : 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+            for (int64_t x = 0; x < tasks; x++) {
+                int64_t p = 0;
+                while (first[p + 1] <= x)
+                    p++;
+                copy_piece_part(&pieces[p], x - first[p], first[p + 1] - first[p], sp);
+            }
+            free(first);
         }
         sp->nkeys = nkeys;
         sp->nwords = nwords;
     }
+    free(pieces);
     for (int64_t s = 0; s < nslab; s++) {
+        for (int64_t q = 0; q < slabs[s].nparts; q++) {
+            free(slabs[s].parts[q].keys);
+            free(slabs[s].parts[q].words);
+        }
+        free(slabs[s].parts);
         free(slabs[s].keys);
         free(slabs[s].vals);
         free(slabs[s].words);
