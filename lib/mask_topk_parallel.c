@@ -215,18 +215,14 @@ static void build_segment(const dma_topk_slab *in, int64_t t0, int64_t t1, int64
         while (g.swept < p0)
             seg_sweep(&g, g.swept + 1);
         /* the union: the live keys (in order), then the keys that enter at the later rows */
-        int64_t base = ps->nkeys;
-        int32_t *u = slab_keys(ps, 0);
-        if (!u) {
-            ps->status = DMA_ERR_NOMEM;
-            goto done;
-        }
+        const int64_t base = ps->nkeys;
+        int32_t *u = ps->keys + base; /* within the room made above */
         int64_t n_live = p0 >= 0 ? seg_collect(&g, u) : 0, c = n_live;
         for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
             if (enters[j - k0])
                 u[c++] = (int32_t)j;
         const int64_t count = c;
-        slab_keys(ps, count); /* within the room made above */
+        ps->nkeys += count;
         int32_t wpr = (int32_t)dma_div_up(count, 64);
         int64_t wbase = ps->nwords;
         uint64_t *words = slab_words(ps, (r1 - r0) * (int64_t)wpr);
@@ -234,7 +230,6 @@ static void build_segment(const dma_topk_slab *in, int64_t t0, int64_t t1, int64
             ps->status = DMA_ERR_NOMEM;
             goto done;
         }
-        u = ps->keys + base;
         in->tiles[t] = (dma_tile){.key_off = base, .word_off = wbase, .first = 0,
                                   .count = (int32_t)count, .words_per_row = wpr};
         int32_t next_new = (int32_t)n_live;

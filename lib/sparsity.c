@@ -119,6 +119,7 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
 typedef struct piece {
     const slab *src;
     int64_t nkeys, nwords, kdst, wdst;
+    int64_t task0; /* its first copy task; its tasks end at the next piece's task0 */
 } piece;
 
 /* Copies of at most this many bytes a task, so that a few large slabs still use every thread. */
@@ -176,7 +177,7 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
             for (int64_t q = -1; q < sl->nparts; q++) {
                 const slab *src = q < 0 ? sl : &sl->parts[q];
                 pieces[n] = (piece){src, q < 0 ? own_k : src->nkeys, q < 0 ? own_w : src->nwords,
-                                    k, w};
+                                    k, w, tasks};
                 k += pieces[n].nkeys;
                 w += pieces[n].nwords;
                 tasks += 1 + (pieces[n].nkeys * 4 + pieces[n].nwords * 8) / ASSEMBLE_CHUNK;
@@ -199,24 +200,16 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
             kb += sl->nkeys;
             wb += sl->nwords;
         }
-        /* Task x of piece p: chunk x - first[p] of its chunks (fresh pages fault in parallel). */
-        int64_t *first = malloc(sizeof(int64_t) * (size_t)(npieces + 1));
-        if (!first) {
-            st = DMA_ERR_NOMEM;
-        } else {
-            first[0] = 0;
-            for (int64_t p = 0; p < npieces; p++)
-                first[p + 1] = first[p] + 1 + (pieces[p].nkeys * 4 + pieces[p].nwords * 8) /
-                                                  ASSEMBLE_CHUNK;
-            const int threads = tasks > 1 ? ctx->threads : 1;
+        /* Task x of piece p: chunk x - task0 of its chunks (fresh pages fault in parallel). */
+        pieces[npieces].task0 = tasks;
+        const int threads = tasks > 1 ? ctx->threads : 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-            for (int64_t x = 0; x < tasks; x++) {
-                int64_t p = 0;
-                while (first[p + 1] <= x)
-                    p++;
-                copy_piece_part(&pieces[p], x - first[p], first[p + 1] - first[p], sp);
-            }
-            free(first);
+        for (int64_t x = 0; x < tasks; x++) {
+            int64_t p = 0;
+            while (pieces[p + 1].task0 <= x)
+                p++;
+            copy_piece_part(&pieces[p], x - pieces[p].task0, pieces[p + 1].task0 - pieces[p].task0,
+                            sp);
         }
         sp->nkeys = nkeys;
         sp->nwords = nwords;
