@@ -32,7 +32,7 @@ namespace {
 /* Threads of a tile's block: with 16 merge elements a thread, windows up to 4096. */
 constexpr int TILE_THREADS = 512;
 
-struct entry {
+struct __align__(8) entry {
     float x;
     int32_t k;
 };
@@ -83,54 +83,23 @@ struct tree {
     int64_t slab_elems, slab_counts;
 };
 
-/* Level 0: each block of 64 keys in beat order; also finds NaN / +inf biases. */
-__global__ void base_lists(slab_in in, tree t, entry *elems, int *counts, int *bad)
+/* The tree kernel: a block takes GROUP_BLOCKS blocks of 64 keys (their levels 0 .. GROUP_LEVELS
+ * in shared memory), then climbs: of the two blocks whose nodes are a parent's children, the
+ * one that finishes second merges them (a counter per parent tells which), and goes on up.
+ * So the whole tree is one launch and its top levels run without launch gaps. */
+constexpr int GROUP_LEVELS = 4, GROUP_BLOCKS = 1 << GROUP_LEVELS, GROUP_KEYS = 64 * GROUP_BLOCKS;
+
+/* An entry another block wrote (read past L1, which is not coherent between blocks). */
+__device__ __forceinline__ entry load_cg(const entry *p)
 {
-    const int64_t s = blockIdx.y, blk = blockIdx.x;
-    const int64_t j = blk * 64 + threadIdx.x;
-    __shared__ entry e[64];
-    __shared__ bool ok[64];
-    float x = -INFINITY;
-    bool valid = false;
-    if (j < in.Lk) {
-        x = key_bias(in, s, j);
-        if (isnan(x) || x == INFINITY)
-            atomicOr(bad, 1);
-        valid = x != -INFINITY && !isnan(x) && key_exists(in, s, j);
-    }
-    e[threadIdx.x] = {x, (int32_t)j};
-    ok[threadIdx.x] = valid;
-    __syncthreads();
-    int rank = 0, n = 0;
-    for (int i = 0; i < 64; i++) {
-        n += ok[i];
-        rank += ok[i] && beats(e[i], e[threadIdx.x]);
-    }
-    const int64_t cap = t.cap[0];
-    entry *out = elems + s * t.slab_elems + blk * cap;
-    if (valid && rank < cap)
-        out[rank] = e[threadIdx.x];
-    if (threadIdx.x == 0)
-        counts[s * t.slab_counts + blk] = (int)min((int64_t)n, cap);
+    const int2 v = __ldcg((const int2 *)p);
+    return {__int_as_float(v.x), v.y};
 }
 
-/* Level k: node i = the best cap[k] of its children 2i and 2i + 1 (level k - 1). */
-__global__ void merge_level(tree t, int k, entry *elems, int *counts)
+/* out = the best cap entries of the beat-ordered lists l and r (every thread of the block). */
+__device__ __forceinline__ void merge_lists(const entry *l, int nl, const entry *r, int nr,
+                                            entry *out, int cap)
 {
-    extern __shared__ entry sm[];
-    const int64_t s = blockIdx.y, i = blockIdx.x;
-    const int64_t ccap = t.cap[k - 1], cap = t.cap[k];
-    const entry *child = elems + s * t.slab_elems + t.off[k - 1];
-    const int *ccount = counts + s * t.slab_counts + t.cnt_off[k - 1];
-    const int nl = ccount[2 * i];
-    const int nr = 2 * i + 1 < t.nodes[k - 1] ? ccount[2 * i + 1] : 0;
-    entry *l = sm, *r = sm + ccap;
-    for (int x = threadIdx.x; x < nl; x += blockDim.x)
-        l[x] = child[2 * i * ccap + x];
-    for (int x = threadIdx.x; x < nr; x += blockDim.x)
-        r[x] = child[(2 * i + 1) * ccap + x];
-    __syncthreads();
-    entry *out = elems + s * t.slab_elems + t.off[k] + i * cap;
     for (int x = threadIdx.x; x < nl + nr; x += blockDim.x) {
         const bool left = x < nl;
         const entry e = left ? l[x] : r[x - nl];
@@ -138,8 +107,117 @@ __global__ void merge_level(tree t, int k, entry *elems, int *counts)
         if (rank < cap)
             out[rank] = e;
     }
-    if (threadIdx.x == 0)
-        counts[s * t.slab_counts + t.cnt_off[k] + i] = (int)min((int64_t)(nl + nr), cap);
+}
+
+__global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, entry *elems,
+                                                         int *counts, int *arrivals, int *bad)
+{
+    extern __shared__ entry sm[]; /* 2 * max(GROUP_KEYS, top capacity) */
+    __shared__ bool ok[GROUP_KEYS];
+    __shared__ int n_cur[GROUP_BLOCKS], n_nxt[GROUP_BLOCKS];
+    __shared__ int go;
+    const int64_t s = blockIdx.y, g = blockIdx.x;
+    entry *se = elems + s * t.slab_elems;
+    int *sc = counts + s * t.slab_counts;
+    entry *cur = sm, *nxt = sm + GROUP_KEYS;
+
+    /* Level 0: each block of 64 keys in beat order; NaN and +inf biases are flagged. */
+    const int x = threadIdx.x, lb = x >> 6;
+    const int64_t blk = g * GROUP_BLOCKS + lb, j = blk * 64 + (x & 63);
+    float v = -INFINITY;
+    bool valid = false;
+    if (j < in.Lk) {
+        v = key_bias(in, s, j);
+        if (isnan(v) || v == INFINITY)
+            atomicOr(bad, 1);
+        valid = v != -INFINITY && !isnan(v) && key_exists(in, s, j);
+    }
+    const entry me = {v, (int32_t)j};
+    nxt[x] = me;
+    ok[x] = valid;
+    __syncthreads();
+    int rank = 0, n = 0;
+    for (int i = 0; i < 64; i++) {
+        const int o = (lb << 6) + i;
+        n += ok[o];
+        rank += ok[o] && beats(nxt[o], me);
+    }
+    const int cap0 = (int)t.cap[0];
+    if (valid && rank < cap0) {
+        cur[lb * cap0 + rank] = me;
+        se[t.off[0] + blk * cap0 + rank] = me;
+    }
+    if ((x & 63) == 0) {
+        n_cur[lb] = blk < t.nodes[0] ? min(n, cap0) : 0;
+        if (blk < t.nodes[0])
+            sc[t.cnt_off[0] + blk] = n_cur[lb];
+    }
+    __syncthreads();
+
+    /* Levels 1 .. GROUP_LEVELS inside the group, in shared memory (each level holds at most
+     * GROUP_KEYS entries: a node's capacity is at most its keys). */
+    const int top = min(GROUP_LEVELS, t.levels - 1);
+    for (int k = 1; k <= top; k++) {
+        const int ccap = (int)t.cap[k - 1], cap = (int)t.cap[k], nodes = GROUP_BLOCKS >> k;
+        for (int y = x; y < 2 * nodes * ccap; y += blockDim.x) {
+            const int c = y / ccap, i = y % ccap;
+            if (i >= n_cur[c])
+                continue;
+            const entry e = cur[y];
+            const int sib = c ^ 1;
+            const int r = i + count_beating(cur + sib * ccap, n_cur[sib], e);
+            if (r < cap) {
+                const int64_t node = g * nodes + (c >> 1);
+                nxt[(c >> 1) * cap + r] = e;
+                se[t.off[k] + node * cap + r] = e;
+            }
+        }
+        __syncthreads();
+        if (x < nodes) {
+            const int64_t node = g * nodes + x;
+            n_nxt[x] = min(n_cur[2 * x] + n_cur[2 * x + 1], cap);
+            if (node < t.nodes[k])
+                sc[t.cnt_off[k] + node] = n_nxt[x];
+        }
+        __syncthreads();
+        if (x < nodes)
+            n_cur[x] = n_nxt[x];
+        entry *tmp = cur;
+        cur = nxt;
+        nxt = tmp;
+        __syncthreads();
+    }
+
+    /* The climb: this block's node at level k; the second of two siblings merges them. */
+    int64_t node = g;
+    for (int k = top; k + 1 < t.levels; k++) {
+        const int64_t parent = node >> 1;
+        if ((node ^ 1) < t.nodes[k]) {
+            __threadfence(); /* this block's node, before its arrival */
+            __syncthreads();
+            if (x == 0)
+                go = atomicAdd(&arrivals[s * t.slab_counts + t.cnt_off[k + 1] + parent], 1) == 1;
+            __syncthreads();
+            if (!go)
+                return;
+            __threadfence(); /* the sibling's node, after its arrival */
+        }
+        const int64_t ccap = t.cap[k], cap = t.cap[k + 1], li = 2 * parent, ri = li + 1;
+        const int nl = __ldcg(sc + t.cnt_off[k] + li);
+        const int nr = ri < t.nodes[k] ? __ldcg(sc + t.cnt_off[k] + ri) : 0;
+        entry *l = sm, *r = sm + ccap;
+        const entry *child = se + t.off[k];
+        for (int y = x; y < nl; y += blockDim.x)
+            l[y] = load_cg(child + li * ccap + y);
+        for (int y = x; y < nr; y += blockDim.x)
+            r[y] = load_cg(child + ri * ccap + y);
+        __syncthreads();
+        merge_lists(l, nl, r, nr, se + t.off[k + 1] + parent * cap, (int)cap);
+        if (x == 0)
+            sc[t.cnt_off[k + 1] + parent] = (int)min((int64_t)(nl + nr), cap);
+        __syncthreads();
+        node = parent;
+    }
 }
 
 struct tile_out {
@@ -264,12 +342,14 @@ __global__ void build_tiles(slab_in in, tree t, const entry *elems, const int *c
         if (x < nT) {
             int a, b;
             interval(cur[x], x, &a, &b);
-            if (a < b) {
+            if (a < b)
                 v = ((uint64_t)cur[x].k << 16) | ((uint64_t)a << 8) | (uint64_t)b;
-                atomicAdd(&n_T_surv, 1);
-            }
         }
         sorted[x] = v;
+        /* one shared atomic a warp, not one a survivor */
+        const unsigned act = __activemask(), kept = __ballot_sync(act, v != ~0ull);
+        if ((threadIdx.x & 31) == __ffs(act) - 1)
+            atomicAdd(&n_T_surv, __popc(kept));
     }
     __syncthreads();
     for (int size = 2; size <= W2; size <<= 1)
@@ -293,26 +373,29 @@ __global__ void build_tiles(slab_in in, tree t, const entry *elems, const int *c
         keys[x] = (int32_t)(v >> 16);
         span[x] = make_int2((int)((v >> 8) & 255), (int)(v & 255));
     }
-    /* The arrivals that some row keeps, in key order after T's (they are all >= A). */
-    if (threadIdx.x < 32) {
-        int base = 0;
-        for (int x0 = 0; x0 < nloc; x0 += 32) {
-            const int x = x0 + threadIdx.x;
-            int a = 0, b = 0;
-            if (x < nloc && loc_ok[x])
-                interval(loc[x], count_beating(cur, nT, loc[x]), &a, &b);
-            const bool keep = a < b;
-            const unsigned ball = __ballot_sync(0xffffffffu, keep);
-            if (keep) {
-                const int pos = nTs + base + __popc(ball & ((1u << threadIdx.x) - 1));
-                keys[pos] = loc[x].k;
-                span[pos] = make_int2(a, b);
-            }
-            base += __popc(ball);
-        }
-        if (threadIdx.x == 0)
-            n_L_surv = base;
+    /* The arrivals that some row keeps, in key order after T's (they are all >= A): at most
+     * 127, one a thread of the first 4 warps, placed by the warps' ballots. */
+    __shared__ int warp_kept[4];
+    unsigned ball = 0;
+    int a = 0, b = 0;
+    const int tx = threadIdx.x;
+    if (tx < 128) {
+        if (tx < nloc && loc_ok[tx])
+            interval(loc[tx], count_beating(cur, nT, loc[tx]), &a, &b);
+        ball = __ballot_sync(0xffffffffu, a < b);
+        if ((tx & 31) == 0)
+            warp_kept[tx >> 5] = __popc(ball);
     }
+    __syncthreads();
+    if (a < b) {
+        int pos = nTs + __popc(ball & ((1u << (tx & 31)) - 1));
+        for (int i = 0; i < (tx >> 5); i++)
+            pos += warp_kept[i];
+        keys[pos] = loc[tx].k;
+        span[pos] = make_int2(a, b);
+    }
+    if (tx == 0)
+        n_L_surv = warp_kept[0] + warp_kept[1] + warp_kept[2] + warp_kept[3];
     __syncthreads();
     const int count = nTs + n_L_surv;
     const int wpr = (count + 63) / 64;
@@ -388,50 +471,46 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const int64_t ntile_all = nslab * sp->ntiles;
     const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
     const int64_t wcap = (capU + 63) / 64;
-    entry *elems = nullptr;
-    int *counts = nullptr, *bad = nullptr; /* bad: the NaN flag, then the nnz (8-aligned) */
-    unsigned long long *nnz = nullptr;
+    /* One scratch allocation: the flags (NaN seen, then the nnz, 8-aligned), the climb's
+     * arrival counters (zeroed with the flags), the node counts, the nodes. */
+    const size_t n_counts = (size_t)(nslab * t.slab_counts);
+    const size_t zeroed = 16 + ((n_counts * sizeof(int) + 15) & ~(size_t)15);
+    const size_t scratch_bytes = zeroed + n_counts * sizeof(int) + 8 +
+                                 (size_t)(nslab * t.slab_elems) * sizeof(entry);
+    unsigned char *scratch = nullptr;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
     out.row_lo = out.row_hi = out.keys = nullptr;
     out.words = nullptr;
-    auto release = [&] {
-        cudaFreeAsync(elems, stream);
-        cudaFreeAsync(counts, stream);
-        cudaFreeAsync(bad, stream);
-    };
     cudaError_t e = cudaSuccess;
     const size_t rows = (size_t)(nslab * Lq);
 #define ALLOC(p, bytes) if (e == cudaSuccess) e = cudaMallocAsync((void **)&(p), std::max<size_t>(bytes, 8), stream)
-    ALLOC(elems, (size_t)(nslab * t.slab_elems) * sizeof(entry));
-    ALLOC(counts, (size_t)(nslab * t.slab_counts) * sizeof(int));
-    ALLOC(bad, 16);
+    ALLOC(scratch, scratch_bytes);
     ALLOC(out.tiles, (size_t)ntile_all * sizeof(dcu_tile));
     ALLOC(out.row_lo, rows * 4);
     ALLOC(out.row_hi, rows * 4);
     ALLOC(out.keys, (size_t)(ntile_all * capU) * 4);
     ALLOC(out.words, (size_t)(ntile_all * DCU_TILE * wcap) * 8);
 #undef ALLOC
-    if (e == cudaSuccess) {
-        nnz = (unsigned long long *)(bad + 2);
-        e = cudaMemsetAsync(bad, 0, 16, stream);
-    }
+    if (e == cudaSuccess)
+        e = cudaMemsetAsync(scratch, 0, zeroed, stream);
     if (e != cudaSuccess) {
-        release();
-        dcu_sparsity_free(&out);
+        cudaFreeAsync(scratch, stream);
+        dcu_sparsity_free(&out, stream);
         return dcu_fail(e, "sparsity_build: allocation");
     }
+    int *bad = (int *)scratch, *arrivals = (int *)(scratch + 16);
+    unsigned long long *nnz = (unsigned long long *)(scratch + 8);
+    int *counts = (int *)(scratch + zeroed);
+    entry *elems = (entry *)(((uintptr_t)(counts + n_counts) + 7) & ~(uintptr_t)7);
     slab_in in = {*bias, *pad, sp->H, Lk};
     if (Lk > 0) {
-        base_lists<<<dim3((unsigned)nb, (unsigned)nslab), 64, 0, stream>>>(in, t, elems, counts, bad);
-        for (int k = 1; k < t.levels; k++) {
-            const size_t smem = (size_t)t.cap[k - 1] * 2 * sizeof(entry);
-            if (smem > 48 * 1024) /* the default limit; the call costs host time */
-                cudaFuncSetAttribute(merge_level, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-            /* the top levels have few nodes of long lists: more threads a node there */
-            const int threads = t.cap[k] >= 512 ? 1024 : 256;
-            merge_level<<<dim3((unsigned)t.nodes[k], (unsigned)nslab), threads, smem, stream>>>(t, k, elems, counts);
-        }
+        const size_t smem = (size_t)2 * std::max<int64_t>(GROUP_KEYS, t.cap[t.levels - 1]) * sizeof(entry);
+        if (smem > 48 * 1024) /* the default limit; the call costs host time */
+            cudaFuncSetAttribute(build_tree, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        const int64_t groups = (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
+        build_tree<<<dim3((unsigned)groups, (unsigned)nslab), GROUP_KEYS, smem, stream>>>(
+            in, t, elems, counts, arrivals, bad);
     }
     if (sp->ntiles > 0) {
         if (tile_smem > 48 * 1024)
@@ -447,9 +526,9 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         e = cudaMemcpyAsync(host, bad, 16, cudaMemcpyDeviceToHost, stream);
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(stream);
-    release();
+    cudaFreeAsync(scratch, stream);
     if (e != cudaSuccess || host[0]) {
-        dcu_sparsity_free(&out);
+        dcu_sparsity_free(&out, stream);
         return e != cudaSuccess ? dcu_fail(e, "sparsity_build") : 1;
     }
     unsigned long long total;
