@@ -23,6 +23,7 @@
  * Work: O(Lk log Lk) for the tree, O(w log w + 127 w) per tile; memory O(Lk log Lk) scratch.
  */
 #include <algorithm>
+#include <climits>
 #include <cstring>
 
 #include "common.cuh"
@@ -402,6 +403,15 @@ __global__ void build_tiles(slab_in in, tree t, const entry *elems, const int *c
     if (threadIdx.x == 0)
         o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, count, wpr, 0};
     uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
+    /* Each row's first and last selected position and count, gathered as its words are made
+     * (reading the words back from global memory was a chain of L2 latencies per row). */
+    __shared__ int row_first[DCU_TILE], row_end[DCU_TILE], row_count[DCU_TILE];
+    if (threadIdx.x < DCU_TILE) {
+        row_first[threadIdx.x] = INT_MAX;
+        row_end[threadIdx.x] = 0;
+        row_count[threadIdx.x] = 0;
+    }
+    __syncthreads();
     /* Neighbouring threads take neighbouring rows of one word: their reads of span[] are the
      * same address (a broadcast; a row's words side by side would all hit one bank). */
     for (int x = threadIdx.x; x < nrows * wpr; x += blockDim.x) {
@@ -413,22 +423,19 @@ __global__ void build_tiles(slab_in in, tree t, const entry *elems, const int *c
                 bits |= 1ull << b;
         }
         words[(int64_t)r * wpr + wd] = bits;
+        if (bits) {
+            atomicMin(&row_first[r], wd * 64 + __ffsll((long long)bits) - 1);
+            atomicMax(&row_end[r], wd * 64 + 64 - __clzll((long long)bits));
+            atomicAdd(&row_count[r], __popcll(bits));
+        }
     }
     __syncthreads();
     unsigned long long nnz = 0;
     for (int r = threadIdx.x; r < nrows; r += blockDim.x) {
-        int first = -1, last = -1;
-        for (int wd = 0; wd < wpr; wd++) {
-            const uint64_t b = words[(int64_t)r * wpr + wd];
-            if (!b)
-                continue;
-            if (first < 0)
-                first = wd * 64 + __ffsll((long long)b) - 1;
-            last = wd * 64 + 63 - __clzll((long long)b);
-            nnz += __popcll(b);
-        }
-        lo[r] = first < 0 ? 0 : first;
-        hi[r] = first < 0 ? 0 : last + 1;
+        const bool any = row_count[r] > 0;
+        lo[r] = any ? row_first[r] : 0;
+        hi[r] = any ? row_end[r] : 0;
+        nnz += row_count[r];
     }
     if (nnz)
         atomicAdd(o.nnz, nnz);
