@@ -12,7 +12,9 @@
  * 2. an up-sweep tree: a node of level k holds the best w keys of 2^k consecutive blocks,
  *    merged from its two children (merging two sorted lists is a rank computation: an
  *    element's place is its own index plus the number of the other list's elements that beat
- *    it, a binary search);
+ *    it, a binary search). Steps 1 and 2 are one launch (build_tree): a block makes the
+ *    levels of 16 blocks in shared memory, then climbs, the second of two sibling blocks to
+ *    finish merging them into their parent;
  * 3. per tile (one thread block): the best w keys T of the blocks before the tile,
  *    [0, A) with A = 64 * floor(p0 / 64), merged from the <= log2 nodes that cover [0, A); then
  *    the <= 127 keys [A, p1] of its own rows arrive in order. A key of T at beat rank a is kept
