@@ -223,6 +223,29 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
     }
 }
 
+/* count_beating over a list in global memory: seven probes a step whose loads are independent
+ * (the beating entries are a prefix, so the probes that beat are too), then the last <= 8
+ * entries at once: 4 rounds of loads for 1024 entries where a binary search waits on 10. */
+__device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e)
+{
+    int lo = 0, hi = n; /* l[0, lo) beat e; l[hi, n) do not */
+    while (hi - lo > 8) {
+        const int step = (hi - lo) / 8;
+        int c = 0;
+#pragma unroll
+        for (int i = 1; i <= 7; i++)
+            c += beats(l[lo + i * step], e);
+        const int nhi = c < 7 ? lo + (c + 1) * step : hi;
+        lo = c ? lo + c * step + 1 : lo;
+        hi = nhi;
+    }
+    int c = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        c += lo + i < hi && beats(l[lo + i], e);
+    return lo + c;
+}
+
 /* evict[j] (one row of es per slab): the first position p >= j at which key j is no longer
  * among the best w keys of [0, p], that is, the position of the w-th key (in key order) that
  * beats j, or Lk when fewer than w keys beat it; j itself for a key that never takes part.
@@ -244,15 +267,15 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
         const entry *se = elems + s * t.slab_elems;
         const int *sc = counts + s * t.slab_counts;
         int k = t.levels - 1;
-        if (count_beating(se + t.off[k], sc[t.cnt_off[k]], e) < w) {
+        if (count_beating_wide(se + t.off[k], sc[t.cnt_off[k]], e) < w) {
             ev = in.Lk;
         } else {
             int need = w;
             int64_t node = 0;
             for (; k > 0; k--) {
                 const int64_t l = 2 * node;
-                const int cl = count_beating(se + t.off[k - 1] + l * t.cap[k - 1],
-                                             sc[t.cnt_off[k - 1] + l], e);
+                const int cl = count_beating_wide(se + t.off[k - 1] + l * t.cap[k - 1],
+                                                  sc[t.cnt_off[k - 1] + l], e);
                 if (cl >= need) {
                     node = l;
                 } else {
@@ -262,13 +285,20 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
             }
             const int64_t q1 = min(in.Lk, node * 64 + 64);
             int64_t pos = q1 - 1; /* not reached: the root counted w keys that beat j */
-            for (int64_t q = node * 64; q < q1; q++) {
-                const float u = key_bias(in, s, q);
-                if (u != -INFINITY && !isnan(u) && beats({u, (int32_t)q}, e) &&
-                    key_exists(in, s, q) && --need == 0) {
-                    pos = q;
-                    break;
+            /* eight keys' loads at a time, then their turns in key order */
+            for (int64_t q0 = node * 64; q0 < q1 && need > 0; q0 += 8) {
+                bool hit[8];
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const int64_t q = q0 + i;
+                    const float u = q < q1 ? key_bias(in, s, q) : -INFINITY;
+                    hit[i] = u != -INFINITY && !isnan(u) && beats({u, (int32_t)q}, e) &&
+                             key_exists(in, s, q);
                 }
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    if (hit[i] && need > 0 && --need == 0)
+                        pos = q0 + i;
             }
             ev = max(j, pos);
         }
@@ -345,8 +375,11 @@ __device__ __forceinline__ int offer(Get get, int64_t n, int64_t a, int len, int
 __global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *evict, int64_t es,
                                                              int64_t run, tile_out o)
 {
-    extern __shared__ int32_t smk[]; /* 4 * capU: keys and evict times of U, two copies */
+    /* 4 * capU: keys and evict times of U, two copies; then 2 * 64 * wcap event words */
+    extern __shared__ int32_t smk[];
     int32_t *ukey = smk, *uev = smk + o.capU, *nkey = uev + o.capU, *nev = nkey + o.capU;
+    unsigned long long *st_ev = (unsigned long long *)(nev + o.capU);
+    unsigned long long *en_ev = st_ev + DCU_TILE * o.wcap;
     __shared__ int warp_cnt[UNION_WARPS];
     __shared__ int row_first[DCU_TILE], row_end[DCU_TILE], row_count[DCU_TILE];
     const int64_t s = blockIdx.y;
@@ -386,29 +419,64 @@ __global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *e
         int32_t *keys = o.keys + tix * o.capU;
         for (int x = threadIdx.x; x < n; x += blockDim.x)
             keys[x] = ukey[x];
+        /* The bit rows from events: position u is set in rows [start_u, end_u) (start_u =
+         * key_u - p0, end_u = evict_u - p0, clipped to the tile), so each column word of row r
+         * is (the positions started by r) & ~(those ended by r): two prefix ORs down the rows
+         * of a column, not a test of every position for every row. */
+        for (int x = threadIdx.x; x < DCU_TILE * wpr; x += blockDim.x) {
+            st_ev[x] = 0;
+            en_ev[x] = 0;
+        }
         if (threadIdx.x < DCU_TILE) {
             row_first[threadIdx.x] = INT_MAX;
             row_end[threadIdx.x] = 0;
             row_count[threadIdx.x] = 0;
         }
         __syncthreads();
-        /* Neighbouring threads take neighbouring rows of one word: their reads of U are the
-         * same address (a broadcast). Each row's bounds and count are gathered on the way. */
+        for (int u = threadIdx.x; u < n; u += blockDim.x) {
+            const int rs = (int)max((int64_t)ukey[u] - p0, (int64_t)0);
+            const int64_t re = (int64_t)uev[u] - p0; /* > rs: U holds only kept keys */
+            const unsigned long long bit = 1ull << (u & 63);
+            atomicOr(&st_ev[rs * wpr + (u >> 6)], bit);
+            if (re < nrows)
+                atomicOr(&en_ev[(int)re * wpr + (u >> 6)], bit);
+        }
+        __syncthreads();
+        /* A warp a column: lane l holds rows 2l and 2l + 1 and scans the ORs across lanes. */
         uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
-        for (int x = threadIdx.x; x < nrows * wpr; x += blockDim.x) {
-            const int wd = x / nrows, r = x % nrows;
-            const int64_t p = p0 + r;
-            uint64_t bits = 0;
-            for (int b = 0; b < 64; b++) {
-                const int u = wd * 64 + b;
-                if (u < n && ukey[u] <= p && p < uev[u])
-                    bits |= 1ull << b;
+        const int lane = threadIdx.x & 31;
+        for (int wd = threadIdx.x >> 5; wd < wpr; wd += UNION_WARPS) {
+            const int ra = 2 * lane, rb = ra + 1;
+            const unsigned long long sa = st_ev[ra * wpr + wd], ea = en_ev[ra * wpr + wd];
+            unsigned long long S = sa | st_ev[rb * wpr + wd], E = ea | en_ev[rb * wpr + wd];
+            for (int d = 1; d < 32; d <<= 1) {
+                const unsigned long long s2 = __shfl_up_sync(0xffffffffu, S, d);
+                const unsigned long long e2 = __shfl_up_sync(0xffffffffu, E, d);
+                if (lane >= d) {
+                    S |= s2;
+                    E |= e2;
+                }
             }
-            words[(int64_t)r * wpr + wd] = bits;
-            if (bits) {
-                atomicMin(&row_first[r], wd * 64 + __ffsll((long long)bits) - 1);
-                atomicMax(&row_end[r], wd * 64 + 64 - __clzll((long long)bits));
-                atomicAdd(&row_count[r], __popcll(bits));
+            /* S, E: through row rb; through row ra is the previous lane's plus row ra's own */
+            unsigned long long Sp = __shfl_up_sync(0xffffffffu, S, 1);
+            unsigned long long Ep = __shfl_up_sync(0xffffffffu, E, 1);
+            if (lane == 0)
+                Sp = Ep = 0;
+            const unsigned long long wa = (Sp | sa) & ~(Ep | ea), wb = S & ~E;
+            const int rr[2] = {ra, rb};
+            const unsigned long long ww[2] = {wa, wb};
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int r = rr[i];
+                const unsigned long long bits = ww[i];
+                if (r >= nrows)
+                    continue;
+                words[(int64_t)r * wpr + wd] = bits;
+                if (bits) {
+                    atomicMin(&row_first[r], wd * 64 + __ffsll((long long)bits) - 1);
+                    atomicMax(&row_end[r], wd * 64 + 64 - __clzll((long long)bits));
+                    atomicAdd(&row_count[r], __popcll(bits));
+                }
             }
         }
         __syncthreads();
@@ -464,7 +532,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     t.slab_elems = eo;
     t.slab_counts = co;
     const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
-    const size_t tile_smem = (size_t)capU * 4 * sizeof(int32_t);
+    const size_t tile_smem = (size_t)capU * 4 * sizeof(int32_t) +
+                             (size_t)2 * DCU_TILE * ((capU + 63) / 64) * sizeof(uint64_t);
     const size_t tree_smem = (size_t)2 * std::max<int64_t>(GROUP_KEYS, t.cap[t.levels - 1]) * sizeof(entry);
     int dev = 0, max_smem = 0, sms = 0;
     DCU_TRY(cudaGetDevice(&dev));
