@@ -160,11 +160,18 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
     iv->voff = a->v ? it->b * a->v->stride[0] + iv->hkv * a->v->stride[2] : 0;
     iv->kbase = a->k && a->k->dtype == DMA_F32 ? f32(a->k) + iv->koff : NULL;
     iv->vbase = a->v && a->v->dtype == DMA_F32 ? f32(a->v) + iv->voff : NULL;
+    /* The causal cut (positions of keys <= the row's last visible key) grows by at most one a
+     * row (keys are distinct): one search for the first row, then a step. */
+    const int32_t *tkeys = iv->keys;
+    int32_t cut = a->causal ? dma_tile_cut(sp, tile, iv->r0 + a->off) : 0;
     for (int64_t i = 0; i < iv->nrows; i++) {
         int64_t row = iv->slab * sp->Lq + iv->r0 + i;
         int32_t lo = sp->row_lo[row], hi = sp->row_hi[row];
         if (a->causal) {
-            int32_t cut = dma_tile_cut(sp, tile, iv->r0 + i + a->off);
+            if (i > 0) {
+                const int64_t last = iv->r0 + i + a->off;
+                cut += cut < iv->count && (tkeys ? tkeys[cut] : iv->first + cut) <= last;
+            }
             hi = hi < cut ? hi : cut;
         }
         iv->lo[i] = hi > lo ? lo : 0;

@@ -39,9 +39,9 @@ static size_t forward_scratch_floats(const dma_attn *a)
     int64_t M = forward_pairs(a) ? PAIR_ROWS
                                  : dma_min64(DMA_HEADS_PER_ITEM, a->heads_per_group) *
                                        dma_min64(DMA_TILE, a->Lq);
-    /* + DMA_CHUNK rows of `stage` for the K rows gathered from a cache */
-    size_t n = (size_t)(2 * M * a->ld + (a->cache ? 3 : 2) * DMA_CHUNK * a->ld +
-                        (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK + 2 * M + 64);
+    /* + DMA_CHUNK_MAX rows of `stage` for the K rows gathered from a cache */
+    size_t n = (size_t)(2 * M * a->ld + (a->cache ? 3 : 2) * DMA_CHUNK_MAX * a->ld +
+                        (a->kern->mr + DMA_HEADS_PER_ITEM) * DMA_CHUNK_MAX + 2 * M + 64);
     if (a->bf16_dots) /* + the bf16 query rows */
         n += (size_t)(M * a->ld / 2);
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
@@ -97,16 +97,16 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
 
     float *Q = scratch;                        /* [M][ld] scaled queries */
     float *O = Q + M * ld;                     /* [M][ld] running output */
-    float *Kp = O + M * ld;                    /* [DMA_CHUNK][D] packed K^T */
-    float *Vp = Kp + DMA_CHUNK * ld;           /* [DMA_CHUNK][ld] */
-    float *S = Vp + DMA_CHUNK * ld;            /* [mr][DMA_CHUNK] scores, then P */
-    float *bias_buf = S + mr * DMA_CHUNK;      /* [heads][DMA_CHUNK] */
-    float *row_m = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK;
+    float *Kp = O + M * ld;                    /* [DMA_CHUNK_MAX][D] packed K^T */
+    float *Vp = Kp + DMA_CHUNK_MAX * ld;       /* [DMA_CHUNK_MAX][ld] */
+    float *S = Vp + DMA_CHUNK_MAX * ld;        /* [mr][DMA_CHUNK_MAX] scores, then P */
+    float *bias_buf = S + mr * DMA_CHUNK_MAX;  /* [heads][DMA_CHUNK_MAX] */
+    float *row_m = bias_buf + DMA_HEADS_PER_ITEM * DMA_CHUNK_MAX;
     float *row_l = row_m + M;
     float *alpha = row_l + M;                  /* [mr] */
-    float *stage = alpha + mr;                 /* [DMA_CHUNK][D] K rows gathered from a cache */
+    float *stage = alpha + mr;                 /* [DMA_CHUNK_MAX][D] K rows from a cache */
     /* bf16 dots: [M][ld] bf16 query rows (unscaled) and the bf16 pair panel in Kp's place */
-    uint16_t *Qh = (uint16_t *)(stage + (a->cache ? DMA_CHUNK * ld : 0));
+    uint16_t *Qh = (uint16_t *)(stage + (a->cache ? DMA_CHUNK_MAX * ld : 0));
     const uint16_t *Kh = (const uint16_t *)Kp;
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
@@ -124,8 +124,9 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
         row_l[r] = 0.0f;
     }
 
-    for (int64_t c0 = 0; c0 < iv->count; c0 += DMA_CHUNK) {
-        const int64_t n = dma_min64(DMA_CHUNK, iv->count - c0);
+    for (int64_t c0 = 0, n; c0 < iv->count; c0 += n) {
+        const int64_t rest = iv->count - c0;
+        n = rest <= DMA_CHUNK_MAX ? rest : DMA_CHUNK;
         if (!dma_chunk_active(iv, c0, n))
             continue;
         const int32_t *keys = iv->keys ? iv->keys + c0 : NULL;
@@ -139,7 +140,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
                 dma_kv_gather_bias(a->cache, a->sp, it->b, iv->hkv, keys, first, (int)n, n_pad,
                                    bias_buf);
                 for (int64_t hh = 1; hh < iv->nh; hh++)
-                    memcpy(bias_buf + hh * DMA_CHUNK, bias_buf, sizeof(float) * (size_t)n_pad);
+                    memcpy(bias_buf + hh * DMA_CHUNK_MAX, bias_buf, sizeof(float) * (size_t)n_pad);
             }
         } else {
             dma_pack_kv(a, iv, keys, first, (int)n, Kp, Vp);
@@ -147,7 +148,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
         if (a->bias && !per_row_bias)
             for (int64_t hh = 0; hh < iv->nh; hh++)
                 dma_gather_key_bias(a, it, iv, hh, c0, n, dma_div_up(n, nr) * nr,
-                                    bias_buf + hh * DMA_CHUNK);
+                                    bias_buf + hh * DMA_CHUNK_MAX);
         /* Blocks of rows run across head boundaries (rows of all heads are contiguous in Q),
          * so only the item's last blocks are short. */
         for (int64_t row0 = 0, m; row0 < M; row0 += m) {
@@ -156,13 +157,13 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
             if (!dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb))
                 continue;
             if (a->bf16_dots)
-                kern->scores_bf16(S, DMA_CHUNK, Qh + row0 * ld, (int)ld, (int)m, Kh + ca * D,
+                kern->scores_bf16(S, DMA_CHUNK_MAX, Qh + row0 * ld, (int)ld, (int)m, Kh + ca * D,
                                   (int)(cb - ca), (int)D, a->scale);
             else if (decode)
-                kern->dots(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, stage + ca * D, (int)D,
+                kern->dots(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, stage + ca * D, (int)D,
                            (int)(cb - ca), (int)D);
             else
-                kern->scores(S, DMA_CHUNK, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                kern->scores(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
                              (int)(cb - ca), (int)D);
             for (int64_t r = 0; r < m; r++) {
                 const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
@@ -171,16 +172,16 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
                     brow = bias_buf;
                     dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
                 } else if (a->bias || a->cache_bias) {
-                    brow = bias_buf + hh * DMA_CHUNK + ca;
+                    brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
                 }
                 int lo, hi;
                 dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
-                alpha[r] = kern->softmax_row(S + r * DMA_CHUNK, (int)(cb - ca), brow,
+                alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
                                              dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
                                              a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
             }
             /* P is zero past n, and V rows past n were never packed: stop at n. */
-            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK, (int)m, Vp + ca * ld,
+            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK_MAX, (int)m, Vp + ca * ld,
                            (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
         }
     }

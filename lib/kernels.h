@@ -26,7 +26,7 @@
 typedef struct dma_kernels {
     const char *name;
     int mr;  /* largest row count `scores` and `accum_pv` are called with (a block of query rows) */
-    int nr;  /* keys per packed K block; a multiple of 8 and a divisor of DMA_CHUNK */
+    int nr;  /* keys per packed K block; a multiple of 8 and a divisor of DMA_CHUNK and of 64 */
     int pv_rows; /* rows (<= mr) of accum_pv's fastest register block, for callers free to
                   * choose their blocks of rows (the backward's dQ) */
 
@@ -45,7 +45,7 @@ typedef struct dma_kernels {
     void (*scores)(float *s, int lds, const float *q, int ldq, int m, const float *kp, int n,
                    int D);
 
-    /* One row of the online softmax over a chunk of n scores (n <= DMA_CHUNK, multiple of nr).
+    /* One row of the online softmax over a chunk of n scores (n <= DMA_CHUNK_MAX, multiple of nr).
      * Position c is selected iff lo <= c < hi and (bits == NULL or bit (bit0 + c) of the
      * little-endian word array `bits` is set). For selected c the score is
      *     x = softcap > 0 ? softcap * tanh(s[c] / softcap) : s[c];   x += bias ? bias[c] : 0
@@ -139,6 +139,10 @@ typedef struct dma_kernels {
 
 /* Keys per chunk of the union the driver processes at once (a multiple of 64 and of every nr). */
 #define DMA_CHUNK 256
+/* The forward's last chunk of a union also takes a tail of up to 64 keys (a union of w + a few
+ * keys would otherwise end in a chunk of a few keys that costs every row a softmax pass and a
+ * rescale of its output for little work): a forward chunk holds at most this many. */
+#define DMA_CHUNK_MAX (DMA_CHUNK + 64)
 
 extern const dma_kernels dma_kernels_scalar;
 #if defined(DMATTN_HAVE_AVX2)

@@ -364,6 +364,8 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
     if (st != DMA_OK)
         return st;
     bd->sp = sp;
+    if (bd->Lq == 0) /* no rows: nothing to select, and no per-slab bookkeeping for B*H slabs */
+        return dma_sparsity_assemble(ctx, sp, NULL, 0, out);
     int64_t nslab = bd->B * bd->H;
     slab *slabs = calloc((size_t)nslab, sizeof(slab));
     if (!slabs) {

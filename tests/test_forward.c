@@ -637,6 +637,28 @@ START_TEST(paired_tiles)
 }
 END_TEST
 
+START_TEST(chunk_edges)
+{
+    /* Unions of 256 keys (one chunk), 257 to 320 (one chunk that takes the tail), 321 (256 and
+     * a chunk of 65), 576 and 577 (256, then 320 in one, or 256 + 65), with and without a
+     * causal mask and a per-key bias: the forward's chunking against the reference. */
+    static const int64_t lks[] = {256, 257, 300, 320, 321, 576, 577};
+    fwd_case cases[14];
+    int n = 0;
+    test_rng r = rng_make(29);
+    for (int l = 0; l < 7; l++)
+        for (int v = 0; v < 2; v++) {
+            fwd_case c = plain_case(1, v ? lks[l] : 70, lks[l], 2, 1, rng_pick(&r, DIMS, 7),
+                                    rng_u64(&r));
+            c.causal = v;
+            if (v)
+                make_bias(&r, &c);
+            cases[n++] = c;
+        }
+    run_cases(cases, n);
+}
+END_TEST
+
 START_TEST(decode)
 {
     /* Lq = 1 (one new token against a KV cache) and Lk = 1 */
@@ -901,6 +923,7 @@ static Suite *forward_suite(void)
     tcase_add_test(tc, every_head_dim);
     tcase_add_test(tc, large);
     tcase_add_test(tc, paired_tiles);
+    tcase_add_test(tc, chunk_edges);
     tcase_add_test(tc, decode);
     tcase_add_test(tc, lq_differs_from_lk);
     tcase_add_test(tc, sparsity_heads_and_batches);

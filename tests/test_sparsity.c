@@ -707,6 +707,36 @@ START_TEST(from_mask_strided)
 }
 END_TEST
 
+START_TEST(no_rows_many_slabs)
+{
+    /* Lq = 0 over 2^40 (batch, head) slabs: an empty object, made without per-slab bookkeeping
+     * (a terabyte of it before; the fuzzer found the from_mask case) */
+    test_ctx ctxs[TEST_MAX_CTX];
+    int nctx = test_contexts_create(ctxs);
+    const int64_t big = (int64_t)1 << 20;
+    uint8_t m[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+    dma_tensor t = dma_tensor_4d(m, DMA_BOOL, big, big, 0, 8);
+    t.stride[0] = t.stride[1] = t.stride[2] = 0;
+    for (int c = 0; c < nctx; c++) {
+        for (int how = 0; how < 2; how++) {
+            dma_sparsity *sp = NULL;
+            dma_mask_params mp = {.kind = DMA_MASK_WINDOW, .causal = 1, .window = 4};
+            dma_status st = how ? dma_sparsity_from_mask(ctxs[c].ctx, &t, &sp)
+                                : dma_sparsity_build(ctxs[c].ctx, &mp, big, big, 0, 8, NULL,
+                                                     NULL, &sp);
+            ck_assert_msg(st == DMA_OK && sp, "%s: %s", how ? "from_mask" : "build",
+                          dma_context_last_error(ctxs[c].ctx));
+            int64_t B, H, Lq, Lk;
+            dma_sparsity_shape(sp, &B, &H, &Lq, &Lk);
+            ck_assert(B == big && H == big && Lq == 0 && Lk == 8);
+            ck_assert_int_eq(dma_sparsity_nnz(sp), 0);
+            dma_sparsity_destroy(sp);
+        }
+    }
+    test_contexts_destroy(ctxs, nctx);
+}
+END_TEST
+
 START_TEST(from_mask_matches_builder)
 {
     /* the reference top-k mask fed to from_mask gives the same selection as the builder */
@@ -795,6 +825,7 @@ static Suite *sparsity_suite(void)
     tcase_add_test(tm, from_mask_random);
     tcase_add_test(tm, from_mask_strided);
     tcase_add_test(tm, from_mask_matches_builder);
+    tcase_add_test(tm, no_rows_many_slabs);
     tcase_add_test(tm, to_dense_exact_size);
     suite_add_tcase(s, tm);
     return s;

@@ -309,13 +309,13 @@ INLINE __m256 logits8(float *s, const float *bias, int c, unsigned byte, __m256 
     return byte == 0xFF ? x : _mm256_blendv_ps(ninf, x, lane_mask8(byte));
 }
 
-/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK. Positions go 16 at a time (two
+/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK_MAX. Positions go 16 at a time (two
  * independent vectors per step for the out-of-order core), then 8. */
 INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
                           int lo, int hi, float softcap, float *m, float *l, const int CAP)
 {
     const __m256 ninf = _mm256_set1_ps(-INFINITY), cap = _mm256_set1_ps(softcap);
-    uint64_t sel[DMA_CHUNK / 64];
+    uint64_t sel[DMA_CHUNK_MAX / 64];
     __m256 vmax0 = ninf, vmax1 = ninf;
     /* Pass 1: logits of the selected positions, -inf elsewhere; their max. A NaN logit is
      * skipped by the max (_mm256_max_ps returns its second operand, the running max, when

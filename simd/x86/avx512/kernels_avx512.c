@@ -312,13 +312,13 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
 /* softmax_row                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
-/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK; a last group of fewer than 16
+/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK_MAX; a last group of fewer than 16
  * positions is handled with masked loads and stores. */
 INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
                           int lo, int hi, float softcap, float *m, float *l, const int CAP)
 {
     const __m512 ninf = _mm512_set1_ps(-INFINITY), cap = _mm512_set1_ps(softcap);
-    uint64_t sel[DMA_CHUNK / 64];
+    uint64_t sel[DMA_CHUNK_MAX / 64];
     __m512 vmax = ninf;
     /* Pass 1: logits of the selected positions, -inf elsewhere; their max. */
     for (int c64 = 0; c64 < n; c64 += 64) {
