@@ -39,6 +39,15 @@ int64_t rng_pick(test_rng *r, const int64_t *values, int n);
 /** 1 with probability p, else 0. */
 int rng_bernoulli(test_rng *r, double p);
 
+/* ---- random attention shapes (the forward and backward suites) ---- */
+
+/** Head pairs (Hq, Hkv) and head dimensions the random cases pick from. */
+extern const int64_t TEST_HEADS[4][2];
+extern const int64_t TEST_DIMS[7];
+/** Halves the longer of *Lq and *Lk (Lq on a tie) while per_pair * Lq * Lk > max_work, where
+ *  per_pair is the work of one (query, key) pair (B * Hq * D). */
+void test_fit_work(double per_pair, int64_t *Lq, int64_t *Lk, double max_work);
+
 /* ---- contexts ---- */
 
 #define TEST_MAX_CTX 8
