@@ -144,6 +144,16 @@ void test_fit_work(double per_pair, int64_t *Lq, int64_t *Lk, double max_work)
     }
 }
 
+void test_random_mask(test_rng *r, double density, int64_t n, uint8_t **mask, uint8_t **sel)
+{
+    *mask = test_malloc((size_t)n);
+    *sel = test_malloc((size_t)n);
+    for (int64_t x = 0; x < n; x++) {
+        (*mask)[x] = rng_bernoulli(r, density) ? (uint8_t)rng_int(r, 1, 3) : 0;
+        (*sel)[x] = (*mask)[x] != 0;
+    }
+}
+
 int test_run_suite(Suite *s)
 {
     SRunner *sr = srunner_create(s);

@@ -47,6 +47,9 @@ extern const int64_t TEST_DIMS[7];
 /** Halves the longer of *Lq and *Lk (Lq on a tie) while per_pair * Lq * Lk > max_work, where
  *  per_pair is the work of one (query, key) pair (B * Hq * D). */
 void test_fit_work(double per_pair, int64_t *Lq, int64_t *Lk, double max_work);
+/** A random boolean mask of n bytes (nonzero, 1 to 3, with probability density) into *mask and
+ *  its 0/1 selection into *sel, both allocated with test_malloc. */
+void test_random_mask(test_rng *r, double density, int64_t n, uint8_t **mask, uint8_t **sel);
 
 /* ---- contexts ---- */
 

@@ -88,12 +88,7 @@ void fwd_data_make(const fwd_case *c, fwd_data *f)
         f->tmbias = dma_tensor_4d(f->mbias, DMA_F32, c->mBb, c->mHb, c->mLb, Lk);
         f->tpad = dma_tensor_2d(f->pad, DMA_BOOL, c->Bp, Lk);
     } else if (c->sel == SEL_MASK) {
-        f->mask = test_malloc((size_t)nsel);
-        f->sel = test_malloc((size_t)nsel);
-        for (int64_t x = 0; x < nsel; x++) {
-            f->mask[x] = rng_bernoulli(&r, c->density) ? (uint8_t)rng_int(&r, 1, 3) : 0;
-            f->sel[x] = f->mask[x] != 0;
-        }
+        test_random_mask(&r, c->density, nsel, &f->mask, &f->sel);
         f->tmask = dma_tensor_4d(f->mask, DMA_BOOL, c->Bs, c->Hs, Lq, Lk);
     }
 
