@@ -162,7 +162,6 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
     iv->vbase = a->v && a->v->dtype == DMA_F32 ? f32(a->v) + iv->voff : NULL;
     /* The causal cut (positions of keys <= the row's last visible key) grows by at most one a
      * row (keys are distinct): one search for the first row, then a step. */
-    const int32_t *tkeys = iv->keys;
     int32_t cut = a->causal ? dma_tile_cut(sp, tile, iv->r0 + a->off) : 0;
     for (int64_t i = 0; i < iv->nrows; i++) {
         int64_t row = iv->slab * sp->Lq + iv->r0 + i;
@@ -170,7 +169,7 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
         if (a->causal) {
             if (i > 0) {
                 const int64_t last = iv->r0 + i + a->off;
-                cut += cut < iv->count && (tkeys ? tkeys[cut] : iv->first + cut) <= last;
+                cut += cut < iv->count && dma_view_key(iv, cut) <= last;
             }
             hi = hi < cut ? hi : cut;
         }

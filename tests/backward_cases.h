@@ -40,10 +40,6 @@
 #define RTOL 1e-4
 #define FWD_TOL 1e-4 /* out and lse of the forward (only to name a forward failure as one) */
 
-/* Head pairs (Hq, Hkv) and head dimensions the cases pick from. */
-extern const int64_t HEADS[4][2];
-extern const int64_t DIMS[7];
-
 typedef enum sel_mode {
     SEL_NONE, /* sp = NULL: every visible key (dense, or causal) */
     SEL_TOPK, /* dma_sparsity_build(TOPK); the reference uses ref_mask */

@@ -131,6 +131,29 @@ int is_sentinel(const void *p, size_t n)
     return 1;
 }
 
+const int64_t TEST_HEADS[4][2] = {{1, 1}, {4, 4}, {8, 2}, {4, 1}};
+const int64_t TEST_DIMS[7] = {1, 16, 40, 64, 100, 128, 256};
+
+void test_fit_work(double per_pair, int64_t *Lq, int64_t *Lk, double max_work)
+{
+    while (per_pair * (double)*Lq * (double)*Lk > max_work) {
+        if (*Lq >= *Lk)
+            *Lq = (*Lq + 1) / 2;
+        else
+            *Lk = (*Lk + 1) / 2;
+    }
+}
+
+void test_random_mask(test_rng *r, double density, int64_t n, uint8_t **mask, uint8_t **sel)
+{
+    *mask = test_malloc((size_t)n);
+    *sel = test_malloc((size_t)n);
+    for (int64_t x = 0; x < n; x++) {
+        (*mask)[x] = rng_bernoulli(r, density) ? (uint8_t)rng_int(r, 1, 3) : 0;
+        (*sel)[x] = (*mask)[x] != 0;
+    }
+}
+
 int test_run_suite(Suite *s)
 {
     SRunner *sr = srunner_create(s);

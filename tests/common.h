@@ -39,6 +39,18 @@ int64_t rng_pick(test_rng *r, const int64_t *values, int n);
 /** 1 with probability p, else 0. */
 int rng_bernoulli(test_rng *r, double p);
 
+/* ---- random attention shapes (the forward and backward suites) ---- */
+
+/** Head pairs (Hq, Hkv) and head dimensions the random cases pick from. */
+extern const int64_t TEST_HEADS[4][2];
+extern const int64_t TEST_DIMS[7];
+/** Halves the longer of *Lq and *Lk (Lq on a tie) while per_pair * Lq * Lk > max_work, where
+ *  per_pair is the work of one (query, key) pair (B * Hq * D). */
+void test_fit_work(double per_pair, int64_t *Lq, int64_t *Lk, double max_work);
+/** A random boolean mask of n bytes (nonzero, 1 to 3, with probability density) into *mask and
+ *  its 0/1 selection into *sel, both allocated with test_malloc. */
+void test_random_mask(test_rng *r, double density, int64_t n, uint8_t **mask, uint8_t **sel);
+
 /* ---- contexts ---- */
 
 #define TEST_MAX_CTX 8

@@ -88,12 +88,7 @@ void fwd_data_make(const fwd_case *c, fwd_data *f)
         f->tmbias = dma_tensor_4d(f->mbias, DMA_F32, c->mBb, c->mHb, c->mLb, Lk);
         f->tpad = dma_tensor_2d(f->pad, DMA_BOOL, c->Bp, Lk);
     } else if (c->sel == SEL_MASK) {
-        f->mask = test_malloc((size_t)nsel);
-        f->sel = test_malloc((size_t)nsel);
-        for (int64_t x = 0; x < nsel; x++) {
-            f->mask[x] = rng_bernoulli(&r, c->density) ? (uint8_t)rng_int(&r, 1, 3) : 0;
-            f->sel[x] = f->mask[x] != 0;
-        }
+        test_random_mask(&r, c->density, nsel, &f->mask, &f->sel);
         f->tmask = dma_tensor_4d(f->mask, DMA_BOOL, c->Bs, c->Hs, Lq, Lk);
     }
 
@@ -349,9 +344,6 @@ void run_cases(const fwd_case *cases, int n)
 /* Case generation                                                                            */
 /* ------------------------------------------------------------------------------------------ */
 
-const int64_t HEADS[4][2] = {{1, 1}, {4, 4}, {8, 2}, {4, 1}}; /* Hq, Hkv */
-const int64_t DIMS[7] = {1, 16, 40, 64, 100, 128, 256};
-
 /* A plain dense, non-causal case without bias; tests then change what they are about. */
 fwd_case plain_case(int64_t B, int64_t Lq, int64_t Lk, int64_t Hq, int64_t Hkv,
                     int64_t D, uint64_t seed)
@@ -424,13 +416,9 @@ fwd_case random_case(test_rng *r, int64_t max_len, double max_work)
 {
     int hp = (int)rng_int(r, 0, 3);
     fwd_case c = plain_case(rng_int(r, 1, 2), rng_int(r, 1, max_len), rng_int(r, 1, max_len),
-                            HEADS[hp][0], HEADS[hp][1], rng_pick(r, DIMS, 7), rng_u64(r));
-    while ((double)c.B * c.Hq * c.Lq * c.Lk * c.D > max_work) {
-        if (c.Lq >= c.Lk)
-            c.Lq = (c.Lq + 1) / 2;
-        else
-            c.Lk = (c.Lk + 1) / 2;
-    }
+                            TEST_HEADS[hp][0], TEST_HEADS[hp][1], rng_pick(r, TEST_DIMS, 7),
+                            rng_u64(r));
+    test_fit_work((double)c.B * c.Hq * c.D, &c.Lq, &c.Lk, max_work);
     c.causal = (int)rng_int(r, 0, 1);
     if (rng_bernoulli(r, 0.3))
         c.scale = (float)(rng_bernoulli(r, 0.5) ? 0.7 : 1.3) / sqrtf((float)c.D);

@@ -57,10 +57,6 @@ typedef struct fwd_data {
     dma_tensor tq, tk, tv, tbias, tout, tlse, tmbias, tpad, tmask;
 } fwd_data;
 
-/* Head pairs (Hq, Hkv) and head dimensions the random cases pick from. */
-extern const int64_t HEADS[4][2];
-extern const int64_t DIMS[7];
-
 /* The case's inputs, its reference out and lse, and dmattn's (laid-out) tensors. */
 void fwd_data_make(const fwd_case *c, fwd_data *f);
 /* Frees what fwd_data_make allocated. */

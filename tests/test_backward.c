@@ -44,7 +44,8 @@ START_TEST(every_head_dim)
     test_rng r = rng_make(103);
     for (int d = 0; d < 7; d++)
         for (int hp = 0; hp < 4; hp++) {
-            bwd_case c = plain_case(2, 37, 53, HEADS[hp][0], HEADS[hp][1], DIMS[d], rng_u64(&r));
+            bwd_case c = plain_case(2, 37, 53, TEST_HEADS[hp][0], TEST_HEADS[hp][1], TEST_DIMS[d],
+                                    rng_u64(&r));
             c.causal = 1;
             set_topk(&r, &c, 0, 7);
             c.mask_causal = 1;
@@ -132,8 +133,8 @@ START_TEST(lq_differs_from_lk)
     for (int l = 0; l < 8; l++)
         for (int v = 0; v < 3; v++) {
             int hp = (int)rng_int(&r, 0, 3);
-            bwd_case c = plain_case(rng_int(&r, 1, 2), lens[l][0], lens[l][1], HEADS[hp][0],
-                                    HEADS[hp][1], rng_pick(&r, DIMS, 5), rng_u64(&r));
+            bwd_case c = plain_case(rng_int(&r, 1, 2), lens[l][0], lens[l][1], TEST_HEADS[hp][0],
+                                    TEST_HEADS[hp][1], rng_pick(&r, TEST_DIMS, 5), rng_u64(&r));
             c.causal = v != 2;
             if (v == 0) {
                 random_bias(&r, &c);
@@ -185,8 +186,8 @@ START_TEST(topk_windows)
         for (int per_row = 0; per_row < 2; per_row++)
             for (int padded = 0; padded < 2; padded++) {
                 int hp = (int)rng_int(&r, 0, 3);
-                bwd_case c = plain_case(1 + padded, 71, 97, HEADS[hp][0], HEADS[hp][1], 40,
-                                        rng_u64(&r));
+                bwd_case c = plain_case(1 + padded, 71, 97, TEST_HEADS[hp][0], TEST_HEADS[hp][1],
+                                        40, rng_u64(&r));
                 c.causal = (int)rng_int(&r, 0, 1);
                 set_topk(&r, &c, per_row, windows[w]);
                 c.mask_causal = c.causal;
@@ -317,7 +318,7 @@ START_TEST(every_isa)
     test_rng r = rng_make(113);
     for (int i = 0; i < N; i++) {
         cases[i] = random_case(&r, 120, 6e5);
-        cases[i].D = DIMS[i % 7];
+        cases[i].D = TEST_DIMS[i % 7];
     }
     int tested = 0;
     CHECK(dma_isa_supported(DMA_ISA_SCALAR), "the scalar path must always run");

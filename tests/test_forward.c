@@ -40,7 +40,8 @@ START_TEST(every_head_dim)
     test_rng r = rng_make(13);
     for (int d = 0; d < 7; d++) {
         for (int hp = 0; hp < 4; hp++) {
-            fwd_case c = plain_case(2, 37, 53, HEADS[hp][0], HEADS[hp][1], DIMS[d], rng_u64(&r));
+            fwd_case c = plain_case(2, 37, 53, TEST_HEADS[hp][0], TEST_HEADS[hp][1], TEST_DIMS[d],
+                                    rng_u64(&r));
             c.causal = 1;
             c.Bb = 2;
             c.Hb = c.Hkv;
@@ -151,7 +152,7 @@ START_TEST(chunk_edges)
     test_rng r = rng_make(29);
     for (int l = 0; l < 7; l++)
         for (int v = 0; v < 2; v++) {
-            fwd_case c = plain_case(1, v ? lks[l] : 70, lks[l], 2, 1, rng_pick(&r, DIMS, 7),
+            fwd_case c = plain_case(1, v ? lks[l] : 70, lks[l], 2, 1, rng_pick(&r, TEST_DIMS, 7),
                                     rng_u64(&r));
             c.causal = v;
             if (v)
@@ -172,7 +173,7 @@ START_TEST(decode)
     for (int l = 0; l < 6; l++) {
         for (int v = 0; v < 4; v++) {
             fwd_case c = plain_case(2, v == 3 ? lks[l] : 1, v == 3 ? 1 : lks[l], 8, 2,
-                                    rng_pick(&r, DIMS, 7), rng_u64(&r));
+                                    rng_pick(&r, TEST_DIMS, 7), rng_u64(&r));
             c.causal = v != 1;
             if (v >= 1) {
                 make_bias(&r, &c);
@@ -196,8 +197,8 @@ START_TEST(lq_differs_from_lk)
     for (int l = 0; l < 8; l++) {
         for (int v = 0; v < 4; v++) {
             int hp = (int)rng_int(&r, 0, 3);
-            fwd_case c = plain_case(rng_int(&r, 1, 2), lens[l][0], lens[l][1], HEADS[hp][0],
-                                    HEADS[hp][1], rng_pick(&r, DIMS, 6), rng_u64(&r));
+            fwd_case c = plain_case(rng_int(&r, 1, 2), lens[l][0], lens[l][1], TEST_HEADS[hp][0],
+                                    TEST_HEADS[hp][1], rng_pick(&r, TEST_DIMS, 6), rng_u64(&r));
             c.causal = v != 3;
             if (v == 1 || v == 3) {
                 make_bias(&r, &c);
@@ -256,8 +257,8 @@ START_TEST(block_smoothing)
     for (int kd = 0; kd < 4; kd++)
         for (int bl = 0; bl < 4; bl++) {
             int hp = (int)rng_int(&r, 0, 3);
-            fwd_case c = plain_case(1, rng_int(&r, 20, 90), rng_int(&r, 20, 90), HEADS[hp][0],
-                                    HEADS[hp][1], 64, rng_u64(&r));
+            fwd_case c = plain_case(1, rng_int(&r, 20, 90), rng_int(&r, 20, 90), TEST_HEADS[hp][0],
+                                    TEST_HEADS[hp][1], 64, rng_u64(&r));
             c.causal = (int)rng_int(&r, 0, 1);
             make_bias(&r, &c);
             make_build(&r, &c, kinds[kd]);

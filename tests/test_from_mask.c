@@ -229,11 +229,4 @@ static Suite *from_mask_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(from_mask_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
-}
+int main(void) { return test_run_suite(from_mask_suite()); }

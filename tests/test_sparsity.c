@@ -1,8 +1,8 @@
 /*
  * test_sparsity.c - the mask generators of dma_sparsity_build against the brute-force masks of
  * reference.c, read back through dma_sparsity_to_dense, with dma_sparsity_nnz and
- * dma_sparsity_shape (dma_sparsity_from_mask: test_from_mask.c). Every case runs on every context of
- * test_contexts_create() (each supported ISA, threads 1 and 2).
+ * dma_sparsity_shape (dma_sparsity_from_mask: test_from_mask.c). Every case runs on every
+ * context of test_contexts_create() (each supported ISA, threads 1 and 2).
  */
 #include <check.h>
 #include <math.h>
