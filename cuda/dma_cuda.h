@@ -55,13 +55,14 @@ int dcu_init(int device);
 /* 1 if p is memory GPU `device` can read as device memory (device or managed), else 0. */
 int dcu_on_device(const void *p, int device);
 /* From the device's pool, ordered on `stream` (where the memory is first used); dcu_free
- * returns it on the legacy stream (objects are freed without a context; every call has
- * finished its work by then). */
+ * returns it ordered on `stream`: after the work enqueued there so far. */
 int dcu_malloc(void **p, size_t bytes, void *stream);
-void dcu_free(void *p);
+void dcu_free(void *p, void *stream);
 int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream);
 int dcu_copy_to_host(void *dst, const void *src, size_t bytes, void *stream);
 int dcu_sync(void *stream);
+/* Waits for all work of the current device (every stream). */
+int dcu_device_sync(void);
 
 /* Causal top-`window` selection over a per-key bias (Bb, Hb, 1, Lk) float32 for an object of
  * (B, H, Lq, Lk), bottom-right aligned; pad optional (Bp, Lk) bool. Allocates sp's arrays
@@ -71,7 +72,8 @@ int dcu_sync(void *stream);
  * a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
                           dcu_sparsity *sp, void *stream);
-void dcu_sparsity_free(dcu_sparsity *sp);
+/* Frees sp's arrays ordered on `stream`. */
+void dcu_sparsity_free(dcu_sparsity *sp, void *stream);
 
 int dcu_forward(const dcu_attn *a, void *stream);
 /* The tensor-core forward (bf16 / f16, D % 16 == 0, D <= 128, 16-byte aligned rows): whether

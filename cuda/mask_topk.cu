@@ -12,27 +12,30 @@
  * 2. an up-sweep tree: a node of level k holds the best w keys of 2^k consecutive blocks,
  *    merged from its two children (merging two sorted lists is a rank computation: an
  *    element's place is its own index plus the number of the other list's elements that beat
- *    it, a binary search);
- * 3. per tile (one thread block): the best w keys T of the blocks before the tile,
- *    [0, A) with A = 64 * floor(p0 / 64), merged from the <= log2 nodes that cover [0, A); then
- *    the <= 127 keys [A, p1] of its own rows arrive in order. A key of T at beat rank a is kept
- *    until w - a of those arrivals beat it; an arriving key starts with the number of T's keys
- *    that beat it. So every candidate's rows form one interval [start, end) of the tile, found
- *    by one pass over the arrivals; the candidates with a non-empty interval are U (sorted by
- *    key with a bitonic sort in shared memory), and bit (r, u) is start_u <= r < end_u.
- * Work: O(Lk log Lk) for the tree, O(w log w + 127 w) per tile; memory O(Lk log Lk) scratch.
+ *    it, a binary search). Steps 1 and 2 are one launch (build_tree): a block makes the
+ *    levels of 16 blocks in shared memory, then climbs, the second of two sibling blocks to
+ *    finish merging them into their parent;
+ * 3. evict times (evict_times, a thread a key): key j leaves the best w of [0, p] at the p
+ *    of the w-th key, in key order, that beats it (never, if fewer than w do); found by one
+ *    descent of the tree, whose left children's lists count the keys that beat j well enough
+ *    to choose the side. Row p keeps j iff j <= p < evict_j;
+ * 4. per run of consecutive tiles (build_tiles, one thread block): a tile's union U is the
+ *    keys j <= p1 with evict_j > max(p0, j), found in key order by a stream compaction (ballots
+ *    and a prefix over the block's warps), so no sort: the run's first tile compacts the evict
+ *    times of [0, p1], each later tile the previous U and its own 64 new keys; bit (r, u) is
+ *    key_u <= p0 + r < evict_u.
+ * Work: O(Lk log Lk) for the tree, O(log Lk log w) per key for its evict time, O(Lk) per run
+ * and O(w + 64) per tile for the unions; memory O(Lk log Lk) scratch.
  */
 #include <algorithm>
+#include <climits>
 #include <cstring>
 
 #include "common.cuh"
 
 namespace {
 
-/* Threads of a tile's block: with 16 merge elements a thread, windows up to 4096. */
-constexpr int TILE_THREADS = 512;
-
-struct entry {
+struct __align__(8) entry {
     float x;
     int32_t k;
 };
@@ -83,54 +86,23 @@ struct tree {
     int64_t slab_elems, slab_counts;
 };
 
-/* Level 0: each block of 64 keys in beat order; also finds NaN / +inf biases. */
-__global__ void base_lists(slab_in in, tree t, entry *elems, int *counts, int *bad)
+/* The tree kernel: a block takes GROUP_BLOCKS blocks of 64 keys (their levels 0 .. GROUP_LEVELS
+ * in shared memory), then climbs: of the two blocks whose nodes are a parent's children, the
+ * one that finishes second merges them (a counter per parent tells which), and goes on up.
+ * So the whole tree is one launch and its top levels run without launch gaps. */
+constexpr int GROUP_LEVELS = 4, GROUP_BLOCKS = 1 << GROUP_LEVELS, GROUP_KEYS = 64 * GROUP_BLOCKS;
+
+/* An entry another block wrote (read past L1, which is not coherent between blocks). */
+__device__ __forceinline__ entry load_cg(const entry *p)
 {
-    const int64_t s = blockIdx.y, blk = blockIdx.x;
-    const int64_t j = blk * 64 + threadIdx.x;
-    __shared__ entry e[64];
-    __shared__ bool ok[64];
-    float x = -INFINITY;
-    bool valid = false;
-    if (j < in.Lk) {
-        x = key_bias(in, s, j);
-        if (isnan(x) || x == INFINITY)
-            atomicOr(bad, 1);
-        valid = x != -INFINITY && !isnan(x) && key_exists(in, s, j);
-    }
-    e[threadIdx.x] = {x, (int32_t)j};
-    ok[threadIdx.x] = valid;
-    __syncthreads();
-    int rank = 0, n = 0;
-    for (int i = 0; i < 64; i++) {
-        n += ok[i];
-        rank += ok[i] && beats(e[i], e[threadIdx.x]);
-    }
-    const int64_t cap = t.cap[0];
-    entry *out = elems + s * t.slab_elems + blk * cap;
-    if (valid && rank < cap)
-        out[rank] = e[threadIdx.x];
-    if (threadIdx.x == 0)
-        counts[s * t.slab_counts + blk] = (int)min((int64_t)n, cap);
+    const int2 v = __ldcg((const int2 *)p);
+    return {__int_as_float(v.x), v.y};
 }
 
-/* Level k: node i = the best cap[k] of its children 2i and 2i + 1 (level k - 1). */
-__global__ void merge_level(tree t, int k, entry *elems, int *counts)
+/* out = the best cap entries of the beat-ordered lists l and r (every thread of the block). */
+__device__ __forceinline__ void merge_lists(const entry *l, int nl, const entry *r, int nr,
+                                            entry *out, int cap)
 {
-    extern __shared__ entry sm[];
-    const int64_t s = blockIdx.y, i = blockIdx.x;
-    const int64_t ccap = t.cap[k - 1], cap = t.cap[k];
-    const entry *child = elems + s * t.slab_elems + t.off[k - 1];
-    const int *ccount = counts + s * t.slab_counts + t.cnt_off[k - 1];
-    const int nl = ccount[2 * i];
-    const int nr = 2 * i + 1 < t.nodes[k - 1] ? ccount[2 * i + 1] : 0;
-    entry *l = sm, *r = sm + ccap;
-    for (int x = threadIdx.x; x < nl; x += blockDim.x)
-        l[x] = child[2 * i * ccap + x];
-    for (int x = threadIdx.x; x < nr; x += blockDim.x)
-        r[x] = child[(2 * i + 1) * ccap + x];
-    __syncthreads();
-    entry *out = elems + s * t.slab_elems + t.off[k] + i * cap;
     for (int x = threadIdx.x; x < nl + nr; x += blockDim.x) {
         const bool left = x < nl;
         const entry e = left ? l[x] : r[x - nl];
@@ -138,8 +110,200 @@ __global__ void merge_level(tree t, int k, entry *elems, int *counts)
         if (rank < cap)
             out[rank] = e;
     }
-    if (threadIdx.x == 0)
-        counts[s * t.slab_counts + t.cnt_off[k] + i] = (int)min((int64_t)(nl + nr), cap);
+}
+
+__global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, entry *elems,
+                                                         int *counts, int *arrivals, int *bad)
+{
+    extern __shared__ entry sm[]; /* 2 * max(GROUP_KEYS, top capacity) */
+    __shared__ bool ok[GROUP_KEYS];
+    __shared__ int n_cur[GROUP_BLOCKS], n_nxt[GROUP_BLOCKS];
+    __shared__ int go;
+    const int64_t s = blockIdx.y, g = blockIdx.x;
+    entry *se = elems + s * t.slab_elems;
+    int *sc = counts + s * t.slab_counts;
+    entry *cur = sm, *nxt = sm + GROUP_KEYS;
+
+    /* Level 0: each block of 64 keys in beat order; NaN and +inf biases are flagged. */
+    const int x = threadIdx.x, lb = x >> 6;
+    const int64_t blk = g * GROUP_BLOCKS + lb, j = blk * 64 + (x & 63);
+    float v = -INFINITY;
+    bool valid = false;
+    if (j < in.Lk) {
+        v = key_bias(in, s, j);
+        if (isnan(v) || v == INFINITY)
+            atomicOr(bad, 1);
+        valid = v != -INFINITY && !isnan(v) && key_exists(in, s, j);
+    }
+    const entry me = {v, (int32_t)j};
+    nxt[x] = me;
+    ok[x] = valid;
+    __syncthreads();
+    int rank = 0, n = 0;
+    for (int i = 0; i < 64; i++) {
+        const int o = (lb << 6) + i;
+        n += ok[o];
+        rank += ok[o] && beats(nxt[o], me);
+    }
+    const int cap0 = (int)t.cap[0];
+    if (valid && rank < cap0) {
+        cur[lb * cap0 + rank] = me;
+        se[t.off[0] + blk * cap0 + rank] = me;
+    }
+    if ((x & 63) == 0) {
+        n_cur[lb] = blk < t.nodes[0] ? min(n, cap0) : 0;
+        if (blk < t.nodes[0])
+            sc[t.cnt_off[0] + blk] = n_cur[lb];
+    }
+    __syncthreads();
+
+    /* Levels 1 .. GROUP_LEVELS inside the group, in shared memory (each level holds at most
+     * GROUP_KEYS entries: a node's capacity is at most its keys). */
+    const int top = min(GROUP_LEVELS, t.levels - 1);
+    for (int k = 1; k <= top; k++) {
+        const int ccap = (int)t.cap[k - 1], cap = (int)t.cap[k], nodes = GROUP_BLOCKS >> k;
+        for (int y = x; y < 2 * nodes * ccap; y += blockDim.x) {
+            const int c = y / ccap, i = y % ccap;
+            if (i >= n_cur[c])
+                continue;
+            const entry e = cur[y];
+            const int sib = c ^ 1;
+            const int r = i + count_beating(cur + sib * ccap, n_cur[sib], e);
+            if (r < cap) {
+                const int64_t node = g * nodes + (c >> 1);
+                nxt[(c >> 1) * cap + r] = e;
+                se[t.off[k] + node * cap + r] = e;
+            }
+        }
+        __syncthreads();
+        if (x < nodes) {
+            const int64_t node = g * nodes + x;
+            n_nxt[x] = min(n_cur[2 * x] + n_cur[2 * x + 1], cap);
+            if (node < t.nodes[k])
+                sc[t.cnt_off[k] + node] = n_nxt[x];
+        }
+        __syncthreads();
+        if (x < nodes)
+            n_cur[x] = n_nxt[x];
+        entry *tmp = cur;
+        cur = nxt;
+        nxt = tmp;
+        __syncthreads();
+    }
+
+    /* The climb: this block's node at level k; the second of two siblings merges them. */
+    int64_t node = g;
+    for (int k = top; k + 1 < t.levels; k++) {
+        const int64_t parent = node >> 1;
+        if ((node ^ 1) < t.nodes[k]) {
+            __threadfence(); /* this block's node, before its arrival */
+            __syncthreads();
+            if (x == 0)
+                go = atomicAdd(&arrivals[s * t.slab_counts + t.cnt_off[k + 1] + parent], 1) == 1;
+            __syncthreads();
+            if (!go)
+                return;
+            __threadfence(); /* the sibling's node, after its arrival */
+        }
+        const int64_t ccap = t.cap[k], cap = t.cap[k + 1], li = 2 * parent, ri = li + 1;
+        const int nl = __ldcg(sc + t.cnt_off[k] + li);
+        const int nr = ri < t.nodes[k] ? __ldcg(sc + t.cnt_off[k] + ri) : 0;
+        entry *l = sm, *r = sm + ccap;
+        const entry *child = se + t.off[k];
+        for (int y = x; y < nl; y += blockDim.x)
+            l[y] = load_cg(child + li * ccap + y);
+        for (int y = x; y < nr; y += blockDim.x)
+            r[y] = load_cg(child + ri * ccap + y);
+        __syncthreads();
+        merge_lists(l, nl, r, nr, se + t.off[k + 1] + parent * cap, (int)cap);
+        if (x == 0)
+            sc[t.cnt_off[k + 1] + parent] = (int)min((int64_t)(nl + nr), cap);
+        __syncthreads();
+        node = parent;
+    }
+}
+
+/* count_beating over a list in global memory: seven probes a step whose loads are independent
+ * (the beating entries are a prefix, so the probes that beat are too), then the last <= 8
+ * entries at once: 4 rounds of loads for 1024 entries where a binary search waits on 10. */
+__device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e)
+{
+    int lo = 0, hi = n; /* l[0, lo) beat e; l[hi, n) do not */
+    while (hi - lo > 8) {
+        const int step = (hi - lo) / 8;
+        int c = 0;
+#pragma unroll
+        for (int i = 1; i <= 7; i++)
+            c += beats(l[lo + i * step], e);
+        const int nhi = c < 7 ? lo + (c + 1) * step : hi;
+        lo = c ? lo + c * step + 1 : lo;
+        hi = nhi;
+    }
+    int c = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+        c += lo + i < hi && beats(l[lo + i], e);
+    return lo + c;
+}
+
+/* evict[j] (one row of es per slab): the first position p >= j at which key j is no longer
+ * among the best w keys of [0, p], that is, the position of the w-th key (in key order) that
+ * beats j, or Lk when fewer than w keys beat it; j itself for a key that never takes part.
+ * The row at position p keeps j iff j <= p < evict[j] (DESIGN §2's evict times).
+ * One thread a key descends the tree from the root: a node's list holds the keys of the node
+ * that beat j exactly when fewer than its capacity do (they are then among its best), and a
+ * full list otherwise, so "at least `need` of them beat j" is read off the left child alone;
+ * the leaf block of 64 keys is scanned in key order. */
+__global__ void evict_times(slab_in in, tree t, const entry *elems, const int *counts, int w,
+                            int64_t es, int32_t *evict)
+{
+    const int64_t s = blockIdx.y, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= in.Lk)
+        return;
+    const float v = key_bias(in, s, j);
+    int64_t ev = j;
+    if (w > 0 && v != -INFINITY && !isnan(v) && key_exists(in, s, j)) { /* w 0: none kept */
+        const entry e = {v, (int32_t)j};
+        const entry *se = elems + s * t.slab_elems;
+        const int *sc = counts + s * t.slab_counts;
+        int k = t.levels - 1;
+        if (count_beating_wide(se + t.off[k], sc[t.cnt_off[k]], e) < w) {
+            ev = in.Lk;
+        } else {
+            int need = w;
+            int64_t node = 0;
+            for (; k > 0; k--) {
+                const int64_t l = 2 * node;
+                const int cl = count_beating_wide(se + t.off[k - 1] + l * t.cap[k - 1],
+                                                  sc[t.cnt_off[k - 1] + l], e);
+                if (cl >= need) {
+                    node = l;
+                } else {
+                    need -= cl;
+                    node = l + 1;
+                }
+            }
+            const int64_t q1 = min(in.Lk, node * 64 + 64);
+            int64_t pos = q1 - 1; /* not reached: the root counted w keys that beat j */
+            /* eight keys' loads at a time, then their turns in key order */
+            for (int64_t q0 = node * 64; q0 < q1 && need > 0; q0 += 8) {
+                bool hit[8];
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const int64_t q = q0 + i;
+                    const float u = q < q1 ? key_bias(in, s, q) : -INFINITY;
+                    hit[i] = u != -INFINITY && !isnan(u) && beats({u, (int32_t)q}, e) &&
+                             key_exists(in, s, q);
+                }
+#pragma unroll
+                for (int i = 0; i < 8; i++)
+                    if (hit[i] && need > 0 && --need == 0)
+                        pos = q0 + i;
+            }
+            ev = max(j, pos);
+        }
+    }
+    evict[s * es + j] = (int32_t)ev;
 }
 
 struct tile_out {
@@ -150,205 +314,195 @@ struct tile_out {
     int64_t Lq, off, ntiles, capU, wcap; /* wcap: words per row reserved per tile */
 };
 
-/* One tile of one slab: T, the arrivals, the intervals, U, the bit rows. */
-__global__ void build_tiles(slab_in in, tree t, const entry *elems, const int *counts, int w,
-                            int W2, tile_out o)
+/* A tile block: 8 warps; a warp offers 512 consecutive candidates a round. */
+constexpr int UNION_THREADS = 256, UNION_WARPS = UNION_THREADS / 32, WARP_KEYS = 16 * 32;
+
+/* Append to (okey, oev), in order, the candidates i in [0, n) that a row at a position in
+ * [a, a + 63] keeps: evict time > max(a, key) (some such p has key <= p < evict). Candidate i
+ * is get(i) = (key, evict). Every thread of the block calls it; returns the new length. */
+template <class Get>
+__device__ __forceinline__ int offer(Get get, int64_t n, int64_t a, int len, int32_t *okey,
+                                     int32_t *oev, int cap, int *warp_cnt)
 {
-    extern __shared__ unsigned char smraw[];
-    entry *cur = (entry *)smraw;                     /* W2: T in beat order */
-    entry *nxt = cur + W2;                           /* W2: merge output, then the sort */
-    int2 *span = (int2 *)(nxt + W2);                 /* w + 128: [start, end) by U position */
-    __shared__ entry loc[128];
-    __shared__ bool loc_ok[128];
-    __shared__ int n_cur, n_T_surv, n_L_surv;
-    __shared__ int list_off[32], list_n[32], n_lists;
-
-    const int64_t s = blockIdx.y, tile = blockIdx.x;
-    const int64_t r0 = tile * DCU_TILE, r1 = min(o.Lq, r0 + DCU_TILE);
-    const int nrows = (int)(r1 - r0);
-    const int64_t p0 = r0 + o.off, p1 = r1 - 1 + o.off;
-    const int64_t tix = s * o.ntiles + tile;
-    int32_t *lo = o.row_lo + s * o.Lq + r0, *hi = o.row_hi + s * o.Lq + r0;
-
-    if (p1 < 0) { /* every row sees no key */
-        if (threadIdx.x == 0)
-            o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, 0, 0, 0};
-        for (int r = threadIdx.x; r < nrows; r += blockDim.x)
-            lo[r] = hi[r] = 0;
-        return;
-    }
-    const int64_t A = p0 > 0 ? (p0 / 64) * 64 : 0;
-    /* The nodes covering [0, A): one per set bit of A / 64, the largest first. */
-    if (threadIdx.x == 0) {
-        int64_t nb = A / 64, base = 0;
-        int n = 0;
-        for (int k = t.levels - 1; k >= 0; k--)
-            if (nb & ((int64_t)1 << k)) {
-                const int64_t node = base >> k;
-                list_off[n] = (int)(t.off[k] + node * t.cap[k]);
-                list_n[n] = counts[s * t.slab_counts + t.cnt_off[k] + node];
-                n++;
-                base += (int64_t)1 << k;
-            }
-        n_lists = n;
-        n_cur = 0;
-    }
-    __syncthreads();
-    const entry *se = elems + s * t.slab_elems;
-    /* T: merge the lists one after another, keeping the best w. */
-    for (int li = 0; li < n_lists; li++) {
-        const int nl = n_cur, nr = list_n[li];
-        const entry *r = se + list_off[li];
-        /* nxt[0 .. nr) holds the incoming list (in shared memory for the searches). */
-        entry *in_r = nxt;
-        for (int x = threadIdx.x; x < nr; x += blockDim.x)
-            in_r[x] = r[x];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int64_t base = 0; base < n; base += (int64_t)UNION_WARPS * WARP_KEYS) {
+        const int64_t wbase = base + (int64_t)warp * WARP_KEYS;
+        int32_t key[16], ev[16];
+        unsigned kept[16];
+        int wc = 0;
+#pragma unroll
+        for (int q = 0; q < 16; q++) {
+            const int64_t i = wbase + q * 32 + lane;
+            key[q] = ev[q] = 0;
+            if (i < n)
+                get(i, &key[q], &ev[q]);
+        }
+#pragma unroll
+        for (int q = 0; q < 16; q++) {
+            const int64_t i = wbase + q * 32 + lane;
+            kept[q] = __ballot_sync(0xffffffffu, i < n && (int64_t)ev[q] > max(a, (int64_t)key[q]));
+            wc += __popc(kept[q]);
+        }
+        if (lane == 0)
+            warp_cnt[warp] = wc;
         __syncthreads();
-        /* Ranks first (into registers: at most 16 elements a thread, see the launch), then
-         * the writes, so that cur can be rewritten in place. */
-        entry mine[16];
-        int rank[16];
-        int m = 0;
-        for (int x = threadIdx.x; x < nl + nr; x += blockDim.x, m++) {
-            const bool left = x < nl;
-            const entry e = left ? cur[x] : in_r[x - nl];
-            mine[m] = e;
-            rank[m] = left ? x + count_beating(in_r, nr, e) : (x - nl) + count_beating(cur, nl, e);
+        int at = len, all = 0;
+        for (int x = 0; x < UNION_WARPS; x++) {
+            at += x < warp ? warp_cnt[x] : 0;
+            all += warp_cnt[x];
+        }
+#pragma unroll
+        for (int q = 0; q < 16; q++) {
+            if ((kept[q] >> lane) & 1) {
+                const int pos = at + __popc(kept[q] & ((1u << lane) - 1));
+                if (pos < cap) { /* always: a tile's union holds at most w + 63 keys */
+                    okey[pos] = key[q];
+                    oev[pos] = ev[q];
+                }
+            }
+            at += __popc(kept[q]);
+        }
+        len += all;
+        __syncthreads(); /* warp_cnt again */
+    }
+    return min(len, cap);
+}
+
+/* A run of consecutive tiles of one slab. A tile's union U is the keys j <= p1 with evict[j] >
+ * max(p0, j) (p0, p1: the positions of its first and last rows), already in key order: the
+ * run's first tile offers keys [0, p1] from the evict times, each later tile the previous U
+ * (a key that leaves stays out) and its own new keys. Bit (r, u) is key_u <= p0 + r < evict_u. */
+__global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *evict, int64_t es,
+                                                             int64_t run, tile_out o)
+{
+    /* 4 * capU: keys and evict times of U, two copies; then 2 * 64 * wcap event words */
+    extern __shared__ int32_t smk[];
+    int32_t *ukey = smk, *uev = smk + o.capU, *nkey = uev + o.capU, *nev = nkey + o.capU;
+    unsigned long long *st_ev = (unsigned long long *)(nev + o.capU);
+    unsigned long long *en_ev = st_ev + DCU_TILE * o.wcap;
+    __shared__ int warp_cnt[UNION_WARPS];
+    __shared__ int row_first[DCU_TILE], row_end[DCU_TILE], row_count[DCU_TILE];
+    const int64_t s = blockIdx.y;
+    const int32_t *ev = evict + s * es;
+    const int cap = (int)o.capU;
+    int n = 0;
+    int64_t offered = 0; /* keys [0, offered) have been offered */
+    unsigned long long run_nnz = 0;
+    const int64_t t_end = min(o.ntiles, ((int64_t)blockIdx.x + 1) * run);
+    for (int64_t tile = blockIdx.x * run; tile < t_end; tile++) {
+        const int64_t r0 = tile * DCU_TILE, r1 = min(o.Lq, r0 + DCU_TILE);
+        const int nrows = (int)(r1 - r0);
+        const int64_t p0 = r0 + o.off, p1 = r1 - 1 + o.off;
+        const int64_t tix = s * o.ntiles + tile;
+
+        const int32_t *pk = ukey, *pe = uev;
+        int len = offer([&](int64_t i, int32_t *k, int32_t *e) { *k = pk[i]; *e = pe[i]; }, n, p0,
+                        0, nkey, nev, cap, warp_cnt);
+        const int64_t from = offered;
+        if (p1 + 1 > from) {
+            len = offer([&](int64_t i, int32_t *k, int32_t *e) {
+                *k = (int32_t)(from + i);
+                *e = __ldg(ev + from + i);
+            }, p1 + 1 - from, p0, len, nkey, nev, cap, warp_cnt);
+            offered = p1 + 1;
+        }
+        int32_t *tk = ukey, *te = uev;
+        ukey = nkey;
+        uev = nev;
+        nkey = tk;
+        nev = te;
+        n = len;
+
+        const int wpr = (n + 63) / 64;
+        if (threadIdx.x == 0)
+            o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, n, wpr, 0};
+        int32_t *keys = o.keys + tix * o.capU;
+        for (int x = threadIdx.x; x < n; x += blockDim.x)
+            keys[x] = ukey[x];
+        /* The bit rows from events: position u is set in rows [start_u, end_u) (start_u =
+         * key_u - p0, end_u = evict_u - p0, clipped to the tile), so each column word of row r
+         * is (the positions started by r) & ~(those ended by r): two prefix ORs down the rows
+         * of a column, not a test of every position for every row. */
+        for (int x = threadIdx.x; x < DCU_TILE * wpr; x += blockDim.x) {
+            st_ev[x] = 0;
+            en_ev[x] = 0;
+        }
+        if (threadIdx.x < DCU_TILE) {
+            row_first[threadIdx.x] = INT_MAX;
+            row_end[threadIdx.x] = 0;
+            row_count[threadIdx.x] = 0;
         }
         __syncthreads();
-        for (int q = 0; q < m; q++)
-            if (rank[q] < w)
-                cur[rank[q]] = mine[q];
+        for (int u = threadIdx.x; u < n; u += blockDim.x) {
+            const int rs = (int)max((int64_t)ukey[u] - p0, (int64_t)0);
+            const int64_t re = (int64_t)uev[u] - p0; /* > rs: U holds only kept keys */
+            const unsigned long long bit = 1ull << (u & 63);
+            atomicOr(&st_ev[rs * wpr + (u >> 6)], bit);
+            if (re < nrows)
+                atomicOr(&en_ev[(int)re * wpr + (u >> 6)], bit);
+        }
         __syncthreads();
-        if (threadIdx.x == 0)
-            n_cur = min(nl + nr, w);
-        __syncthreads();
-    }
-    const int nT = n_cur;
-    /* The arrivals: keys [A, p1] (<= 127). */
-    const int nloc = (int)(p1 - A + 1);
-    for (int x = threadIdx.x; x < nloc; x += blockDim.x) {
-        const int64_t j = A + x;
-        const float v = key_bias(in, s, j);
-        loc[x] = {v, (int32_t)j};
-        loc_ok[x] = v != -INFINITY && !isnan(v) && key_exists(in, s, j);
-    }
-    if (threadIdx.x == 0)
-        n_T_surv = n_L_surv = 0;
-    __syncthreads();
-    /* Interval of rows of candidate e that starts with `beaten` better keys present. */
-    auto interval = [&](entry e, int beaten, int *start, int *end) {
-        const int rs = (int)max((int64_t)0, max((int64_t)e.k - p0, -p0));
-        int re = nrows;
-        if (beaten >= w)
-            re = rs;
-        else if (beaten >= w - nloc) { /* arrivals may push it out */
-            int cnt = beaten;
-            for (int x = 0; x < nloc; x++) {
-                if (!loc_ok[x] || loc[x].k == e.k || !beats(loc[x], e))
+        /* A warp a column: lane l holds rows 2l and 2l + 1 and scans the ORs across lanes. */
+        uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
+        const int lane = threadIdx.x & 31;
+        for (int wd = threadIdx.x >> 5; wd < wpr; wd += UNION_WARPS) {
+            const int ra = 2 * lane, rb = ra + 1;
+            const unsigned long long sa = st_ev[ra * wpr + wd], ea = en_ev[ra * wpr + wd];
+            unsigned long long S = sa | st_ev[rb * wpr + wd], E = ea | en_ev[rb * wpr + wd];
+            for (int d = 1; d < 32; d <<= 1) {
+                const unsigned long long s2 = __shfl_up_sync(0xffffffffu, S, d);
+                const unsigned long long e2 = __shfl_up_sync(0xffffffffu, E, d);
+                if (lane >= d) {
+                    S |= s2;
+                    E |= e2;
+                }
+            }
+            /* S, E: through row rb; through row ra is the previous lane's plus row ra's own */
+            unsigned long long Sp = __shfl_up_sync(0xffffffffu, S, 1);
+            unsigned long long Ep = __shfl_up_sync(0xffffffffu, E, 1);
+            if (lane == 0)
+                Sp = Ep = 0;
+            const unsigned long long wa = (Sp | sa) & ~(Ep | ea), wb = S & ~E;
+            const int rr[2] = {ra, rb};
+            const unsigned long long ww[2] = {wa, wb};
+#pragma unroll
+            for (int i = 0; i < 2; i++) {
+                const int r = rr[i];
+                const unsigned long long bits = ww[i];
+                if (r >= nrows)
                     continue;
-                if (++cnt >= w) {
-                    re = (int)max((int64_t)rs, min((int64_t)nrows, (int64_t)loc[x].k - p0));
-                    break;
+                words[(int64_t)r * wpr + wd] = bits;
+                if (bits) {
+                    atomicMin(&row_first[r], wd * 64 + __ffsll((long long)bits) - 1);
+                    atomicMax(&row_end[r], wd * 64 + 64 - __clzll((long long)bits));
+                    atomicAdd(&row_count[r], __popcll(bits));
                 }
             }
         }
-        *start = rs;
-        *end = max(re, rs);
-    };
-    /* T's candidates go to the sort array as (key << 16 | start << 8 | end), the rest as the
-     * largest value so that they sort last. */
-    uint64_t *sorted = (uint64_t *)nxt;
-    for (int x = threadIdx.x; x < W2; x += blockDim.x) {
-        uint64_t v = ~0ull;
-        if (x < nT) {
-            int a, b;
-            interval(cur[x], x, &a, &b);
-            if (a < b) {
-                v = ((uint64_t)cur[x].k << 16) | ((uint64_t)a << 8) | (uint64_t)b;
-                atomicAdd(&n_T_surv, 1);
-            }
+        __syncthreads();
+        int32_t *lo = o.row_lo + s * o.Lq + r0, *hi = o.row_hi + s * o.Lq + r0;
+        for (int r = threadIdx.x; r < nrows; r += blockDim.x) {
+            const bool any = row_count[r] > 0;
+            lo[r] = any ? row_first[r] : 0;
+            hi[r] = any ? row_end[r] : 0;
+            run_nnz += row_count[r];
         }
-        sorted[x] = v;
+        __syncthreads(); /* the rows' gathers and U, before the next tile rewrites them */
     }
+    /* One atomic a block: 64 a tile on one address were a queue at the L2. */
+    for (int d = 16; d > 0; d >>= 1)
+        run_nnz += __shfl_down_sync(0xffffffffu, run_nnz, d);
+    __shared__ unsigned long long warp_nnz[UNION_WARPS];
+    if ((threadIdx.x & 31) == 0)
+        warp_nnz[threadIdx.x >> 5] = run_nnz;
     __syncthreads();
-    for (int size = 2; size <= W2; size <<= 1)
-        for (int stride = size >> 1; stride > 0; stride >>= 1) {
-            for (int x = threadIdx.x; x < W2 / 2; x += blockDim.x) {
-                const int i = 2 * x - (x & (stride - 1));
-                const int j = i + stride;
-                const bool up = (i & size) == 0;
-                const uint64_t a = sorted[i], b = sorted[j];
-                if ((a > b) == up) {
-                    sorted[i] = b;
-                    sorted[j] = a;
-                }
-            }
-            __syncthreads();
-        }
-    const int nTs = n_T_surv;
-    int32_t *keys = o.keys + tix * o.capU;
-    for (int x = threadIdx.x; x < nTs; x += blockDim.x) {
-        const uint64_t v = sorted[x];
-        keys[x] = (int32_t)(v >> 16);
-        span[x] = make_int2((int)((v >> 8) & 255), (int)(v & 255));
+    if (threadIdx.x == 0) {
+        unsigned long long all = 0;
+        for (int x = 0; x < UNION_WARPS; x++)
+            all += warp_nnz[x];
+        if (all)
+            atomicAdd(o.nnz, all);
     }
-    /* The arrivals that some row keeps, in key order after T's (they are all >= A). */
-    if (threadIdx.x < 32) {
-        int base = 0;
-        for (int x0 = 0; x0 < nloc; x0 += 32) {
-            const int x = x0 + threadIdx.x;
-            int a = 0, b = 0;
-            if (x < nloc && loc_ok[x])
-                interval(loc[x], count_beating(cur, nT, loc[x]), &a, &b);
-            const bool keep = a < b;
-            const unsigned ball = __ballot_sync(0xffffffffu, keep);
-            if (keep) {
-                const int pos = nTs + base + __popc(ball & ((1u << threadIdx.x) - 1));
-                keys[pos] = loc[x].k;
-                span[pos] = make_int2(a, b);
-            }
-            base += __popc(ball);
-        }
-        if (threadIdx.x == 0)
-            n_L_surv = base;
-    }
-    __syncthreads();
-    const int count = nTs + n_L_surv;
-    const int wpr = (count + 63) / 64;
-    if (threadIdx.x == 0)
-        o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, count, wpr, 0};
-    uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
-    /* Neighbouring threads take neighbouring rows of one word: their reads of span[] are the
-     * same address (a broadcast; a row's words side by side would all hit one bank). */
-    for (int x = threadIdx.x; x < nrows * wpr; x += blockDim.x) {
-        const int wd = x / nrows, r = x % nrows;
-        uint64_t bits = 0;
-        for (int b = 0; b < 64; b++) {
-            const int u = wd * 64 + b;
-            if (u < count && span[u].x <= r && r < span[u].y)
-                bits |= 1ull << b;
-        }
-        words[(int64_t)r * wpr + wd] = bits;
-    }
-    __syncthreads();
-    unsigned long long nnz = 0;
-    for (int r = threadIdx.x; r < nrows; r += blockDim.x) {
-        int first = -1, last = -1;
-        for (int wd = 0; wd < wpr; wd++) {
-            const uint64_t b = words[(int64_t)r * wpr + wd];
-            if (!b)
-                continue;
-            if (first < 0)
-                first = wd * 64 + __ffsll((long long)b) - 1;
-            last = wd * 64 + 63 - __clzll((long long)b);
-            nnz += __popcll(b);
-        }
-        lo[r] = first < 0 ? 0 : first;
-        hi[r] = first < 0 ? 0 : last + 1;
-    }
-    if (nnz)
-        atomicAdd(o.nnz, nnz);
 }
 
 } // namespace
@@ -377,69 +531,74 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     }
     t.slab_elems = eo;
     t.slab_counts = co;
-    const int W2 = [&] { int p = 1; while (p < std::max(w, 1)) p <<= 1; return p; }();
-    const size_t tile_smem = (size_t)W2 * sizeof(entry) * 2 + (size_t)(w + 128) * sizeof(int2);
-    int dev = 0, max_smem = 0;
+    const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
+    const size_t tile_smem = (size_t)capU * 4 * sizeof(int32_t) +
+                             (size_t)2 * DCU_TILE * ((capU + 63) / 64) * sizeof(uint64_t);
+    const size_t tree_smem = (size_t)2 * std::max<int64_t>(GROUP_KEYS, t.cap[t.levels - 1]) * sizeof(entry);
+    int dev = 0, max_smem = 0, sms = 0;
     DCU_TRY(cudaGetDevice(&dev));
     DCU_TRY(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    if (tile_smem > (size_t)max_smem || 2 * (int64_t)w > 16 * TILE_THREADS)
+    DCU_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    if (std::max(tile_smem, tree_smem) > (size_t)max_smem)
         return 2; /* too large a window for this GPU: the caller builds it on the host */
 
     const int64_t ntile_all = nslab * sp->ntiles;
-    const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
     const int64_t wcap = (capU + 63) / 64;
-    entry *elems = nullptr;
-    int *counts = nullptr, *bad = nullptr; /* bad: the NaN flag, then the nnz (8-aligned) */
-    unsigned long long *nnz = nullptr;
+    /* One scratch allocation: the flags (NaN seen, then the nnz, 8-aligned), the climb's
+     * arrival counters (zeroed with the flags), the node counts, the nodes, the evict times. */
+    const size_t n_counts = (size_t)(nslab * t.slab_counts);
+    const size_t zeroed = 16 + ((n_counts * sizeof(int) + 15) & ~(size_t)15);
+    const int64_t es = (Lk + 3) & ~(int64_t)3;
+    const size_t scratch_bytes = zeroed + n_counts * sizeof(int) + 8 +
+                                 (size_t)(nslab * t.slab_elems) * sizeof(entry) +
+                                 (size_t)(nslab * es) * sizeof(int32_t);
+    unsigned char *scratch = nullptr;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
     out.row_lo = out.row_hi = out.keys = nullptr;
     out.words = nullptr;
-    auto release = [&] {
-        cudaFreeAsync(elems, stream);
-        cudaFreeAsync(counts, stream);
-        cudaFreeAsync(bad, stream);
-    };
     cudaError_t e = cudaSuccess;
     const size_t rows = (size_t)(nslab * Lq);
 #define ALLOC(p, bytes) if (e == cudaSuccess) e = cudaMallocAsync((void **)&(p), std::max<size_t>(bytes, 8), stream)
-    ALLOC(elems, (size_t)(nslab * t.slab_elems) * sizeof(entry));
-    ALLOC(counts, (size_t)(nslab * t.slab_counts) * sizeof(int));
-    ALLOC(bad, 16);
+    ALLOC(scratch, scratch_bytes);
     ALLOC(out.tiles, (size_t)ntile_all * sizeof(dcu_tile));
     ALLOC(out.row_lo, rows * 4);
     ALLOC(out.row_hi, rows * 4);
     ALLOC(out.keys, (size_t)(ntile_all * capU) * 4);
     ALLOC(out.words, (size_t)(ntile_all * DCU_TILE * wcap) * 8);
 #undef ALLOC
-    if (e == cudaSuccess) {
-        nnz = (unsigned long long *)(bad + 2);
-        e = cudaMemsetAsync(bad, 0, 16, stream);
-    }
+    if (e == cudaSuccess)
+        e = cudaMemsetAsync(scratch, 0, zeroed, stream);
     if (e != cudaSuccess) {
-        release();
-        dcu_sparsity_free(&out);
+        cudaFreeAsync(scratch, stream);
+        dcu_sparsity_free(&out, stream);
         return dcu_fail(e, "sparsity_build: allocation");
     }
+    int *bad = (int *)scratch, *arrivals = (int *)(scratch + 16);
+    unsigned long long *nnz = (unsigned long long *)(scratch + 8);
+    int *counts = (int *)(scratch + zeroed);
+    entry *elems = (entry *)(((uintptr_t)(counts + n_counts) + 7) & ~(uintptr_t)7);
+    int32_t *evict = (int32_t *)(elems + nslab * t.slab_elems);
     slab_in in = {*bias, *pad, sp->H, Lk};
     if (Lk > 0) {
-        base_lists<<<dim3((unsigned)nb, (unsigned)nslab), 64, 0, stream>>>(in, t, elems, counts, bad);
-        for (int k = 1; k < t.levels; k++) {
-            const size_t smem = (size_t)t.cap[k - 1] * 2 * sizeof(entry);
-            if (smem > 48 * 1024) /* the default limit; the call costs host time */
-                cudaFuncSetAttribute(merge_level, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-            /* the top levels have few nodes of long lists: more threads a node there */
-            const int threads = t.cap[k] >= 512 ? 1024 : 256;
-            merge_level<<<dim3((unsigned)t.nodes[k], (unsigned)nslab), threads, smem, stream>>>(t, k, elems, counts);
-        }
+        if (tree_smem > 48 * 1024) /* the default limit; the call costs host time */
+            cudaFuncSetAttribute(build_tree, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tree_smem);
+        const int64_t groups = (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
+        build_tree<<<dim3((unsigned)groups, (unsigned)nslab), GROUP_KEYS, tree_smem, stream>>>(
+            in, t, elems, counts, arrivals, bad);
+        evict_times<<<dim3((unsigned)((Lk + 255) / 256), (unsigned)nslab), 256, 0, stream>>>(
+            in, t, elems, counts, w, es, evict);
     }
     if (sp->ntiles > 0) {
         if (tile_smem > 48 * 1024)
             cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
         tile_out o = {out.tiles, out.row_lo, out.row_hi, out.keys, out.words, nnz,
                       Lq, Lk - Lq, sp->ntiles, capU, wcap};
-        build_tiles<<<dim3((unsigned)sp->ntiles, (unsigned)nslab), TILE_THREADS, tile_smem, stream>>>(
-            in, t, elems, counts, w, W2, o);
+        /* Runs of tiles: each run's first tile scans the evict times of every key before it,
+         * so runs are as short as keeps four blocks a multiprocessor busy. */
+        const int64_t run = std::max<int64_t>(1, ntile_all / (4 * (int64_t)std::max(sms, 1)));
+        build_tiles<<<dim3((unsigned)((sp->ntiles + run - 1) / run), (unsigned)nslab), UNION_THREADS,
+                      tile_smem, stream>>>(evict, es, run, o);
     }
     int host[4] = {0, 0, 0, 0};
     e = cudaGetLastError();
@@ -447,9 +606,9 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         e = cudaMemcpyAsync(host, bad, 16, cudaMemcpyDeviceToHost, stream);
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(stream);
-    release();
+    cudaFreeAsync(scratch, stream);
     if (e != cudaSuccess || host[0]) {
-        dcu_sparsity_free(&out);
+        dcu_sparsity_free(&out, stream);
         return e != cudaSuccess ? dcu_fail(e, "sparsity_build") : 1;
     }
     unsigned long long total;

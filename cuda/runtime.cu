@@ -62,10 +62,10 @@ extern "C" int dcu_malloc(void **p, size_t bytes, void *stream)
     return 0;
 }
 
-extern "C" void dcu_free(void *p)
+extern "C" void dcu_free(void *p, void *stream)
 {
     if (p)
-        cudaFreeAsync(p, 0);
+        cudaFreeAsync(p, (cudaStream_t)stream);
 }
 
 extern "C" int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream)
@@ -81,19 +81,25 @@ extern "C" int dcu_copy_to_host(void *dst, const void *src, size_t bytes, void *
     return 0;
 }
 
+extern "C" int dcu_device_sync(void)
+{
+    DCU_TRY(cudaDeviceSynchronize());
+    return 0;
+}
+
 extern "C" int dcu_sync(void *stream)
 {
     DCU_TRY(cudaStreamSynchronize((cudaStream_t)stream));
     return 0;
 }
 
-extern "C" void dcu_sparsity_free(dcu_sparsity *sp)
+extern "C" void dcu_sparsity_free(dcu_sparsity *sp, void *stream)
 {
-    dcu_free(sp->tiles);
-    dcu_free(sp->row_lo);
-    dcu_free(sp->row_hi);
-    dcu_free(sp->keys);
-    dcu_free(sp->words);
+    dcu_free(sp->tiles, stream);
+    dcu_free(sp->row_lo, stream);
+    dcu_free(sp->row_hi, stream);
+    dcu_free(sp->keys, stream);
+    dcu_free(sp->words, stream);
     sp->tiles = NULL;
     sp->row_lo = sp->row_hi = sp->keys = NULL;
     sp->words = NULL;

@@ -185,7 +185,14 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   dma_sparsity_nnz, _shape, _bytes and _to_dense (into host memory) work on it;
  * - validation, status codes, messages and semantics (DESIGN §1) are those of the CPU path;
  *   a NaN or +inf bias is found by the GPU builder and reported as DMA_ERR_BAD_VALUE;
- * - each call is synchronous: it returns once its work on the stream has finished;
+ * - dma_forward and dma_backward are stream-ordered, as CUDA kernels and PyTorch operations
+ *   are: they validate, enqueue their work on the context's stream and return; out, lse and
+ *   the gradients are complete once that stream reaches this point (cudaStreamSynchronize, an
+ *   event, or later work on the same stream). Keep their tensors alive until then. An error
+ *   of the kernels' execution (not of their launch) shows at a later call. dma_sparsity_build,
+ *   dma_sparsity_from_mask and dma_sparsity_to_dense are synchronous (a build must report a
+ *   NaN bias and know its size), and dma_sparsity_destroy of a GPU object first waits for
+ *   all work of its GPU, as cudaFree does, so an object may be destroyed right after a call;
  * - exceptions, documented and tested: (1) bf16/f16 forwards on tensor cores round the softmax
  *   weights P to the storage type before P V (as flash attention does): out is within
  *   2^-8 * sum_j p_ij |v_j| (plus the output's own rounding) of the float32 result, lse within

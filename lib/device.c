@@ -199,9 +199,26 @@ static dcu_sparsity to_dcu_sparsity(const dma_sparsity *sp)
 
 void dma_device_sparsity_free(dma_sparsity *sp)
 {
+    /* Forwards and backwards return before their kernels end (stream-ordered), and the owner
+     * frees without a stream: wait for every stream of the device first, as cudaFree does. */
     dcu_sparsity d = to_dcu_sparsity(sp);
-    dcu_sparsity_free(&d);
+    if (dcu_set_device(sp->cuda_device) == 0)
+        dcu_device_sync();
+    dcu_sparsity_free(&d, NULL);
     free(sp);
+}
+
+/* The dense object a call made for itself (sp NULL), freed after the call's work on the
+ * context's stream, without waiting for it. */
+static void release_on_stream(dma_context *ctx, dma_attn *a)
+{
+    if (a->owned_sp && a->owned_sp->cuda) {
+        dcu_sparsity d = to_dcu_sparsity(a->owned_sp);
+        dcu_sparsity_free(&d, ctx->cuda_stream);
+        free(a->owned_sp);
+        a->owned_sp = NULL;
+    }
+    dma_attn_release(a);
 }
 
 static int upload_array(void **dst, const void *src, size_t bytes, void *stream)
@@ -392,9 +409,9 @@ dma_status dma_device_forward(dma_context *ctx, dma_attn *a)
 {
     dcu_attn d;
     dma_status st = device_prepare(ctx, a, &d);
-    if (st == DMA_OK && (dcu_forward(&d, ctx->cuda_stream) || dcu_sync(ctx->cuda_stream)))
+    if (st == DMA_OK && dcu_forward(&d, ctx->cuda_stream))
         st = runtime_error(ctx, "forward");
-    dma_attn_release(a);
+    release_on_stream(ctx, a);
     return st;
 }
 
@@ -410,11 +427,10 @@ dma_status dma_device_backward(dma_context *ctx, dma_attn *a, const dma_tensor *
     if ((st = device_prepare(ctx, a, &d)) == DMA_OK) {
         const dcu_tensor o = to_dcu(dout), gq = to_dcu(dq), gk = to_dcu(dk), gv = to_dcu(dv),
                          gb = to_dcu(dbias);
-        if (dcu_backward(&d, &o, &gq, &gk, &gv, &gb, ctx->cuda_stream) ||
-            dcu_sync(ctx->cuda_stream))
+        if (dcu_backward(&d, &o, &gq, &gk, &gv, &gb, ctx->cuda_stream))
             st = runtime_error(ctx, "backward");
     }
-    dma_attn_release(a);
+    release_on_stream(ctx, a);
     return st;
 }
 

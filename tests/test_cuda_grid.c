@@ -662,6 +662,33 @@ START_TEST(stream_and_shared_object)
     memcpy(q0, g.dq.back, g.dq.bytes);
     ck_assert_int_eq(gpu_backward(g1, &c, &g), DMA_OK);
     ck_assert_msg(memcmp(q0, g.dq.back, g.dq.bytes) == 0, "dq differs between streams");
+
+    /* Forwards are stream-ordered: on a non-blocking stream (not ordered with the legacy
+     * stream the downloads use) out is complete once that stream is synchronised, and an
+     * object destroyed right after the call outlives the call's kernels. */
+    cudaStream_t ns;
+    ck_assert_int_eq(cudaStreamCreateWithFlags(&ns, cudaStreamNonBlocking), cudaSuccess);
+    dma_context *g2 = cuda_ctx((void *)ns);
+    dma_mask_params mp = {.kind = DMA_MASK_TOPK, .causal = c.mask_causal, .window = c.window};
+    dma_sparsity *sp2 = NULL;
+    ck_assert_int_eq(dma_sparsity_build(g2, &mp, c.Bs, c.Hs, c.Lq, c.Lk, &g.bias.td, NULL, &sp2),
+                     DMA_OK);
+    dma_attn_params ap = {.scale = c.scale, .softcap = c.softcap, .causal = c.causal};
+    tb_reset(&g.out);
+    ck_assert_int_eq(cudaDeviceSynchronize(), cudaSuccess); /* the reset has landed */
+    ck_assert_int_eq(dma_forward(g2, &g.q.td, &g.k.td, &g.v.td, &g.bias.td, sp2, &ap, &g.out.td,
+                                 NULL), DMA_OK);
+    dma_sparsity_destroy(sp2);
+    ck_assert_int_eq(cudaStreamSynchronize(ns), cudaSuccess);
+    tb_download(&g.out);
+    ck_assert_msg(memcmp(o0, g.out.back, g.out.bytes) == 0, "out differs on a non-blocking stream");
+    /* sp NULL: the dense object the call makes for itself is freed on the stream, after it */
+    ck_assert_int_eq(dma_forward(g2, &g.q.td, &g.k.td, &g.v.td, NULL, NULL, &ap, &g.out.td, NULL),
+                     DMA_OK);
+    ck_assert_int_eq(cudaStreamSynchronize(ns), cudaSuccess);
+    ck_assert_int_eq(cudaGetLastError(), cudaSuccess);
+    dma_context_destroy(g2);
+    ck_assert_int_eq(cudaStreamDestroy(ns), cudaSuccess);
     free(o0);
     free(q0);
     gdata_free(&g);
