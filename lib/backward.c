@@ -6,11 +6,12 @@
  * from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the
  * item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's
  * private buffers.
- * Each thread keeps one item's private buffers. Items add them into dk, dv and dbias in turn:
- * turns follow item order within each stream of items that add into the same elements, so every
- * element is summed in the same order whatever the thread count (results are bitwise
- * reproducible). Once an item's turn has come it adds each chunk as soon as the chunk is done,
- * while its rows are in cache; chunks done before that are added after the item has waited.
+ * Items add their private buffers into dk, dv and dbias in turn: turns follow item order within
+ * each stream of items that add into the same elements, so every element is summed in the same
+ * order whatever the thread count (results are bitwise reproducible). Once an item's turn has
+ * come it adds each chunk as soon as the chunk is done, while its rows are in cache. An item
+ * finished before its turn is parked in one of its thread's few buffer slots, and whoever passes
+ * the turn to it adds it (see "Parking" below), so that no thread waits for a turn.
  */
 #include <math.h>
 #include <sched.h>
@@ -154,11 +155,13 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
 /*
  * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
  * same elements of dk/dv (same batch and kv head) form a stream, and add in natural order: an
- * item waits for its turn, i.e. for the stream's previous item to have added. Every element
+ * item adds at its turn, i.e. once the stream's previous item has added. Every element
  * therefore receives its contributions in the same order whatever the thread count. A dbias
  * that an item of another stream also adds into (a bias broadcast over the batch, or over more
  * than one kv head) makes one stream of all.
  */
+typedef struct grad_slot grad_slot;
+
 typedef struct turn_plan {
     int64_t nspans;
     int64_t *span_item;       /* [span] its first item; a pair's second is the next item */
@@ -166,7 +169,10 @@ typedef struct turn_plan {
     int64_t *order;           /* the spans in the order threads take them */
     int64_t *stream;          /* [span] */
     int64_t *turn;            /* [span] rank within its stream */
+    int64_t *next_in_stream;  /* [span] the stream's next span, or -1 */
     _Atomic int64_t *done;    /* [stream] spans of the stream that have added */
+    _Atomic int *state;       /* [span] SPAN_OPEN, SPAN_PARKED or SPAN_CLAIMED */
+    grad_slot **parked;       /* [span] the slot of a parked span */
     int64_t nstreams;
     int64_t tile_keys;        /* the largest union of any tile (sizes the merge scratch) */
     int64_t grads_floats;     /* the largest private buffers of any span (item_layout) */
@@ -179,7 +185,10 @@ static void plan_free(turn_plan *p)
     free(p->order);
     free(p->stream);
     free(p->turn);
+    free(p->next_in_stream);
     free((void *)p->done);
+    free((void *)p->state);
+    free(p->parked);
 }
 
 /* Whether items x and x + 1 pair up (A is item x's view; B receives item x + 1's, *count
@@ -205,13 +214,20 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     p->order = malloc(sizeof(int64_t) * n);
     p->stream = malloc(sizeof(int64_t) * n);
     p->turn = malloc(sizeof(int64_t) * n);
+    p->next_in_stream = malloc(sizeof(int64_t) * n);
     p->done = calloc((size_t)p->nstreams, sizeof(_Atomic int64_t));
+    p->state = calloc(n, sizeof(_Atomic int));
+    p->parked = calloc(n, sizeof(grad_slot *));
     int64_t *count = calloc((size_t)p->nstreams, sizeof(int64_t));
-    if (!p->span_item || !p->span_pair || !p->order || !p->stream || !p->turn || !p->done ||
-        !count) {
+    int64_t *last = malloc(sizeof(int64_t) * (size_t)p->nstreams); /* [stream] its last span */
+    if (!p->span_item || !p->span_pair || !p->order || !p->stream || !p->turn ||
+        !p->next_in_stream || !p->done || !p->state || !p->parked || !count || !last) {
         free(count);
+        free(last);
         return false;
     }
+    for (int64_t s = 0; s < p->nstreams; s++)
+        last[s] = -1;
     /* Items are in natural order, so each stream's spans come in turn order. */
     p->nspans = 0;
     p->tile_keys = p->grads_floats = 0;
@@ -234,10 +250,15 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
         int64_t s = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
         p->stream[sx] = s;
         p->turn[sx] = count[s]++;
+        p->next_in_stream[sx] = -1;
+        if (last[s] >= 0)
+            p->next_in_stream[last[s]] = sx;
+        last[s] = sx;
         longest = dma_max64(longest, count[s]);
         x += p->span_pair[sx];
     }
     free(count);
+    free(last);
     /* Take spans turn by turn across the streams (a counting sort on the turn), so that threads
      * working at the same time mostly belong to different streams and rarely wait. */
     int64_t *start = calloc((size_t)longest + 1, sizeof(int64_t));
@@ -262,34 +283,110 @@ static void cpu_relax(void)
 #endif
 }
 
-/* Wait until `done` reaches `turn`: spin briefly (the previous item is usually adding), then
- * yield the CPU so that an oversubscribed machine still makes progress. */
-static void wait_turn(_Atomic int64_t *done, int64_t turn)
+/* Spin briefly (another thread is usually about to hand over what we wait for), then yield the
+ * CPU so that an oversubscribed machine still makes progress. */
+static void backoff(int spins)
 {
-    for (int spins = 0; atomic_load_explicit(done, memory_order_acquire) != turn; spins++) {
-        if (spins < 4096)
-            cpu_relax();
-        else
-            sched_yield();
-    }
+    if (spins < 4096)
+        cpu_relax();
+    else
+        sched_yield();
 }
 
-/* Whether item x's turn has come (the stream's earlier items have all added). */
+/* Whether span x's turn has come (the stream's earlier spans have all added). */
 static bool my_turn(const turn_plan *p, int64_t x)
 {
     return atomic_load_explicit(&p->done[p->stream[x]], memory_order_acquire) == p->turn[x];
 }
 
-/* Item x has added everything: pass the turn on. */
-static void end_turn(const turn_plan *p, int64_t x)
+/*
+ * Parking. Each thread has a few buffer slots. It takes a free slot before it takes a span,
+ * computes the span into the slot and, if the span's turn has not come by then, parks it there
+ * and goes on to another span. Whoever passes the turn to a parked span adds it in its owner's
+ * stead (commit), so no thread waits for a turn; a thread waits only while all its slots hold
+ * parked spans.
+ * No deadlock: a stream's spans are taken in turn order, and a thread takes a span only once it
+ * has a slot, so a thread waiting for a slot holds no unstarted span. The earliest uncommitted
+ * span of every stream with a taken span is therefore taken, with all its predecessors
+ * committed: it is being computed (which waits on nothing) or committed, or it is parked, in
+ * which case the commit of its predecessor or its own parking found its turn (see park) and
+ * commits it.
+ */
+enum { SPAN_OPEN, SPAN_PARKED, SPAN_CLAIMED };
+
+/* Buffer slots per thread at most, and the memory they may take (see dma_backward). */
+#define MAX_SLOTS 3
+#define SLOT_BYTES ((size_t)32 << 20)
+
+/* A span's private buffers and the merge scratch a pair's merged view points into (reduce_range
+ * reads its keys), so both last until the span has added; with the view, the buffers' layout
+ * and the prefix left to add, for whoever commits the span. */
+struct grad_slot {
+    _Atomic int busy;  /* holds a parked span */
+    dma_item_view iv;
+    item_grads g;
+    int64_t deferred;  /* positions [0, deferred) are still to add */
+    int32_t *merge_keys;
+    uint64_t *merge_bits;
+    float *grads;      /* room for the largest span's buffers */
+};
+
+/* The first free slot of a thread's (a thread that never parks keeps using one), or NULL once
+ * no span is left to take (`next` reached `nspans`): the thread's parked spans need it no more. */
+static grad_slot *take_slot(grad_slot *slots, int nslots, _Atomic int64_t *next, int64_t nspans)
 {
-    atomic_store_explicit(&p->done[p->stream[x]], p->turn[x] + 1, memory_order_release);
+    for (int spins = 0;; spins++) {
+        for (int i = 0; i < nslots; i++) /* acquire: its committer is done reading it */
+            if (!atomic_load_explicit(&slots[i].busy, memory_order_acquire))
+                return &slots[i];
+        if (atomic_load_explicit(next, memory_order_relaxed) >= nspans)
+            return NULL;
+        backoff(spins);
+    }
 }
 
-/* Item x's gradients over the view `iv` (one tile, or a pair merged). Each chunk's private
+/* Add span x, whose turn has come, from `slot` and pass the turn on; then add each following
+ * span of the stream that is parked, until one is not. */
+static void commit(const bwd *w, turn_plan *p, int64_t x, grad_slot *slot)
+{
+    for (;;) {
+        if (slot->deferred > 0)
+            reduce_range(w, &w->items[p->span_item[x]], &slot->iv, &slot->g, 0, slot->deferred);
+        atomic_store_explicit(&p->done[p->stream[x]], p->turn[x] + 1, memory_order_seq_cst);
+        atomic_store_explicit(&slot->busy, 0, memory_order_release);
+        x = p->next_in_stream[x];
+        int parked = SPAN_PARKED;
+        if (x < 0 || !atomic_compare_exchange_strong_explicit(&p->state[x], &parked, SPAN_CLAIMED,
+                                                              memory_order_seq_cst,
+                                                              memory_order_seq_cst))
+            return;
+        slot = p->parked[x];
+    }
+}
+
+/*
+ * Span x, computed into `slot`, found its turn not yet come: park it. Returns false when its
+ * turn came meanwhile and it is the caller's to commit after all.
+ * The parker stores PARKED then loads `done`; the committer of x's predecessor stores `done`
+ * then reads the state (its CAS). Both seq_cst: in their single total order one of the two
+ * stores comes first, so at least one side sees the other's (with weaker orders both could
+ * miss, and x would stay parked for ever). If both do, the CAS picks who commits.
+ */
+static bool park(turn_plan *p, int64_t x, grad_slot *slot)
+{
+    p->parked[x] = slot;
+    atomic_store_explicit(&slot->busy, 1, memory_order_relaxed);
+    atomic_store_explicit(&p->state[x], SPAN_PARKED, memory_order_seq_cst);
+    int parked = SPAN_PARKED;
+    return !(atomic_load_explicit(&p->done[p->stream[x]], memory_order_seq_cst) == p->turn[x] &&
+             atomic_compare_exchange_strong_explicit(&p->state[x], &parked, SPAN_CLAIMED,
+                                                     memory_order_seq_cst, memory_order_seq_cst));
+}
+
+/* Span x's gradients over the view `iv` (one tile, or a pair merged). Each chunk's private
  * dk/dv rows are added into dk/dv as soon as the chunk is done (while they are still in cache)
- * once the item's turn has come; returns the end of the positions [0, end) left for the caller
- * to add once it has waited for its turn. */
+ * once the span's turn has come; returns the end of the positions [0, end) left to add at its
+ * turn (commit). */
 static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                              const dma_item_view *iv, item_grads *g, float *scratch)
 {
@@ -592,6 +689,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     dma_item *items = NULL;
     int64_t nitems = 0;
     float *scratch = NULL;
+    grad_slot *slots = NULL;
     turn_plan plan = {0};
     if ((st = dma_attn_items(ctx, &w.a, &items, &nitems)) != DMA_OK)
         goto done;
@@ -604,8 +702,8 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }
-    /* Per thread: the panels, room to merge two tiles' views, then the private buffers of the
-     * largest work item. */
+    /* Per thread: the panels, then its slots, each with room to merge two tiles' views and the
+     * private buffers of the largest span. */
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, plan.nspans));
     /* dma_merge_views: dma_merge_ints(tile_keys) ints, DMA_VIEW_ROWS rows of 2 * tile_keys bits */
     const int64_t tile_keys = plan.tile_keys;
@@ -613,11 +711,27 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
     const size_t merge_floats = (size_t)merge_int_floats +
                                 (size_t)(2 * DMA_VIEW_ROWS * dma_div_up(2 * tile_keys, 64)) + 16;
     const size_t panel_floats = backward_scratch_floats(&w.a);
-    size_t per_thread = (panel_floats + merge_floats + (size_t)plan.grads_floats + 15) / 16 * 16;
+    const size_t slot_floats = (merge_floats + (size_t)plan.grads_floats + 15) / 16 * 16;
+    /* Slots per thread: MAX_SLOTS (a thread goes on past two parked spans), but no more than fit
+     * in SLOT_BYTES when slots are large (unions of many thousand keys), and at least one: a
+     * thread's slots take at most the larger of SLOT_BYTES and one slot. One thread never
+     * parks, so it has one. Slots a thread never needs are never touched. */
+    const int nslots = threads == 1 ? 1
+                                    : (int)dma_max64(1, dma_min64(MAX_SLOTS, SLOT_BYTES /
+                                                                   (sizeof(float) * slot_floats)));
+    const size_t per_thread = panel_floats + (size_t)nslots * slot_floats;
     scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
-    if (!scratch) {
+    slots = calloc((size_t)(threads * nslots), sizeof(grad_slot));
+    if (!scratch || !slots) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
         goto done;
+    }
+    for (int s = 0; s < threads * nslots; s++) {
+        float *base = scratch + per_thread * (size_t)(s / nslots) + panel_floats +
+                      slot_floats * (size_t)(s % nslots);
+        slots[s].merge_keys = (int32_t *)base;
+        slots[s].merge_bits = (uint64_t *)(base + merge_int_floats);
+        slots[s].grads = base + merge_floats;
     }
     _Atomic int64_t next = 0;
 #pragma omp parallel num_threads(threads)
@@ -625,39 +739,38 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         zero_grads(&w, omp_get_thread_num(), omp_get_num_threads());
 #pragma omp barrier
         float *panels = scratch + per_thread * (size_t)omp_get_thread_num();
-        int32_t *merge_keys = (int32_t *)(panels + panel_floats);
-        uint64_t *merge_bits = (uint64_t *)(panels + panel_floats + merge_int_floats);
-        float *mine = panels + panel_floats + merge_floats;
+        grad_slot *mine = slots + nslots * omp_get_thread_num();
         for (;;) {
+            /* A slot first, then a span (see "Parking"). */
+            grad_slot *slot = take_slot(mine, nslots, &next, plan.nspans);
+            if (!slot)
+                break;
             int64_t k = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed);
             if (k >= plan.nspans)
                 break;
             const int64_t sx = plan.order[k], x = plan.span_item[sx];
-            dma_item_view iv;
-            dma_item_view_init(&w.a, &items[x], &iv);
+            dma_item_view *iv = &slot->iv;
+            dma_item_view_init(&w.a, &items[x], iv);
             if (plan.span_pair[sx]) {
-                dma_item_view first = iv, second;
+                dma_item_view first = *iv, second;
                 dma_item_view_init(&w.a, &items[x + 1], &second);
-                dma_merge_views(&first, &second, &iv, merge_keys, merge_bits);
+                dma_merge_views(&first, &second, iv, slot->merge_keys, slot->merge_bits);
             }
-            item_grads g;
-            item_layout(&w, &iv, &g);
-            g.dk = mine;
-            g.dv = g.dk + g.count_pad * w.a.ld;
-            g.dbias = g.dv + g.count_pad * w.a.ld;
-            memset(g.dbias, 0, sizeof(float) * (size_t)(g.floats - (g.dbias - g.dk)));
-            int64_t deferred = backward_item(&w, &plan, sx, &iv, &g, panels);
-            /* A stream's spans are taken in turn order, so its earlier spans are already taken
-             * and, each waiting only on earlier ones, certain to add: no deadlock. */
-            wait_turn(&plan.done[plan.stream[sx]], plan.turn[sx]);
-            if (deferred > 0)
-                reduce_range(&w, &items[x], &iv, &g, 0, deferred);
-            end_turn(&plan, sx);
+            item_grads *g = &slot->g;
+            item_layout(&w, iv, g);
+            g->dk = slot->grads;
+            g->dv = g->dk + g->count_pad * w.a.ld;
+            g->dbias = g->dv + g->count_pad * w.a.ld;
+            memset(g->dbias, 0, sizeof(float) * (size_t)(g->floats - (g->dbias - g->dk)));
+            slot->deferred = backward_item(&w, &plan, sx, iv, g, panels);
+            if (my_turn(&plan, sx) || !park(&plan, sx, slot))
+                commit(&w, &plan, sx, slot);
         }
     }
 done:
     free(items);
     plan_free(&plan);
+    free(slots);
     dma_free(scratch);
     dma_attn_release(&w.a);
     return st;
