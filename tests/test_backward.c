@@ -690,6 +690,76 @@ START_TEST(deterministic)
 }
 END_TEST
 
+START_TEST(parked_spans)
+{
+    /* More threads than the machine has cores, on streams of many spans: threads finish spans
+     * before their turn and park them, and whoever passes the turn adds them (lib/backward.c,
+     * "Parking"). The gradients must still be bitwise those of one thread, call after call. */
+    bwd_case cases[3];
+    test_rng r = rng_make(131);
+    /* one stream (Hkv = 1) of paired tiles: a parked pair's merged view must outlive the spans
+     * its thread computes after it */
+    cases[0] = plain_case(1, 3072, 3072, 4, 1, 32, rng_u64(&r));
+    cases[0].causal = 1;
+    set_topk(&r, &cases[0], 0, 192);
+    cases[0].decaying = 1;
+    /* two streams (a bias per kv head), unions over two chunks: a span may add its first chunk
+     * late and the rest as it goes */
+    cases[1] = plain_case(1, 3072, 3072, 4, 2, 32, rng_u64(&r));
+    cases[1].causal = 1;
+    set_topk(&r, &cases[1], 0, 320);
+    cases[1].Hs = 2;
+    /* one stream of both batches and kv heads: dbias broadcast over them */
+    cases[2] = plain_case(2, 1536, 1536, 2, 2, 32, rng_u64(&r));
+    cases[2].causal = 1;
+    set_topk(&r, &cases[2], 0, 128);
+    cases[2].Bs = 2;
+    cases[2].Hs = 2;
+    for (int i = 0; i < 3; i++) {
+        cases[i].mask_causal = 1;
+        cases[i].mBb = cases[i].Bs;
+        cases[i].mHb = cases[i].Hs;
+        cases[i].Bp = 0;
+        bias_from_mbias(&cases[i]);
+    }
+    cases[2].Bb = cases[2].Hb = 1;
+    cases[2].bias_is_mbias = 0;
+
+    static const int threads[] = {1, 6, 8, 6, 8, 6, 8};
+    enum { NT = sizeof threads / sizeof threads[0] };
+    dma_context *ctx[NT];
+    for (int t = 0; t < NT; t++) {
+        dma_context_options opts;
+        memset(&opts, 0, sizeof opts);
+        opts.threads = threads[t];
+        ctx[t] = NULL;
+        ck_assert_int_eq(dma_context_create(&opts, &ctx[t]), DMA_OK);
+    }
+    for (int i = 0; i < 3; i++) {
+        const bwd_case *c = &cases[i];
+        bwd_data f;
+        data_make(c, &f);
+        dma_sparsity *sp = make_sparsity(c, &f, ctx[0]);
+        call_forward(c, &f, ctx[0], sp);
+        call_backward(c, &f, ctx[0], sp);
+        check_against_reference(c, &f, ctx[0]);
+        snapshot first;
+        snap_take(&first, &f);
+        for (int t = 1; t < NT; t++) {
+            call_backward(c, &f, ctx[t], sp);
+            const char *d = snap_diff(&first, &f, 0, 11);
+            CHECK(d == NULL, "%s differs between threads 1 and %d (call %d) %s", d ? d : "",
+                  threads[t], t + 1, describe(c));
+        }
+        snap_free(&first);
+        dma_sparsity_destroy(sp);
+        data_free(&f);
+    }
+    for (int t = 0; t < NT; t++)
+        dma_context_destroy(ctx[t]);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------------------------ */
 
 static Suite *backward_suite(void)
@@ -721,6 +791,7 @@ static Suite *backward_suite(void)
     TCase *td = tcase_create("determinism");
     tcase_set_timeout(td, 600);
     tcase_add_test(td, deterministic);
+    tcase_add_test(td, parked_spans);
     suite_add_tcase(s, td);
     return s;
 }
