@@ -8,22 +8,26 @@
  * wins ties). Keys that are padding or whose bias is -inf never take part. Row i (key position
  * p = i + Lk - Lq) selects the w best keys of [0, p].
  *
- * 1. base lists: for every block of 64 keys, its keys in beat order (truncated to w);
+ * 1. base lists: for every block of 64 keys, its keys in beat order (truncated to w), by a
+ *    bitonic sort in one warp;
  * 2. an up-sweep tree: a node of level k holds the best w keys of 2^k consecutive blocks,
  *    merged from its two children (merging two sorted lists is a rank computation: an
  *    element's place is its own index plus the number of the other list's elements that beat
  *    it, a binary search). Steps 1 and 2 are one launch (build_tree): a block makes the
  *    levels of 16 blocks in shared memory, then climbs, the second of two sibling blocks to
- *    finish merging them into their parent;
+ *    finish merging them into their parent. A list holds sentinels (beating no key) past its
+ *    count;
  * 3. evict times (evict_times, a thread a key): key j leaves the best w of [0, p] at the p
  *    of the w-th key, in key order, that beats it (never, if fewer than w do); found by one
  *    descent of the tree, whose left children's lists count the keys that beat j well enough
- *    to choose the side. Row p keeps j iff j <= p < evict_j;
+ *    to choose the side. Row p keeps j iff j <= p < evict_j. Most keys of a long sequence
+ *    never enter (w keys before them beat them); they are told apart first, and a bit a key
+ *    marks those that do;
  * 4. per run of consecutive tiles (build_tiles, one thread block): a tile's union U is the
  *    keys j <= p1 with evict_j > max(p0, j), found in key order by a stream compaction (ballots
- *    and a prefix over the block's warps), so no sort: the run's first tile compacts the evict
- *    times of [0, p1], each later tile the previous U and its own 64 new keys; bit (r, u) is
- *    key_u <= p0 + r < evict_u.
+ *    and a prefix over the block's warps), so no sort: the run's first tile compacts the keys
+ *    of [0, p1] that enter, each later tile the previous U and its own new keys that enter;
+ *    bit (r, u) is key_u <= p0 + r < evict_u, built from each key's start and end rows.
  * Work: O(Lk log Lk) for the tree, O(log Lk log w) per key for its evict time, O(Lk) per run
  * and O(w + 64) per tile for the unions; memory O(Lk log Lk) scratch.
  */
@@ -84,6 +88,7 @@ struct tree {
     int levels;
     int64_t nodes[32], cap[32], off[32], cnt_off[32];
     int64_t slab_elems, slab_counts;
+    int64_t vals_per_slab; /* keys' biases, contiguous (-inf for a key that takes no part) */
 };
 
 /* The tree kernel: a block takes GROUP_BLOCKS blocks of 64 keys (their levels 0 .. GROUP_LEVELS
@@ -110,10 +115,13 @@ __device__ __forceinline__ void merge_lists(const entry *l, int nl, const entry 
         if (rank < cap)
             out[rank] = e;
     }
+    for (int x = nl + nr + threadIdx.x; x < cap; x += blockDim.x)
+        out[x] = {-INFINITY, INT_MAX}; /* beats no key: searches may run over the whole capacity */
 }
 
 __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, entry *elems,
-                                                         int *counts, int *arrivals, int *bad)
+                                                         int *counts, int *arrivals, int *bad,
+                                                         float *vals)
 {
     extern __shared__ entry sm[]; /* 2 * max(GROUP_KEYS, top capacity) */
     __shared__ bool ok[GROUP_KEYS];
@@ -135,25 +143,57 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
             atomicOr(bad, 1);
         valid = v != -INFINITY && !isnan(v) && key_exists(in, s, j);
     }
-    const entry me = {v, (int32_t)j};
-    nxt[x] = me;
+    /* a key that takes no part sorts after every key that does */
+    nxt[x] = {valid ? v : -INFINITY, (int32_t)j};
     ok[x] = valid;
+    if (blk < t.nodes[0])
+        vals[s * t.vals_per_slab + j] = valid ? v : -INFINITY;
     __syncthreads();
-    int rank = 0, n = 0;
-    for (int i = 0; i < 64; i++) {
-        const int o = (lb << 6) + i;
-        n += ok[o];
-        rank += ok[o] && beats(nxt[o], me);
-    }
     const int cap0 = (int)t.cap[0];
-    if (valid && rank < cap0) {
-        cur[lb * cap0 + rank] = me;
-        se[t.off[0] + blk * cap0 + rank] = me;
-    }
-    if ((x & 63) == 0) {
-        n_cur[lb] = blk < t.nodes[0] ? min(n, cap0) : 0;
-        if (blk < t.nodes[0])
-            sc[t.cnt_off[0] + blk] = n_cur[lb];
+    if (x < 32 * GROUP_BLOCKS) { /* a warp a leaf block: a bitonic sort of its 64 keys */
+        const int wb = x >> 5, lane = x & 31;
+        const int64_t wblk = g * GROUP_BLOCKS + wb;
+        entry e0 = nxt[wb * 64 + lane], e1 = nxt[wb * 64 + 32 + lane];
+        const int n = __popc(__ballot_sync(0xffffffffu, ok[wb * 64 + lane])) +
+                      __popc(__ballot_sync(0xffffffffu, ok[wb * 64 + 32 + lane]));
+        for (int k = 2; k <= 64; k <<= 1)
+            for (int jj = k >> 1; jj > 0; jj >>= 1) {
+                if (jj == 32) { /* k == 64: element lane against lane + 32, best first */
+                    if (!beats(e0, e1)) {
+                        const entry tmp = e0;
+                        e0 = e1;
+                        e1 = tmp;
+                    }
+                    continue;
+                }
+#pragma unroll
+                for (int h = 0; h < 2; h++) {
+                    entry &m = h ? e1 : e0;
+                    const int i = lane + 32 * h;
+                    entry o;
+                    o.x = __shfl_xor_sync(0xffffffffu, m.x, jj);
+                    o.k = __shfl_xor_sync(0xffffffffu, m.k, jj);
+                    const bool lower = (i & jj) == 0, best_first = (i & k) == 0;
+                    /* the lower index keeps the better of the two in a best-first run */
+                    if ((lower == best_first) != beats(m, o))
+                        m = o;
+                }
+            }
+        if (wblk < t.nodes[0]) {
+            if (lane < cap0) {
+                cur[wb * cap0 + lane] = e0;
+                se[t.off[0] + wblk * cap0 + lane] = e0;
+            }
+            if (lane + 32 < cap0) {
+                cur[wb * cap0 + lane + 32] = e1;
+                se[t.off[0] + wblk * cap0 + lane + 32] = e1;
+            }
+        }
+        if (lane == 0) {
+            n_cur[wb] = wblk < t.nodes[0] ? min(n, cap0) : 0;
+            if (wblk < t.nodes[0])
+                sc[t.cnt_off[0] + wblk] = n_cur[wb];
+        }
     }
     __syncthreads();
 
@@ -183,6 +223,12 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
                 sc[t.cnt_off[k] + node] = n_nxt[x];
         }
         __syncthreads();
+        for (int y = x; y < nodes * cap; y += blockDim.x) { /* sentinels past each count */
+            const int c = y / cap, i = y % cap;
+            const int64_t node = g * nodes + c;
+            if (i >= n_nxt[c] && node < t.nodes[k])
+                se[t.off[k] + node * cap + i] = {-INFINITY, INT_MAX};
+        }
         if (x < nodes)
             n_cur[x] = n_nxt[x];
         entry *tmp = cur;
@@ -253,21 +299,36 @@ __device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e
  * One thread a key descends the tree from the root: a node's list holds the keys of the node
  * that beat j exactly when fewer than its capacity do (they are then among its best), and a
  * full list otherwise, so "at least `need` of them beat j" is read off the left child alone;
- * the leaf block of 64 keys is scanned in key order. */
+ * the leaf block of 64 keys is scanned in key order. Lists hold sentinels past their counts,
+ * so a search takes the level's capacity and waits on no count.
+ * Also enter: a bit a key, set for the keys some row keeps (evict > j), which the unions'
+ * scans read instead of every key's evict time. */
 __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *counts, int w,
-                            int64_t es, int32_t *evict)
+                            int64_t es, int32_t *evict, int64_t ew, uint32_t *enter,
+                            const float *vals)
 {
     const int64_t s = blockIdx.y, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (j >= in.Lk)
-        return;
-    const float v = key_bias(in, s, j);
+    const bool here = j < in.Lk;
+    const float v = here ? key_bias(in, s, j) : -INFINITY;
     int64_t ev = j;
-    if (w > 0 && v != -INFINITY && !isnan(v) && key_exists(in, s, j)) { /* w 0: none kept */
+    if (here && w > 0 && v != -INFINITY && !isnan(v) && key_exists(in, s, j)) { /* w 0: none kept */
         const entry e = {v, (int32_t)j};
         const entry *se = elems + s * t.slab_elems;
         const int *sc = counts + s * t.slab_counts;
         int k = t.levels - 1;
-        if (count_beating_wide(se + t.off[k], sc[t.cnt_off[k]], e) < w) {
+        /* If the w-th best key of the largest aligned node before j's leaf block beats j, at
+         * least w keys before j beat it: it never enters (most keys of a long sequence), and
+         * its lane leaves the descent, which saves memory traffic where the warps are many. */
+        const int64_t blk = j >> 6;
+        bool never = false;
+        if (blk > 0) {
+            const int kf = 63 - __clzll((long long)blk);
+            if (kf < t.levels && t.cap[kf] >= w)
+                never = sc[t.cnt_off[kf]] >= w && beats(se[t.off[kf] + (w - 1)], e);
+        }
+        if (never) {
+            ev = j;
+        } else if (count_beating_wide(se + t.off[k], (int)t.cap[k], e) < w) {
             ev = in.Lk;
         } else {
             int need = w;
@@ -275,7 +336,7 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
             for (; k > 0; k--) {
                 const int64_t l = 2 * node;
                 const int cl = count_beating_wide(se + t.off[k - 1] + l * t.cap[k - 1],
-                                                  sc[t.cnt_off[k - 1] + l], e);
+                                                  (int)t.cap[k - 1], e);
                 if (cl >= need) {
                     node = l;
                 } else {
@@ -283,27 +344,29 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
                     node = l + 1;
                 }
             }
-            const int64_t q1 = min(in.Lk, node * 64 + 64);
-            int64_t pos = q1 - 1; /* not reached: the root counted w keys that beat j */
-            /* eight keys' loads at a time, then their turns in key order */
-            for (int64_t q0 = node * 64; q0 < q1 && need > 0; q0 += 8) {
-                bool hit[8];
+            /* The leaf's keys in key order, eight biases a load pair (the contiguous copy of
+             * build_tree, -inf for keys that take no part), up to the need-th that beats j. */
+            const float4 *lv = (const float4 *)(vals + s * t.vals_per_slab + node * 64);
+            int64_t pos = node * 64 + 63; /* not kept: the root counted w keys that beat j */
+            for (int q = 0; q < 16 && need > 0; q += 2) {
+                const float4 u0 = __ldg(lv + q), u1 = __ldg(lv + q + 1);
+                const float u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
-                    const int64_t q = q0 + i;
-                    const float u = q < q1 ? key_bias(in, s, q) : -INFINITY;
-                    hit[i] = u != -INFINITY && !isnan(u) && beats({u, (int32_t)q}, e) &&
-                             key_exists(in, s, q);
+                    const int64_t key = node * 64 + 4 * q + i;
+                    if (beats({u[i], (int32_t)key}, e) && need > 0 && --need == 0)
+                        pos = key;
                 }
-#pragma unroll
-                for (int i = 0; i < 8; i++)
-                    if (hit[i] && need > 0 && --need == 0)
-                        pos = q0 + i;
             }
             ev = max(j, pos);
         }
     }
-    evict[s * es + j] = (int32_t)ev;
+    if (here)
+        evict[s * es + j] = (int32_t)ev;
+    /* a bit a key that some row keeps (evict > j): the unions' scans skip the others */
+    const unsigned m = __ballot_sync(0xffffffffu, here && ev > j);
+    if ((threadIdx.x & 31) == 0 && here)
+        enter[s * ew + (j >> 5)] = m;
 }
 
 struct tile_out {
@@ -368,12 +431,67 @@ __device__ __forceinline__ int offer(Get get, int64_t n, int64_t a, int len, int
     return min(len, cap);
 }
 
+/* Append to (okey, oev), in key order, the keys q in [from, to] that enter (their bit in
+ * `enter`) and that a row at a position in [a, a + 63] keeps (evict > max(a, q)). A thread a
+ * word of 32 keys; a block-wide prefix of the kept counts places them. Returns the new length. */
+__device__ int offer_entering(const uint32_t *enter, const int32_t *ev, int64_t from, int64_t to,
+                              int64_t a, int len, int32_t *okey, int32_t *oev, int cap,
+                              int *warp_cnt)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int64_t w0 = from >> 5, w1 = to >> 5;
+    for (int64_t base = w0; base <= w1; base += UNION_THREADS) {
+        const int64_t wd = base + threadIdx.x;
+        uint32_t m = 0;
+        if (wd <= w1) {
+            m = enter[wd];
+            if (wd == w0)
+                m &= ~0u << (from & 31);
+            if (wd == w1 && (to & 31) != 31)
+                m &= (1u << ((to & 31) + 1)) - 1;
+        }
+        uint32_t kept = 0;
+        for (uint32_t b = m; b; b &= b - 1) {
+            const int i = __ffs(b) - 1;
+            const int64_t q = wd * 32 + i;
+            if ((int64_t)__ldg(ev + q) > max(a, q))
+                kept |= 1u << i;
+        }
+        const int c = __popc(kept);
+        int incl = c;
+        for (int d = 1; d < 32; d <<= 1) {
+            const int y = __shfl_up_sync(0xffffffffu, incl, d);
+            if (lane >= d)
+                incl += y;
+        }
+        if (lane == 31)
+            warp_cnt[warp] = incl;
+        __syncthreads();
+        int at = len + incl - c, all = 0;
+        for (int x = 0; x < UNION_WARPS; x++) {
+            at += x < warp ? warp_cnt[x] : 0;
+            all += warp_cnt[x];
+        }
+        for (uint32_t b = kept; b; b &= b - 1, at++) {
+            const int i = __ffs(b) - 1;
+            if (at < cap) {
+                okey[at] = (int32_t)(wd * 32 + i);
+                oev[at] = __ldg(ev + wd * 32 + i);
+            }
+        }
+        len += all;
+        __syncthreads();
+    }
+    return min(len, cap);
+}
+
 /* A run of consecutive tiles of one slab. A tile's union U is the keys j <= p1 with evict[j] >
  * max(p0, j) (p0, p1: the positions of its first and last rows), already in key order: the
  * run's first tile offers keys [0, p1] from the evict times, each later tile the previous U
  * (a key that leaves stays out) and its own new keys. Bit (r, u) is key_u <= p0 + r < evict_u. */
 __global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *evict, int64_t es,
-                                                             int64_t run, tile_out o)
+                                                             int64_t run, tile_out o,
+                                                             const uint32_t *enter, int64_t ew)
 {
     /* 4 * capU: keys and evict times of U, two copies; then 2 * 64 * wcap event words */
     extern __shared__ int32_t smk[];
@@ -400,10 +518,7 @@ __global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *e
                         0, nkey, nev, cap, warp_cnt);
         const int64_t from = offered;
         if (p1 + 1 > from) {
-            len = offer([&](int64_t i, int32_t *k, int32_t *e) {
-                *k = (int32_t)(from + i);
-                *e = __ldg(ev + from + i);
-            }, p1 + 1 - from, p0, len, nkey, nev, cap, warp_cnt);
+            len = offer_entering(enter + s * ew, ev, from, p1, p0, len, nkey, nev, cap, warp_cnt);
             offered = p1 + 1;
         }
         int32_t *tk = ukey, *te = uev;
@@ -433,11 +548,20 @@ __global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *e
             row_count[threadIdx.x] = 0;
         }
         __syncthreads();
-        for (int u = threadIdx.x; u < n; u += blockDim.x) {
-            const int rs = (int)max((int64_t)ukey[u] - p0, (int64_t)0);
-            const int64_t re = (int64_t)uev[u] - p0; /* > rs: U holds only kept keys */
+        for (int ub = 0; ub < n; ub += blockDim.x) {
+            const int u = ub + threadIdx.x;
+            const bool in = u < n;
+            const int rs = in ? (int)max((int64_t)ukey[u] - p0, (int64_t)0) : -1;
+            const int64_t re = in ? (int64_t)uev[u] - p0 : INT_MAX; /* > rs: U holds only kept keys */
             const unsigned long long bit = 1ull << (u & 63);
-            atomicOr(&st_ev[rs * wpr + (u >> 6)], bit);
+            /* the keys before the tile all start at row 0: one word per warp, not 32 atomics
+             * on one address */
+            const unsigned r0 = __ballot_sync(0xffffffffu, rs == 0);
+            const int u0 = ub + (threadIdx.x & ~31);
+            if ((threadIdx.x & 31) == 0 && r0)
+                atomicOr(&st_ev[u0 >> 6], (unsigned long long)r0 << (u0 & 63));
+            if (rs > 0)
+                atomicOr(&st_ev[rs * wpr + (u >> 6)], bit);
             if (re < nrows)
                 atomicOr(&en_ev[(int)re * wpr + (u >> 6)], bit);
         }
@@ -531,6 +655,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     }
     t.slab_elems = eo;
     t.slab_counts = co;
+    t.vals_per_slab = nb * 64;
     const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
     const size_t tile_smem = (size_t)capU * 4 * sizeof(int32_t) +
                              (size_t)2 * DCU_TILE * ((capU + 63) / 64) * sizeof(uint64_t);
@@ -539,19 +664,26 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     DCU_TRY(cudaGetDevice(&dev));
     DCU_TRY(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     DCU_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    if (std::max(tile_smem, tree_smem) > (size_t)max_smem)
+    /* A block's shared memory is its static part (under 2 KiB in these kernels) and the
+     * dynamic part; over 48 KiB in all, a kernel must opt in (a call that costs host time,
+     * so made only then), up to the device's limit. */
+    const size_t static_smem = 2048;
+    if (std::max(tile_smem, tree_smem) + static_smem > (size_t)max_smem)
         return 2; /* too large a window for this GPU: the caller builds it on the host */
 
     const int64_t ntile_all = nslab * sp->ntiles;
     const int64_t wcap = (capU + 63) / 64;
     /* One scratch allocation: the flags (NaN seen, then the nnz, 8-aligned), the climb's
-     * arrival counters (zeroed with the flags), the node counts, the nodes, the evict times. */
+     * arrival counters (zeroed with the flags), the node counts, the nodes, the evict times,
+     * the enter bits, the keys' biases (16-aligned). */
     const size_t n_counts = (size_t)(nslab * t.slab_counts);
     const size_t zeroed = 16 + ((n_counts * sizeof(int) + 15) & ~(size_t)15);
-    const int64_t es = (Lk + 3) & ~(int64_t)3;
+    const int64_t es = (Lk + 3) & ~(int64_t)3, ew = (Lk + 31) / 32;
     const size_t scratch_bytes = zeroed + n_counts * sizeof(int) + 8 +
                                  (size_t)(nslab * t.slab_elems) * sizeof(entry) +
-                                 (size_t)(nslab * es) * sizeof(int32_t);
+                                 (size_t)(nslab * es) * sizeof(int32_t) +
+                                 (size_t)(nslab * ew) * sizeof(uint32_t) +
+                                 (size_t)(nslab * t.vals_per_slab) * sizeof(float) + 16;
     unsigned char *scratch = nullptr;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
@@ -579,26 +711,29 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     int *counts = (int *)(scratch + zeroed);
     entry *elems = (entry *)(((uintptr_t)(counts + n_counts) + 7) & ~(uintptr_t)7);
     int32_t *evict = (int32_t *)(elems + nslab * t.slab_elems);
+    uint32_t *enter = (uint32_t *)(evict + nslab * es);
+    float *vals = (float *)(((uintptr_t)(enter + nslab * ew) + 15) & ~(uintptr_t)15);
     slab_in in = {*bias, *pad, sp->H, Lk};
     if (Lk > 0) {
-        if (tree_smem > 48 * 1024) /* the default limit; the call costs host time */
+        if (tree_smem + static_smem > 48 * 1024)
             cudaFuncSetAttribute(build_tree, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tree_smem);
         const int64_t groups = (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
         build_tree<<<dim3((unsigned)groups, (unsigned)nslab), GROUP_KEYS, tree_smem, stream>>>(
-            in, t, elems, counts, arrivals, bad);
+            in, t, elems, counts, arrivals, bad, vals);
         evict_times<<<dim3((unsigned)((Lk + 255) / 256), (unsigned)nslab), 256, 0, stream>>>(
-            in, t, elems, counts, w, es, evict);
+            in, t, elems, counts, w, es, evict, ew, enter, vals);
     }
     if (sp->ntiles > 0) {
-        if (tile_smem > 48 * 1024)
+        if (tile_smem + static_smem > 48 * 1024)
             cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
         tile_out o = {out.tiles, out.row_lo, out.row_hi, out.keys, out.words, nnz,
                       Lq, Lk - Lq, sp->ntiles, capU, wcap};
-        /* Runs of tiles: each run's first tile scans the evict times of every key before it,
-         * so runs are as short as keeps four blocks a multiprocessor busy. */
-        const int64_t run = std::max<int64_t>(1, ntile_all / (4 * (int64_t)std::max(sms, 1)));
+        /* Runs of tiles: one wave of four blocks a multiprocessor (a run's first tile scans
+         * the enter bits of every key before it, which costs less than a second wave). */
+        const int64_t slots = 4 * (int64_t)std::max(sms, 1);
+        const int64_t run = std::max<int64_t>(1, (ntile_all + slots - 1) / slots);
         build_tiles<<<dim3((unsigned)((sp->ntiles + run - 1) / run), (unsigned)nslab), UNION_THREADS,
-                      tile_smem, stream>>>(evict, es, run, o);
+                      tile_smem, stream>>>(evict, es, run, o, enter, ew);
     }
     int host[4] = {0, 0, 0, 0};
     e = cudaGetLastError();
