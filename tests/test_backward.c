@@ -608,6 +608,19 @@ END_TEST
 /* Determinism                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* One context per entry of threads[n], all on `isa`. */
+static void contexts_for_threads(dma_isa isa, const int *threads, int n, dma_context **ctx)
+{
+    for (int t = 0; t < n; t++) {
+        dma_context_options opts;
+        memset(&opts, 0, sizeof opts);
+        opts.isa = isa;
+        opts.threads = threads[t];
+        ctx[t] = NULL;
+        ck_assert_int_eq(dma_context_create(&opts, &ctx[t]), DMA_OK);
+    }
+}
+
 START_TEST(deterministic)
 {
     /* one forward; backward with threads 1, 2, 3 and again 1 and 2, on every ISA: the gradients
@@ -654,14 +667,7 @@ START_TEST(deterministic)
         if (!dma_isa_supported(isas[s]))
             continue;
         dma_context *ctx[5];
-        for (int t = 0; t < 5; t++) {
-            dma_context_options opts;
-            memset(&opts, 0, sizeof opts);
-            opts.isa = isas[s];
-            opts.threads = threads[t];
-            ctx[t] = NULL;
-            ck_assert_int_eq(dma_context_create(&opts, &ctx[t]), DMA_OK);
-        }
+        contexts_for_threads(isas[s], threads, 5, ctx);
         for (int i = 0; i < 5; i++) {
             const bwd_case *c = &cases[i];
             bwd_data f;
@@ -728,13 +734,7 @@ START_TEST(parked_spans)
     static const int threads[] = {1, 6, 8, 6, 8, 6, 8};
     enum { NT = sizeof threads / sizeof threads[0] };
     dma_context *ctx[NT];
-    for (int t = 0; t < NT; t++) {
-        dma_context_options opts;
-        memset(&opts, 0, sizeof opts);
-        opts.threads = threads[t];
-        ctx[t] = NULL;
-        ck_assert_int_eq(dma_context_create(&opts, &ctx[t]), DMA_OK);
-    }
+    contexts_for_threads(DMA_ISA_AUTO, threads, NT, ctx);
     for (int i = 0; i < 3; i++) {
         const bwd_case *c = &cases[i];
         bwd_data f;
