@@ -608,6 +608,31 @@ END_TEST
 /* Determinism                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
+/* Case c's forward and backward on ctx[0] (checked against the reference), then its backward
+ * on ctx[1 .. n) (threads[t] threads each): every call's gradients bitwise those of the first. */
+static void backward_agrees(const bwd_case *c, dma_context **ctx, const int *threads, int n)
+{
+    bwd_data f;
+    data_make(c, &f);
+    dma_sparsity *sp = make_sparsity(c, &f, ctx[0]);
+    call_forward(c, &f, ctx[0], sp);
+    check_forward(c, &f, ctx[0]);
+    call_backward(c, &f, ctx[0], sp);
+    check_against_reference(c, &f, ctx[0]);
+    snapshot first;
+    snap_take(&first, &f);
+    for (int t = 1; t < n; t++) {
+        call_backward(c, &f, ctx[t], sp);
+        const char *d = snap_diff(&first, &f, 0, 11);
+        CHECK(d == NULL, "%s: %s differs between threads %d and %d (call %d) %s",
+              dma_isa_name(dma_context_isa(ctx[t])), d ? d : "", threads[0], threads[t], t + 1,
+              describe(c));
+    }
+    snap_free(&first);
+    dma_sparsity_destroy(sp);
+    data_free(&f);
+}
+
 /* One context per entry of threads[n], all on `isa`. */
 static void contexts_for_threads(dma_isa isa, const int *threads, int n, dma_context **ctx)
 {
@@ -668,28 +693,8 @@ START_TEST(deterministic)
             continue;
         dma_context *ctx[5];
         contexts_for_threads(isas[s], threads, 5, ctx);
-        for (int i = 0; i < 5; i++) {
-            const bwd_case *c = &cases[i];
-            bwd_data f;
-            data_make(c, &f);
-            dma_sparsity *sp = make_sparsity(c, &f, ctx[0]);
-            call_forward(c, &f, ctx[0], sp);
-            check_forward(c, &f, ctx[0]);
-            call_backward(c, &f, ctx[0], sp);
-            check_against_reference(c, &f, ctx[0]);
-            snapshot first;
-            snap_take(&first, &f);
-            for (int t = 1; t < 5; t++) {
-                call_backward(c, &f, ctx[t], sp);
-                const char *d = snap_diff(&first, &f, 0, 11);
-                CHECK(d == NULL, "%s: %s differs between threads 1 and %d (call %d) %s",
-                              dma_isa_name(isas[s]), d ? d : "", threads[t], t + 1,
-                              describe(c));
-            }
-            snap_free(&first);
-            dma_sparsity_destroy(sp);
-            data_free(&f);
-        }
+        for (int i = 0; i < 5; i++)
+            backward_agrees(&cases[i], ctx, threads, 5);
         for (int t = 0; t < 5; t++)
             dma_context_destroy(ctx[t]);
     }
@@ -735,26 +740,8 @@ START_TEST(parked_spans)
     enum { NT = sizeof threads / sizeof threads[0] };
     dma_context *ctx[NT];
     contexts_for_threads(DMA_ISA_AUTO, threads, NT, ctx);
-    for (int i = 0; i < 3; i++) {
-        const bwd_case *c = &cases[i];
-        bwd_data f;
-        data_make(c, &f);
-        dma_sparsity *sp = make_sparsity(c, &f, ctx[0]);
-        call_forward(c, &f, ctx[0], sp);
-        call_backward(c, &f, ctx[0], sp);
-        check_against_reference(c, &f, ctx[0]);
-        snapshot first;
-        snap_take(&first, &f);
-        for (int t = 1; t < NT; t++) {
-            call_backward(c, &f, ctx[t], sp);
-            const char *d = snap_diff(&first, &f, 0, 11);
-            CHECK(d == NULL, "%s differs between threads 1 and %d (call %d) %s", d ? d : "",
-                  threads[t], t + 1, describe(c));
-        }
-        snap_free(&first);
-        dma_sparsity_destroy(sp);
-        data_free(&f);
-    }
+    for (int i = 0; i < 3; i++)
+        backward_agrees(&cases[i], ctx, threads, NT);
     for (int t = 0; t < NT; t++)
         dma_context_destroy(ctx[t]);
 }
