@@ -710,18 +710,18 @@ START_TEST(parked_spans)
     test_rng r = rng_make(131);
     /* one stream (Hkv = 1) of paired tiles: a parked pair's merged view must outlive the spans
      * its thread computes after it */
-    cases[0] = plain_case(1, 3072, 3072, 4, 1, 32, rng_u64(&r));
+    cases[0] = plain_case(1, 1536, 1536, 4, 1, 32, rng_u64(&r));
     cases[0].causal = 1;
     set_topk(&r, &cases[0], 0, 192);
     cases[0].decaying = 1;
     /* two streams (a bias per kv head), unions over two chunks: a span may add its first chunk
      * late and the rest as it goes */
-    cases[1] = plain_case(1, 3072, 3072, 4, 2, 32, rng_u64(&r));
+    cases[1] = plain_case(1, 1536, 1536, 4, 2, 32, rng_u64(&r));
     cases[1].causal = 1;
     set_topk(&r, &cases[1], 0, 320);
     cases[1].Hs = 2;
     /* one stream of both batches and kv heads: dbias broadcast over them */
-    cases[2] = plain_case(2, 1536, 1536, 2, 2, 32, rng_u64(&r));
+    cases[2] = plain_case(2, 768, 768, 2, 2, 32, rng_u64(&r));
     cases[2].causal = 1;
     set_topk(&r, &cases[2], 0, 128);
     cases[2].Bs = 2;
@@ -736,7 +736,7 @@ START_TEST(parked_spans)
     cases[2].Bb = cases[2].Hb = 1;
     cases[2].bias_is_mbias = 0;
 
-    static const int threads[] = {1, 6, 8, 6, 8, 6, 8};
+    static const int threads[] = {1, 8, 6, 8};
     enum { NT = sizeof threads / sizeof threads[0] };
     dma_context *ctx[NT];
     contexts_for_threads(DMA_ISA_AUTO, threads, NT, ctx);
