@@ -366,32 +366,38 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
     bd->sp = sp;
     if (bd->Lq == 0) /* no rows: nothing to select, and no per-slab bookkeeping for B*H slabs */
         return dma_sparsity_assemble(ctx, sp, NULL, 0, out);
-    int64_t nslab = bd->B * bd->H;
+    const int64_t nslab = bd->B * bd->H;
+    const bool per_key = !bd->bias || bd->bias->shape[2] == 1;
+    const bool streaming =
+        bd->kind == DMA_MASK_TOPK && bd->causal && per_key && bd->block_size <= 1;
+    const bool shared = !streaming && bd->kind != KIND_FROM_MASK && per_key && bd->block_size <= 1;
+
+    if (streaming) {
+        /* Every slab at once, written in place; with fewer slabs than threads each slab is
+         * split among about threads / nslab of them (mask_topk_parallel.c). */
+        dma_topk_slab *in = malloc(sizeof(dma_topk_slab) * (size_t)nslab);
+        if (!in)
+            return dma_sparsity_fail(ctx, sp, DMA_ERR_NOMEM);
+        for (int64_t s = 0; s < nslab; s++)
+            in[s] = topk_slab(bd, s);
+        const bool split = dma_topk_split_pays(nslab, ctx->threads, bd->Lq, bd->Lk, bd->window);
+        st = dma_topk_causal_build(in, nslab, ctx->threads,
+                                   split ? dma_div_up(ctx->threads, nslab) : 1,
+                                   split ? dma_topk_min_block(bd->window) : INT64_MAX / 4, sp);
+        free(in);
+        if (st != DMA_OK)
+            return dma_sparsity_fail(ctx, sp, st);
+        *out = sp;
+        return DMA_OK;
+    }
+
     slab *slabs = calloc((size_t)nslab, sizeof(slab));
-    if (!slabs) {
-        dma_sparsity_destroy(sp);
-        return dma_fail(ctx, DMA_ERR_NOMEM, "sparsity: out of memory");
-    }
-    bool per_key = !bd->bias || bd->bias->shape[2] == 1;
-    bool streaming = bd->kind == DMA_MASK_TOPK && bd->causal && per_key && bd->block_size <= 1;
-    bool shared = !streaming && bd->kind != KIND_FROM_MASK && per_key && bd->block_size <= 1;
-
-    /* Fewer slabs than threads: each slab in turn over all threads (mask_topk_parallel.c). */
-    if (streaming && dma_topk_split_pays(nslab, ctx->threads, bd->Lq, bd->Lk, bd->window)) {
-        for (int64_t s = 0; s < nslab; s++) {
-            const dma_topk_slab in = topk_slab(bd, s);
-            dma_topk_causal_split(&in, ctx->threads, dma_topk_min_block(bd->window), &slabs[s]);
-        }
-        return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);
-    }
-
+    if (!slabs)
+        return dma_sparsity_fail(ctx, sp, DMA_ERR_NOMEM);
 #pragma omp parallel for schedule(dynamic, 1) num_threads(ctx->threads)
     for (int64_t s = 0; s < nslab; s++) {
         int64_t b = s / bd->H, h = s % bd->H;
-        if (streaming) { /* one thread, one segment: the streaming scan of DESIGN §2 */
-            const dma_topk_slab in = topk_slab(bd, s);
-            dma_topk_causal_split(&in, 1, INT64_MAX / 4, &slabs[s]);
-        } else if (shared) {
+        if (shared) {
             build_shared(bd, b, h, &slabs[s]);
         } else {
             build_rows(bd, b, h, &slabs[s]);

@@ -1,8 +1,7 @@
 /*
- * mask_topk_parallel.h - the causal top-k builder over a per-key bias that splits one
- * (batch, head) slab's key axis among threads (lib/mask_topk_parallel.c). mask_build.c uses it
- * when there are fewer slabs than threads; its object is the sequential builder's, byte for
- * byte. Not installed.
+ * mask_topk_parallel.h - the causal top-k builder over a per-key bias (lib/mask_topk_parallel.c):
+ * every slab at once, each slab's key axis split among threads when there are fewer slabs than
+ * threads; its object is the one-thread builder's, byte for byte. Not installed.
  */
 #ifndef DMATTN_MASK_TOPK_PARALLEL_H
 #define DMATTN_MASK_TOPK_PARALLEL_H
@@ -34,10 +33,14 @@ int64_t dma_topk_min_block(int64_t window);
  * at least two blocks of dma_topk_min_block(window) keys. */
 bool dma_topk_split_pays(int64_t nslab, int threads, int64_t Lq, int64_t Lk, int64_t window);
 
-/* Build one slab into sl (tiles, row_lo, row_hi written; keys, words and nnz appended to sl;
- * sl->status set on failure: DMA_ERR_BAD_VALUE for a NaN or +inf bias, DMA_ERR_NOMEM) with up
- * to `threads` OpenMP threads, cutting the key axis into blocks of at least min_block (>= 1)
- * keys. The result does not depend on threads or min_block. */
-void dma_topk_causal_split(const dma_topk_slab *in, int threads, int64_t min_block, slab *sl);
+/* Builds every slab of a causal top-k object into sp (from dma_sparsity_alloc, with in[s].tiles,
+ * row_lo and row_hi pointing at slab s's; all slabs share Lq, Lk and window) with up to
+ * `threads` OpenMP threads: writes the tiles, row bounds and nnz, and allocates and fills
+ * sp->keys and sp->words. Each slab's key axis is cut into about `split` (>= 1) segments of at
+ * least min_block (>= 1) keys. The object does not depend on threads, split or min_block.
+ * Returns DMA_OK, DMA_ERR_BAD_VALUE for a NaN or +inf bias, or DMA_ERR_NOMEM; on failure sp
+ * is left for the caller to destroy. */
+dma_status dma_topk_causal_build(const dma_topk_slab *in, int64_t nslab, int threads,
+                                 int64_t split, int64_t min_block, dma_sparsity *sp);
 
 #endif /* DMATTN_MASK_TOPK_PARALLEL_H */

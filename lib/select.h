@@ -23,11 +23,6 @@ typedef struct slab {
     int64_t nwords, cap_words;
     int64_t nnz;
     dma_status status;
-    /* A slab built in pieces (mask_topk_parallel.c): its keys and words are its own arrays'
-     * then each part's, in order (nkeys and nwords count them all; the parts own theirs), so
-     * that they are copied once, into the object. */
-    struct slab *parts;
-    int64_t nparts;
 } slab;
 
 static inline bool grow(void **p, int64_t *cap, int64_t need, size_t elem)
@@ -228,10 +223,14 @@ static inline void sort_items_by_key(heap_item *a, int64_t n, heap_item *tmp)
         memcpy(a, src, sizeof(heap_item) * (size_t)n);
 }
 
-/* Concatenate the slabs' keys and words (and their parts') into sp with ctx's threads (tiles'
- * offsets made global) and free the slabs' arrays. st: the first failure of any slab, or DMA_OK. On failure sp is destroyed and
- * the status recorded in ctx; on success *out = sp. */
+/* Concatenate the slabs' keys and words into sp with ctx's threads (tiles' offsets made
+ * global) and free the slabs and their arrays. The status is the first failure of any slab, or
+ * DMA_OK. On failure sp is destroyed and the status recorded in ctx; on success *out = sp. */
 dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs, int64_t nslab,
                                  dma_sparsity **out);
+
+/* A build's failure st (DMA_ERR_BAD_VALUE: a NaN or +inf bias; otherwise out of memory):
+ * destroys sp, records the message in ctx and returns st. */
+dma_status dma_sparsity_fail(dma_context *ctx, dma_sparsity *sp, dma_status st);
 
 #endif /* DMATTN_SELECT_H */

@@ -115,7 +115,7 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
     return DMA_OK;
 }
 
-/* One piece of a slab's keys and words, and where it goes in the object. */
+/* One slab's keys and words, and where they go in the object. */
 typedef struct piece {
     const slab *src;
     int64_t nkeys, nwords, kdst, wdst;
@@ -143,12 +143,11 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
     /* First failure in slab order (deterministic whatever the threads did). */
     for (int64_t s = 0; s < nslab && st == DMA_OK; s++)
         st = slabs[s].status;
-    int64_t nkeys = 0, nwords = 0, npieces = 0;
+    int64_t nkeys = 0, nwords = 0;
     for (int64_t s = 0; s < nslab; s++) {
         nkeys += slabs[s].nkeys;
         nwords += slabs[s].nwords;
         sp->nnz += slabs[s].nnz;
-        npieces += 1 + slabs[s].nparts;
     }
     piece *pieces = NULL;
     if (st == DMA_OK) {
@@ -159,30 +158,16 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
         if (with_vals && !(sp->vals = dma_alloc((size_t)nkeys * sizeof(float))))
             st = DMA_ERR_NOMEM;
         sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
-        pieces = malloc(sizeof(piece) * (size_t)(npieces + 1));
+        pieces = malloc(sizeof(piece) * (size_t)(nslab + 1));
         if (!sp->keys || !sp->words || !pieces)
             st = DMA_ERR_NOMEM;
     }
     if (st == DMA_OK) {
-        int64_t kb = 0, wb = 0, n = 0, tasks = 0;
+        int64_t kb = 0, wb = 0, tasks = 0;
         for (int64_t s = 0; s < nslab; s++) {
             const slab *sl = &slabs[s];
-            /* its own arrays first, then its parts' */
-            int64_t own_k = sl->nkeys, own_w = sl->nwords;
-            for (int64_t q = 0; q < sl->nparts; q++) {
-                own_k -= sl->parts[q].nkeys;
-                own_w -= sl->parts[q].nwords;
-            }
-            int64_t k = kb, w = wb;
-            for (int64_t q = -1; q < sl->nparts; q++) {
-                const slab *src = q < 0 ? sl : &sl->parts[q];
-                pieces[n] = (piece){src, q < 0 ? own_k : src->nkeys, q < 0 ? own_w : src->nwords,
-                                    k, w, tasks};
-                k += pieces[n].nkeys;
-                w += pieces[n].nwords;
-                tasks += 1 + (pieces[n].nkeys * 4 + pieces[n].nwords * 8) / ASSEMBLE_CHUNK;
-                n++;
-            }
+            pieces[s] = (piece){sl, sl->nkeys, sl->nwords, kb, wb, tasks};
+            tasks += 1 + (sl->nkeys * 4 + sl->nwords * 8) / ASSEMBLE_CHUNK;
             if (sp->vals && sl->nkeys) {
                 if (sl->vals)
                     memcpy(sp->vals + kb, sl->vals, sizeof(float) * (size_t)sl->nkeys);
@@ -201,7 +186,7 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
             wb += sl->nwords;
         }
         /* Task x of piece p: chunk x - task0 of its chunks (fresh pages fault in parallel). */
-        pieces[npieces].task0 = tasks;
+        pieces[nslab].task0 = tasks;
         const int threads = tasks > 1 ? ctx->threads : 1;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
         for (int64_t x = 0; x < tasks; x++) {
@@ -216,22 +201,21 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
     }
     free(pieces);
     for (int64_t s = 0; s < nslab; s++) {
-        for (int64_t q = 0; q < slabs[s].nparts; q++) {
-            free(slabs[s].parts[q].keys);
-            free(slabs[s].parts[q].words);
-        }
-        free(slabs[s].parts);
         free(slabs[s].keys);
         free(slabs[s].vals);
         free(slabs[s].words);
     }
     free(slabs);
-    if (st != DMA_OK) {
-        dma_sparsity_destroy(sp);
-        if (st == DMA_ERR_BAD_VALUE)
-            return dma_fail(ctx, st, "bias: NaN or +inf where a mask is generated");
-        return dma_fail(ctx, st, "sparsity: out of memory");
-    }
+    if (st != DMA_OK)
+        return dma_sparsity_fail(ctx, sp, st);
     *out = sp;
     return DMA_OK;
+}
+
+dma_status dma_sparsity_fail(dma_context *ctx, dma_sparsity *sp, dma_status st)
+{
+    dma_sparsity_destroy(sp);
+    if (st == DMA_ERR_BAD_VALUE)
+        return dma_fail(ctx, st, "bias: NaN or +inf where a mask is generated");
+    return dma_fail(ctx, st, "sparsity: out of memory");
 }

@@ -4,7 +4,7 @@
  * tiles, row_lo, row_hi, keys, words and nnz must be identical for every thread count and
  * block size; and dma_sparsity_to_dense of each object against the reference of reference.c.
  *
- * Two ways in: dma_topk_causal_split called directly with small blocks (so that short slabs,
+ * Two ways in: dma_topk_causal_build called directly with small blocks (so that short slabs,
  * every window and many blocks per slab are covered quickly), and dma_sparsity_build with
  * contexts of 1, 2, 3, 4 and 7 threads on slabs long enough for the library to split them.
  * Needs the library's internals (lib/internal.h): linked with the static library.
@@ -114,8 +114,8 @@ static dma_sparsity *build_public(dma_context *ctx, const tcase_data *c)
     return sp;
 }
 
-/* The split builder called directly on every slab, with `threads` threads and blocks of at
- * least min_block keys, assembled like mask_build.c does. Returns the status. */
+/* The builder called directly on every slab, with `threads` threads, each slab cut into about
+ * `threads` segments of at least min_block keys. Returns the status (*out = NULL on failure). */
 static dma_status build_split(dma_context *ctx, const tcase_data *c, int threads,
                               int64_t min_block, dma_sparsity **out)
 {
@@ -123,18 +123,24 @@ static dma_status build_split(dma_context *ctx, const tcase_data *c, int threads
     dma_status st = dma_sparsity_alloc(ctx, c->B, c->H, c->Lq, c->Lk, &sp);
     ck_assert_int_eq(st, DMA_OK);
     int64_t nslab = c->B * c->H;
-    slab *slabs = test_calloc((size_t)nslab, sizeof(slab));
+    dma_topk_slab *in = test_calloc((size_t)nslab + 1, sizeof(dma_topk_slab));
     for (int64_t s = 0; s < nslab; s++) {
         int64_t b = s / c->H;
-        dma_topk_slab in = {.bias = c->bias + s * c->Lk,
-                            .pad = c->padded ? c->pad + b * c->Lk : NULL,
-                            .Lq = c->Lq, .Lk = c->Lk,
-                            .window = c->window < c->Lk ? c->window : c->Lk,
-                            .tiles = sp->tiles + s * sp->ntiles,
-                            .row_lo = sp->row_lo + s * c->Lq, .row_hi = sp->row_hi + s * c->Lq};
-        dma_topk_causal_split(&in, threads, min_block, &slabs[s]);
+        in[s] = (dma_topk_slab){.bias = c->bias + s * c->Lk,
+                                .pad = c->padded ? c->pad + b * c->Lk : NULL,
+                                .Lq = c->Lq, .Lk = c->Lk,
+                                .window = c->window < c->Lk ? c->window : c->Lk,
+                                .tiles = sp->tiles + s * sp->ntiles,
+                                .row_lo = sp->row_lo + s * c->Lq, .row_hi = sp->row_hi + s * c->Lq};
     }
-    return dma_sparsity_assemble(ctx, sp, slabs, nslab, out);
+    st = dma_topk_causal_build(in, nslab, threads, threads, min_block, sp);
+    free(in);
+    if (st != DMA_OK) {
+        dma_sparsity_destroy(sp);
+        sp = NULL;
+    }
+    *out = sp;
+    return st;
 }
 
 /* Every internal array of b equals a's. */
