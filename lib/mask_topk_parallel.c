@@ -183,85 +183,86 @@ static void scan_segment(segment *sg)
     sg->nwords = nwords;
 }
 
-/* Step 5's key-ordered list of the live keys: keys arrive in increasing order, so an entering
- * key is appended; a leaving key is marked removed, as -1 - key, found by binary search. Each
- * tile's pass over it drops the marks, so it holds at most w + 64 slots. */
-typedef struct live_list {
-    int32_t *slot; /* ascending keys; removed ones as -1 - key */
-    int64_t n;
-} live_list;
-
-static inline int32_t slot_key(int32_t x) { return x >= 0 ? x : -1 - x; }
-
-static inline void live_apply(live_list *l, bool entered, int32_t evicted, int32_t p)
+/* Step 5: the live keys at a tile's first row p0, ascending, into u; returns how many. They
+ * are the keys of prev (the previous tile's union, or the seed's keys for a segment's first
+ * tile) whose bit is set in alive (the previous tile's last row; NULL: every key), except the
+ * one at position gone (evicted at p0; -1: none), then p0 itself if it entered. */
+static int32_t collect_live(const int32_t *prev, int32_t nprev, const uint64_t *alive,
+                            int32_t gone, int32_t entering, int32_t *u)
 {
-    if (entered)
-        l->slot[l->n++] = p;
-    if (evicted >= 0) {
-        int64_t lo = 0, hi = l->n;
-        while (lo < hi) {
-            int64_t mid = lo + (hi - lo) / 2;
-            if (slot_key(l->slot[mid]) < evicted)
-                lo = mid + 1;
-            else
-                hi = mid;
+    int32_t n = 0;
+    if (!alive) {
+        for (int32_t x = 0; x < nprev; x++)
+            if (x != gone)
+                u[n++] = prev[x];
+    } else {
+        /* Word by word, the runs of live keys between the dead ones (a tile's rows evict a
+         * few keys, so runs are long). */
+        for (int32_t k = 0; k * 64 < nprev; k++) {
+            const int32_t valid = nprev - k * 64 < 64 ? nprev - k * 64 : 64;
+            uint64_t dead = ~alive[k] & (valid < 64 ? (1ull << valid) - 1 : ~0ull);
+            if (gone >= 0 && gone >> 6 == k)
+                dead |= 1ull << (gone & 63);
+            int32_t from = 0;
+            for (;; dead &= dead - 1) {
+                const int32_t to = dead ? __builtin_ctzll(dead) : valid;
+                memcpy(u + n, prev + k * 64 + from, sizeof(int32_t) * (size_t)(to - from));
+                n += to - from;
+                from = to + 1;
+                if (!dead)
+                    break;
+            }
         }
-        l->slot[lo] = -1 - evicted;
     }
-}
-
-/* Copies the live keys to u (ascending) and drops the removed slots; returns their number. */
-static inline int64_t live_collect(live_list *l, int32_t *u)
-{
-    int64_t n = 0;
-    for (int64_t x = 0; x < l->n; x++) {
-        const int32_t k = l->slot[x];
-        l->slot[n] = k;
-        u[n] = k;
-        n += k >= 0;
-    }
-    l->n = n;
+    if (entering >= 0)
+        u[n++] = entering;
     return n;
 }
 
-/* Step 5: the segment's tiles into the object's arrays (keys and words: the segment's share),
- * as the sequential builder writes them. */
+/* Step 5: the segment's tiles into the object's arrays, as the sequential builder writes
+ * them. A tile's union is the live keys at its first row, then the keys that enter at its
+ * later rows; each row's bits are the previous row's, plus the key that entered, less the one
+ * evicted. */
 static void write_segment(segment *sg, int32_t *keys, uint64_t *words)
 {
     const dma_topk_slab *in = sg->in;
-    const int64_t w = in->window, off = in->Lk - in->Lq, k0 = sg->k0;
-    live_list l = {malloc(sizeof(int32_t) * (size_t)(sg->nseed + w + 2 * DMA_TILE + 1)), 0};
-    if (!l.slot) {
+    const int64_t off = in->Lk - in->Lq, k0 = sg->k0;
+    int32_t *seed = malloc(sizeof(int32_t) * (size_t)(sg->nseed + 1));
+    if (!seed) {
         sg->status = DMA_ERR_NOMEM;
         return;
     }
     for (int64_t k = 0; k < sg->nseed; k++)
-        l.slot[k] = sg->seed[k].key;
-    l.n = sg->nseed;
-    qsort(l.slot, (size_t)l.n, sizeof *l.slot, cmp_i32);
-    int64_t swept = k0 - 1; /* l holds the heap after key `swept` was offered */
+        seed[k] = sg->seed[k].key;
+    qsort(seed, (size_t)sg->nseed, sizeof *seed, cmp_i32);
+    const int32_t *prev = seed;      /* the keys live before the next tile's first row ... */
+    int32_t nprev = (int32_t)sg->nseed;
+    const uint64_t *alive = NULL;    /* ... are those of prev whose bit is set here */
     int64_t nnz = 0;
     for (int64_t t = sg->t0; t < sg->t1; t++) {
-        dma_tile *tile = &in->tiles[t];
+        const dma_tile *tile = &in->tiles[t];
         const int64_t r0 = t * DMA_TILE, r1 = dma_min64(in->Lq, r0 + DMA_TILE);
         const int64_t p0 = r0 + off, p1 = r1 - 1 + off;
-        for (; swept < p0; swept++)
-            live_apply(&l, sg->enters[swept + 1 - k0], sg->evk[swept + 1 - k0],
-                       (int32_t)(swept + 1));
-        /* the union: the live keys (in order), then the keys that enter at the later rows */
         int32_t *u = keys + tile->key_off;
         const int32_t count = tile->count, wpr = tile->words_per_row;
-        int32_t n_live = p0 >= 0 ? (int32_t)live_collect(&l, u) : 0, c = n_live;
+        int32_t n_live = 0;
+        if (p0 >= 0) {
+            const int32_t e = sg->evk[p0 - k0];
+            n_live = collect_live(prev, nprev, alive, e >= 0 ? find_pos(prev, nprev, e) : -1,
+                                  sg->enters[p0 - k0] ? (int32_t)p0 : -1, u);
+        }
+        int32_t c = n_live;
         for (int64_t j = dma_max64(p0 + 1, 0); j <= p1; j++)
             if (sg->enters[j - k0])
                 u[c++] = (int32_t)j;
         uint64_t *bits = words + tile->word_off;
-        memset(bits, 0, sizeof(uint64_t) * (size_t)((r1 - r0) * wpr));
         int32_t next_new = n_live;
         int64_t selected = 0; /* the row's set bits: the heap's size after its key */
         for (int64_t i = r0; i < r1; i++) {
             const int64_t p = i + off;
             uint64_t *row = bits + (i - r0) * wpr;
+            if (p < 0 || i == r0)
+                memset(row, 0, sizeof(uint64_t) * (size_t)wpr); /* later rows copy theirs */
             if (p >= 0 && i == r0) {
                 /* positions 0 .. n_live - 1: whole words, then the low bits of one */
                 for (int32_t k = 0; k < n_live / 64; k++)
@@ -271,11 +272,8 @@ static void write_segment(segment *sg, int32_t *keys, uint64_t *words)
                 selected = n_live;
             } else if (p >= 0) {
                 memcpy(row, row - wpr, sizeof(uint64_t) * (size_t)wpr);
-                const bool entered = sg->enters[p - k0];
                 const int32_t e = sg->evk[p - k0];
-                live_apply(&l, entered, e, (int32_t)p);
-                swept = p;
-                if (entered) {
+                if (sg->enters[p - k0]) {
                     bit_set(row, next_new++);
                     selected++;
                 }
@@ -287,9 +285,12 @@ static void write_segment(segment *sg, int32_t *keys, uint64_t *words)
             bits_ends(row, wpr, &in->row_lo[i], &in->row_hi[i]);
             nnz += selected;
         }
+        prev = u;
+        nprev = count;
+        alive = bits + (r1 - 1 - r0) * wpr;
     }
     sg->nnz = nnz;
-    free(l.slot);
+    free(seed);
 }
 
 dma_status dma_topk_causal_build(const dma_topk_slab *in, int64_t nslab, int threads,

@@ -97,15 +97,15 @@ static inline void heap_push(heap_item *h, int64_t *n, heap_item x)
     h[i] = x;
 }
 
-static inline heap_item heap_pop(heap_item *h, int64_t *n)
+/* Puts x in the root's place (n >= 1 items) and sifts it down. */
+static inline void heap_replace_top(heap_item *h, int64_t n, heap_item x)
 {
-    heap_item top = h[0], x = h[--(*n)];
     int64_t i = 0;
     for (;;) {
         int64_t c = 2 * i + 1;
-        if (c >= *n)
+        if (c >= n)
             break;
-        if (c + 1 < *n && drops_first(h[c + 1], h[c]))
+        if (c + 1 < n && drops_first(h[c + 1], h[c]))
             c++;
         if (!drops_first(h[c], x))
             break;
@@ -113,6 +113,12 @@ static inline heap_item heap_pop(heap_item *h, int64_t *n)
         i = c;
     }
     h[i] = x;
+}
+
+static inline heap_item heap_pop(heap_item *h, int64_t *n)
+{
+    heap_item top = h[0], x = h[--(*n)];
+    heap_replace_top(h, *n, x);
     return top;
 }
 
@@ -127,9 +133,9 @@ static inline int32_t heap_offer(heap_item *h, int64_t *n, int64_t cap, heap_ite
     }
     if (!drops_first(h[0], x))
         return x.key;
-    heap_item old = heap_pop(h, n);
-    heap_push(h, n, x);
-    return old.key;
+    const int32_t old = h[0].key; /* one sift-down, not a pop and a push */
+    heap_replace_top(h, *n, x);
+    return old;
 }
 
 static inline int cmp_i32(const void *a, const void *b)
