@@ -1,15 +1,16 @@
 /*
  * mask_build.c - the mask generators (DESIGN §1 "Mask generation") that build a dma_sparsity.
  *
- * Each (batch, head) pair is a "slab" built independently (OpenMP over slabs) into its own
- * growable arrays; the slabs are concatenated at the end. Three paths:
+ * Each (batch, head) pair is a "slab". Three paths:
  *   - causal top-k over a per-key bias: the streaming heap/evict builder (O(Lk log w),
- *     mask_topk_parallel.c): one segment per slab, or, with fewer slabs than threads, each slab
- *     split among the threads;
+ *     mask_topk_parallel.c), every slab at once and written in place; with fewer slabs than
+ *     threads each slab is split among them;
  *   - non-causal top-k, relu, dense and window over a per-key bias (or none): one sorted list of
  *     candidate keys per slab, of which every tile's union is a slice and every row a range;
  *   - everything else (per-row bias, block smoothing, a user's dense mask): one sorted key list
  *     per row, merged per tile into the union and row bitmasks.
+ * The last two build each slab independently (OpenMP over slabs) into its own growable arrays,
+ * concatenated at the end.
  */
 #include <math.h>
 #include <stdlib.h>
