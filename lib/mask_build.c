@@ -53,11 +53,11 @@ static inline bool key_exists(const build *bd, int64_t b, int64_t j)
 /* ================================================================================== */
 
 /*
- * Scan keys in order with a heap of the `window` best; evict[j] is the prefix end at which key j
- * left the heap (j itself if it never entered), evicted_at[p] the key that left when p came in.
- * Row i (last visible key p = i + off) keeps j iff j <= p < evict[j]. A doubly linked list of
- * the keys in the heap, in key order, gives each tile's starting set without sorting; within a
- * tile each row differs from the previous by at most one key in and one key out.
+ * Scan keys in order with a heap of the `window` best, recording for each key p whether it
+ * entered and which key it evicted. Row i (last visible key p = i + off) keeps the heap's
+ * content after p: within a tile each row differs from the previous by at most one key in and
+ * one key out, and a tile's first row keeps the previous tile's union less the keys its last
+ * row had dropped, so no set is ever sorted (mask_topk_parallel.c).
  */
 /* One slab's input to the causal top-k builder (mask_topk_parallel.c). */
 static dma_topk_slab topk_slab(const build *bd, int64_t s)
