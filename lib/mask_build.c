@@ -56,8 +56,8 @@ static inline bool key_exists(const build *bd, int64_t b, int64_t j)
  * Scan keys in order with a heap of the `window` best, recording for each key p whether it
  * entered and which key it evicted. Row i (last visible key p = i + off) keeps the heap's
  * content after p: within a tile each row differs from the previous by at most one key in and
- * one key out, and a tile's first row keeps the previous tile's union less the keys its last
- * row had dropped, so no set is ever sorted (mask_topk_parallel.c).
+ * one key out, and a tile's first row is the previous tile's last row (the keys of its union
+ * whose bits are set) one step on, so no set is ever sorted (mask_topk_parallel.c).
  */
 /* One slab's input to the causal top-k builder (mask_topk_parallel.c). */
 static dma_topk_slab topk_slab(const build *bd, int64_t s)
