@@ -6,9 +6,9 @@
  * from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the
  * item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's
  * private buffers.
- * Items add their private buffers into dk, dv and dbias in turn: turns follow reverse item order
- * within each stream of items that add into the same elements, so every element is summed in the
- * same order whatever the thread count (results are bitwise reproducible). Once an item's turn has
+ * Items add their private buffers into dk, dv and dbias in turn: turns follow item order within
+ * each stream of items that add into the same elements, so every element is summed in the same
+ * order whatever the thread count (results are bitwise reproducible). Once an item's turn has
  * come it adds each chunk as soon as the chunk is done, while its rows are in cache. An item
  * finished before its turn is parked in one of its thread's few buffer slots, and whoever passes
  * the turn to it adds it (see "Parking" below), so that no thread waits for a turn.
@@ -154,12 +154,9 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
 
 /*
  * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
- * same elements of dk/dv (same batch and kv head) form a stream, and add in reverse natural
- * order: an item adds at its turn, i.e. once the stream's next item has added. Every element
- * therefore receives its contributions in the same order whatever the thread count. Reverse,
- * because threads take spans in turn order: the last tiles first, which in a causal mask are
- * the heaviest, and the early tiles' small unions fill the schedule's tail (in natural order
- * the tail was whole spans of the largest kind, with most threads idle). A dbias
+ * same elements of dk/dv (same batch and kv head) form a stream, and add in natural order: an
+ * item adds at its turn, i.e. once the stream's previous item has added. Every element
+ * therefore receives its contributions in the same order whatever the thread count. A dbias
  * that an item of another stream also adds into (a bias broadcast over the batch, or over more
  * than one kv head) makes one stream of all.
  */
@@ -231,9 +228,10 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     }
     for (int64_t s = 0; s < p->nstreams; s++)
         last[s] = -1;
-    /* Items are in natural order, so each stream's spans come in reverse turn order. */
+    /* Items are in natural order, so each stream's spans come in turn order. */
     p->nspans = 0;
     p->tile_keys = p->grads_floats = 0;
+    int64_t longest = 0;
     for (int64_t x = 0; x < nitems; x++) {
         dma_item_view iv, next;
         dma_item_view_init(a, &w->items[x], &iv);
@@ -252,16 +250,12 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
         int64_t s = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
         p->stream[sx] = s;
         p->turn[sx] = count[s]++;
-        /* turns run backwards: the next span of sx's stream is its predecessor in item order */
-        p->next_in_stream[sx] = last[s];
+        p->next_in_stream[sx] = -1;
+        if (last[s] >= 0)
+            p->next_in_stream[last[s]] = sx;
         last[s] = sx;
-        x += p->span_pair[sx];
-    }
-    int64_t longest = 0;
-    for (int64_t sx = 0; sx < p->nspans; sx++) {
-        const int64_t s = p->stream[sx];
-        p->turn[sx] = count[s] - 1 - p->turn[sx];
         longest = dma_max64(longest, count[s]);
+        x += p->span_pair[sx];
     }
     free(count);
     free(last);
