@@ -217,8 +217,17 @@ DMA_API int dma_cuda_device_count(void);
 /** Where the context computes. ctx must not be NULL. */
 DMA_API dma_device dma_context_device(const dma_context *ctx);
 
-/** Free a context. NULL is a no-op. */
+/** Free a context and the scratch memory it keeps. NULL is a no-op. */
 DMA_API void dma_context_destroy(dma_context *ctx);
+
+/**
+ * Free the scratch memory the context keeps between calls. A CPU context's dma_forward and
+ * dma_backward keep their per-thread working memory (panels of the largest call so far: a few
+ * MiB per thread, more for wide unions and D) for the next call, so that calls do not pay a page
+ * fault for every fresh page; it is freed here or by dma_context_destroy. Calls after this one
+ * allocate it again. NULL is a no-op.
+ */
+DMA_API void dma_context_trim(dma_context *ctx);
 
 /** The ISA the context's kernels use (never DMA_ISA_AUTO). ctx must not be NULL. */
 DMA_API dma_isa dma_context_isa(const dma_context *ctx);

@@ -720,7 +720,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
                                     : (int)dma_max64(1, dma_min64(MAX_SLOTS, SLOT_BYTES /
                                                                    (sizeof(float) * slot_floats)));
     const size_t per_thread = panel_floats + (size_t)nslots * slot_floats;
-    scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
+    scratch = dma_context_scratch(ctx, sizeof(float) * per_thread * (size_t)threads);
     slots = calloc((size_t)(threads * nslots), sizeof(grad_slot));
     if (!scratch || !slots) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory for scratch");
@@ -771,7 +771,6 @@ done:
     free(items);
     plan_free(&plan);
     free(slots);
-    dma_free(scratch);
     dma_attn_release(&w.a);
     return st;
 }

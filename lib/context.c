@@ -163,7 +163,31 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
     return DMA_OK;
 }
 
-void dma_context_destroy(dma_context *ctx) { free(ctx); }
+void dma_context_destroy(dma_context *ctx)
+{
+    if (ctx)
+        dma_free(ctx->scratch);
+    free(ctx);
+}
+
+void dma_context_trim(dma_context *ctx)
+{
+    if (!ctx)
+        return;
+    dma_free(ctx->scratch);
+    ctx->scratch = NULL;
+    ctx->scratch_bytes = 0;
+}
+
+void *dma_context_scratch(dma_context *ctx, size_t bytes)
+{
+    if (bytes <= ctx->scratch_bytes)
+        return ctx->scratch;
+    dma_context_trim(ctx);
+    ctx->scratch = dma_alloc(bytes);
+    ctx->scratch_bytes = ctx->scratch ? bytes : 0;
+    return ctx->scratch;
+}
 
 dma_isa dma_context_isa(const dma_context *ctx) { return ctx->isa; }
 

@@ -368,7 +368,7 @@ dma_status dma_forward_run(dma_context *ctx, const dma_attn *a)
               : 0;
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, nspans));
     size_t per_thread = (panel_floats + merge_floats + 15) / 16 * 16;
-    scratch = dma_alloc(sizeof(float) * per_thread * (size_t)threads);
+    scratch = dma_context_scratch(ctx, sizeof(float) * per_thread * (size_t)threads);
     if (!scratch) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "forward: out of memory for scratch");
         goto done;
@@ -386,6 +386,5 @@ dma_status dma_forward_run(dma_context *ctx, const dma_attn *a)
 done:
     free(items);
     free(spans);
-    dma_free(scratch);
     return st;
 }

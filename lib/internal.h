@@ -26,8 +26,15 @@ struct dma_context {
     dma_device device;  /* DMA_DEVICE_CUDA: the calls route to lib/device.c (cuda/) */
     int cuda_device;    /* the GPU's ordinal */
     void *cuda_stream;  /* cudaStream_t, NULL = legacy default stream */
+    void *scratch;      /* the forward's and backward's per-thread panels, kept between calls */
+    size_t scratch_bytes;
     char last_error[256];
 };
+
+/* At least `bytes` of the context's scratch (64-byte aligned, contents undefined), valid until
+ * the next call on ctx; NULL when out of memory. Kept between calls: a call's fresh pages cost
+ * a page fault each, and at 16 threads the backward's panels are tens of MiB. */
+void *dma_context_scratch(dma_context *ctx, size_t bytes);
 
 /* Record a message in the context (if any) and return the status, so that validation code reads
  * `return dma_fail(ctx, DMA_ERR_SHAPE, "q: ...", ...);`. */

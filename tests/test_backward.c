@@ -747,6 +747,44 @@ START_TEST(parked_spans)
 }
 END_TEST
 
+START_TEST(scratch_kept)
+{
+    /* A context keeps its forward's and backward's scratch between calls (dma_context_trim
+     * frees it): whether it grows for a larger case, is reused by a smaller one after a larger
+     * one (holding that one's panels), or comes back after a trim, the calls must agree with
+     * the reference and bitwise with a fresh context's. */
+    bwd_case small = plain_case(1, 200, 200, 4, 2, 32, 1401), big = plain_case(1, 900, 900, 8, 2,
+                                                                                 64, 1402);
+    test_rng r = rng_make(132);
+    bwd_case *cases[] = {&small, &big};
+    for (int i = 0; i < 2; i++) {
+        cases[i]->causal = 1;
+        set_topk(&r, cases[i], 0, i ? 192 : 48);
+        cases[i]->mask_causal = 1;
+        cases[i]->Hs = cases[i]->mHb = 2;
+        bias_from_mbias(cases[i]);
+    }
+    static const int threads[] = {2, 2};
+    dma_context *used[2], *fresh[2];
+    contexts_for_threads(DMA_ISA_AUTO, threads, 1, used);
+    const bwd_case *order[] = {&small, &big, &small};
+    for (int i = 0; i < 3; i++) {
+        contexts_for_threads(DMA_ISA_AUTO, threads, 1, fresh);
+        used[1] = fresh[0];
+        backward_agrees(order[i], used, threads, 2);
+        dma_context_destroy(fresh[0]);
+    }
+    dma_context_trim(used[0]);
+    dma_context_trim(used[0]); /* twice: nothing left to free */
+    dma_context_trim(NULL);
+    contexts_for_threads(DMA_ISA_AUTO, threads, 1, fresh);
+    used[1] = fresh[0];
+    backward_agrees(&small, used, threads, 2);
+    dma_context_destroy(fresh[0]);
+    dma_context_destroy(used[0]);
+}
+END_TEST
+
 /* ------------------------------------------------------------------------------------------ */
 
 static Suite *backward_suite(void)
@@ -779,6 +817,7 @@ static Suite *backward_suite(void)
     tcase_set_timeout(td, 600);
     tcase_add_test(td, deterministic);
     tcase_add_test(td, parked_spans);
+    tcase_add_test(td, scratch_kept);
     suite_add_tcase(s, td);
     return s;
 }
