@@ -22,8 +22,10 @@
  *      enter at its later rows) and so its share of the object's arrays.
  *   4. One thread: the prefix of those sizes over (slab, tile) gives every tile its offsets;
  *      the object's key and word arrays are allocated at their final size.
- *   5. In parallel over every segment: replay the scan's record against a key-ordered list of
- *      the live keys and write the tiles' unions, row bitmasks and row bounds in place.
+ *   5. In parallel over every segment: replay the scan's record and write the tiles' unions,
+ *      row bitmasks and row bounds in place. A tile's first row is the previous tile's last
+ *      row one key on (the seed's keys, sorted, before a segment's first tile), so no live set
+ *      is kept or searched besides the unions themselves.
  *
  * Every heap state, hence every eviction, equals the sequential scan's, and the tiles are
  * written by the same steps at the offsets the sequential builder gives them: the object is the
