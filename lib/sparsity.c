@@ -118,7 +118,7 @@ dma_status dma_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t ou
 /* One slab's keys and words, and where they go in the object. */
 typedef struct piece {
     const slab *src;
-    int64_t nkeys, nwords, kdst, wdst;
+    int64_t kdst, wdst;
     int64_t task0; /* its first copy task; its tasks end at the next piece's task0 */
 } piece;
 
@@ -127,8 +127,9 @@ typedef struct piece {
 
 static void copy_piece_part(const piece *pc, int64_t part, int64_t nchunks, dma_sparsity *sp)
 {
-    const int64_t kb = pc->nkeys * part / nchunks, ke = pc->nkeys * (part + 1) / nchunks;
-    const int64_t wb = pc->nwords * part / nchunks, we = pc->nwords * (part + 1) / nchunks;
+    const int64_t nk = pc->src->nkeys, nw = pc->src->nwords;
+    const int64_t kb = nk * part / nchunks, ke = nk * (part + 1) / nchunks;
+    const int64_t wb = nw * part / nchunks, we = nw * (part + 1) / nchunks;
     if (ke > kb)
         memcpy(sp->keys + pc->kdst + kb, pc->src->keys + kb, sizeof(int32_t) * (size_t)(ke - kb));
     if (we > wb)
@@ -166,7 +167,7 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
         int64_t kb = 0, wb = 0, tasks = 0;
         for (int64_t s = 0; s < nslab; s++) {
             const slab *sl = &slabs[s];
-            pieces[s] = (piece){sl, sl->nkeys, sl->nwords, kb, wb, tasks};
+            pieces[s] = (piece){sl, kb, wb, tasks};
             tasks += 1 + (sl->nkeys * 4 + sl->nwords * 8) / ASSEMBLE_CHUNK;
             if (sp->vals && sl->nkeys) {
                 if (sl->vals)
