@@ -258,6 +258,8 @@ typedef struct scase {
     int64_t B, H, Lq, Lk;
     int64_t Bb, Hb, Lb; /* builder bias (Bb, Hb, Lb, Lk); Bb == 0: none */
     int quant;          /* bias values are small integers: many ties */
+    int ramp;           /* +1 / -1: the bias rises / falls along the keys (every key enters /
+                           none after the first w), on top of the noise */
     double neginf;      /* probability of a -inf bias entry */
     int64_t Bp;         /* key padding (Bp, Lk); 0: none */
     uint64_t seed;
@@ -268,10 +270,10 @@ static const char *sdesc(const scase *c)
     static char buf[512];
     static const char *kinds[] = {"topk", "relu", "window", "dense"};
     snprintf(buf, sizeof buf, "{kind=%s causal=%d window=%lld block=%lld B=%lld H=%lld Lq=%lld "
-             "Lk=%lld bias=(%lld,%lld,%lld) quant=%d neginf=%.2f Bp=%lld seed=%llu}",
+             "Lk=%lld bias=(%lld,%lld,%lld) quant=%d ramp=%d neginf=%.2f Bp=%lld seed=%llu}",
              kinds[c->kind], c->causal, (long long)c->window, (long long)c->block,
              (long long)c->B, (long long)c->H, (long long)c->Lq, (long long)c->Lk,
-             (long long)c->Bb, (long long)c->Hb, (long long)c->Lb, c->quant, c->neginf,
+             (long long)c->Bb, (long long)c->Hb, (long long)c->Lb, c->quant, c->ramp, c->neginf,
              (long long)c->Bp, (unsigned long long)c->seed);
     return buf;
 }
@@ -316,6 +318,9 @@ static void run_scase(dma_context *cpu, dma_context *gpu, const scase *c)
             v[x] = rng_bernoulli(&r, c->neginf) ? -INFINITY
                    : c->quant                   ? (float)rng_int(&r, -2, 2)
                                                 : rng_float(&r, -1.0f, 1.0f);
+        if (c->ramp) /* the bias moves by 4 (2-4x the noise) over 1000 keys */
+            for (int64_t x = 0; x < tb_count(&bias); x++)
+                v[x] += (float)c->ramp * 4.0f * (float)(x % c->Lk) / 1000.0f;
         tb_store(&bias, v);
         free(v);
     }
@@ -385,6 +390,21 @@ START_TEST(sparsity_topk_causal)
             c.Bp = rng_pick(&r, pads, 4);
             run_scase(cpu, gpu, &c);
         }
+    /* Biases that rise or fall along the keys, and keys past 32768, where the GPU's chunks of
+     * keys grow past 1024 (the last rows only, for the dense comparison). */
+    static const int64_t ramp_lens[][2] = {{4097, 4097}, {300, 70000}};
+    static const int64_t ramp_windows[] = {64, 1000, 5000};
+    for (size_t l = 0; l < 2; l++)
+        for (size_t w = 0; w < sizeof ramp_windows / sizeof ramp_windows[0]; w++)
+            for (int ramp = -1; ramp <= 1; ramp++) {
+                scase c = {.kind = DMA_MASK_TOPK, .causal = 1, .window = ramp_windows[w], .B = 1,
+                           .H = 1, .Lq = ramp_lens[l][0], .Lk = ramp_lens[l][1], .Bb = 1, .Hb = 1,
+                           .Lb = 1, .ramp = ramp, .seed = rng_u64(&r)};
+                c.quant = (int)rng_int(&r, 0, 1);
+                c.neginf = rng_bernoulli(&r, 0.3) ? 0.05 : 0.0;
+                c.Bp = rng_int(&r, 0, 1);
+                run_scase(cpu, gpu, &c);
+            }
     dma_context_destroy(cpu);
     dma_context_destroy(gpu);
 }
