@@ -258,8 +258,8 @@ typedef struct scase {
     int64_t B, H, Lq, Lk;
     int64_t Bb, Hb, Lb; /* builder bias (Bb, Hb, Lb, Lk); Bb == 0: none */
     int quant;          /* bias values are small integers: many ties */
-    int ramp;           /* +1 / -1: the bias rises / falls along the keys (every key enters /
-                           none after the first w), on top of the noise */
+    int ramp;           /* +1 / -1: the bias rises / falls along the keys, on top of the noise
+                           (nearly every key enters / few enter after the first w) */
     double neginf;      /* probability of a -inf bias entry */
     int64_t Bp;         /* key padding (Bp, Lk); 0: none */
     uint64_t seed;
@@ -390,8 +390,8 @@ START_TEST(sparsity_topk_causal)
             c.Bp = rng_pick(&r, pads, 4);
             run_scase(cpu, gpu, &c);
         }
-    /* Biases that rise or fall along the keys, and keys past 32768, where the GPU's chunks of
-     * keys grow past 1024 (the last rows only, for the dense comparison). */
+    /* Biases that rise or fall along the keys, and a long key axis (70000 keys: a deeper
+     * tree; the last 300 rows only, for the dense comparison). */
     static const int64_t ramp_lens[][2] = {{4097, 4097}, {300, 70000}};
     static const int64_t ramp_windows[] = {64, 1000, 5000};
     for (size_t l = 0; l < 2; l++)
