@@ -754,7 +754,7 @@ START_TEST(scratch_kept)
      * one (holding that one's panels), or comes back after a trim, the calls must agree with
      * the reference and bitwise with a fresh context's. */
     bwd_case small = plain_case(1, 200, 200, 4, 2, 32, 1401);
-    bwd_case big = plain_case(1, 400, 400, 4, 2, 64, 1402); /* wider D and window: more scratch */
+    bwd_case big = plain_case(1, 400, 400, 4, 2, 64, 1402); /* longer, D 64: more scratch */
     test_rng r = rng_make(132);
     bwd_case *cases[] = {&small, &big};
     for (int i = 0; i < 2; i++) {

@@ -314,13 +314,13 @@ static void run_scase(dma_context *cpu, dma_context *gpu, const scase *c)
         const int64_t shape[4] = {c->Bb, c->Hb, c->Lb, c->Lk};
         tb_make(&bias, DMA_F32, 4, shape, 0);
         float *v = test_malloc((size_t)tb_count(&bias) * sizeof(float));
-        for (int64_t x = 0; x < tb_count(&bias); x++)
+        for (int64_t x = 0; x < tb_count(&bias); x++) {
             v[x] = rng_bernoulli(&r, c->neginf) ? -INFINITY
                    : c->quant                   ? (float)rng_int(&r, -2, 2)
                                                 : rng_float(&r, -1.0f, 1.0f);
-        if (c->ramp) /* the bias moves by 4 (2-4x the noise) over 1000 keys */
-            for (int64_t x = 0; x < tb_count(&bias); x++)
-                v[x] += (float)c->ramp * 4.0f * (float)(x % c->Lk) / 1000.0f;
+            /* the ramp moves the bias by 4 (2-4x the noise) over 1000 keys */
+            v[x] += (float)c->ramp * 4.0f * (float)(x % c->Lk) / 1000.0f;
+        }
         tb_store(&bias, v);
         free(v);
     }
