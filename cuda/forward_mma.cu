@@ -5,7 +5,7 @@
  * tile's union, its K, V and per-key bias (GQA), one block of 8 warps takes both, so that each
  * chunk is copied once for twice the arithmetic. The union is read in chunks of 64 positions,
  * which line up with the 64-bit words of the rows' bitmasks: a row's mask for a chunk is one
- * word. Per chunk: K and V rows to shared memory (the next chunk's copies overlap this one's
+ * word. Per chunk: K and V rows to shared memory (copied one or two chunks ahead of the
  * arithmetic; mbarriers, not block barriers, order the buffers), S = Q K^T (Q's fragments
  * stay in registers), mask, scale, softcap, bias, the online softmax in float32 and log2
  * units, then P V with P rounded to the storage type (flash attention's choice; the
@@ -37,11 +37,13 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
     constexpr int LDS = D + 8; /* shared row stride in elements: 16 bytes of padding */
     constexpr int KS = D / 16; /* k-steps of Q K^T */
     constexpr int NT = D / 8;  /* n-tiles of P V */
-    /* NB buffers of K and V rows. The copies of chunk c + 1 run while chunk c is computed;
-     * full[b] completes when buffer b's copies have landed, empty[b] when every warp has
-     * read it, so that warps wait only for the data they need and for the readers of the
-     * buffer they fill (NB - 1 chunks back), not for each other every chunk. */
-    constexpr int NB = HP == 2 ? 4 : 3, WARPS = 4 * HP;
+    /* NB buffers of K and V rows. The copies of chunks c + 1 .. c + AHEAD run while chunk c
+     * is computed (two ahead with a block's four buffers: 3.5% off the 32K forward on the
+     * H200, where one ahead left the gathers' latency exposed); full[b] completes when buffer
+     * b's copies have landed, empty[b] when every warp has read it, so that warps wait only
+     * for the data they need and for the readers of the buffer they fill (NB - AHEAD chunks
+     * back: a buffer of slack for slow warps), not for each other every chunk. */
+    constexpr int NB = HP == 2 ? 4 : 3, WARPS = 4 * HP, AHEAD = NB - 2;
     extern __shared__ __align__(16) uint16_t smh[];
     __shared__ int32_t keys_buf[NB][CH];
     __shared__ float kbias_buf[NB][CH];
@@ -73,7 +75,8 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
         mbar_arrive_copies(&full[bi]);
         mbar_arrive(&full[bi]);
     };
-    issue(0);
+    for (int n = 0; n < AHEAD; n++)
+        issue(n * CH);
 
     /* Q's A fragments for the whole of D, once. */
     uint32_t qf[KS][4];
@@ -100,7 +103,7 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
 
     for (int c0 = 0; c0 < it.t.count; c0 += CH) {
         const int bi = (c0 / CH) % NB;
-        issue(c0 + CH);
+        issue(c0 + AHEAD * CH);
         /* the next chunk's mask words, read now, used next time round */
         const uint64_t nka = row_sel_word(sel_a, c0 + CH), nkb = row_sel_word(sel_b, c0 + CH);
         mbar_wait(&full[bi], (c0 / CH / NB) & 1); /* chunk c0 is in place */
@@ -129,27 +132,47 @@ __global__ void __launch_bounds__(128 * HP, HP == 1 ? 2 : 1) forward_mma(dcu_att
             /* Scores of the selected pairs (log2 units), -inf elsewhere; the row maxima. Keys
              * ascend along the union: only a chunk whose last key passes the tile's first row
              * needs the causal test. */
-            const bool cz = a.causal && keys[min(CH, it.t.count - c0) - 1] > it.r0 + a.off;
+            const int32_t last = keys[min(CH, it.t.count - c0) - 1];
+            const bool cz = a.causal && last > it.r0 + a.off;
             const uint64_t sha = mka >> (2 * t), shb = mkb >> (2 * t);
             float cmax_a = -INFINITY, cmax_b = -INFINITY;
+            /* Most chunks of a top-k union are selected whole by every row of the warp (a
+             * tile's rows differ by the few keys that enter or leave): those skip the pair
+             * tests (3.4% off the 32K forward on the H200). Decided per warp, so the two loops
+             * never diverge; the scores are the same either way. */
+            const bool whole = __all_sync(0xffffffffu, (mka & mkb) == ~0ull && !(cz && last > lim_a));
+            if (whole) {
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+                for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = nt * 8 + 2 * t + e;
-                    const int32_t key = keys[j];
-                    const float kb = kbias[j];
-                    float dcap;
-                    float va = -INFINITY, vb = -INFINITY;
-                    if (((sha >> (nt * 8 + e)) & 1) && !(cz && key > lim_a))
-                        va = score2<PLAIN>(a, it, s[nt][e], ia, key, kb, &dcap);
-                    if (((shb >> (nt * 8 + e)) & 1) && !(cz && key > lim_b))
-                        vb = score2<PLAIN>(a, it, s[nt][2 + e], ib, key, kb, &dcap);
-                    s[nt][e] = va;
-                    s[nt][2 + e] = vb;
-                    cmax_a = fmaxf(cmax_a, va);
-                    cmax_b = fmaxf(cmax_b, vb);
-                }
+                    for (int e = 0; e < 2; e++) {
+                        const int j = nt * 8 + 2 * t + e;
+                        float dcap;
+                        s[nt][e] = score2<PLAIN>(a, it, s[nt][e], ia, keys[j], kbias[j], &dcap);
+                        s[nt][2 + e] = score2<PLAIN>(a, it, s[nt][2 + e], ib, keys[j], kbias[j], &dcap);
+                        cmax_a = fmaxf(cmax_a, s[nt][e]);
+                        cmax_b = fmaxf(cmax_b, s[nt][2 + e]);
+                    }
+            } else {
+#pragma unroll
+                for (int nt = 0; nt < 8; nt++)
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int j = nt * 8 + 2 * t + e;
+                        const int32_t key = keys[j];
+                        const float kb = kbias[j];
+                        float dcap;
+                        float va = -INFINITY, vb = -INFINITY;
+                        if (((sha >> (nt * 8 + e)) & 1) && !(cz && key > lim_a))
+                            va = score2<PLAIN>(a, it, s[nt][e], ia, key, kb, &dcap);
+                        if (((shb >> (nt * 8 + e)) & 1) && !(cz && key > lim_b))
+                            vb = score2<PLAIN>(a, it, s[nt][2 + e], ib, key, kb, &dcap);
+                        s[nt][e] = va;
+                        s[nt][2 + e] = vb;
+                        cmax_a = fmaxf(cmax_a, va);
+                        cmax_b = fmaxf(cmax_b, vb);
+                    }
+            }
             cmax_a = fmaxf(cmax_a, __shfl_xor_sync(0xffffffffu, cmax_a, 1));
             cmax_a = fmaxf(cmax_a, __shfl_xor_sync(0xffffffffu, cmax_a, 2));
             cmax_b = fmaxf(cmax_b, __shfl_xor_sync(0xffffffffu, cmax_b, 1));
