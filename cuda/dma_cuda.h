@@ -67,9 +67,8 @@ int dcu_device_sync(void);
 /* Causal top-`window` selection over a per-key bias (Bb, Hb, 1, Lk) float32 for an object of
  * (B, H, Lq, Lk), bottom-right aligned; pad optional (Bp, Lk) bool. Allocates sp's arrays
  * (free with dcu_sparsity_free) and fills sp. Returns 0; 1 when the bias holds a NaN or +inf;
- * 2 when the window is too large for it (over 4096 keys, or more shared memory than the GPU
- * has: build it on the host); < 0 on
- * a runtime error. Nothing is allocated unless it returns 0. */
+ * 2 when the window is too large for it (its lists need more shared memory than the GPU
+ * has: build it on the host); < 0 on a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
                           dcu_sparsity *sp, void *stream);
 /* Frees sp's arrays ordered on `stream`. */

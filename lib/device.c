@@ -346,7 +346,7 @@ dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *pa
     dcu_sparsity d = {.B = B, .H = H, .Lq = Lq, .Lk = Lk, .ntiles = sp->ntiles};
     const dcu_tensor b = to_dcu(bias), p = to_dcu(key_padding);
     int rc = dcu_build_topk_causal(window, &b, &p, &d, ctx->cuda_stream);
-    if (rc == 2) { /* a window too large for the GPU builder (over 4096 keys) */
+    if (rc == 2) { /* a window whose lists need more shared memory than the GPU has */
         free(sp);
         return build_on_host(ctx, params, B, H, Lq, Lk, bias, key_padding, NULL, out);
     }
