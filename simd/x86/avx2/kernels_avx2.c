@@ -106,6 +106,14 @@ INLINE __m256 lane_mask8(unsigned byte)
     return _mm256_castsi256_ps(_mm256_cmpeq_epi32(v, bit));
 }
 
+/* Lane j of the result has its sign bit set iff bit j of `byte` is set (the other bits are
+ * the byte's higher bits): enough for blendv, one shift cheaper than lane_mask8. */
+INLINE __m256 lane_sign8(unsigned byte)
+{
+    const __m256i shift = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    return _mm256_castsi256_ps(_mm256_sllv_epi32(_mm256_set1_epi32((int)byte), shift));
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Packing (simd/x86/x86_shared.h), in blocks of NR keys                                      */
 /* ------------------------------------------------------------------------------------------ */
@@ -306,7 +314,9 @@ INLINE __m256 logits8(float *s, const float *bias, int c, unsigned byte, __m256 
     if (!byte)
         return ninf;
     __m256 x = logit8(_mm256_loadu_ps(s + c), bias, c, cap, CAP);
-    return byte == 0xFF ? x : _mm256_blendv_ps(ninf, x, lane_mask8(byte));
+    /* Always the blend: most rows select most but not all of their span, so whether a byte is
+     * full is a coin toss for the branch predictor, and a miss costs more than the blend. */
+    return _mm256_blendv_ps(ninf, x, lane_sign8(byte));
 }
 
 /* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK_MAX. Positions go 16 at a time (two
@@ -441,16 +451,13 @@ INLINE void grad_impl(float *s, float *dp, int n, const float *bias, const uint6
                 __m256 u = _mm256_div_ps(t, cap);
                 ds = _mm256_mul_ps(dx, _mm256_fnmadd_ps(u, u, one));
             }
-            if (byte != 0xFF) {
-                __m256 k = lane_mask8(byte);
-                p = _mm256_and_ps(k, p);
-                ds = _mm256_and_ps(k, ds);
-                if (dx_sum) {
-                    __m256 old = _mm256_loadu_ps(dx_sum + c);
-                    _mm256_storeu_ps(dx_sum + c, _mm256_blendv_ps(old, _mm256_add_ps(old, dx), k));
-                }
-            } else if (dx_sum) {
-                _mm256_storeu_ps(dx_sum + c, _mm256_add_ps(_mm256_loadu_ps(dx_sum + c), dx));
+            /* Masked whether or not the byte is full: no branch to mispredict (see logits8). */
+            const __m256 k = lane_mask8(byte);
+            p = _mm256_and_ps(k, p);
+            ds = _mm256_and_ps(k, ds);
+            if (dx_sum) {
+                __m256 old = _mm256_loadu_ps(dx_sum + c);
+                _mm256_storeu_ps(dx_sum + c, _mm256_blendv_ps(old, _mm256_add_ps(old, dx), k));
             }
             _mm256_storeu_ps(s + c, p);
             _mm256_storeu_ps(dp + c, ds);
