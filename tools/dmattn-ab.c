@@ -2,7 +2,7 @@
  * dmattn-ab - in-process A/B of two builds of the library on one attention shape.
  *
  *   dmattn-ab LIB_A LIB_B [--len 4096] [--dim 64] [--hq 8] [--hkv 8] [--window 256]
- *             [--threads 2] [--iters 20] [--backward]
+ *             [--threads 2] [--iters 20] [--backward] [--expect-same]
  *
  * LIB_A and LIB_B are paths of libdmattn shared objects (e.g. a base build's and a changed
  * build's build/lib/libdmattn.so). Both are loaded into this process; each iteration calls
@@ -13,7 +13,7 @@
  * Problem: the bench's topk case (q, k, v uniform in [-1, 1), a per-key bias uniform in [0, 1),
  * causal top-`window`, B = 1, float32), each library building its own sparsity. The last
  * line says whether A and B gave bitwise the same out and lse (and gradients): a change meant
- * to keep the numerics must say 1.
+ * to keep the numerics must say 1. With --expect-same, anything else exits with status 1.
  */
 #include <dlfcn.h>
 #include <stdint.h>
@@ -127,14 +127,14 @@ static void report(const char *op, const build *a, const build *b, int iters, in
 int main(int argc, char **argv)
 {
     int64_t L = 4096, D = 64, Hq = 8, Hkv = 8, window = 256;
-    int threads = 2, iters = 20, backward = 0;
+    int threads = 2, iters = 20, backward = 0, expect_same = 0;
     if (argc < 3)
         fail("usage: dmattn-ab LIB_A LIB_B [--len N] [--dim N] [--hq N] [--hkv N] "
-             "[--window N] [--threads N] [--iters N] [--backward]");
+             "[--window N] [--threads N] [--iters N] [--backward] [--expect-same]");
     for (int i = 3; i < argc; i++) {
         const char *f = argv[i];
-        if (!strcmp(f, "--backward")) {
-            backward = 1;
+        if (!strcmp(f, "--backward") || !strcmp(f, "--expect-same")) {
+            *(!strcmp(f, "--backward") ? &backward : &expect_same) = 1;
             continue;
         }
         if (i + 1 >= argc)
@@ -231,5 +231,5 @@ int main(int argc, char **argv)
     if (backward)
         printf(" backward %d", same_bwd);
     printf("\n");
-    return 0;
+    return expect_same && !(same_fwd && (same_bwd || !backward));
 }
