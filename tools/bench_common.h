@@ -1,12 +1,15 @@
 /*
  * bench_common.h - what the modes of dmattn-bench share: error exits, aligned allocation,
- * the clock and the timing loop, seeded random fills, the JSON field printers, the integer
- * option parser and the context constructor. Implemented in bench_common.c.
+ * the timing loop, the JSON field printers, the integer option parser and the context
+ * constructor (implemented in bench_common.c), and through bench_numbers.h the clock, seeded
+ * random fills and the median.
  */
 #ifndef DMATTN_BENCH_COMMON_H
 #define DMATTN_BENCH_COMMON_H
 
 #include <dmattn.h>
+
+#include "bench_numbers.h"
 
 #include <stddef.h>
 #include <stdint.h>
@@ -14,7 +17,7 @@
 #define PROG "dmattn-bench"
 
 /* ------------------------------------------------------------------------------------------ */
-/* Errors, allocation, sizes, random data                                                     */
+/* Errors, allocation, sizes                                                                  */
 /* ------------------------------------------------------------------------------------------ */
 
 /* A bad command line: print the message and a pointer to --help on stderr, exit 2. */
@@ -33,13 +36,6 @@ void *xalloc(int64_t n, size_t size, const char *what);
 /* n = a * b * c * d with overflow check (all >= 0); exits on overflow. */
 int64_t mul4(int64_t a, int64_t b, int64_t c, int64_t d, const char *what);
 
-/* CLOCK_MONOTONIC in milliseconds. */
-double now_ms(void);
-
-uint64_t splitmix64(uint64_t *s);
-
-/* Uniform in [lo, hi), deterministic for a given seed. */
-void fill_uniform(float *x, int64_t n, uint64_t seed, float lo, float hi);
 
 /* ------------------------------------------------------------------------------------------ */
 /* Timing                                                                                     */

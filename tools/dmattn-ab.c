@@ -20,9 +20,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "dmattn.h"
+#include "bench_numbers.h"
 
 typedef dma_status (*context_create_fn)(const dma_context_options *, dma_context **);
 typedef dma_status (*sparsity_build_fn)(dma_context *, const dma_mask_params *, int64_t, int64_t,
@@ -57,28 +57,12 @@ static void fail(const char *what)
     exit(1);
 }
 
-static double now_ms(void)
-{
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return t.tv_sec * 1e3 + t.tv_nsec * 1e-6;
-}
-
 static float *floats(int64_t n)
 {
     float *p = calloc((size_t)n, sizeof(float));
     if (!p)
         fail("out of memory");
     return p;
-}
-
-/* Uniform in [lo, hi), a fixed sequence per seed. */
-static void fill(float *x, int64_t n, uint64_t seed, float lo, float hi)
-{
-    for (int64_t i = 0; i < n; i++) {
-        seed = seed * 6364136223846793005ULL + 1442695040888963407ULL;
-        x[i] = lo + (hi - lo) * (float)((seed >> 40) * (1.0 / 16777216.0));
-    }
 }
 
 static dma_tensor tensor(float *data, int64_t d0, int64_t d1, int64_t d2, int64_t d3)
@@ -102,18 +86,12 @@ static void *symbol(void *lib, const char *name)
     return s;
 }
 
-static int by_value(const void *x, const void *y)
-{
-    const double a = *(const double *)x, b = *(const double *)y;
-    return a < b ? -1 : a > b;
-}
-
+/* The median of x[0..n), x left as it is. */
 static double median(const double *x, int n)
 {
     double s[MAX_ITERS];
     memcpy(s, x, sizeof(double) * (size_t)n);
-    qsort(s, (size_t)n, sizeof(double), by_value);
-    return n % 2 ? s[n / 2] : 0.5 * (s[n / 2 - 1] + s[n / 2]);
+    return sort_median(s, n);
 }
 
 static void report(const char *op, const build *a, const build *b, int iters, int bwd)
@@ -158,11 +136,11 @@ int main(int argc, char **argv)
     const int64_t nq = L * Hq * D, nkv = L * Hkv * D;
     float *q = floats(nq), *k = floats(nkv), *v = floats(nkv), *bias = floats(Hkv * L);
     float *dout = floats(nq);
-    fill(q, nq, 1, -1.0f, 1.0f);
-    fill(k, nkv, 2, -1.0f, 1.0f);
-    fill(v, nkv, 3, -1.0f, 1.0f);
-    fill(bias, Hkv * L, 4, 0.0f, 1.0f);
-    fill(dout, nq, 5, -1.0f, 1.0f);
+    fill_uniform(q, nq, 1, -1.0f, 1.0f);
+    fill_uniform(k, nkv, 2, -1.0f, 1.0f);
+    fill_uniform(v, nkv, 3, -1.0f, 1.0f);
+    fill_uniform(bias, Hkv * L, 4, 0.0f, 1.0f);
+    fill_uniform(dout, nq, 5, -1.0f, 1.0f);
     const dma_tensor tq = tensor(q, 1, L, Hq, D), tk = tensor(k, 1, L, Hkv, D);
     const dma_tensor tv = tensor(v, 1, L, Hkv, D), tbias = tensor(bias, 1, Hkv, 1, L);
     const dma_tensor tdout = tensor(dout, 1, L, Hq, D);
