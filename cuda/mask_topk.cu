@@ -97,6 +97,14 @@ struct tree {
  * So the whole tree is one launch and its top levels run without launch gaps. */
 constexpr int GROUP_LEVELS = 4, GROUP_BLOCKS = 1 << GROUP_LEVELS, GROUP_KEYS = 64 * GROUP_BLOCKS;
 
+/* Orders this thread's writes before, and its reads after, at device scope: with the climb's
+ * arrival counter, a release and an acquire. __threadfence() is a sequentially consistent
+ * fence, which also empties L1; the climb needs only this. */
+__device__ __forceinline__ void fence_acq_rel()
+{
+    asm volatile("fence.acq_rel.gpu;" ::: "memory");
+}
+
 /* An entry another block wrote (read past L1, which is not coherent between blocks). */
 __device__ __forceinline__ entry load_cg(const entry *p)
 {
@@ -242,24 +250,28 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
     for (int k = top; k + 1 < t.levels; k++) {
         const int64_t parent = node >> 1;
         if ((node ^ 1) < t.nodes[k]) {
-            __threadfence(); /* this block's node, before its arrival */
+            fence_acq_rel(); /* this block's node, before its arrival */
             __syncthreads();
             if (x == 0)
                 go = atomicAdd(&arrivals[s * t.slab_counts + t.cnt_off[k + 1] + parent], 1) == 1;
             __syncthreads();
             if (!go)
                 return;
-            __threadfence(); /* the sibling's node, after its arrival */
+            fence_acq_rel(); /* the sibling's node, after its arrival */
         }
         const int64_t ccap = t.cap[k], cap = t.cap[k + 1], li = 2 * parent, ri = li + 1;
+        const bool right = ri < t.nodes[k];
         const int nl = __ldcg(sc + t.cnt_off[k] + li);
-        const int nr = ri < t.nodes[k] ? __ldcg(sc + t.cnt_off[k] + ri) : 0;
+        const int nr = right ? __ldcg(sc + t.cnt_off[k] + ri) : 0;
         entry *l = sm, *r = sm + ccap;
         const entry *child = se + t.off[k];
-        for (int y = x; y < nl; y += blockDim.x)
+        /* whole lists (sentinels past the counts), so that these loads need not wait for the
+         * counts: one round trip a level fewer */
+        for (int y = x; y < ccap; y += blockDim.x) {
             l[y] = load_cg(child + li * ccap + y);
-        for (int y = x; y < nr; y += blockDim.x)
-            r[y] = load_cg(child + ri * ccap + y);
+            if (right)
+                r[y] = load_cg(child + ri * ccap + y);
+        }
         __syncthreads();
         merge_lists(l, nl, r, nr, se + t.off[k + 1] + parent * cap, (int)cap);
         if (x == 0)
