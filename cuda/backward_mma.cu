@@ -9,7 +9,7 @@
  *      documented exception of dmattn.h) and the chunk's K and V are no longer needed, so the
  *      next chunk's copies start here and overlap step 3;
  *   3. each warp, for 16 keys of the chunk: dk = scale dS^T Q and dv = P^T dO over the tile's
- *      64 rows, added to the gradients with atomic adds (pairs of floats on sm_90).
+ *      64 rows, added to the gradients with atomic adds (four floats at once on sm_90).
  * dbias is summed from the float32 dS: per key over the tile's rows in shared memory, or per
  * element for a per-row bias, then added atomically.
  */
@@ -21,22 +21,22 @@ using namespace dcu_mma;
 
 struct grads {
     dcu_tensor dout, dq, dk, dv, dbias;
-    int pairs; /* dk and dv take float2 atomic adds (8-byte aligned pairs, sm_90) */
+    int vec; /* floats a dk / dv atomic add: 4 (16-byte aligned rows, sm_90), 2 (8-byte), 1 */
 };
 
 /* dst[off], dst[off + 1] += x, y; skipped when both are 0 (NaN is not). */
 static __device__ __forceinline__ void add_pair(float *dst, int64_t off, float x, float y,
-                                                int pairs)
+                                                int vec)
 {
     if (x == 0.0f && y == 0.0f)
         return;
 #if __CUDA_ARCH__ >= 900
-    if (pairs) {
+    if (vec >= 2) {
         atomicAdd((float2 *)(dst + off), make_float2(x, y));
         return;
     }
 #endif
-    (void)pairs;
+    (void)vec;
     atomicAdd(dst + off, x);
     atomicAdd(dst + off + 1, y);
 }
@@ -75,19 +75,39 @@ template <int D>
 static __device__ __forceinline__ void add_key_rows(const dcu_tensor &t, int64_t b, int64_t hkv,
                                                     const int32_t *keys, int k0,
                                                     const float (*acc)[4], float s, int lane,
-                                                    int pairs)
+                                                    int vec)
 {
     float *dst = (float *)t.data;
     const int g = lane >> 2, q = lane & 3;
     const int32_t ka = keys[k0 + g], kb = keys[k0 + g + 8];
     const int64_t base = b * t.stride[0] + hkv * t.stride[2];
+#if __CUDA_ARCH__ >= 900
+    if (vec == 4) {
+        /* Lanes q and q ^ 1 hold two dims each of keys a and b; they trade halves, and the even
+         * one adds four dims of key a, the odd one four of key b: one 16-byte atomic add
+         * where there were two of 8 bytes (the atomics are a large part of this kernel). */
+        const bool odd = q & 1;
+        const int32_t key = odd ? kb : ka;
+        const int64_t row = base + key * t.stride[1];
+#pragma unroll
+        for (int n = 0; n < D / 8; n++) {
+            const float got0 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][0] : acc[n][2], 1);
+            const float got1 = __shfl_xor_sync(0xffffffffu, odd ? acc[n][1] : acc[n][3], 1);
+            const float4 v = odd ? make_float4(s * got0, s * got1, s * acc[n][2], s * acc[n][3])
+                                 : make_float4(s * acc[n][0], s * acc[n][1], s * got0, s * got1);
+            if (key >= 0 && (v.x != 0.0f || v.y != 0.0f || v.z != 0.0f || v.w != 0.0f))
+                atomicAdd((float4 *)(dst + row + n * 8 + 2 * (q & ~1)), v);
+        }
+        return;
+    }
+#endif
 #pragma unroll
     for (int n = 0; n < D / 8; n++) {
         const int d = n * 8 + 2 * q;
         if (ka >= 0)
-            add_pair(dst, base + ka * t.stride[1] + d, s * acc[n][0], s * acc[n][1], pairs);
+            add_pair(dst, base + ka * t.stride[1] + d, s * acc[n][0], s * acc[n][1], vec);
         if (kb >= 0)
-            add_pair(dst, base + kb * t.stride[1] + d, s * acc[n][2], s * acc[n][3], pairs);
+            add_pair(dst, base + kb * t.stride[1] + d, s * acc[n][2], s * acc[n][3], vec);
     }
 }
 
@@ -293,9 +313,9 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
         float acc[NT][4];
         const int k0 = warp * 16;
         keys_by_rows<BF16, D>(acc, dSs, Qs, k0, lane);
-        add_key_rows<D>(gr.dk, it.b, it.hkv, keys, k0, acc, a.scale, lane, gr.pairs);
+        add_key_rows<D>(gr.dk, it.b, it.hkv, keys, k0, acc, a.scale, lane, gr.vec);
         keys_by_rows<BF16, D>(acc, Ps, dOs, k0, lane);
-        add_key_rows<D>(gr.dv, it.b, it.hkv, keys, k0, acc, 1.0f, lane, gr.pairs);
+        add_key_rows<D>(gr.dv, it.b, it.hkv, keys, k0, acc, 1.0f, lane, gr.vec);
     }
     cp_async_wait<0>();
 
@@ -352,10 +372,11 @@ int launch_d(const dcu_attn *a, const grads &g, int64_t items, cudaStream_t stre
     }
 }
 
-bool pairs_aligned(const dcu_tensor &t)
+/* Whether every (b, kv head, key) row of t starts at a multiple of n floats. */
+bool rows_aligned(const dcu_tensor &t, int n)
 {
-    return ((uintptr_t)t.data % 8) == 0 && t.stride[0] % 2 == 0 && t.stride[1] % 2 == 0 &&
-           t.stride[2] % 2 == 0;
+    return ((uintptr_t)t.data % (4 * n)) == 0 && t.stride[0] % n == 0 && t.stride[1] % n == 0 &&
+           t.stride[2] % n == 0;
 }
 
 } // namespace
@@ -374,8 +395,11 @@ extern "C" int dcu_backward_mma(const dcu_attn *a, const dcu_tensor *dout, const
     int dev = 0, major = 0;
     DCU_TRY(cudaGetDevice(&dev));
     DCU_TRY(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    const grads g = {*dout, *dq, *dk, *dv, *dbias,
-                     major >= 9 && pairs_aligned(*dk) && pairs_aligned(*dv)};
+    const int vec = major < 9                                           ? 1
+                    : rows_aligned(*dk, 4) && rows_aligned(*dv, 4) ? 4
+                    : rows_aligned(*dk, 2) && rows_aligned(*dv, 2) ? 2
+                                                                   : 1;
+    const grads g = {*dout, *dq, *dk, *dv, *dbias, vec};
     if (a->q.dtype == DCU_BF16)
         return launch_d<true>(a, g, items, (cudaStream_t)stream);
     return launch_d<false>(a, g, items, (cudaStream_t)stream);
