@@ -55,6 +55,8 @@ typedef struct gcase {
     int quant;       /* builder bias of small integers (ties) */
     int64_t Bp;      /* the builder's key padding (Bp, Lk); 0: none */
     int64_t pad;     /* > 0: every tensor's rows padded (strided views; gaps must stay) */
+    int64_t gpad;    /* > 0: the gradients' rows padded by this instead (their atomic adds
+                      * take 4, 2 or 1 floats at a time by alignment) */
     int no_dbias;    /* backward: a bias but dbias = NULL */
     uint64_t seed;
 } gcase;
@@ -64,12 +66,13 @@ static const char *gdesc(const gcase *c)
     static char buf[512];
     snprintf(buf, sizeof buf, "{dt=%d B=%lld Lq=%lld Lk=%lld Hq=%lld Hkv=%lld D=%lld causal=%d "
              "scale=%g softcap=%g bias=%d (%lld,%lld) neginf=%d window=%lld Bs=%lld Hs=%lld "
-             "mask_causal=%d quant=%d Bp=%lld pad=%lld no_dbias=%d seed=%llu}", (int)c->dt,
+             "mask_causal=%d quant=%d Bp=%lld pad=%lld gpad=%lld no_dbias=%d seed=%llu}", (int)c->dt,
              (long long)c->B, (long long)c->Lq, (long long)c->Lk, (long long)c->Hq,
              (long long)c->Hkv, (long long)c->D, c->causal, (double)c->scale,
              (double)c->softcap, (int)c->bias, (long long)c->Bb, (long long)c->Hb, c->neginf,
              (long long)c->window, (long long)c->Bs, (long long)c->Hs, c->mask_causal, c->quant,
-             (long long)c->Bp, (long long)c->pad, c->no_dbias, (unsigned long long)c->seed);
+             (long long)c->Bp, (long long)c->pad, (long long)c->gpad, c->no_dbias,
+             (unsigned long long)c->seed);
     return buf;
 }
 
@@ -131,11 +134,12 @@ static void gdata_make(const gcase *c, gdata *g, dma_context *cpu, dma_context *
     if (grads) {
         make4(&g->dout, c->dt, B, Lq, Hq, D, c->pad);
         g->fdout = fill(&r, &g->dout, -1.0f, 1.0f);
-        make4(&g->dq, DMA_F32, B, Lq, Hq, D, c->pad);
-        make4(&g->dk, DMA_F32, B, Lk, Hkv, D, c->pad);
-        make4(&g->dv, DMA_F32, B, Lk, Hkv, D, c->pad);
+        const int64_t gp = c->gpad > 0 ? c->gpad : c->pad;
+        make4(&g->dq, DMA_F32, B, Lq, Hq, D, gp);
+        make4(&g->dk, DMA_F32, B, Lk, Hkv, D, gp);
+        make4(&g->dv, DMA_F32, B, Lk, Hkv, D, gp);
         if (c->bias != BIAS_NONE)
-            make4(&g->dbias, DMA_F32, c->Bb, c->Hb, Lb, Lk, c->pad);
+            make4(&g->dbias, DMA_F32, c->Bb, c->Hb, Lb, Lk, gp);
     }
     if (c->window < 0)
         return;
@@ -609,7 +613,7 @@ START_TEST(backward_grid)
 {
     static const dma_dtype dts[] = {DMA_F32, DMA_BF16, DMA_F16};
     test_rng r = rng_make(203);
-    gcase cases[3 * 6 * 3 + 3 * 4 + 2];
+    gcase cases[3 * 6 * 3 + 3 * 4 + 2 * 3];
     int n = 0;
     for (int t = 0; t < 3; t++)
         for (int d = 0; d < 6; d++)
@@ -628,13 +632,16 @@ START_TEST(backward_grid)
                 c.causal = 1;
             cases[n++] = c;
         }
-    /* the DMA case on tensor cores: many chunks, causal top-k of the per-key bias, GQA, dbias */
-    for (int t = 1; t < 3; t++) {
-        gcase c = plain_case(&r, dts[t], 1, 1100, 1100, 8, 2, 128);
-        set_topk(&c, 200, 1, 2);
-        c.bias = BIAS_KEY, c.Bb = 1, c.Hb = 2;
-        cases[n++] = c;
-    }
+    /* the DMA case on tensor cores: many chunks, causal top-k of the per-key bias, GQA, dbias;
+     * gradients of 16-byte aligned rows (4 floats an atomic add on sm_90), of rows padded by
+     * 2 floats (8-byte aligned: 2 floats) and by 1 (one float) */
+    for (int t = 1; t < 3; t++)
+        for (int gpad = 0; gpad < 3; gpad++) {
+            gcase c = plain_case(&r, dts[t], 1, 1100, 1100, 8, 2, 128);
+            set_topk(&c, 200, 1, 2);
+            c.bias = BIAS_KEY, c.Bb = 1, c.Hb = 2, c.gpad = gpad == 0 ? 0 : 3 - gpad;
+            cases[n++] = c;
+        }
     run_cases(cases, n, 1);
     stat_print("backward_grid");
 }
