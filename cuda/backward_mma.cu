@@ -19,6 +19,12 @@ namespace {
 
 using namespace dcu_mma;
 
+/* A bool as a type, to pick a copy of a loop by a runtime test. */
+template <bool B>
+struct dcu_bool {
+    static constexpr bool value = B;
+};
+
 struct grads {
     dcu_tensor dout, dq, dk, dv, dbias;
     int vec; /* floats a dk / dv atomic add: 4 (16-byte aligned rows, sm_90), 2 (8-byte), 1 */
@@ -236,37 +242,49 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
             const bool cz = a.causal && keys[min(CH, it.t.count - c0) - 1] > it.r0 + a.off;
             float cs[8][2]; /* per-key dbias: this thread's two rows' dS, per column */
             const uint64_t sha = mka >> (2 * t), shb = mkb >> (2 * t);
+            /* Most chunks of a top-k union are selected whole by every row of the warp (see the
+             * forward): those take a copy of the loop without the bit and causal tests. */
+            const bool whole = __all_sync(0xffffffffu, (mka & mkb) == ~0ull &&
+                                                           !(cz && keys[CH - 1] > lim_a));
+            auto pairs = [&](auto whole_t) {
+                constexpr bool WHOLE = decltype(whole_t)::value;
 #pragma unroll
-            for (int nt = 0; nt < 8; nt++)
+                for (int nt = 0; nt < 8; nt++)
 #pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int j = nt * 8 + 2 * t + e;
-                    const int32_t key = keys[j];
-                    const float kb = kbias[j];
-                    float col = 0.0f;
+                    for (int e = 0; e < 2; e++) {
+                        const int j = nt * 8 + 2 * t + e;
+                        const int32_t key = keys[j];
+                        const float kb = kbias[j];
+                        float col = 0.0f;
 #pragma unroll
-                    for (int lower = 0; lower < 2; lower++) {
-                        const uint64_t sh = lower ? shb : sha;
-                        const int64_t i = lower ? ib : ia;
-                        const int x = lower ? 2 + e : e;
-                        float p = 0.0f, ds = 0.0f, dsq = 0.0f;
-                        if (((sh >> (nt * 8 + e)) & 1) && !(cz && key > (lower ? lim_b : lim_a))) {
-                            float dcap;
-                            const float sc = score2<PLAIN>(a, it, s[nt][x], i, key, kb, &dcap);
-                            p = exp2_fast(sc - (lower ? lse2_b : lse2_a));
-                            ds = p * (dp[nt][x] - (lower ? delta_b : delta_a));
-                            dsq = ds * dcap;
-                            if (!PLAIN && row_dbias && ds != 0.0f) /* NaN too */
-                                atomicAdd((float *)gr.dbias.data +
-                                              dcu_off(gr.dbias, it.b, it.hb, i, key),
-                                          ds);
+                        for (int lower = 0; lower < 2; lower++) {
+                            const uint64_t sh = lower ? shb : sha;
+                            const int64_t i = lower ? ib : ia;
+                            const int x = lower ? 2 + e : e;
+                            float p = 0.0f, ds = 0.0f, dsq = 0.0f;
+                            if (WHOLE || (((sh >> (nt * 8 + e)) & 1) &&
+                                          !(cz && key > (lower ? lim_b : lim_a)))) {
+                                float dcap;
+                                const float sc = score2<PLAIN>(a, it, s[nt][x], i, key, kb, &dcap);
+                                p = exp2_fast(sc - (lower ? lse2_b : lse2_a));
+                                ds = p * (dp[nt][x] - (lower ? delta_b : delta_a));
+                                dsq = ds * dcap;
+                                if (!PLAIN && row_dbias && ds != 0.0f) /* NaN too */
+                                    atomicAdd((float *)gr.dbias.data +
+                                                  dcu_off(gr.dbias, it.b, it.hb, i, key),
+                                              ds);
+                            }
+                            col += ds;
+                            s[nt][x] = dsq;
+                            dp[nt][x] = p;
                         }
-                        col += ds;
-                        s[nt][x] = dsq;
-                        dp[nt][x] = p;
+                        cs[nt][e] = col;
                     }
-                    cs[nt][e] = col;
-                }
+            };
+            if (whole)
+                pairs(dcu_bool<true>{});
+            else
+                pairs(dcu_bool<false>{});
             if (key_dbias) {
 #pragma unroll
                 for (int nt = 0; nt < 8; nt++)
