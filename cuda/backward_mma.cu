@@ -13,17 +13,13 @@
  * dbias is summed from the float32 dS: per key over the tile's rows in shared memory, or per
  * element for a per-row bias, then added atomically.
  */
+#include <type_traits>
+
 #include "mma.cuh"
 
 namespace {
 
 using namespace dcu_mma;
-
-/* A bool as a type, to pick a copy of a loop by a runtime test. */
-template <bool B>
-struct dcu_bool {
-    static constexpr bool value = B;
-};
 
 struct grads {
     dcu_tensor dout, dq, dk, dv, dbias;
@@ -246,7 +242,7 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
              * forward): those take a copy of the loop without the bit and causal tests. */
             const bool whole = __all_sync(0xffffffffu, (mka & mkb) == ~0ull &&
                                                            !(cz && keys[CH - 1] > lim_a));
-            auto pairs = [&](auto whole_t) {
+            auto pair_loop = [&](auto whole_t) {
                 constexpr bool WHOLE = decltype(whole_t)::value;
 #pragma unroll
                 for (int nt = 0; nt < 8; nt++)
@@ -282,9 +278,9 @@ __global__ void __launch_bounds__(128, 2) backward_mma(dcu_attn a, grads gr)
                     }
             };
             if (whole)
-                pairs(dcu_bool<true>{});
+                pair_loop(std::true_type{});
             else
-                pairs(dcu_bool<false>{});
+                pair_loop(std::false_type{});
             if (key_dbias) {
 #pragma unroll
                 for (int nt = 0; nt < 8; nt++)
