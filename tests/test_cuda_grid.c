@@ -66,8 +66,8 @@ static const char *gdesc(const gcase *c)
     static char buf[512];
     snprintf(buf, sizeof buf, "{dt=%d B=%lld Lq=%lld Lk=%lld Hq=%lld Hkv=%lld D=%lld causal=%d "
              "scale=%g softcap=%g bias=%d (%lld,%lld) neginf=%d window=%lld Bs=%lld Hs=%lld "
-             "mask_causal=%d quant=%d Bp=%lld pad=%lld gpad=%lld no_dbias=%d seed=%llu}", (int)c->dt,
-             (long long)c->B, (long long)c->Lq, (long long)c->Lk, (long long)c->Hq,
+             "mask_causal=%d quant=%d Bp=%lld pad=%lld gpad=%lld no_dbias=%d seed=%llu}",
+             (int)c->dt, (long long)c->B, (long long)c->Lq, (long long)c->Lk, (long long)c->Hq,
              (long long)c->Hkv, (long long)c->D, c->causal, (double)c->scale,
              (double)c->softcap, (int)c->bias, (long long)c->Bb, (long long)c->Hb, c->neginf,
              (long long)c->window, (long long)c->Bs, (long long)c->Hs, c->mask_causal, c->quant,
