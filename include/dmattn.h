@@ -198,7 +198,10 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   2^-8 * sum_j p_ij |v_j| (plus the output's own rounding) of the float32 result, lse within
  *   1e-5 relative; float32 inputs are computed in float32. (2) the backward adds the
  *   contributions to dk, dv and dbias with atomic float32 adds, so their last bits may change
- *   from run to run; out, lse and dq are bitwise reproducible. (3) bf16/f16 backwards on
+ *   from run to run; out, lse and dq are bitwise reproducible. (On sm_90 the tensor-core
+ *   backward (3) adds four floats at once where every row of dk and dv starts 16-byte
+ *   aligned, as in contiguous float32 gradients; two where rows are 8-byte aligned; else one:
+ *   padded gradients are as correct, and slower.) (3) bf16/f16 backwards on
  *   tensor cores (D a multiple of 16 up to 128, 16-byte aligned rows) round P and dS to the
  *   storage type before the products dq = dS K, dk = dS^T Q, dv = P^T dout (as flash attention
  *   does; everything else, dbias included, is float32): each gradient entry is within
