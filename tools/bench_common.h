@@ -36,7 +36,6 @@ void *xalloc(int64_t n, size_t size, const char *what);
 /* n = a * b * c * d with overflow check (all >= 0); exits on overflow. */
 int64_t mul4(int64_t a, int64_t b, int64_t c, int64_t d, const char *what);
 
-
 /* ------------------------------------------------------------------------------------------ */
 /* Timing                                                                                     */
 /* ------------------------------------------------------------------------------------------ */
