@@ -54,10 +54,6 @@ int dcu_set_device(int device);
 int dcu_init(int device);
 /* 1 if p is memory GPU `device` can read as device memory (device or managed), else 0. */
 int dcu_on_device(const void *p, int device);
-/* From the device's pool, ordered on `stream` (where the memory is first used); dcu_free
- * returns it ordered on `stream`: after the work enqueued there so far. */
-int dcu_malloc(void **p, size_t bytes, void *stream);
-void dcu_free(void *p, void *stream);
 int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream);
 int dcu_copy_to_host(void *dst, const void *src, size_t bytes, void *stream);
 int dcu_sync(void *stream);
@@ -71,7 +67,12 @@ int dcu_device_sync(void);
  * has: build it on the host); < 0 on a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
                           dcu_sparsity *sp, void *stream);
-/* Frees sp's arrays ordered on `stream`. */
+/* Allocates sp's arrays for sp->B * sp->H * sp->ntiles tiles, sp->B * sp->H * sp->Lq rows,
+ * nkeys keys and nwords words, from the device's pool, ordered on `stream`: one allocation
+ * (its base is sp->tiles), so that a build pays for one call, not five. Sets the pointers
+ * and nkeys, nwords; on failure sets none and returns < 0. */
+int dcu_sparsity_alloc(dcu_sparsity *sp, int64_t nkeys, int64_t nwords, void *stream);
+/* Frees sp's arrays (dcu_sparsity_alloc's allocation) ordered on `stream`. */
 void dcu_sparsity_free(dcu_sparsity *sp, void *stream);
 
 int dcu_forward(const dcu_attn *a, void *stream);

@@ -699,24 +699,16 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     unsigned char *scratch = nullptr;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
-    out.row_lo = out.row_hi = out.keys = nullptr;
-    out.words = nullptr;
-    cudaError_t e = cudaSuccess;
-    const size_t rows = (size_t)(nslab * Lq);
-#define ALLOC(p, bytes) if (e == cudaSuccess) e = cudaMallocAsync((void **)&(p), std::max<size_t>(bytes, 8), stream)
-    ALLOC(scratch, scratch_bytes);
-    ALLOC(out.tiles, (size_t)ntile_all * sizeof(dcu_tile));
-    ALLOC(out.row_lo, rows * 4);
-    ALLOC(out.row_hi, rows * 4);
-    ALLOC(out.keys, (size_t)(ntile_all * capU) * 4);
-    ALLOC(out.words, (size_t)(ntile_all * DCU_TILE * wcap) * 8);
-#undef ALLOC
+    cudaError_t e = cudaMallocAsync((void **)&scratch, scratch_bytes, stream);
     if (e == cudaSuccess)
         e = cudaMemsetAsync(scratch, 0, zeroed, stream);
     if (e != cudaSuccess) {
         cudaFreeAsync(scratch, stream);
-        dcu_sparsity_free(&out, stream);
         return dcu_fail(e, "sparsity_build: allocation");
+    }
+    if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0) {
+        cudaFreeAsync(scratch, stream);
+        return -1;
     }
     int *bad = (int *)scratch, *arrivals = (int *)(scratch + 16);
     unsigned long long *nnz = (unsigned long long *)(scratch + 8);
@@ -760,8 +752,6 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     }
     unsigned long long total;
     memcpy(&total, host + 2, sizeof total);
-    out.nkeys = ntile_all * capU;
-    out.nwords = ntile_all * DCU_TILE * wcap;
     out.nnz = (int64_t)total;
     *sp = out;
     return 0;

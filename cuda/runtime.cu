@@ -54,19 +54,6 @@ extern "C" int dcu_on_device(const void *p, int device)
     return at.type == cudaMemoryTypeDevice && at.device == device;
 }
 
-extern "C" int dcu_malloc(void **p, size_t bytes, void *stream)
-{
-    *p = NULL;
-    /* From the device's stream-ordered pool (kept between calls, see dcu_init). */
-    DCU_TRY(cudaMallocAsync(p, bytes ? bytes : 1, (cudaStream_t)stream));
-    return 0;
-}
-
-extern "C" void dcu_free(void *p, void *stream)
-{
-    if (p)
-        cudaFreeAsync(p, (cudaStream_t)stream);
-}
 
 extern "C" int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream)
 {
@@ -93,13 +80,32 @@ extern "C" int dcu_sync(void *stream)
     return 0;
 }
 
+extern "C" int dcu_sparsity_alloc(dcu_sparsity *sp, int64_t nkeys, int64_t nwords, void *stream)
+{
+    /* each array at a 256-byte boundary, as cudaMalloc would place it */
+    const auto up = [](size_t n) { return (n + 255) & ~(size_t)255; };
+    const size_t ntiles = (size_t)(sp->B * sp->H * sp->ntiles), rows = (size_t)(sp->B * sp->H * sp->Lq);
+    const size_t o_lo = up(ntiles * sizeof(dcu_tile)), o_hi = o_lo + up(rows * 4),
+                 o_keys = o_hi + up(rows * 4), o_words = o_keys + up((size_t)nkeys * 4),
+                 bytes = o_words + (size_t)nwords * 8;
+    void *base = NULL;
+    /* from the device's stream-ordered pool (kept between calls, see dcu_init) */
+    DCU_TRY(cudaMallocAsync(&base, bytes ? bytes : 1, (cudaStream_t)stream));
+    unsigned char *p = (unsigned char *)base;
+    sp->tiles = (dcu_tile *)p;
+    sp->row_lo = (int32_t *)(p + o_lo);
+    sp->row_hi = (int32_t *)(p + o_hi);
+    sp->keys = (int32_t *)(p + o_keys);
+    sp->words = (uint64_t *)(p + o_words);
+    sp->nkeys = nkeys;
+    sp->nwords = nwords;
+    return 0;
+}
+
 extern "C" void dcu_sparsity_free(dcu_sparsity *sp, void *stream)
 {
-    dcu_free(sp->tiles, stream);
-    dcu_free(sp->row_lo, stream);
-    dcu_free(sp->row_hi, stream);
-    dcu_free(sp->keys, stream);
-    dcu_free(sp->words, stream);
+    if (sp->tiles) /* the base of the one allocation; after the work enqueued on `stream` */
+        cudaFreeAsync(sp->tiles, (cudaStream_t)stream);
     sp->tiles = NULL;
     sp->row_lo = sp->row_hi = sp->keys = NULL;
     sp->words = NULL;

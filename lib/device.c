@@ -221,14 +221,9 @@ static void release_on_stream(dma_context *ctx, dma_attn *a)
     dma_attn_release(a);
 }
 
-static int upload_array(void **dst, const void *src, size_t bytes, void *stream)
+static int upload_array(void *dst, const void *src, size_t bytes, void *stream)
 {
-    *dst = NULL;
-    if (bytes == 0)
-        return 0;
-    if (dcu_malloc(dst, bytes, stream) != 0)
-        return -1;
-    return dcu_copy_to_device(*dst, src, bytes, stream);
+    return bytes == 0 ? 0 : dcu_copy_to_device(dst, src, bytes, stream);
 }
 
 /* A device copy of a host object. */
@@ -238,19 +233,29 @@ static dma_status upload(dma_context *ctx, const dma_sparsity *h, dma_sparsity *
     if (!d)
         return dma_fail(ctx, DMA_ERR_NOMEM, "sparsity: out of host memory");
     const size_t ntile_all = (size_t)(h->B * h->H * h->ntiles), nrows = (size_t)(h->B * h->H * h->Lq);
-    if (upload_array((void **)&d->tiles, h->tiles, ntile_all * sizeof(dma_tile), ctx->cuda_stream) ||
-        upload_array((void **)&d->row_lo, h->row_lo, nrows * 4, ctx->cuda_stream) ||
-        upload_array((void **)&d->row_hi, h->row_hi, nrows * 4, ctx->cuda_stream) ||
-        upload_array((void **)&d->keys, h->keys, (size_t)h->nkeys * 4, ctx->cuda_stream) ||
-        upload_array((void **)&d->words, h->words, (size_t)h->nwords * 8, ctx->cuda_stream) ||
+    dcu_sparsity a = to_dcu_sparsity(d);
+    if (dcu_sparsity_alloc(&a, h->nkeys, h->nwords, ctx->cuda_stream) != 0) {
+        free(d);
+        return runtime_error(ctx, "sparsity upload");
+    }
+    d->tiles = (dma_tile *)a.tiles;
+    d->row_lo = a.row_lo;
+    d->row_hi = a.row_hi;
+    d->keys = a.keys;
+    d->words = a.words;
+    d->nkeys = h->nkeys;
+    d->nwords = h->nwords;
+    d->nnz = h->nnz;
+    if (upload_array(d->tiles, h->tiles, ntile_all * sizeof(dma_tile), ctx->cuda_stream) ||
+        upload_array(d->row_lo, h->row_lo, nrows * 4, ctx->cuda_stream) ||
+        upload_array(d->row_hi, h->row_hi, nrows * 4, ctx->cuda_stream) ||
+        upload_array(d->keys, h->keys, (size_t)h->nkeys * 4, ctx->cuda_stream) ||
+        upload_array(d->words, h->words, (size_t)h->nwords * 8, ctx->cuda_stream) ||
         dcu_sync(ctx->cuda_stream)) {
         dma_status st = runtime_error(ctx, "sparsity upload");
         dma_device_sparsity_free(d);
         return st;
     }
-    d->nkeys = h->nkeys;
-    d->nwords = h->nwords;
-    d->nnz = h->nnz;
     *out = d;
     return DMA_OK;
 }
