@@ -54,7 +54,6 @@ extern "C" int dcu_on_device(const void *p, int device)
     return at.type == cudaMemoryTypeDevice && at.device == device;
 }
 
-
 extern "C" int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream)
 {
     DCU_TRY(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, (cudaStream_t)stream));
@@ -84,7 +83,8 @@ extern "C" int dcu_sparsity_alloc(dcu_sparsity *sp, int64_t nkeys, int64_t nword
 {
     /* each array at a 256-byte boundary, as cudaMalloc would place it */
     const auto up = [](size_t n) { return (n + 255) & ~(size_t)255; };
-    const size_t ntiles = (size_t)(sp->B * sp->H * sp->ntiles), rows = (size_t)(sp->B * sp->H * sp->Lq);
+    const size_t ntiles = (size_t)(sp->B * sp->H * sp->ntiles);
+    const size_t rows = (size_t)(sp->B * sp->H * sp->Lq);
     const size_t o_lo = up(ntiles * sizeof(dcu_tile)), o_hi = o_lo + up(rows * 4),
                  o_keys = o_hi + up(rows * 4), o_words = o_keys + up((size_t)nkeys * 4),
                  bytes = o_words + (size_t)nwords * 8;
