@@ -197,6 +197,19 @@ static dcu_sparsity to_dcu_sparsity(const dma_sparsity *sp)
                           .nnz = sp->nnz};
 }
 
+/* The arrays and counts of the backend's view back into a device object. */
+static void from_dcu_sparsity(dma_sparsity *sp, const dcu_sparsity *d)
+{
+    sp->tiles = (dma_tile *)d->tiles;
+    sp->row_lo = d->row_lo;
+    sp->row_hi = d->row_hi;
+    sp->keys = d->keys;
+    sp->words = d->words;
+    sp->nkeys = d->nkeys;
+    sp->nwords = d->nwords;
+    sp->nnz = d->nnz;
+}
+
 void dma_device_sparsity_free(dma_sparsity *sp)
 {
     /* Forwards and backwards return before their kernels end (stream-ordered), and the owner
@@ -238,13 +251,7 @@ static dma_status upload(dma_context *ctx, const dma_sparsity *h, dma_sparsity *
         free(d);
         return runtime_error(ctx, "sparsity upload");
     }
-    d->tiles = (dma_tile *)a.tiles;
-    d->row_lo = a.row_lo;
-    d->row_hi = a.row_hi;
-    d->keys = a.keys;
-    d->words = a.words;
-    d->nkeys = h->nkeys;
-    d->nwords = h->nwords;
+    from_dcu_sparsity(d, &a);
     d->nnz = h->nnz;
     if (upload_array(d->tiles, h->tiles, ntile_all * sizeof(dma_tile), ctx->cuda_stream) ||
         upload_array(d->row_lo, h->row_lo, nrows * 4, ctx->cuda_stream) ||
@@ -362,14 +369,7 @@ dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *pa
                             "be generated from it)");
         return runtime_error(ctx, "sparsity_build");
     }
-    sp->tiles = (dma_tile *)d.tiles;
-    sp->row_lo = d.row_lo;
-    sp->row_hi = d.row_hi;
-    sp->keys = d.keys;
-    sp->words = d.words;
-    sp->nkeys = d.nkeys;
-    sp->nwords = d.nwords;
-    sp->nnz = d.nnz;
+    from_dcu_sparsity(sp, &d);
     *out = sp;
     return DMA_OK;
 }
