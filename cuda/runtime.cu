@@ -90,7 +90,9 @@ extern "C" int dcu_sparsity_alloc(dcu_sparsity *sp, int64_t nkeys, int64_t nword
                  bytes = o_words + (size_t)nwords * 8;
     void *base = NULL;
     /* from the device's stream-ordered pool (kept between calls, see dcu_init) */
-    DCU_TRY(cudaMallocAsync(&base, bytes ? bytes : 1, (cudaStream_t)stream));
+    const cudaError_t e = cudaMallocAsync(&base, bytes ? bytes : 1, (cudaStream_t)stream);
+    if (e != cudaSuccess)
+        return dcu_fail(e, "sparsity object: device allocation");
     unsigned char *p = (unsigned char *)base;
     sp->tiles = (dcu_tile *)p;
     sp->row_lo = (int32_t *)(p + o_lo);
