@@ -21,12 +21,13 @@
  *    of the w-th key, in key order, that beats it (never, if fewer than w do); found by one
  *    descent of the tree, whose left children's lists count the keys that beat j well enough
  *    to choose the side. Row p keeps j iff j <= p < evict_j. Most keys of a long sequence
- *    never enter (w keys before them beat them); they are told apart first, and a bit a key
- *    marks those that do;
+ *    never enter (w keys before them beat them); they are told apart first. For each word of
+ *    32 keys, which of them enter and the latest evict time among those;
  * 4. per run of consecutive tiles (build_tiles, one thread block): a tile's union U is the
  *    keys j <= p1 with evict_j > max(p0, j), found in key order by a stream compaction (ballots
  *    and a prefix over the block's warps), so no sort: the run's first tile compacts the keys
- *    of [0, p1] that enter, each later tile the previous U and its own new keys that enter;
+ *    of [0, p1] in the words whose latest evict time passes p0, each later tile the previous U
+ *    and its own new keys that enter;
  *    bit (r, u) is key_u <= p0 + r < evict_u, built from each key's start and end rows.
  * Work: O(Lk log Lk) for the tree, O(log Lk log w) per key for its evict time, O(Lk) per run
  * and O(w + 64) per tile for the unions; memory O(Lk log Lk) scratch.
@@ -283,10 +284,11 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
 
 /* count_beating over a list in global memory: seven probes a step whose loads are independent
  * (the beating entries are a prefix, so the probes that beat are too), then the last <= 8
- * entries at once: 4 rounds of loads for 1024 entries where a binary search waits on 10. */
-__device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e)
+ * entries at once: 4 rounds of loads for 1024 entries where a binary search waits on 10.
+ * l[0, lo) are known to beat e and l[hi, ..) not to. */
+__device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e, int lo = 0)
 {
-    int lo = 0, hi = n; /* l[0, lo) beat e; l[hi, n) do not */
+    int hi = n; /* l[0, lo) beat e; l[hi, n) do not */
     while (hi - lo > 8) {
         const int step = (hi - lo) / 8;
         int c = 0;
@@ -304,19 +306,52 @@ __device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e
     return lo + c;
 }
 
+/* Whether at least need (>= 1) entries of the beat-ordered list l[0, n) beat e: exactly when
+ * l[need - 1] does. If not, *cnt is how many do. The test's load goes out with the first
+ * round of the count's, so the answer "yes" costs one round of loads. */
+__device__ __forceinline__ bool beaten_by(const entry *l, int n, int need, entry e, int *cnt)
+{
+    const bool probe = need <= n;
+    const entry pe = probe ? l[need - 1] : entry{-INFINITY, INT_MAX};
+    int lo = 0, hi = probe ? need - 1 : n; /* if not, the count lies in [0, hi] */
+    entry r[7];
+    const int step = hi / 8;
+    if (hi > 8) {
+#pragma unroll
+        for (int i = 0; i < 7; i++)
+            r[i] = l[(i + 1) * step];
+    }
+    if (probe && beats(pe, e))
+        return true;
+    if (hi > 8) {
+        int c = 0;
+#pragma unroll
+        for (int i = 0; i < 7; i++)
+            c += beats(r[i], e);
+        const int nhi = c < 7 ? (c + 1) * step : hi;
+        lo = c ? c * step + 1 : 0;
+        hi = nhi;
+    }
+    *cnt = count_beating_wide(l, hi, e, lo);
+    return false;
+}
+
 /* evict[j] (one row of es per slab): the first position p >= j at which key j is no longer
  * among the best w keys of [0, p], that is, the position of the w-th key (in key order) that
  * beats j, or Lk when fewer than w keys beat it; j itself for a key that never takes part.
  * The row at position p keeps j iff j <= p < evict[j] (DESIGN §2's evict times).
  * One thread a key descends the tree from the root: a node's list holds the keys of the node
  * that beat j exactly when fewer than its capacity do (they are then among its best), and a
- * full list otherwise, so "at least `need` of them beat j" is read off the left child alone;
- * the leaf block of 64 keys is scanned in key order. Lists hold sentinels past their counts,
+ * full list otherwise, so "at least `need` of them beat j" is read off the left child alone
+ * (beaten_by: one load when it holds, a count when the descent goes right); the leaf block of
+ * 64 keys is scanned in key order. Lists hold sentinels past their counts,
  * so a search takes the level's capacity and waits on no count.
- * Also enter: a bit a key, set for the keys some row keeps (evict > j), which the unions'
- * scans read instead of every key's evict time. */
+ * Also wsum, for each word of 32 keys: which of them some row keeps (evict > j) and the latest
+ * evict time among those (0 if none), which lets the unions' scans skip the words that no row
+ * keeps any more. The row of evict times is written up to a whole word (es = 32 * ew), so
+ * that a word can be read whole. */
 __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *counts, int w,
-                            int64_t es, int32_t *evict, int64_t ew, uint32_t *enter,
+                            int64_t es, int32_t *evict, int64_t ew, int2 *wsum,
                             const float *vals)
 {
     const int64_t s = blockIdx.y, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -347,9 +382,9 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
             int64_t node = 0;
             for (; k > 0; k--) {
                 const int64_t l = 2 * node;
-                const int cl = count_beating_wide(se + t.off[k - 1] + l * t.cap[k - 1],
-                                                  (int)t.cap[k - 1], e);
-                if (cl >= need) {
+                int cl = 0;
+                if (beaten_by(se + t.off[k - 1] + l * t.cap[k - 1], (int)t.cap[k - 1], need, e,
+                              &cl)) {
                     node = l;
                 } else {
                     need -= cl;
@@ -373,12 +408,12 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
             ev = max(j, pos);
         }
     }
-    if (here)
+    if (j < es)
         evict[s * es + j] = (int32_t)ev;
-    /* a bit a key that some row keeps (evict > j): the unions' scans skip the others */
-    const unsigned m = __ballot_sync(0xffffffffu, here && ev > j);
+    const int last = __reduce_max_sync(0xffffffffu, here && ev > j ? (int)ev : 0);
+    const unsigned enter = __ballot_sync(0xffffffffu, here && ev > j);
     if ((threadIdx.x & 31) == 0 && here)
-        enter[s * ew + (j >> 5)] = m;
+        wsum[s * ew + (j >> 5)] = make_int2(last, (int)enter);
 }
 
 struct tile_out {
@@ -391,6 +426,7 @@ struct tile_out {
 
 /* A tile block: 8 warps; a warp offers 512 consecutive candidates a round. */
 constexpr int UNION_THREADS = 256, UNION_WARPS = UNION_THREADS / 32, WARP_KEYS = 16 * 32;
+constexpr int UNION_BLOCKS = 1024 / UNION_THREADS; /* blocks a multiprocessor: 64 registers */
 
 /* Append to (okey, oev), in order, the candidates i in [0, n) that a row at a position in
  * [a, a + 63] keeps: evict time > max(a, key) (some such p has key <= p < evict). Candidate i
@@ -443,31 +479,57 @@ __device__ __forceinline__ int offer(Get get, int64_t n, int64_t a, int len, int
     return min(len, cap);
 }
 
-/* Append to (okey, oev), in key order, the keys q in [from, to] that enter (their bit in
- * `enter`) and that a row at a position in [a, a + 63] keeps (evict > max(a, q)). A thread a
- * word of 32 keys; a block-wide prefix of the kept counts places them. Returns the new length. */
-__device__ int offer_entering(const uint32_t *enter, const int32_t *ev, int64_t from, int64_t to,
-                              int64_t a, int len, int32_t *okey, int32_t *oev, int cap,
-                              int *warp_cnt)
+/* Append to (okey, oev), in key order, the keys q in [from, to] that a row at a position in
+ * [a, a + 63] keeps (evict > max(a, q)). A thread a word of 32 keys, read only when the latest
+ * evict time of its keys passes a (wsum): its keys that enter, up to eight loads that go out
+ * together, or the whole word as eight 16-byte loads when more than eight enter. So a scan over
+ * a long prefix costs two rounds of loads per 256 words, however many of its keys once entered
+ * (all of them, for a rising bias). A block-wide prefix of the kept counts places them.
+ * Returns the new length. */
+__device__ int offer_words(const int2 *wsum, const int32_t *ev, int64_t from, int64_t to,
+                           int64_t a, int len, int32_t *okey, int32_t *oev, int cap,
+                           int *warp_cnt)
 {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int64_t w0 = from >> 5, w1 = to >> 5;
     for (int64_t base = w0; base <= w1; base += UNION_THREADS) {
         const int64_t wd = base + threadIdx.x;
-        uint32_t m = 0;
-        if (wd <= w1) {
-            m = enter[wd];
-            if (wd == w0)
-                m &= ~0u << (from & 31);
-            if (wd == w1 && (to & 31) != 31)
-                m &= (1u << ((to & 31) + 1)) - 1;
-        }
         uint32_t kept = 0;
-        for (uint32_t b = m; b; b &= b - 1) {
-            const int i = __ffs(b) - 1;
-            const int64_t q = wd * 32 + i;
-            if ((int64_t)__ldg(ev + q) > max(a, q))
-                kept |= 1u << i;
+        const int2 sum = wd <= w1 ? __ldg(wsum + wd) : make_int2(0, 0);
+        const int32_t *row = ev + wd * 32;
+        uint32_t enter = (uint32_t)sum.y;
+        if (wd == w0)
+            enter &= ~0u << (from & 31);
+        if (wd == w1 && (to & 31) != 31)
+            enter &= (1u << ((to & 31) + 1)) - 1;
+        if ((int64_t)sum.x <= max(a, (int64_t)0) || !enter) {
+            /* no key of the word is kept by a row from a on */
+        } else if (__popc(enter) > 8) {
+            int4 v[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                v[i] = __ldg((const int4 *)row + i);
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int e4[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
+#pragma unroll
+                for (int b = 0; b < 4; b++)
+                    if ((enter >> (4 * i + b)) & 1 && (int64_t)e4[b] > max(a, wd * 32 + 4 * i + b))
+                        kept |= 1u << (4 * i + b);
+            }
+        } else {
+            int bit[8], e[8];
+            uint32_t m = enter;
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                bit[i] = m ? __ffs(m) - 1 : -1;
+                m &= m - 1;
+                e[i] = bit[i] >= 0 ? __ldg(row + bit[i]) : 0;
+            }
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                if (bit[i] >= 0 && (int64_t)e[i] > max(a, wd * 32 + bit[i]))
+                    kept |= 1u << bit[i];
         }
         const int c = __popc(kept);
         int incl = c;
@@ -486,13 +548,13 @@ __device__ int offer_entering(const uint32_t *enter, const int32_t *ev, int64_t 
         }
         for (uint32_t b = kept; b; b &= b - 1, at++) {
             const int i = __ffs(b) - 1;
-            if (at < cap) {
+            if (at < cap) { /* always: a tile's union holds at most w + 63 keys */
                 okey[at] = (int32_t)(wd * 32 + i);
-                oev[at] = __ldg(ev + wd * 32 + i);
+                oev[at] = __ldg(ev + wd * 32 + i); /* in L1: read just above */
             }
         }
         len += all;
-        __syncthreads();
+        __syncthreads(); /* warp_cnt again */
     }
     return min(len, cap);
 }
@@ -501,15 +563,15 @@ __device__ int offer_entering(const uint32_t *enter, const int32_t *ev, int64_t 
  * max(p0, j) (p0, p1: the positions of its first and last rows), already in key order: the
  * run's first tile offers keys [0, p1] from the evict times, each later tile the previous U
  * (a key that leaves stays out) and its own new keys. Bit (r, u) is key_u <= p0 + r < evict_u. */
-__global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *evict, int64_t es,
+__global__ void __launch_bounds__(UNION_THREADS, UNION_BLOCKS) build_tiles(const int32_t *evict, int64_t es,
                                                              int64_t run, tile_out o,
-                                                             const uint32_t *enter, int64_t ew)
+                                                             const int2 *wsum, int64_t ew)
 {
-    /* 4 * capU: keys and evict times of U, two copies; then 2 * 64 * wcap event words */
-    extern __shared__ int32_t smk[];
-    int32_t *ukey = smk, *uev = smk + o.capU, *nkey = uev + o.capU, *nev = nkey + o.capU;
-    unsigned long long *st_ev = (unsigned long long *)(nev + o.capU);
-    unsigned long long *en_ev = st_ev + DCU_TILE * o.wcap;
+    /* 2 * 64 * wcap event words; 4 * capU: keys and evict times of U, two copies */
+    extern __shared__ unsigned long long smw[];
+    unsigned long long *st_ev = smw, *en_ev = st_ev + DCU_TILE * o.wcap;
+    int32_t *ukey = (int32_t *)(en_ev + DCU_TILE * o.wcap), *uev = ukey + o.capU;
+    int32_t *nkey = uev + o.capU, *nev = nkey + o.capU;
     __shared__ int warp_cnt[UNION_WARPS];
     __shared__ int row_first[DCU_TILE], row_end[DCU_TILE], row_count[DCU_TILE];
     const int64_t s = blockIdx.y;
@@ -530,7 +592,7 @@ __global__ void __launch_bounds__(UNION_THREADS, 4) build_tiles(const int32_t *e
                         0, nkey, nev, cap, warp_cnt);
         const int64_t from = offered;
         if (p1 + 1 > from) {
-            len = offer_entering(enter + s * ew, ev, from, p1, p0, len, nkey, nev, cap, warp_cnt);
+            len = offer_words(wsum + s * ew, ev, from, p1, p0, len, nkey, nev, cap, warp_cnt);
             offered = p1 + 1;
         }
         int32_t *tk = ukey, *te = uev;
@@ -686,16 +748,16 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const int64_t ntile_all = nslab * sp->ntiles;
     const int64_t wcap = (capU + 63) / 64;
     /* One scratch allocation: the flags (NaN seen, then the nnz, 8-aligned), the climb's
-     * arrival counters (zeroed with the flags), the node counts, the nodes, the evict times,
-     * the enter bits, the keys' biases (16-aligned). */
+     * arrival counters (zeroed with the flags), the node counts, the nodes, the evict times
+     * (128-aligned), the words' summaries, the keys' biases (16-aligned). */
     const size_t n_counts = (size_t)(nslab * t.slab_counts);
     const size_t zeroed = 16 + ((n_counts * sizeof(int) + 15) & ~(size_t)15);
-    const int64_t es = (Lk + 3) & ~(int64_t)3, ew = (Lk + 31) / 32;
+    const int64_t ew = (Lk + 31) / 32, es = 32 * ew;
     const size_t scratch_bytes = zeroed + n_counts * sizeof(int) + 8 +
                                  (size_t)(nslab * t.slab_elems) * sizeof(entry) +
                                  (size_t)(nslab * es) * sizeof(int32_t) +
-                                 (size_t)(nslab * ew) * sizeof(uint32_t) +
-                                 (size_t)(nslab * t.vals_per_slab) * sizeof(float) + 16;
+                                 (size_t)(nslab * ew) * sizeof(int2) +
+                                 (size_t)(nslab * t.vals_per_slab) * sizeof(float) + 16 + 128;
     unsigned char *scratch = nullptr;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
@@ -706,17 +768,14 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         cudaFreeAsync(scratch, stream);
         return dcu_fail(e, "sparsity_build: allocation");
     }
-    if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0) {
-        cudaFreeAsync(scratch, stream);
-        return -1;
-    }
     int *bad = (int *)scratch, *arrivals = (int *)(scratch + 16);
     unsigned long long *nnz = (unsigned long long *)(scratch + 8);
     int *counts = (int *)(scratch + zeroed);
     entry *elems = (entry *)(((uintptr_t)(counts + n_counts) + 7) & ~(uintptr_t)7);
-    int32_t *evict = (int32_t *)(elems + nslab * t.slab_elems);
-    uint32_t *enter = (uint32_t *)(evict + nslab * es);
-    float *vals = (float *)(((uintptr_t)(enter + nslab * ew) + 15) & ~(uintptr_t)15);
+    /* 128-aligned: offer_words reads a word's 32 evict times as 16-byte loads */
+    int32_t *evict = (int32_t *)(((uintptr_t)(elems + nslab * t.slab_elems) + 127) & ~(uintptr_t)127);
+    int2 *wsum = (int2 *)(evict + nslab * es);
+    float *vals = (float *)(((uintptr_t)(wsum + nslab * ew) + 15) & ~(uintptr_t)15);
     slab_in in = {*bias, *pad, sp->H, Lk};
     if (Lk > 0) {
         if (tree_smem + static_smem > 48 * 1024)
@@ -724,20 +783,26 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         const int64_t groups = (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
         build_tree<<<dim3((unsigned)groups, (unsigned)nslab), GROUP_KEYS, tree_smem, stream>>>(
             in, t, elems, counts, arrivals, bad, vals);
-        evict_times<<<dim3((unsigned)((Lk + 255) / 256), (unsigned)nslab), 256, 0, stream>>>(
-            in, t, elems, counts, w, es, evict, ew, enter, vals);
     }
+    /* the object's allocation (host time) while the GPU builds the tree */
+    if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0) {
+        cudaFreeAsync(scratch, stream);
+        return -1;
+    }
+    if (Lk > 0)
+        evict_times<<<dim3((unsigned)((Lk + 255) / 256), (unsigned)nslab), 256, 0, stream>>>(
+            in, t, elems, counts, w, es, evict, ew, wsum, vals);
     if (sp->ntiles > 0) {
         if (tile_smem + static_smem > 48 * 1024)
             cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
         tile_out o = {out.tiles, out.row_lo, out.row_hi, out.keys, out.words, nnz,
                       Lq, Lk - Lq, sp->ntiles, capU, wcap};
         /* Runs of tiles: one wave of four blocks a multiprocessor (a run's first tile scans
-         * the enter bits of every key before it, which costs less than a second wave). */
-        const int64_t slots = 4 * (int64_t)std::max(sms, 1);
+         * the word summaries of every key before it, which costs less than a second wave). */
+        const int64_t slots = UNION_BLOCKS * (int64_t)std::max(sms, 1);
         const int64_t run = std::max<int64_t>(1, (ntile_all + slots - 1) / slots);
         build_tiles<<<dim3((unsigned)((sp->ntiles + run - 1) / run), (unsigned)nslab), UNION_THREADS,
-                      tile_smem, stream>>>(evict, es, run, o, enter, ew);
+                      tile_smem, stream>>>(evict, es, run, o, wsum, ew);
     }
     int host[4] = {0, 0, 0, 0};
     e = cudaGetLastError();
