@@ -350,7 +350,7 @@ __device__ __forceinline__ bool beaten_by(const entry *l, int n, int need, entry
  * evict time among those (0 if none), which lets the unions' scans skip the words that no row
  * keeps any more. The row of evict times is written up to a whole word (es = 32 * ew), so
  * that a word can be read whole. */
-__global__ void evict_times(slab_in in, tree t, const entry *elems, const int *counts, int w,
+__global__ void evict_times(slab_in in, tree t, const entry *elems, int w,
                             int64_t es, int32_t *evict, int64_t ew, int2 *wsum,
                             const float *vals)
 {
@@ -361,21 +361,25 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, const int *c
     if (here && w > 0 && v != -INFINITY && !isnan(v) && key_exists(in, s, j)) { /* w 0: none kept */
         const entry e = {v, (int32_t)j};
         const entry *se = elems + s * t.slab_elems;
-        const int *sc = counts + s * t.slab_counts;
         int k = t.levels - 1;
         /* If the w-th best key of the largest aligned node before j's leaf block beats j, at
          * least w keys before j beat it: it never enters (most keys of a long sequence), and
-         * its lane leaves the descent, which saves memory traffic where the warps are many. */
+         * its lane leaves the descent, which saves memory traffic where the warps are many.
+         * If the root's w-th best does not beat j, fewer than w keys do: it is never evicted.
+         * (A list's sentinels beat no key, so neither test needs the list's count.) Both loads
+         * go out together. */
         const int64_t blk = j >> 6;
-        bool never = false;
+        const entry sentinel = {-INFINITY, INT_MAX};
+        entry first = sentinel;
         if (blk > 0) {
             const int kf = 63 - __clzll((long long)blk);
             if (kf < t.levels && t.cap[kf] >= w)
-                never = sc[t.cnt_off[kf]] >= w && beats(se[t.off[kf] + (w - 1)], e);
+                first = se[t.off[kf] + (w - 1)];
         }
-        if (never) {
+        const entry root = t.cap[k] >= w ? se[t.off[k] + (w - 1)] : sentinel;
+        if (beats(first, e)) {
             ev = j;
-        } else if (count_beating_wide(se + t.off[k], (int)t.cap[k], e) < w) {
+        } else if (!beats(root, e)) {
             ev = in.Lk;
         } else {
             int need = w;
@@ -791,7 +795,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     }
     if (Lk > 0)
         evict_times<<<dim3((unsigned)((Lk + 255) / 256), (unsigned)nslab), 256, 0, stream>>>(
-            in, t, elems, counts, w, es, evict, ew, wsum, vals);
+            in, t, elems, w, es, evict, ew, wsum, vals);
     if (sp->ntiles > 0) {
         if (tile_smem + static_smem > 48 * 1024)
             cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
