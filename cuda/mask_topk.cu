@@ -430,7 +430,9 @@ struct tile_out {
 
 /* A tile block: 8 warps; a warp offers 512 consecutive candidates a round. */
 constexpr int UNION_THREADS = 256, UNION_WARPS = UNION_THREADS / 32, WARP_KEYS = 16 * 32;
-constexpr int UNION_BLOCKS = 1024 / UNION_THREADS; /* blocks a multiprocessor: 64 registers */
+/* blocks a multiprocessor the launch bounds promise (so at most 64 registers a thread); the
+ * runs of tiles are sized to one wave of them */
+constexpr int UNION_BLOCKS = 1024 / UNION_THREADS;
 
 /* Append to (okey, oev), in order, the candidates i in [0, n) that a row at a position in
  * [a, a + 63] keeps: evict time > max(a, key) (some such p has key <= p < evict). Candidate i
@@ -567,9 +569,9 @@ __device__ int offer_words(const int2 *wsum, const int32_t *ev, int64_t from, in
  * max(p0, j) (p0, p1: the positions of its first and last rows), already in key order: the
  * run's first tile offers keys [0, p1] from the evict times, each later tile the previous U
  * (a key that leaves stays out) and its own new keys. Bit (r, u) is key_u <= p0 + r < evict_u. */
-__global__ void __launch_bounds__(UNION_THREADS, UNION_BLOCKS) build_tiles(const int32_t *evict, int64_t es,
-                                                             int64_t run, tile_out o,
-                                                             const int2 *wsum, int64_t ew)
+__global__ void __launch_bounds__(UNION_THREADS, UNION_BLOCKS)
+    build_tiles(const int32_t *evict, int64_t es, int64_t run, tile_out o, const int2 *wsum,
+                int64_t ew)
 {
     /* 2 * 64 * wcap event words; 4 * capU: keys and evict times of U, two copies */
     extern __shared__ unsigned long long smw[];
@@ -777,7 +779,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     int *counts = (int *)(scratch + zeroed);
     entry *elems = (entry *)(((uintptr_t)(counts + n_counts) + 7) & ~(uintptr_t)7);
     /* 128-aligned: offer_words reads a word's 32 evict times as 16-byte loads */
-    int32_t *evict = (int32_t *)(((uintptr_t)(elems + nslab * t.slab_elems) + 127) & ~(uintptr_t)127);
+    int32_t *evict =
+        (int32_t *)(((uintptr_t)(elems + nslab * t.slab_elems) + 127) & ~(uintptr_t)127);
     int2 *wsum = (int2 *)(evict + nslab * es);
     float *vals = (float *)(((uintptr_t)(wsum + nslab * ew) + 15) & ~(uintptr_t)15);
     slab_in in = {*bias, *pad, sp->H, Lk};
