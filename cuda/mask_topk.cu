@@ -50,6 +50,10 @@ __device__ __forceinline__ bool beats(entry a, entry b)
     return a.x > b.x || (a.x == b.x && a.k < b.k);
 }
 
+/* The entry past a list's count: it beats no key, so searches may run over the whole capacity
+ * and never need the count. */
+constexpr entry SENTINEL = {-INFINITY, INT_MAX};
+
 /* Number of elements of the beat-ordered list l[0..n) that beat e (they form a prefix). */
 __device__ __forceinline__ int count_beating(const entry *l, int n, entry e)
 {
@@ -125,7 +129,7 @@ __device__ __forceinline__ void merge_lists(const entry *l, int nl, const entry 
             out[rank] = e;
     }
     for (int x = nl + nr + threadIdx.x; x < cap; x += blockDim.x)
-        out[x] = {-INFINITY, INT_MAX}; /* beats no key: searches may run over the whole capacity */
+        out[x] = SENTINEL;
 }
 
 __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, entry *elems,
@@ -236,7 +240,7 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
             const int c = y / cap, i = y % cap;
             const int64_t node = g * nodes + c;
             if (i >= n_nxt[c] && node < t.nodes[k])
-                se[t.off[k] + node * cap + i] = {-INFINITY, INT_MAX};
+                se[t.off[k] + node * cap + i] = SENTINEL;
         }
         if (x < nodes)
             n_cur[x] = n_nxt[x];
@@ -285,20 +289,26 @@ __global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, ent
 /* count_beating over a list in global memory: seven probes a step whose loads are independent
  * (the beating entries are a prefix, so the probes that beat are too), then the last <= 8
  * entries at once: 4 rounds of loads for 1024 entries where a binary search waits on 10.
- * l[0, lo) are known to beat e and l[hi, ..) not to. */
+ * narrow_beating is one step: l[0, lo) are known to beat e and l[hi, ..) not to. */
+__device__ __forceinline__ void narrow_beating(const entry *l, entry e, int &lo, int &hi)
+{
+    if (hi - lo <= 8)
+        return;
+    const int step = (hi - lo) / 8;
+    int c = 0;
+#pragma unroll
+    for (int i = 1; i <= 7; i++)
+        c += beats(l[lo + i * step], e);
+    const int nhi = c < 7 ? lo + (c + 1) * step : hi;
+    lo = c ? lo + c * step + 1 : lo;
+    hi = nhi;
+}
+
 __device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e, int lo = 0)
 {
     int hi = n; /* l[0, lo) beat e; l[hi, n) do not */
-    while (hi - lo > 8) {
-        const int step = (hi - lo) / 8;
-        int c = 0;
-#pragma unroll
-        for (int i = 1; i <= 7; i++)
-            c += beats(l[lo + i * step], e);
-        const int nhi = c < 7 ? lo + (c + 1) * step : hi;
-        lo = c ? lo + c * step + 1 : lo;
-        hi = nhi;
-    }
+    while (hi - lo > 8)
+        narrow_beating(l, e, lo, hi);
     int c = 0;
 #pragma unroll
     for (int i = 0; i < 8; i++)
@@ -312,26 +322,11 @@ __device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e
 __device__ __forceinline__ bool beaten_by(const entry *l, int n, int need, entry e, int *cnt)
 {
     const bool probe = need <= n;
-    const entry pe = probe ? l[need - 1] : entry{-INFINITY, INT_MAX};
+    const entry pe = probe ? l[need - 1] : SENTINEL;
     int lo = 0, hi = probe ? need - 1 : n; /* if not, the count lies in [0, hi] */
-    entry r[7];
-    const int step = hi / 8;
-    if (hi > 8) {
-#pragma unroll
-        for (int i = 0; i < 7; i++)
-            r[i] = l[(i + 1) * step];
-    }
-    if (probe && beats(pe, e))
+    narrow_beating(l, e, lo, hi); /* its loads go out with pe's */
+    if (beats(pe, e))
         return true;
-    if (hi > 8) {
-        int c = 0;
-#pragma unroll
-        for (int i = 0; i < 7; i++)
-            c += beats(r[i], e);
-        const int nhi = c < 7 ? (c + 1) * step : hi;
-        lo = c ? c * step + 1 : 0;
-        hi = nhi;
-    }
     *cnt = count_beating_wide(l, hi, e, lo);
     return false;
 }
@@ -369,14 +364,13 @@ __global__ void evict_times(slab_in in, tree t, const entry *elems, int w,
          * (A list's sentinels beat no key, so neither test needs the list's count.) Both loads
          * go out together. */
         const int64_t blk = j >> 6;
-        const entry sentinel = {-INFINITY, INT_MAX};
-        entry first = sentinel;
+        entry first = SENTINEL;
         if (blk > 0) {
             const int kf = 63 - __clzll((long long)blk);
             if (kf < t.levels && t.cap[kf] >= w)
                 first = se[t.off[kf] + (w - 1)];
         }
-        const entry root = t.cap[k] >= w ? se[t.off[k] + (w - 1)] : sentinel;
+        const entry root = t.cap[k] >= w ? se[t.off[k] + (w - 1)] : SENTINEL;
         if (beats(first, e)) {
             ev = j;
         } else if (!beats(root, e)) {
@@ -556,7 +550,7 @@ __device__ int offer_words(const int2 *wsum, const int32_t *ev, int64_t from, in
             const int i = __ffs(b) - 1;
             if (at < cap) { /* always: a tile's union holds at most w + 63 keys */
                 okey[at] = (int32_t)(wd * 32 + i);
-                oev[at] = __ldg(ev + wd * 32 + i); /* in L1: read just above */
+                oev[at] = __ldg(row + i); /* in L1: read just above */
             }
         }
         len += all;
