@@ -67,6 +67,10 @@ int dcu_device_sync(void);
  * has: build it on the host); < 0 on a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
                           dcu_sparsity *sp, void *stream);
+/* The same for key axes too long for dcu_build_topk_causal's shared memory (mask_topk_tree.cu:
+ * a merge tree of best-w lists and a descent per key); called by it. */
+int dcu_build_topk_causal_tree(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
+                               dcu_sparsity *sp, void *stream);
 /* Allocates sp's arrays for sp->B * sp->H * sp->ntiles tiles, sp->B * sp->H * sp->Lq rows,
  * nkeys keys and nwords words, from the device's pool, ordered on `stream`: one allocation
  * (its base is sp->tiles), so that a build pays for one call, not five. Sets the pointers

@@ -4,702 +4,563 @@
  * produces: per tile of 64 query rows, the sorted union U of the keys its rows select and one
  * bitmask row per query over U.
  *
- * Order: key a beats key b when bias_a > bias_b, or they are equal and a < b (the earlier key
- * wins ties). Keys that are padding or whose bias is -inf never take part. Row i (key position
- * p = i + Lk - Lq) selects the w best keys of [0, p].
+ * Order: key j's rank key is K_j = (order code of its bias) << 32 | (2^32 - 1 - j), so a larger
+ * K beats a smaller one and equal biases go to the earlier key. Padding keys, -inf and NaN biases
+ * take no part (code 0). Row i sits at key position p = i + Lk - Lq and selects the w best keys
+ * of [0, p]. Write theta_p for the w-th largest K of [0, p] (0 while fewer than w keys take part):
+ * row p keeps j iff j <= p and K_j >= theta_p, and theta_p never decreases as p grows.
  *
- * 1. base lists: for every block of 64 keys, its keys in beat order (truncated to w), by a
- *    bitonic sort in one warp;
- * 2. an up-sweep tree: a node of level k holds the best w keys of 2^k consecutive blocks,
- *    merged from its two children (merging two sorted lists is a rank computation: an
- *    element's place is its own index plus the number of the other list's elements that beat
- *    it, a binary search). Steps 1 and 2 are one launch (build_tree): a block makes the
- *    levels of 16 blocks in shared memory, then climbs, the second of two sibling blocks to
- *    finish merging them into their parent. A list holds sentinels (beating no key) past its
- *    count;
- * 3. evict times (evict_times, a thread a key): key j leaves the best w of [0, p] at the p
- *    of the w-th key, in key order, that beats it (never, if fewer than w do); found by one
- *    descent of the tree, whose left children's lists count the keys that beat j well enough
- *    to choose the side. Row p keeps j iff j <= p < evict_j. Most keys of a long sequence
- *    never enter (w keys before them beat them); they are told apart first. For each word of
- *    32 keys, which of them enter and the latest evict time among those;
- * 4. per run of consecutive tiles (build_tiles, one thread block): a tile's union U is the
- *    keys j <= p1 with evict_j > max(p0, j), found in key order by a stream compaction (ballots
- *    and a prefix over the block's warps), so no sort: the run's first tile compacts the keys
- *    of [0, p1] in the words whose latest evict time passes p0, each later tile the previous U
- *    and its own new keys that enter;
- *    bit (r, u) is key_u <= p0 + r < evict_u, built from each key's start and end rows.
- * Work: O(Lk log Lk) for the tree, O(log Lk log w) per key for its evict time, O(Lk) per run
- * and O(w + 64) per tile for the unions; memory O(Lk log Lk) scratch.
+ * One thread block takes a run of up to 8 consecutive tiles (P <= 512 rows from position p0) of
+ * one slab and needs nothing from any other block, so the whole build is one launch:
+ * 1. the codes of the prefix [0, p0] are staged in shared memory (the host sends key axes too
+ *    long for that to mask_topk_tree.cu). A histogram of the codes (4096 bins over their range)
+ *    gives the bin of rank |S| = min(w, keys that take part); its keys are collected and ranked
+ *    (run_select.cuh): theta_p0. The same pass marks the keys above the bin in a bitmask, and
+ *    the ranked keys from theta_p0 up: S, the keys row p0 keeps;
+ * 2. N = the run's new keys (p0, p_last] that beat theta_p0, in key order. Within the run theta
+ *    is always an element of B, the bottom |N| + 1 keys of S, or of N: a row with m keys of N
+ *    up to it has theta = the (|S| + m - w + 1)-th smallest of B and those m keys (none when
+ *    that is < 1), since no more than m keys left. B's top is a second rank of the histogram;
+ *    S is written out in key order from the bitmask, and B with it;
+ * 3. C = B + N (<= 1023) is sorted once; theta changes only where a key of N arrives, and a
+ *    warp finds each such value by a select over the bits of C that are present;
+ * 4. each key of S + N (in key order) is kept from max(j, p0) to the first arrival whose theta
+ *    passes its K (its end, "evict" in DESIGN §2). A tile's U is the keys kept by one of its
+ *    rows, compacted in key order; every row keeps all of U but the few keys that start or end
+ *    inside the tile, whose bits are cleared outside their rows. The run's tiles are built at
+ *    once by groups of warps.
+ * Work: O(p0) per run for the prefix (the runs are one wave of blocks), O(P log P) for C,
+ * O(w + P) per tile; no scratch memory but a slot per block for its nnz and whether it saw a
+ * NaN or +inf bias. On an H200 at 32K keys and w = 1024 the critical blocks are the early runs,
+ * where every new key enters (|N| near P), not the last ones with the longest prefixes.
  */
 #include <algorithm>
-#include <climits>
-#include <cstring>
+#include <cstdlib>
 
 #include "common.cuh"
+#include "run_select.cuh"
 
 namespace {
 
-struct __align__(8) entry {
-    float x;
-    int32_t k;
-};
-
-__device__ __forceinline__ bool beats(entry a, entry b)
-{
-    return a.x > b.x || (a.x == b.x && a.k < b.k);
-}
-
-/* The entry past a list's count: it beats no key, so searches may run over the whole capacity
- * and never need the count. */
-constexpr entry SENTINEL = {-INFINITY, INT_MAX};
-
-/* Number of elements of the beat-ordered list l[0..n) that beat e (they form a prefix). */
-__device__ __forceinline__ int count_beating(const entry *l, int n, entry e)
-{
-    int lo = 0, hi = n;
-    while (lo < hi) {
-        int mid = (lo + hi) >> 1;
-        if (beats(l[mid], e))
-            lo = mid + 1;
-        else
-            hi = mid;
-    }
-    return lo;
-}
+constexpr int RUN_TILES = 8, RUN_ROWS = RUN_TILES * DCU_TILE; /* P <= 512 */
+static_assert(SORT_N >= 2 * RUN_ROWS - 1, "C: |B| <= P and |N| <= P - 1");
 
 struct slab_in {
     dcu_tensor bias, pad;
     int64_t H, Lk;
 };
 
-__device__ __forceinline__ float key_bias(const slab_in &in, int64_t s, int64_t j)
-{
-    const int64_t b = s / in.H, h = s % in.H;
-    return ((const float *)in.bias.data)[dcu_off(in.bias, b, h, 0, j)];
-}
-
-__device__ __forceinline__ bool key_exists(const slab_in &in, int64_t s, int64_t j)
-{
-    if (!in.pad.data)
-        return true;
-    const int64_t b = s / in.H;
-    const int64_t o = (in.pad.shape[0] == 1 ? 0 : b * in.pad.stride[0]) + j * in.pad.stride[1];
-    return ((const uint8_t *)in.pad.data)[o] != 0;
-}
-
-/* Tree layout: level k has nodes[k] nodes of capacity cap[k] each, per slab. */
-struct tree {
-    int levels;
-    int64_t nodes[32], cap[32], off[32], cnt_off[32];
-    int64_t slab_elems, slab_counts;
-    int64_t vals_per_slab; /* keys' biases, contiguous (-inf for a key that takes no part) */
+/* A slab's keys: its bias row and padding row, read with one multiply a key. */
+struct slab_keys {
+    const float *bias;
+    int64_t bstride;
+    const uint8_t *pad; /* NULL: no padding */
+    int64_t pstride;
 };
 
-/* The tree kernel: a block takes GROUP_BLOCKS blocks of 64 keys (their levels 0 .. GROUP_LEVELS
- * in shared memory), then climbs: of the two blocks whose nodes are a parent's children, the
- * one that finishes second merges them (a counter per parent tells which), and goes on up.
- * So the whole tree is one launch and its top levels run without launch gaps. */
-constexpr int GROUP_LEVELS = 4, GROUP_BLOCKS = 1 << GROUP_LEVELS, GROUP_KEYS = 64 * GROUP_BLOCKS;
-
-/* Orders this thread's writes before, and its reads after, at device scope: with the climb's
- * arrival counter, a release and an acquire. __threadfence() is a sequentially consistent
- * fence, which also empties L1; the climb needs only this. */
-__device__ __forceinline__ void fence_acq_rel()
+__device__ __forceinline__ slab_keys slab_of(const slab_in &in, int64_t s)
 {
-    asm volatile("fence.acq_rel.gpu;" ::: "memory");
-}
-
-/* An entry another block wrote (read past L1, which is not coherent between blocks). */
-__device__ __forceinline__ entry load_cg(const entry *p)
-{
-    const int2 v = __ldcg((const int2 *)p);
-    return {__int_as_float(v.x), v.y};
-}
-
-/* out = the best cap entries of the beat-ordered lists l and r (every thread of the block). */
-__device__ __forceinline__ void merge_lists(const entry *l, int nl, const entry *r, int nr,
-                                            entry *out, int cap)
-{
-    for (int x = threadIdx.x; x < nl + nr; x += blockDim.x) {
-        const bool left = x < nl;
-        const entry e = left ? l[x] : r[x - nl];
-        const int rank = left ? x + count_beating(r, nr, e) : (x - nl) + count_beating(l, nl, e);
-        if (rank < cap)
-            out[rank] = e;
+    const int64_t b = s / in.H, h = s % in.H;
+    slab_keys k;
+    k.bias = (const float *)in.bias.data + dcu_off(in.bias, b, h, 0, 0);
+    k.bstride = in.bias.shape[3] == 1 ? 0 : in.bias.stride[3];
+    k.pad = nullptr;
+    k.pstride = 0;
+    if (in.pad.data) {
+        k.pad = (const uint8_t *)in.pad.data + (in.pad.shape[0] == 1 ? 0 : b * in.pad.stride[0]);
+        k.pstride = in.pad.stride[1];
     }
-    for (int x = nl + nr + threadIdx.x; x < cap; x += blockDim.x)
-        out[x] = SENTINEL;
+    return k;
 }
 
-__global__ void __launch_bounds__(GROUP_KEYS) build_tree(slab_in in, tree t, entry *elems,
-                                                         int *counts, int *arrivals, int *bad,
-                                                         float *vals)
+/* Key j's order code; *bad set for a NaN or +inf bias. */
+__device__ __forceinline__ uint32_t code_of(const slab_keys &k, int64_t j, bool *bad)
 {
-    extern __shared__ entry sm[]; /* 2 * max(GROUP_KEYS, top capacity) */
-    __shared__ bool ok[GROUP_KEYS];
-    __shared__ int n_cur[GROUP_BLOCKS], n_nxt[GROUP_BLOCKS];
-    __shared__ int go;
-    const int64_t s = blockIdx.y, g = blockIdx.x;
-    entry *se = elems + s * t.slab_elems;
-    int *sc = counts + s * t.slab_counts;
-    entry *cur = sm, *nxt = sm + GROUP_KEYS;
-
-    /* Level 0: each block of 64 keys in beat order; NaN and +inf biases are flagged. */
-    const int x = threadIdx.x, lb = x >> 6;
-    const int64_t blk = g * GROUP_BLOCKS + lb, j = blk * 64 + (x & 63);
-    float v = -INFINITY;
-    bool valid = false;
-    if (j < in.Lk) {
-        v = key_bias(in, s, j);
-        if (isnan(v) || v == INFINITY)
-            atomicOr(bad, 1);
-        valid = v != -INFINITY && !isnan(v) && key_exists(in, s, j);
-    }
-    /* a key that takes no part sorts after every key that does */
-    nxt[x] = {valid ? v : -INFINITY, (int32_t)j};
-    ok[x] = valid;
-    if (blk < t.nodes[0])
-        vals[s * t.vals_per_slab + j] = valid ? v : -INFINITY;
-    __syncthreads();
-    const int cap0 = (int)t.cap[0];
-    if (x < 32 * GROUP_BLOCKS) { /* a warp a leaf block: a bitonic sort of its 64 keys */
-        const int wb = x >> 5, lane = x & 31;
-        const int64_t wblk = g * GROUP_BLOCKS + wb;
-        entry e0 = nxt[wb * 64 + lane], e1 = nxt[wb * 64 + 32 + lane];
-        const int n = __popc(__ballot_sync(0xffffffffu, ok[wb * 64 + lane])) +
-                      __popc(__ballot_sync(0xffffffffu, ok[wb * 64 + 32 + lane]));
-        for (int k = 2; k <= 64; k <<= 1)
-            for (int jj = k >> 1; jj > 0; jj >>= 1) {
-                if (jj == 32) { /* k == 64: element lane against lane + 32, best first */
-                    if (!beats(e0, e1)) {
-                        const entry tmp = e0;
-                        e0 = e1;
-                        e1 = tmp;
-                    }
-                    continue;
-                }
-#pragma unroll
-                for (int h = 0; h < 2; h++) {
-                    entry &m = h ? e1 : e0;
-                    const int i = lane + 32 * h;
-                    entry o;
-                    o.x = __shfl_xor_sync(0xffffffffu, m.x, jj);
-                    o.k = __shfl_xor_sync(0xffffffffu, m.k, jj);
-                    const bool lower = (i & jj) == 0, best_first = (i & k) == 0;
-                    /* the lower index keeps the better of the two in a best-first run */
-                    if ((lower == best_first) != beats(m, o))
-                        m = o;
-                }
-            }
-        if (wblk < t.nodes[0]) {
-            if (lane < cap0) {
-                cur[wb * cap0 + lane] = e0;
-                se[t.off[0] + wblk * cap0 + lane] = e0;
-            }
-            if (lane + 32 < cap0) {
-                cur[wb * cap0 + lane + 32] = e1;
-                se[t.off[0] + wblk * cap0 + lane + 32] = e1;
-            }
-        }
-        if (lane == 0) {
-            n_cur[wb] = wblk < t.nodes[0] ? min(n, cap0) : 0;
-            if (wblk < t.nodes[0])
-                sc[t.cnt_off[0] + wblk] = n_cur[wb];
-        }
-    }
-    __syncthreads();
-
-    /* Levels 1 .. GROUP_LEVELS inside the group, in shared memory (each level holds at most
-     * GROUP_KEYS entries: a node's capacity is at most its keys). */
-    const int top = min(GROUP_LEVELS, t.levels - 1);
-    for (int k = 1; k <= top; k++) {
-        const int ccap = (int)t.cap[k - 1], cap = (int)t.cap[k], nodes = GROUP_BLOCKS >> k;
-        for (int y = x; y < 2 * nodes * ccap; y += blockDim.x) {
-            const int c = y / ccap, i = y % ccap;
-            if (i >= n_cur[c])
-                continue;
-            const entry e = cur[y];
-            const int sib = c ^ 1;
-            const int r = i + count_beating(cur + sib * ccap, n_cur[sib], e);
-            if (r < cap) {
-                const int64_t node = g * nodes + (c >> 1);
-                nxt[(c >> 1) * cap + r] = e;
-                se[t.off[k] + node * cap + r] = e;
-            }
-        }
-        __syncthreads();
-        if (x < nodes) {
-            const int64_t node = g * nodes + x;
-            n_nxt[x] = min(n_cur[2 * x] + n_cur[2 * x + 1], cap);
-            if (node < t.nodes[k])
-                sc[t.cnt_off[k] + node] = n_nxt[x];
-        }
-        __syncthreads();
-        for (int y = x; y < nodes * cap; y += blockDim.x) { /* sentinels past each count */
-            const int c = y / cap, i = y % cap;
-            const int64_t node = g * nodes + c;
-            if (i >= n_nxt[c] && node < t.nodes[k])
-                se[t.off[k] + node * cap + i] = SENTINEL;
-        }
-        if (x < nodes)
-            n_cur[x] = n_nxt[x];
-        entry *tmp = cur;
-        cur = nxt;
-        nxt = tmp;
-        __syncthreads();
-    }
-
-    /* The climb: this block's node at level k; the second of two siblings merges them. */
-    int64_t node = g;
-    for (int k = top; k + 1 < t.levels; k++) {
-        const int64_t parent = node >> 1;
-        if ((node ^ 1) < t.nodes[k]) {
-            fence_acq_rel(); /* this block's node, before its arrival */
-            __syncthreads();
-            if (x == 0)
-                go = atomicAdd(&arrivals[s * t.slab_counts + t.cnt_off[k + 1] + parent], 1) == 1;
-            __syncthreads();
-            if (!go)
-                return;
-            fence_acq_rel(); /* the sibling's node, after its arrival */
-        }
-        const int64_t ccap = t.cap[k], cap = t.cap[k + 1], li = 2 * parent, ri = li + 1;
-        const bool right = ri < t.nodes[k];
-        const int nl = __ldcg(sc + t.cnt_off[k] + li);
-        const int nr = right ? __ldcg(sc + t.cnt_off[k] + ri) : 0;
-        entry *l = sm, *r = sm + ccap;
-        const entry *child = se + t.off[k];
-        /* whole lists (sentinels past the counts), so that these loads need not wait for the
-         * counts: one round trip a level fewer */
-        for (int y = x; y < ccap; y += blockDim.x) {
-            l[y] = load_cg(child + li * ccap + y);
-            if (right)
-                r[y] = load_cg(child + ri * ccap + y);
-        }
-        __syncthreads();
-        merge_lists(l, nl, r, nr, se + t.off[k + 1] + parent * cap, (int)cap);
-        if (x == 0)
-            sc[t.cnt_off[k + 1] + parent] = (int)min((int64_t)(nl + nr), cap);
-        __syncthreads();
-        node = parent;
-    }
+    const float v = __ldg(k.bias + j * k.bstride);
+    *bad |= isnan(v) || v == INFINITY;
+    return order_code(v, !k.pad || __ldg(k.pad + j * k.pstride) != 0);
 }
 
-/* count_beating over a list in global memory: seven probes a step whose loads are independent
- * (the beating entries are a prefix, so the probes that beat are too), then the last <= 8
- * entries at once: 4 rounds of loads for 1024 entries where a binary search waits on 10.
- * narrow_beating is one step: l[0, lo) are known to beat e and l[hi, ..) not to. */
-__device__ __forceinline__ void narrow_beating(const entry *l, entry e, int &lo, int &hi)
-{
-    if (hi - lo <= 8)
-        return;
-    const int step = (hi - lo) / 8;
-    int c = 0;
-#pragma unroll
-    for (int i = 1; i <= 7; i++)
-        c += beats(l[lo + i * step], e);
-    const int nhi = c < 7 ? lo + (c + 1) * step : hi;
-    lo = c ? lo + c * step + 1 : lo;
-    hi = nhi;
-}
-
-__device__ __forceinline__ int count_beating_wide(const entry *l, int n, entry e, int lo = 0)
-{
-    int hi = n; /* l[0, lo) beat e; l[hi, n) do not */
-    while (hi - lo > 8)
-        narrow_beating(l, e, lo, hi);
-    int c = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        c += lo + i < hi && beats(l[lo + i], e);
-    return lo + c;
-}
-
-/* Whether at least need (>= 1) entries of the beat-ordered list l[0, n) beat e: exactly when
- * l[need - 1] does. If not, *cnt is how many do. The test's load goes out with the first
- * round of the count's, so the answer "yes" costs one round of loads. */
-__device__ __forceinline__ bool beaten_by(const entry *l, int n, int need, entry e, int *cnt)
-{
-    const bool probe = need <= n;
-    const entry pe = probe ? l[need - 1] : SENTINEL;
-    int lo = 0, hi = probe ? need - 1 : n; /* if not, the count lies in [0, hi] */
-    narrow_beating(l, e, lo, hi); /* its loads go out with pe's */
-    if (beats(pe, e))
-        return true;
-    *cnt = count_beating_wide(l, hi, e, lo);
-    return false;
-}
-
-/* evict[j] (one row of es per slab): the first position p >= j at which key j is no longer
- * among the best w keys of [0, p], that is, the position of the w-th key (in key order) that
- * beats j, or Lk when fewer than w keys beat it; j itself for a key that never takes part.
- * The row at position p keeps j iff j <= p < evict[j] (DESIGN §2's evict times).
- * One thread a key descends the tree from the root: a node's list holds the keys of the node
- * that beat j exactly when fewer than its capacity do (they are then among its best), and a
- * full list otherwise, so "at least `need` of them beat j" is read off the left child alone
- * (beaten_by: one load when it holds, a count when the descent goes right); the leaf block of
- * 64 keys is scanned in key order. Lists hold sentinels past their counts,
- * so a search takes the level's capacity and waits on no count.
- * Also wsum, for each word of 32 keys: which of them some row keeps (evict > j) and the latest
- * evict time among those (0 if none), which lets the unions' scans skip the words that no row
- * keeps any more. The row of evict times is written up to a whole word (es = 32 * ew), so
- * that a word can be read whole. */
-__global__ void evict_times(slab_in in, tree t, const entry *elems, int w,
-                            int64_t es, int32_t *evict, int64_t ew, int2 *wsum,
-                            const float *vals)
-{
-    const int64_t s = blockIdx.y, j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    const bool here = j < in.Lk;
-    const float v = here ? key_bias(in, s, j) : -INFINITY;
-    int64_t ev = j;
-    if (here && w > 0 && v != -INFINITY && !isnan(v) && key_exists(in, s, j)) { /* w 0: none kept */
-        const entry e = {v, (int32_t)j};
-        const entry *se = elems + s * t.slab_elems;
-        int k = t.levels - 1;
-        /* If the w-th best key of the largest aligned node before j's leaf block beats j, at
-         * least w keys before j beat it: it never enters (most keys of a long sequence), and
-         * its lane leaves the descent, which saves memory traffic where the warps are many.
-         * If the root's w-th best does not beat j, fewer than w keys do: it is never evicted.
-         * (A list's sentinels beat no key, so neither test needs the list's count.) Both loads
-         * go out together. */
-        const int64_t blk = j >> 6;
-        entry first = SENTINEL;
-        if (blk > 0) {
-            const int kf = 63 - __clzll((long long)blk);
-            if (kf < t.levels && t.cap[kf] >= w)
-                first = se[t.off[kf] + (w - 1)];
-        }
-        const entry root = t.cap[k] >= w ? se[t.off[k] + (w - 1)] : SENTINEL;
-        if (beats(first, e)) {
-            ev = j;
-        } else if (!beats(root, e)) {
-            ev = in.Lk;
-        } else {
-            int need = w;
-            int64_t node = 0;
-            for (; k > 0; k--) {
-                const int64_t l = 2 * node;
-                int cl = 0;
-                if (beaten_by(se + t.off[k - 1] + l * t.cap[k - 1], (int)t.cap[k - 1], need, e,
-                              &cl)) {
-                    node = l;
-                } else {
-                    need -= cl;
-                    node = l + 1;
-                }
-            }
-            /* The leaf's keys in key order, eight biases a load pair (the contiguous copy of
-             * build_tree, -inf for keys that take no part), up to the need-th that beats j. */
-            const float4 *lv = (const float4 *)(vals + s * t.vals_per_slab + node * 64);
-            int64_t pos = node * 64 + 63; /* not kept: the root counted w keys that beat j */
-            for (int q = 0; q < 16 && need > 0; q += 2) {
-                const float4 u0 = __ldg(lv + q), u1 = __ldg(lv + q + 1);
-                const float u[8] = {u0.x, u0.y, u0.z, u0.w, u1.x, u1.y, u1.z, u1.w};
-#pragma unroll
-                for (int i = 0; i < 8; i++) {
-                    const int64_t key = node * 64 + 4 * q + i;
-                    if (beats({u[i], (int32_t)key}, e) && need > 0 && --need == 0)
-                        pos = key;
-                }
-            }
-            ev = max(j, pos);
-        }
-    }
-    if (j < es)
-        evict[s * es + j] = (int32_t)ev;
-    const int last = __reduce_max_sync(0xffffffffu, here && ev > j ? (int)ev : 0);
-    const unsigned enter = __ballot_sync(0xffffffffu, here && ev > j);
-    if ((threadIdx.x & 31) == 0 && here)
-        wsum[s * ew + (j >> 5)] = make_int2(last, (int)enter);
-}
-
-struct tile_out {
+struct run_out {
     dcu_tile *tiles;
     int32_t *row_lo, *row_hi, *keys;
     uint64_t *words;
-    unsigned long long *nnz;
-    int64_t Lq, off, ntiles, capU, wcap; /* wcap: words per row reserved per tile */
+    ulonglong2 *slots; /* per block: nnz, whether a NaN or +inf bias was seen */
+    int64_t Lq, off, ntiles, capU, wcap, run;
+    int w, groups; /* groups: tile groups the shared memory holds (a power of 2, <= 8) */
+    int64_t mask_words; /* S's mask: 4 words a 128 keys of the longest prefix */
+    /* shared-memory layout, in bytes from the start of the dynamic part */
+    int64_t o_sK, o_pack, o_nK, o_thK, o_C, o_nrank, o_cidx, o_area, group_bytes;
 };
 
-/* A tile block: 8 warps; a warp offers 512 consecutive candidates a round. */
-constexpr int UNION_THREADS = 256, UNION_WARPS = UNION_THREADS / 32, WARP_KEYS = 16 * 32;
-/* blocks a multiprocessor the launch bounds promise (so at most 64 registers a thread); the
- * runs of tiles are sized to one wave of them */
-constexpr int UNION_BLOCKS = 1024 / UNION_THREADS;
-
-/* Append to (okey, oev), in order, the candidates i in [0, n) that a row at a position in
- * [a, a + 63] keeps: evict time > max(a, key) (some such p has key <= p < evict). Candidate i
- * is get(i) = (key, evict). Every thread of the block calls it; returns the new length. */
-template <class Get>
-__device__ __forceinline__ int offer(Get get, int64_t n, int64_t a, int len, int32_t *okey,
-                                     int32_t *oev, int cap, int *warp_cnt)
+/* A group's tile. L = S + N in key order (rank keys LK; pack: the run-relative row of each
+ * one's first and last-plus-one kept row, rs | re << 16); the members are those a row of the
+ * tile keeps, U in key order. Most members are kept by every row of the tile; the others (at
+ * most 126: a row admits and evicts at most one key) are listed, and the threads of each row
+ * clear their bits outside their rows (a share of the list each, in U's order, a word at a
+ * time). The words are built in shared memory and copied out whole. */
+__device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, const uint64_t *LK,
+                           const uint32_t *pack, int nL, unsigned char *gmem, int gid,
+                           int gsize, unsigned long long *nnz)
 {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    for (int64_t base = 0; base < n; base += (int64_t)UNION_WARPS * WARP_KEYS) {
-        const int64_t wbase = base + (int64_t)warp * WARP_KEYS;
-        int32_t key[16], ev[16];
-        unsigned kept[16];
-        int wc = 0;
-#pragma unroll
-        for (int q = 0; q < 16; q++) {
-            const int64_t i = wbase + q * 32 + lane;
-            key[q] = ev[q] = 0;
-            if (i < n)
-                get(i, &key[q], &ev[q]);
-        }
-#pragma unroll
-        for (int q = 0; q < 16; q++) {
-            const int64_t i = wbase + q * 32 + lane;
-            kept[q] = __ballot_sync(0xffffffffu, i < n && (int64_t)ev[q] > max(a, (int64_t)key[q]));
-            wc += __popc(kept[q]);
-        }
-        if (lane == 0)
-            warp_cnt[warp] = wc;
-        __syncthreads();
-        int at = len, all = 0;
-        for (int x = 0; x < UNION_WARPS; x++) {
-            at += x < warp ? warp_cnt[x] : 0;
-            all += warp_cnt[x];
-        }
-#pragma unroll
-        for (int q = 0; q < 16; q++) {
-            if ((kept[q] >> lane) & 1) {
-                const int pos = at + __popc(kept[q] & ((1u << lane) - 1));
-                if (pos < cap) { /* always: a tile's union holds at most w + 63 keys */
-                    okey[pos] = key[q];
-                    oev[pos] = ev[q];
-                }
-            }
-            at += __popc(kept[q]);
-        }
-        len += all;
-        __syncthreads(); /* warp_cnt again */
+    const int gt = threadIdx.x % gsize, lane = threadIdx.x & 31, gw = gt >> 5, gwarps = gsize >> 5;
+    unsigned long long *wbuf = (unsigned long long *)gmem; /* [nrows][wpr] */
+    uint32_t *xpos = (uint32_t *)(wbuf + DCU_TILE * o.wcap), *xrows = xpos + 2 * DCU_TILE;
+    int *wcnt = (int *)(xrows + 2 * DCU_TILE); /* [32] members, [32] listed, a warp */
+    const int64_t r0 = tile * DCU_TILE, r1 = min(o.Lq, r0 + DCU_TILE);
+    const int nrows = (int)(r1 - r0), T0 = rel0, T1 = rel0 + nrows;
+    const int64_t tix = s * o.ntiles + tile;
+
+    /* count the members per warp (a contiguous chunk of L each) */
+    const int chunk = ((nL + gwarps - 1) / gwarps + 31) & ~31;
+    const int c0 = gw * chunk, c1 = min(nL, c0 + chunk);
+    int cnt = 0, xcnt = 0; /* members; those kept by some rows only */
+    for (int b = c0; b < c1; b += 32) {
+        const int u = b + lane;
+        const uint32_t pk = u < c1 ? pack[u] : 0;
+        const int rs = (int)(pk & 0xffff), re = (int)(pk >> 16);
+        const bool in = rs < T1 && re > max(rs, T0);
+        cnt += __popc(__ballot_sync(FULL, in));
+        xcnt += __popc(__ballot_sync(FULL, in && (rs > T0 || re < T1)));
     }
-    return min(len, cap);
+    if (lane == 0) {
+        wcnt[gw] = cnt;
+        wcnt[32 + gw] = xcnt;
+    }
+    group_sync(gid, gsize);
+    int at = 0, n = 0, xat = 0, nxs = 0;
+    for (int x = 0; x < gwarps; x++) {
+        at += x < gw ? wcnt[x] : 0;
+        n += wcnt[x];
+        xat += x < gw ? wcnt[32 + x] : 0;
+        nxs += wcnt[32 + x];
+    }
+    const int wpr = (n + 63) / 64;
+    /* every row's words: all of U, then the listed members' bits are cleared */
+    const unsigned long long last = n % 64 ? (1ull << (n % 64)) - 1 : ~0ull;
+    for (int x = gt; x < nrows * wpr; x += gsize)
+        wbuf[x] = x % wpr == wpr - 1 ? last : ~0ull;
+    int32_t *keys = o.keys + tix * o.capU;
+    for (int b = c0; b < c1; b += 32) {
+        const int u = b + lane;
+        const uint32_t pk = u < c1 ? pack[u] : 0;
+        const int rs = (int)(pk & 0xffff), re = (int)(pk >> 16);
+        const bool in = rs < T1 && re > max(rs, T0);
+        const bool part = in && (rs > T0 || re < T1); /* kept by some rows of the tile only */
+        const unsigned mk = __ballot_sync(FULL, in), mx = __ballot_sync(FULL, part);
+        if (in) {
+            const int pos = at + __popc(mk & ((1u << lane) - 1));
+            keys[pos] = key_of(LK[u]);
+            if (part) { /* listed in U's order */
+                const int x = xat + __popc(mx & ((1u << lane) - 1));
+                xpos[x] = (uint32_t)pos;
+                xrows[x] = (uint32_t)max(rs - T0, 0) | (uint32_t)min(re - T0, nrows) << 16;
+            }
+        }
+        at += __popc(mk);
+        xat += __popc(mx);
+    }
+    if (gt == 0)
+        o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, n, wpr, 0};
+    group_sync(gid, gsize);
+    int32_t *lo = o.row_lo + s * o.Lq + r0, *hi = o.row_hi + s * o.Lq + r0;
+    {
+        /* gsize / 64 threads a row, each a share of the list (in U's order: a word at a time) */
+        const int r = gt % DCU_TILE, parts = gsize / DCU_TILE, part = gt / DCU_TILE;
+        const int x0 = part * nxs / parts, x1 = (part + 1) * nxs / parts;
+        if (r < nrows && x0 < x1) {
+            unsigned long long *row = wbuf + r * wpr, clear = 0;
+            int cur = (int)(xpos[x0] >> 6);
+            for (int x = x0; x < x1; x++) {
+                const uint32_t rr = xrows[x], p = xpos[x];
+                if ((int)(p >> 6) != cur) {
+                    if (clear)
+                        atomicAnd(&row[cur], ~clear);
+                    clear = 0;
+                    cur = (int)(p >> 6);
+                }
+                if (r < (int)(rr & 0xffff) || r >= (int)(rr >> 16))
+                    clear |= 1ull << (p & 63);
+            }
+            if (clear)
+                atomicAnd(&row[cur], ~clear);
+        }
+    }
+    group_sync(gid, gsize);
+    for (int r = gt; r < nrows; r += gsize) {
+        const unsigned long long *row = wbuf + r * wpr;
+        int c = 0, f = -1, e = 0;
+        for (int wd = 0; wd < wpr; wd++) {
+            const unsigned long long bits = row[wd];
+            if (bits) {
+                c += __popcll(bits);
+                if (f < 0)
+                    f = wd * 64 + __ffsll((long long)bits) - 1;
+                e = wd * 64 + 64 - __clzll((long long)bits);
+            }
+        }
+        lo[r] = c ? f : 0;
+        hi[r] = c ? e : 0;
+        *nnz += c;
+    }
+    group_sync(gid, gsize);
+    uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
+    for (int x = gt; x < nrows * wpr; x += gsize)
+        words[x] = wbuf[x];
+    group_sync(gid, gsize); /* the words, before the next tile rewrites them */
 }
 
-/* Append to (okey, oev), in key order, the keys q in [from, to] that a row at a position in
- * [a, a + 63] keeps (evict > max(a, q)). A thread a word of 32 keys, read only when the latest
- * evict time of its keys passes a (wsum): its keys that enter, up to eight loads that go out
- * together, or the whole word as eight 16-byte loads when more than eight enter. So a scan over
- * a long prefix costs two rounds of loads per 256 words, however many of its keys once entered
- * (all of them, for a rising bias). A block-wide prefix of the kept counts places them.
- * Returns the new length. */
-__device__ int offer_words(const int2 *wsum, const int32_t *ev, int64_t from, int64_t to,
-                           int64_t a, int len, int32_t *okey, int32_t *oev, int cap,
-                           int *warp_cnt)
+__global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int64_t w0 = from >> 5, w1 = to >> 5;
-    for (int64_t base = w0; base <= w1; base += UNION_THREADS) {
-        const int64_t wd = base + threadIdx.x;
-        uint32_t kept = 0;
-        const int2 sum = wd <= w1 ? __ldg(wsum + wd) : make_int2(0, 0);
-        const int32_t *row = ev + wd * 32;
-        uint32_t enter = (uint32_t)sum.y;
-        if (wd == w0)
-            enter &= ~0u << (from & 31);
-        if (wd == w1 && (to & 31) != 31)
-            enter &= (1u << ((to & 31) + 1)) - 1;
-        if ((int64_t)sum.x <= max(a, (int64_t)0) || !enter) {
-            /* no key of the word is kept by a row from a on */
-        } else if (__popc(enter) > 8) {
-            int4 v[8];
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                v[i] = __ldg((const int4 *)row + i);
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const int e4[4] = {v[i].x, v[i].y, v[i].z, v[i].w};
-#pragma unroll
-                for (int b = 0; b < 4; b++)
-                    if ((enter >> (4 * i + b)) & 1 && (int64_t)e4[b] > max(a, wd * 32 + 4 * i + b))
-                        kept |= 1u << (4 * i + b);
-            }
-        } else {
-            int bit[8], e[8];
-            uint32_t m = enter;
-#pragma unroll
-            for (int i = 0; i < 8; i++) {
-                bit[i] = m ? __ffs(m) - 1 : -1;
-                m &= m - 1;
-                e[i] = bit[i] >= 0 ? __ldg(row + bit[i]) : 0;
-            }
-#pragma unroll
-            for (int i = 0; i < 8; i++)
-                if (bit[i] >= 0 && (int64_t)e[i] > max(a, wd * 32 + bit[i]))
-                    kept |= 1u << bit[i];
-        }
-        const int c = __popc(kept);
-        int incl = c;
-        for (int d = 1; d < 32; d <<= 1) {
-            const int y = __shfl_up_sync(0xffffffffu, incl, d);
-            if (lane >= d)
-                incl += y;
-        }
-        if (lane == 31)
-            warp_cnt[warp] = incl;
-        __syncthreads();
-        int at = len + incl - c, all = 0;
-        for (int x = 0; x < UNION_WARPS; x++) {
-            at += x < warp ? warp_cnt[x] : 0;
-            all += warp_cnt[x];
-        }
-        for (uint32_t b = kept; b; b &= b - 1, at++) {
-            const int i = __ffs(b) - 1;
-            if (at < cap) { /* always: a tile's union holds at most w + 63 keys */
-                okey[at] = (int32_t)(wd * 32 + i);
-                oev[at] = __ldg(row + i); /* in L1: read just above */
-            }
-        }
-        len += all;
-        __syncthreads(); /* warp_cnt again */
+    extern __shared__ __align__(16) unsigned char smem[];
+    uint64_t *sK = (uint64_t *)(smem + o.o_sK), *nK = (uint64_t *)(smem + o.o_nK),
+             *thK = (uint64_t *)(smem + o.o_thK), *C = (uint64_t *)(smem + o.o_C);
+    uint32_t *pack = (uint32_t *)(smem + o.o_pack);
+    int16_t *nrank = (int16_t *)(smem + o.o_nrank), *cidx = (int16_t *)(smem + o.o_cidx);
+    unsigned char *area = smem + o.o_area;
+    __shared__ unsigned long long tmp64[WARPS + 1];
+    __shared__ int tmp32[WARPS + 1], found[12], nB;
+    __shared__ uint64_t result;
+    sel_mem m;
+    m.hist = (uint32_t *)area;
+    m.hist2 = m.hist + BINS;
+    m.cand = (uint64_t *)(m.hist2 + BINS);
+    m.cand2 = m.cand + CAND_CAP;
+    uint32_t *smask = (uint32_t *)(m.cand2 + CAND_CAP); /* S's keys, 4 words a 128 keys */
+    uint32_t *staged = smask + o.mask_words;
+    m.tmp32 = tmp32;
+    m.found = found;
+    m.result = &result;
+
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int64_t s = blockIdx.y, Lk = in.Lk;
+    const int64_t t0 = (int64_t)blockIdx.x * o.run, t1 = min(o.ntiles, t0 + o.run);
+    const int w = o.w;
+    const slab_keys sk = slab_of(in, s);
+    bool bad = false;
+    unsigned long long nnz = 0;
+
+    if (t0 >= t1) { /* no tiles (Lq == 0): only the bias check */
+        for (int64_t j = tid; j < Lk; j += THREADS)
+            code_of(sk, j, &bad);
+        bad = __syncthreads_or(bad);
+        if (tid == 0)
+            o.slots[s * gridDim.x + blockIdx.x] = make_ulonglong2(0, bad);
+        return;
     }
-    return min(len, cap);
-}
+    const int64_t r0 = t0 * DCU_TILE, rend = min(o.Lq, t1 * DCU_TILE);
+    const int P = (int)(rend - r0);
+    const int64_t p0 = r0 + o.off, plast = rend - 1 + o.off;
+    const int64_t npre = p0 >= 0 ? p0 + 1 : 0; /* the prefix [0, p0]; p0 < Lk */
+    const prefix pf = {staged, npre}; /* the host made the whole prefix fit */
 
-/* A run of consecutive tiles of one slab. A tile's union U is the keys j <= p1 with evict[j] >
- * max(p0, j) (p0, p1: the positions of its first and last rows), already in key order: the
- * run's first tile offers keys [0, p1] from the evict times, each later tile the previous U
- * (a key that leaves stays out) and its own new keys. Bit (r, u) is key_u <= p0 + r < evict_u. */
-__global__ void __launch_bounds__(UNION_THREADS, UNION_BLOCKS)
-    build_tiles(const int32_t *evict, int64_t es, int64_t run, tile_out o, const int2 *wsum,
-                int64_t ew)
-{
-    /* 2 * 64 * wcap event words; 4 * capU: keys and evict times of U, two copies */
-    extern __shared__ unsigned long long smw[];
-    unsigned long long *st_ev = smw, *en_ev = st_ev + DCU_TILE * o.wcap;
-    int32_t *ukey = (int32_t *)(en_ev + DCU_TILE * o.wcap), *uev = ukey + o.capU;
-    int32_t *nkey = uev + o.capU, *nev = nkey + o.capU;
-    __shared__ int warp_cnt[UNION_WARPS];
-    __shared__ int row_first[DCU_TILE], row_end[DCU_TILE], row_count[DCU_TILE];
-    const int64_t s = blockIdx.y;
-    const int32_t *ev = evict + s * es;
-    const int cap = (int)o.capU;
-    int n = 0;
-    int64_t offered = 0; /* keys [0, offered) have been offered */
-    unsigned long long run_nnz = 0;
-    const int64_t t_end = min(o.ntiles, ((int64_t)blockIdx.x + 1) * run);
-    for (int64_t tile = blockIdx.x * run; tile < t_end; tile++) {
-        const int64_t r0 = tile * DCU_TILE, r1 = min(o.Lq, r0 + DCU_TILE);
-        const int nrows = (int)(r1 - r0);
-        const int64_t p0 = r0 + o.off, p1 = r1 - 1 + o.off;
-        const int64_t tix = s * o.ntiles + tile;
-
-        const int32_t *pk = ukey, *pe = uev;
-        int len = offer([&](int64_t i, int32_t *k, int32_t *e) { *k = pk[i]; *e = pe[i]; }, n, p0,
-                        0, nkey, nev, cap, warp_cnt);
-        const int64_t from = offered;
-        if (p1 + 1 > from) {
-            len = offer_words(wsum + s * ew, ev, from, p1, p0, len, nkey, nev, cap, warp_cnt);
-            offered = p1 + 1;
+    /* 1. The prefix's codes (staged), how many take part, their code range; the bias check. */
+    uint32_t cmin = FULL, cmax = 0;
+    int cnt = 0;
+    auto take = [&](uint32_t c) {
+        if (c) {
+            cnt++;
+            cmin = min(cmin, c);
+            cmax = max(cmax, c);
         }
-        int32_t *tk = ukey, *te = uev;
-        ukey = nkey;
-        uev = nev;
-        nkey = tk;
-        nev = te;
-        n = len;
-
-        const int wpr = (n + 63) / 64;
-        if (threadIdx.x == 0)
-            o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, n, wpr, 0};
-        int32_t *keys = o.keys + tix * o.capU;
-        for (int x = threadIdx.x; x < n; x += blockDim.x)
-            keys[x] = ukey[x];
-        /* The bit rows from events: position u is set in rows [start_u, end_u) (start_u =
-         * key_u - p0, end_u = evict_u - p0, clipped to the tile), so each column word of row r
-         * is (the positions started by r) & ~(those ended by r): two prefix ORs down the rows
-         * of a column, not a test of every position for every row. */
-        for (int x = threadIdx.x; x < DCU_TILE * wpr; x += blockDim.x) {
-            st_ev[x] = 0;
-            en_ev[x] = 0;
-        }
-        if (threadIdx.x < DCU_TILE) {
-            row_first[threadIdx.x] = INT_MAX;
-            row_end[threadIdx.x] = 0;
-            row_count[threadIdx.x] = 0;
-        }
-        __syncthreads();
-        for (int ub = 0; ub < n; ub += blockDim.x) {
-            const int u = ub + threadIdx.x;
-            const bool in = u < n;
-            const int rs = in ? (int)max((int64_t)ukey[u] - p0, (int64_t)0) : -1;
-            const int64_t re = in ? (int64_t)uev[u] - p0 : INT_MAX; /* > rs: U holds only kept keys */
-            const unsigned long long bit = 1ull << (u & 63);
-            /* the keys before the tile all start at row 0: one word per warp, not 32 atomics
-             * on one address */
-            const unsigned r0 = __ballot_sync(0xffffffffu, rs == 0);
-            const int u0 = ub + (threadIdx.x & ~31);
-            if ((threadIdx.x & 31) == 0 && r0)
-                atomicOr(&st_ev[u0 >> 6], (unsigned long long)r0 << (u0 & 63));
-            if (rs > 0)
-                atomicOr(&st_ev[rs * wpr + (u >> 6)], bit);
-            if (re < nrows)
-                atomicOr(&en_ev[(int)re * wpr + (u >> 6)], bit);
-        }
-        __syncthreads();
-        /* A warp a column: lane l holds rows 2l and 2l + 1 and scans the ORs across lanes. */
-        uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
-        const int lane = threadIdx.x & 31;
-        for (int wd = threadIdx.x >> 5; wd < wpr; wd += UNION_WARPS) {
-            const int ra = 2 * lane, rb = ra + 1;
-            const unsigned long long sa = st_ev[ra * wpr + wd], ea = en_ev[ra * wpr + wd];
-            unsigned long long S = sa | st_ev[rb * wpr + wd], E = ea | en_ev[rb * wpr + wd];
-            for (int d = 1; d < 32; d <<= 1) {
-                const unsigned long long s2 = __shfl_up_sync(0xffffffffu, S, d);
-                const unsigned long long e2 = __shfl_up_sync(0xffffffffu, E, d);
-                if (lane >= d) {
-                    S |= s2;
-                    E |= e2;
-                }
-            }
-            /* S, E: through row rb; through row ra is the previous lane's plus row ra's own */
-            unsigned long long Sp = __shfl_up_sync(0xffffffffu, S, 1);
-            unsigned long long Ep = __shfl_up_sync(0xffffffffu, E, 1);
-            if (lane == 0)
-                Sp = Ep = 0;
-            const unsigned long long wa = (Sp | sa) & ~(Ep | ea), wb = S & ~E;
-            const int rr[2] = {ra, rb};
-            const unsigned long long ww[2] = {wa, wb};
+    };
+    const int64_t n4 = (npre + 3) / 4; /* staged: zeros up to a multiple of 4 */
+    /* the run's new keys (p0, plast]: their codes, loaded with the prefix's */
+    const int64_t nlo = max(p0 + 1, (int64_t)0);
+    const int nnew = (int)max((int64_t)0, plast - nlo + 1); /* <= P - 1 */
+    const uint32_t cnew = tid < nnew ? code_of(sk, nlo + tid, &bad) : 0;
+    if (sk.bstride == 1 && !sk.pad && ((uintptr_t)sk.bias & 15) == 0) {
+        constexpr int BATCH = 4; /* float4 loads in flight a thread */
+        for (int64_t q0 = tid; q0 < n4; q0 += BATCH * THREADS) {
+            float4 v[BATCH];
 #pragma unroll
-            for (int i = 0; i < 2; i++) {
-                const int r = rr[i];
-                const unsigned long long bits = ww[i];
-                if (r >= nrows)
-                    continue;
-                words[(int64_t)r * wpr + wd] = bits;
-                if (bits) {
-                    atomicMin(&row_first[r], wd * 64 + __ffsll((long long)bits) - 1);
-                    atomicMax(&row_end[r], wd * 64 + 64 - __clzll((long long)bits));
-                    atomicAdd(&row_count[r], __popcll(bits));
+            for (int u = 0; u < BATCH; u++) {
+                const int64_t q = q0 + u * THREADS, j = 4 * q;
+                v[u] = make_float4(0, 0, 0, 0);
+                if (j + 3 < npre)
+                    v[u] = __ldg((const float4 *)sk.bias + q);
+                else if (j < npre) /* the last, partial vector: no read past the prefix */
+                    v[u] = {__ldg(sk.bias + j), j + 1 < npre ? __ldg(sk.bias + j + 1) : 0.0f,
+                            j + 2 < npre ? __ldg(sk.bias + j + 2) : 0.0f, 0.0f};
+            }
+#pragma unroll
+            for (int u = 0; u < BATCH; u++) {
+                const int64_t q = q0 + u * THREADS, j = 4 * q;
+                if (q >= n4)
+                    break;
+                const float x[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+                uint32_t c[4];
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const bool here = j + i < npre;
+                    bad |= here && (isnan(x[i]) || x[i] == INFINITY);
+                    c[i] = here ? order_code(x[i], true) : 0;
+                    take(c[i]);
                 }
+                ((uint4 *)staged)[q] = make_uint4(c[0], c[1], c[2], c[3]);
             }
         }
-        __syncthreads();
-        int32_t *lo = o.row_lo + s * o.Lq + r0, *hi = o.row_hi + s * o.Lq + r0;
-        for (int r = threadIdx.x; r < nrows; r += blockDim.x) {
-            const bool any = row_count[r] > 0;
-            lo[r] = any ? row_first[r] : 0;
-            hi[r] = any ? row_end[r] : 0;
-            run_nnz += row_count[r];
+    } else {
+        for (int64_t q = tid; q < n4; q += THREADS) {
+            uint32_t c[4];
+#pragma unroll
+            for (int i = 0; i < 4; i++) {
+                const int64_t j = 4 * q + i;
+                c[i] = j < npre ? code_of(sk, j, &bad) : 0;
+                take(c[i]);
+            }
+            ((uint4 *)staged)[q] = make_uint4(c[0], c[1], c[2], c[3]);
         }
-        __syncthreads(); /* the rows' gathers and U, before the next tile rewrites them */
     }
-    /* One atomic a block: 64 a tile on one address were a queue at the L2. */
-    for (int d = 16; d > 0; d >>= 1)
-        run_nnz += __shfl_down_sync(0xffffffffu, run_nnz, d);
-    __shared__ unsigned long long warp_nnz[UNION_WARPS];
-    if ((threadIdx.x & 31) == 0)
-        warp_nnz[threadIdx.x >> 5] = run_nnz;
+    cnt = __reduce_add_sync(FULL, (unsigned)cnt);
+    cmin = __reduce_min_sync(FULL, cmin);
+    cmax = __reduce_max_sync(FULL, cmax);
+    if (lane == 0) {
+        tmp32[warp] = cnt;
+        tmp64[warp] = (unsigned long long)cmin << 32 | cmax;
+    }
     __syncthreads();
-    if (threadIdx.x == 0) {
+    int nvalid = 0;
+    cmin = FULL;
+    cmax = 0;
+    for (int i = 0; i < WARPS; i++) {
+        nvalid += tmp32[i];
+        cmin = min(cmin, (uint32_t)(tmp64[i] >> 32));
+        cmax = max(cmax, (uint32_t)tmp64[i]);
+    }
+    __syncthreads();
+    const int hi_rank = min(w, nvalid); /* |S| */
+
+    /* 2. The code histogram of the prefix; theta_p0 = the rank key of rank hi_rank, and smask
+     * marks S, the keys from theta_p0 up. */
+    const uint32_t cspan = cmax - cmin;
+    const int csh = max(0, (cspan ? 32 - __clz((int)cspan) : 0) - BIN_BITS);
+    uint64_t K_hi = 0;
+    code_bins cbins;
+    uint32_t hclo = 0; /* theta_p0's code bin; its keys in m.cand, their K range */
+    int hn = 0;
+    uint64_t hlo = 0, hhi = 0;
+    if (hi_rank > 0) {
+        for (int x = tid; x < BINS; x += THREADS)
+            m.hist[x] = 0;
+        __syncthreads();
+        pf.each([&](int64_t, uint32_t c) {
+            const uint32_t d = c - cmin; /* a key that takes no part (0) wraps past cspan */
+            if (d <= cspan)
+                atomicAdd(&m.hist[d >> csh], 1u);
+        });
+        __syncthreads();
+        uint32_t clo, chi;
+        int ab, ct;
+        cbins = scan_bins(m);
+        find_bin(cbins, hi_rank, cmin, cmax, csh, found + 4, &clo, &chi, &ab, &ct);
+        int r = hi_rank;
+        hn = collect(pf, &r, clo, chi, ab, ct, m, smask, &hlo, &hhi);
+        K_hi = rank_among(m.cand, hn, hlo, hhi, r, m, smask);
+        hclo = clo;
+    }
+
+    /* 3. N = the new keys (p0, plast] that beat theta_p0 (any key that takes part, while S is
+     * not full), in key order. */
+    const uint64_t theta0 = hi_rank == w ? K_hi : 0;
+    bool inN = false;
+    uint64_t KN = 0;
+    if (tid < nnew) {
+        KN = rank_key(cnew, nlo + tid);
+        inN = cnew && w > 0 && KN > theta0;
+    }
+    const unsigned nm = __ballot_sync(FULL, inN);
+    int nN;
+    const int nat = block_excl_scan<int>(lane == 0 ? __popc(nm) : 0, tmp32, &nN);
+    const int nbase = __shfl_sync(FULL, nat, 0);
+    if (inN) {
+        const int r = nbase + __popc(nm & ((1u << lane) - 1));
+        nK[r] = KN;
+        nrank[tid] = (int16_t)r;
+    }
+
+    /* 4. B = the bottom min(|S|, |N| + 1) of S: enough, since theta within the run is the
+     * (|S| + m - w + 1)-th smallest of B and the m first keys of N. Its top: rank lo_rank. */
+    const int lo_rank = max(1, hi_rank - nN);
+    uint64_t K_lo = 0;
+    if (hi_rank > 0) {
+        uint32_t clo, chi;
+        int ab, ct;
+        find_bin(cbins, lo_rank, cmin, cmax, csh, found + 8, &clo, &chi, &ab, &ct);
+        int r = lo_rank;
+        if (lo_rank == hi_rank) {
+            K_lo = K_hi;
+        } else if (clo == hclo && hlo == (uint64_t)clo << 32 &&
+                   hhi == ((uint64_t)chi << 32 | FULL)) {
+            /* theta_p0's code bin, not narrowed over the prefix: its keys are in m.cand */
+            K_lo = rank_among(m.cand, hn, hlo, hhi, r - ab, m, nullptr);
+        } else {
+            uint64_t lo, hi;
+            const int n = collect(pf, &r, clo, chi, ab, ct, m, nullptr, &lo, &hi);
+            K_lo = rank_among(m.cand, n, lo, hi, r, m, nullptr);
+        }
+    }
+
+    /* 5. S = the prefix's keys with K >= K_hi (smask) in key order: the counts of the 128-key
+     * blocks, a prefix over them, then a warp a block writes its keys; those with K <= K_lo
+     * go to C (B). */
+    if (tid == 0)
+        nB = 0;
+    const int nblk = hi_rank > 0 ? (int)((npre + 127) / 128) : 0; /* <= THREADS * 4 */
+    int bc[4], bsum = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        const int b = 4 * tid + k;
+        bc[k] = 0;
+        if (b < nblk)
+            bc[k] = __popc(smask[4 * b]) + __popc(smask[4 * b + 1]) + __popc(smask[4 * b + 2]) +
+                    __popc(smask[4 * b + 3]);
+        bsum += bc[k];
+    }
+    int stot;
+    int bat = block_excl_scan<int>(bsum, tmp32, &stot);
+    int *boff = (int *)m.hist2; /* the blocks' first places in S */
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        if (4 * tid + k < nblk)
+            boff[4 * tid + k] = bat;
+        bat += bc[k];
+    }
+    __syncthreads();
+    const uint32_t cl = (uint32_t)(K_lo >> 32);
+    const int64_t jl = key_of(K_lo);
+    for (int b = warp; b < nblk; b += WARPS) {
+        const uint32_t w0 = smask[4 * b], w1 = smask[4 * b + 1], w2 = smask[4 * b + 2],
+                       w3 = smask[4 * b + 3];
+        const unsigned mine = ((w0 >> lane) & 1) | ((w1 >> lane) & 1) << 1 |
+                              ((w2 >> lane) & 1) << 2 | ((w3 >> lane) & 1) << 3;
+        const int k = __popc(mine), incl = warp_incl_scan(k);
+        int at = boff[b] + incl - k;
+#pragma unroll
+        for (int i = 0; i < 4; i++)
+            if ((mine >> i) & 1) {
+                const int64_t j = 128 * (int64_t)b + 4 * lane + i;
+                const uint32_t c = staged[j];
+                const uint64_t K = rank_key(c, j);
+                sK[at++] = K;
+                if (c < cl || (c == cl && j >= jl))
+                    C[atomicAdd(&nB, 1)] = K;
+            }
+    }
+    __syncthreads();
+    const int nB_ = nB, nC = nB_ + nN;
+    int n2 = 64;
+    while (n2 < nC)
+        n2 <<= 1;
+    for (int r = nB_ + tid; r < n2; r += THREADS)
+        C[r] = r < nC ? nK[r - nB_] : PAD;
+    __syncthreads();
+    block_sort(C, n2, (uint64_t *)(area + 4096)); /* after `arrival` below */
+    /* arrival: -1 for B, else the rank in N (in the area: the selection is done) */
+    int16_t *arrival = (int16_t *)area;
+    if (tid < nC) {
+        const int64_t key = key_of(C[tid]);
+        const int16_t a = key > p0 ? nrank[key - nlo] : (int16_t)-1;
+        arrival[tid] = a;
+        if (a >= 0)
+            cidx[a] = (int16_t)tid;
+    }
+    __syncthreads();
+
+    /* 6. theta after each key of N arrives (event e: the e + 1 first keys of N present): the
+     * (|S| + e + 1 - w + 1)-th smallest present element of C. A warp takes a run of events;
+     * lane l holds the presence bits of C[32l, 32l + 32). */
+    {
+        const int per = (nN + WARPS - 1) / WARPS;
+        const int e0 = warp * per, e1 = min(nN, e0 + per);
+        if (e0 < e1) {
+            unsigned have = 0; /* word l by the warp: lane x tests C[32l + x] */
+            for (int l = 0; l < (nC + 31) / 32; l++) {
+                const int i = 32 * l + lane;
+                const unsigned word = __ballot_sync(FULL, i < nC && arrival[i] < e0);
+                if (lane == l)
+                    have = word;
+            }
+            /* c: present in this lane's word; incl: in the words up to it (each event adds one
+             * element, so the prefix is kept up to date, not made again) */
+            int c = __popc(have), incl = warp_incl_scan(c);
+            for (int e = e0; e < e1; e++) {
+                const int ci = cidx[e], owner = ci >> 5;
+                if (owner == lane) {
+                    have |= 1u << (ci & 31);
+                    c++;
+                }
+                incl += lane >= owner;
+                const int idx = hi_rank + e + 1 - w; /* 0-based, among the present */
+                uint64_t th = 0;
+                if (idx >= 0) {
+                    const unsigned hit = __ballot_sync(FULL, incl > idx);
+                    const int src = __ffs(hit) - 1;
+                    /* the (idx - before + 1)-th set bit of the source lane's word */
+                    int want = idx - (incl - c), pos = 0;
+                    unsigned x = have;
+#pragma unroll
+                    for (int width = 16; width > 0; width >>= 1) {
+                        const int low = __popc(x & ((1u << width) - 1));
+                        if (want >= low) {
+                            want -= low;
+                            x >>= width;
+                            pos += width;
+                        }
+                    }
+                    const uint64_t mine = lane == src ? C[32 * lane + pos] : 0;
+                    th = __shfl_sync(FULL, mine, src);
+                }
+                if (lane == 0)
+                    thK[e] = th;
+            }
+        }
+    }
+    __syncthreads();
+
+    /* 7. L = S + N; each one's rows in the run: from max(j, p0), to the first event whose
+     * theta passes its K (the run's end if none). */
+    const int nS = hi_rank, nL = nS + nN;
+    for (int u = tid; u < nL; u += THREADS) {
+        const uint64_t K = u < nS ? sK[u] : nK[u - nS];
+        int lo = 0, hi = nN; /* thK is nondecreasing: the first e with thK[e] > K */
+        while (lo < hi) {
+            const int mid = (lo + hi) >> 1;
+            if (thK[mid] > K)
+                hi = mid;
+            else
+                lo = mid + 1;
+        }
+        const int64_t key = key_of(K);
+        const int rs = (int)max(key - p0, (int64_t)0);
+        const int re = lo < nN ? (int)(key_of(nK[lo]) - p0) : P;
+        pack[u] = (uint32_t)rs | (uint32_t)max(re, 0) << 16;
+        if (u >= nS) /* N follows S in L */
+            sK[u] = K;
+    }
+    __syncthreads();
+
+    /* 8. The run's tiles, a group of warps each (the area is free now). */
+    const int ntile = (int)(t1 - t0);
+    int G = 1;
+    while (G < ntile && G < o.groups)
+        G <<= 1;
+    const int gsize = THREADS / G, gid = tid / gsize;
+    for (int64_t tile = t0 + gid; tile < t1; tile += G)
+        build_tile(o, s, tile, (int)((tile - t0) * DCU_TILE), sK, pack, nL,
+                   area + gid * o.group_bytes, gid + 1, gsize, &nnz);
+
+    /* the block's nnz and bias check */
+    nnz = __reduce_add_sync(FULL, (unsigned)nnz);
+    bad = __syncthreads_or(bad);
+    if (lane == 0)
+        tmp64[warp] = nnz;
+    __syncthreads();
+    if (tid == 0) {
         unsigned long long all = 0;
-        for (int x = 0; x < UNION_WARPS; x++)
-            all += warp_nnz[x];
-        if (all)
-            atomicAdd(o.nnz, all);
+        for (int i = 0; i < WARPS; i++)
+            all += tmp64[i];
+        o.slots[s * gridDim.x + blockIdx.x] = make_ulonglong2(all, bad);
     }
 }
 
@@ -711,113 +572,101 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     cudaStream_t stream = (cudaStream_t)stream_;
     const int64_t nslab = sp->B * sp->H, Lk = sp->Lk, Lq = sp->Lq;
     const int w = (int)std::min<int64_t>(window, Lk);
-    const int64_t nb = std::max<int64_t>(1, (Lk + 63) / 64);
-    tree t = {};
-    int64_t n = nb, cap = std::min<int64_t>(w, 64), eo = 0, co = 0;
-    for (int k = 0;; k++) {
-        t.nodes[k] = n;
-        t.cap[k] = std::max<int64_t>(cap, 1);
-        t.off[k] = eo;
-        t.cnt_off[k] = co;
-        eo += n * t.cap[k];
-        co += n;
-        t.levels = k + 1;
-        if (n == 1)
-            break;
-        n = (n + 1) / 2;
-        cap = std::min<int64_t>(w, cap * 2);
-    }
-    t.slab_elems = eo;
-    t.slab_counts = co;
-    t.vals_per_slab = nb * 64;
     const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
-    const size_t tile_smem = (size_t)capU * 4 * sizeof(int32_t) +
-                             (size_t)2 * DCU_TILE * ((capU + 63) / 64) * sizeof(uint64_t);
-    const size_t tree_smem = (size_t)2 * std::max<int64_t>(GROUP_KEYS, t.cap[t.levels - 1]) * sizeof(entry);
+    const int64_t wcap = (capU + 63) / 64;
     int dev = 0, max_smem = 0, sms = 0;
     DCU_TRY(cudaGetDevice(&dev));
     DCU_TRY(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
     DCU_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    /* A block's shared memory is its static part (under 2 KiB in these kernels) and the
-     * dynamic part; over 48 KiB in all, a kernel must opt in (a call that costs host time,
-     * so made only then), up to the device's limit. */
-    const size_t static_smem = 2048;
-    if (std::max(tile_smem, tree_smem) + static_smem > (size_t)max_smem)
-        return 2; /* too large a window for this GPU: the caller builds it on the host */
 
+    /* Shared memory: the lists that live through the block (S + N's rank keys and rows, N,
+     * the thetas, C, N's ranks and places in C), then an area that the selection uses
+     * (histograms, candidate lists, S's bitmask, the staged prefix) and then the tile groups. */
+    run_out o = {};
+    const auto up = [](int64_t n) { return (n + 15) & ~(int64_t)15; };
+    int64_t at = 0;
+    o.o_sK = at, at += up((int64_t)(w + RUN_ROWS) * 8);
+    o.o_pack = at, at += up((int64_t)(w + RUN_ROWS) * 4);
+    o.o_nK = at, at += up(RUN_ROWS * 8);
+    o.o_thK = at, at += up(RUN_ROWS * 8);
+    o.o_C = at, at += up(SORT_N * 8);
+    o.o_nrank = at, at += up(RUN_ROWS * 2);
+    o.o_cidx = at, at += up(RUN_ROWS * 2);
+    o.o_area = at;
+    o.group_bytes = up(DCU_TILE * wcap * 8 + 4 * DCU_TILE * 4 + 64 * 4);
+    o.mask_words = 4 * ((Lk + 127) / 128);
+    const int64_t select_bytes =
+        2 * BINS * 4 + 2 * CAND_CAP * 8 + o.mask_words * 4 + (Lk + 3) / 4 * 4 * 4;
+    const int64_t static_smem = 2048, budget = max_smem - static_smem - at;
+    int groups = RUN_TILES;
+    while (groups > 0 && groups * o.group_bytes > budget)
+        groups >>= 1;
+    if (groups == 0 || select_bytes > budget) /* a prefix too long to stage: the tree */
+        return dcu_build_topk_causal_tree(window, bias, pad, sp, stream_);
+    o.groups = groups;
+    const int64_t area = std::max(select_bytes, groups * o.group_bytes);
+    const size_t smem = (size_t)(at + area);
+
+    /* Runs of tiles: one wave of blocks where the tiles allow, at most 8 tiles a run. */
     const int64_t ntile_all = nslab * sp->ntiles;
-    const int64_t wcap = (capU + 63) / 64;
-    /* One scratch allocation: the flags (NaN seen, then the nnz, 8-aligned), the climb's
-     * arrival counters (zeroed with the flags), the node counts, the nodes, the evict times
-     * (128-aligned), the words' summaries, the keys' biases (16-aligned). */
-    const size_t n_counts = (size_t)(nslab * t.slab_counts);
-    const size_t zeroed = 16 + ((n_counts * sizeof(int) + 15) & ~(size_t)15);
-    const int64_t ew = (Lk + 31) / 32, es = 32 * ew;
-    const size_t scratch_bytes = zeroed + n_counts * sizeof(int) + 8 +
-                                 (size_t)(nslab * t.slab_elems) * sizeof(entry) +
-                                 (size_t)(nslab * es) * sizeof(int32_t) +
-                                 (size_t)(nslab * ew) * sizeof(int2) +
-                                 (size_t)(nslab * t.vals_per_slab) * sizeof(float) + 16 + 128;
-    unsigned char *scratch = nullptr;
+    int64_t run = (ntile_all + sms - 1) / std::max(sms, 1);
+    run = std::max<int64_t>(1, std::min<int64_t>(RUN_TILES, run));
+    const int64_t nruns = sp->ntiles > 0 ? (sp->ntiles + run - 1) / run : 1;
+    const size_t nslots = (size_t)(nslab * nruns);
+
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
-    cudaError_t e = cudaMallocAsync((void **)&scratch, scratch_bytes, stream);
-    if (e == cudaSuccess)
-        e = cudaMemsetAsync(scratch, 0, zeroed, stream);
+    ulonglong2 *slots = nullptr;
+    ulonglong2 *host = (ulonglong2 *)malloc(nslots * sizeof *host);
+    if (!host)
+        return dcu_fail(cudaErrorMemoryAllocation, "sparsity_build: host memory");
+    cudaError_t e = cudaMallocAsync((void **)&slots, nslots * sizeof *slots, stream);
     if (e != cudaSuccess) {
-        cudaFreeAsync(scratch, stream);
+        free(host);
         return dcu_fail(e, "sparsity_build: allocation");
     }
-    int *bad = (int *)scratch, *arrivals = (int *)(scratch + 16);
-    unsigned long long *nnz = (unsigned long long *)(scratch + 8);
-    int *counts = (int *)(scratch + zeroed);
-    entry *elems = (entry *)(((uintptr_t)(counts + n_counts) + 7) & ~(uintptr_t)7);
-    /* 128-aligned: offer_words reads a word's 32 evict times as 16-byte loads */
-    int32_t *evict =
-        (int32_t *)(((uintptr_t)(elems + nslab * t.slab_elems) + 127) & ~(uintptr_t)127);
-    int2 *wsum = (int2 *)(evict + nslab * es);
-    float *vals = (float *)(((uintptr_t)(wsum + nslab * ew) + 15) & ~(uintptr_t)15);
-    slab_in in = {*bias, *pad, sp->H, Lk};
-    if (Lk > 0) {
-        if (tree_smem + static_smem > 48 * 1024)
-            cudaFuncSetAttribute(build_tree, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tree_smem);
-        const int64_t groups = (nb + GROUP_BLOCKS - 1) / GROUP_BLOCKS;
-        build_tree<<<dim3((unsigned)groups, (unsigned)nslab), GROUP_KEYS, tree_smem, stream>>>(
-            in, t, elems, counts, arrivals, bad, vals);
-    }
-    /* the object's allocation (host time) while the GPU builds the tree */
     if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0) {
-        cudaFreeAsync(scratch, stream);
+        cudaFreeAsync(slots, stream);
+        free(host);
         return -1;
     }
-    if (Lk > 0)
-        evict_times<<<dim3((unsigned)((Lk + 255) / 256), (unsigned)nslab), 256, 0, stream>>>(
-            in, t, elems, w, es, evict, ew, wsum, vals);
-    if (sp->ntiles > 0) {
-        if (tile_smem + static_smem > 48 * 1024)
-            cudaFuncSetAttribute(build_tiles, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)tile_smem);
-        tile_out o = {out.tiles, out.row_lo, out.row_hi, out.keys, out.words, nnz,
-                      Lq, Lk - Lq, sp->ntiles, capU, wcap};
-        /* Runs of tiles: one wave of four blocks a multiprocessor (a run's first tile scans
-         * the word summaries of every key before it, which costs less than a second wave). */
-        const int64_t slots = UNION_BLOCKS * (int64_t)std::max(sms, 1);
-        const int64_t run = std::max<int64_t>(1, (ntile_all + slots - 1) / slots);
-        build_tiles<<<dim3((unsigned)((sp->ntiles + run - 1) / run), (unsigned)nslab), UNION_THREADS,
-                      tile_smem, stream>>>(evict, es, run, o, wsum, ew);
+    o.tiles = out.tiles;
+    o.row_lo = out.row_lo;
+    o.row_hi = out.row_hi;
+    o.keys = out.keys;
+    o.words = out.words;
+    o.slots = slots;
+    o.Lq = Lq;
+    o.off = Lk - Lq;
+    o.ntiles = sp->ntiles;
+    o.capU = capU;
+    o.wcap = wcap;
+    o.run = run;
+    o.w = w;
+    slab_in in = {*bias, *pad, sp->H, Lk};
+    if (nslab > 0) {
+        if (smem + static_smem > 48 * 1024)
+            cudaFuncSetAttribute(build_runs, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 (int)smem);
+        build_runs<<<dim3((unsigned)nruns, (unsigned)nslab), THREADS, smem, stream>>>(in, o);
+        e = cudaGetLastError();
+        if (e == cudaSuccess)
+            e = cudaMemcpyAsync(host, slots, nslots * sizeof *slots, cudaMemcpyDeviceToHost,
+                                stream);
     }
-    int host[4] = {0, 0, 0, 0};
-    e = cudaGetLastError();
-    if (e == cudaSuccess)
-        e = cudaMemcpyAsync(host, bad, 16, cudaMemcpyDeviceToHost, stream);
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(stream);
-    cudaFreeAsync(scratch, stream);
-    if (e != cudaSuccess || host[0]) {
+    cudaFreeAsync(slots, stream);
+    unsigned long long total = 0, bad = 0;
+    for (size_t i = 0; e == cudaSuccess && nslab > 0 && i < nslots; i++) {
+        total += host[i].x;
+        bad |= host[i].y;
+    }
+    free(host);
+    if (e != cudaSuccess || bad) {
         dcu_sparsity_free(&out, stream);
         return e != cudaSuccess ? dcu_fail(e, "sparsity_build") : 1;
     }
-    unsigned long long total;
-    memcpy(&total, host + 2, sizeof total);
     out.nnz = (int64_t)total;
     *sp = out;
     return 0;
