@@ -405,6 +405,14 @@ START_TEST(sparsity_topk_causal)
                 c.Bp = rng_int(&r, 0, 1);
                 run_scase(cpu, gpu, &c);
             }
+    /* Ties over the selection's candidate limit: about 1600 keys share the largest of five
+     * bias values, so theta's histogram bin is narrowed by key over the prefix first. */
+    for (int64_t w = 256; w <= 2048; w *= 8) {
+        scase ties = {.kind = DMA_MASK_TOPK, .causal = 1, .window = w, .B = 1, .H = 2,
+                      .Lq = 300, .Lk = 8192, .Bb = 1, .Hb = 2, .Lb = 1, .quant = 1,
+                      .seed = rng_u64(&r)};
+        run_scase(cpu, gpu, &ties);
+    }
     dma_context_destroy(cpu);
     dma_context_destroy(gpu);
 }
