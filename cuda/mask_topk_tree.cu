@@ -706,8 +706,8 @@ __global__ void __launch_bounds__(UNION_THREADS, UNION_BLOCKS)
 
 } // namespace
 
-extern "C" int dcu_build_topk_causal_tree(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
-                                     dcu_sparsity *sp, void *stream_)
+extern "C" int dcu_build_topk_causal_tree(int64_t window, const dcu_tensor *bias,
+                                          const dcu_tensor *pad, dcu_sparsity *sp, void *stream_)
 {
     cudaStream_t stream = (cudaStream_t)stream_;
     const int64_t nslab = sp->B * sp->H, Lk = sp->Lk, Lq = sp->Lq;
