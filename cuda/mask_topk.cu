@@ -612,7 +612,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     int64_t run = (ntile_all + sms - 1) / std::max(sms, 1);
     run = std::max<int64_t>(1, std::min<int64_t>(RUN_TILES, run));
     const int64_t nruns = sp->ntiles > 0 ? (sp->ntiles + run - 1) / run : 1;
-    const size_t nslots = (size_t)(nslab * nruns);
+    const size_t nslots = (size_t)std::max<int64_t>(1, nslab * nruns); /* 0 slabs: one, unused */
 
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
