@@ -336,7 +336,7 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const uint32_t cspan = cmax - cmin;
     const int csh = max(0, (cspan ? 32 - __clz((int)cspan) : 0) - BIN_BITS);
     uint64_t K_hi = 0;
-    code_bins cbins;
+    hist_bins cbins;
     uint32_t hclo = 0; /* theta_p0's code bin; its keys in m.cand, their K range */
     int hn = 0;
     uint64_t hlo = 0, hhi = 0;
@@ -352,7 +352,7 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
         __syncthreads();
         uint32_t clo, chi;
         int ab, ct;
-        cbins = scan_bins(m);
+        cbins = scan_bins(m.hist, m);
         find_bin(cbins, hi_rank, cmin, cmax, csh, found + 4, &clo, &chi, &ab, &ct);
         int r = hi_rank;
         hn = collect(pf, &r, clo, chi, ab, ct, m, smask, &hlo, &hhi);

@@ -61,6 +61,42 @@ struct prefix {
     }
 };
 
+/* A histogram's bins, thread t holding bins 4095 - 4t - k (k < 4, the largest first), and
+ * the keys in the bins above them (a block-wide prefix: one serves any number of ranks). */
+struct hist_bins {
+    uint32_t h[4], before;
+};
+
+__device__ hist_bins scan_bins(const uint32_t *hist, const sel_mem &m)
+{
+    hist_bins hb;
+    uint32_t sum = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) {
+        hb.h[k] = hist[BINS - 1 - 4 * threadIdx.x - k];
+        sum += hb.h[k];
+    }
+    int all;
+    hb.before = (uint32_t)block_excl_scan<int>((int)sum, m.tmp32, &all);
+    return hb;
+}
+
+/* The bin that holds rank r (1-based, from the largest): slot[0] the bin, slot[1] the keys
+ * above it, slot[2] in it (three ints of shared memory; every thread reads them after). */
+__device__ void pick_bin(const hist_bins &hb, int r, int *slot)
+{
+    uint32_t before = hb.before;
+    for (int k = 0; k < 4; k++) {
+        if ((int)before < r && r <= (int)(before + hb.h[k])) {
+            slot[0] = BINS - 1 - 4 * threadIdx.x - k;
+            slot[1] = (int)before;
+            slot[2] = (int)hb.h[k];
+        }
+        before += hb.h[k];
+    }
+    __syncthreads();
+}
+
 /* Histogram of the rank keys in [lo, lo + (BINS << sh)) over the candidates or the prefix,
  * then the bin holding the r-th largest: *lo, *hi narrowed to it, *r made relative to it
  * (1-based), returns its count. */
@@ -78,26 +114,7 @@ __device__ int narrow(Each each, uint64_t *lo, uint64_t *hi, int *r, const sel_m
             atomicAdd(&m.hist2[(K - base) >> sh], 1u);
     });
     __syncthreads();
-    /* thread t holds bins 4095 - 4t - k (k < 4), the largest first */
-    uint32_t h[4], sum = 0;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        h[k] = m.hist2[BINS - 1 - 4 * tid - k];
-        sum += h[k];
-    }
-    int all;
-    uint32_t before = (uint32_t)block_excl_scan<int>((int)sum, m.tmp32, &all);
-    if ((int)before < *r && *r <= (int)(before + sum))
-        for (int k = 0; k < 4; k++) {
-            if ((int)(before + h[k]) >= *r) {
-                m.found[0] = BINS - 1 - 4 * tid - k;
-                m.found[1] = (int)before;
-                m.found[2] = (int)h[k];
-                break;
-            }
-            before += h[k];
-        }
-    __syncthreads();
+    pick_bin(scan_bins(m.hist2, m), *r, m.found);
     const uint64_t bin = (uint64_t)m.found[0];
     *lo = base + (bin << sh);
     *hi = min(*hi, *lo + (((uint64_t)1 << sh) - 1));
@@ -210,41 +227,12 @@ __device__ int collect(const prefix &pf, int *r, uint32_t clo, uint32_t chi, int
     return count;
 }
 
-/* The code histogram's bins, thread t holding bins 4095 - 4t - k (k < 4, the largest first),
- * and the keys in the bins above them (a block-wide prefix, made once for both ranks). */
-struct code_bins {
-    uint32_t h[4], before;
-};
-
-__device__ code_bins scan_bins(const sel_mem &m)
-{
-    code_bins cb;
-    uint32_t sum = 0;
-#pragma unroll
-    for (int k = 0; k < 4; k++) {
-        cb.h[k] = m.hist[BINS - 1 - 4 * threadIdx.x - k];
-        sum += cb.h[k];
-    }
-    int all;
-    cb.before = (uint32_t)block_excl_scan<int>((int)sum, m.tmp32, &all);
-    return cb;
-}
-
-/* The bin (2^sh codes from cmin) that holds rank r: its code range, the keys above it and in
- * it. slot: three ints of shared memory of its own. */
-__device__ void find_bin(const code_bins &cb, int r, uint32_t cmin, uint32_t cmax, int sh,
+/* The code bin (2^sh codes from cmin) that holds rank r: its code range, the keys above it and
+ * in it. slot: three ints of shared memory of its own. */
+__device__ void find_bin(const hist_bins &hb, int r, uint32_t cmin, uint32_t cmax, int sh,
                          int *slot, uint32_t *clo, uint32_t *chi, int *above, int *count)
 {
-    uint32_t before = cb.before;
-    for (int k = 0; k < 4; k++) {
-        if ((int)before < r && r <= (int)(before + cb.h[k])) {
-            slot[0] = BINS - 1 - 4 * threadIdx.x - k;
-            slot[1] = (int)before;
-            slot[2] = (int)cb.h[k];
-        }
-        before += cb.h[k];
-    }
-    __syncthreads();
+    pick_bin(hb, r, slot);
     const uint32_t b = (uint32_t)slot[0];
     *clo = cmin + (b << sh);
     *chi = min(cmax, *clo + ((1u << sh) - 1));
