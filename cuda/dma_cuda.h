@@ -47,11 +47,23 @@ typedef struct dcu_attn {
     dcu_sparsity sp;
 } dcu_attn;
 
+/* What a context keeps between calls: the device's figures, read once, and the mask build's
+ * result slots (host memory the GPU writes directly, so that a build reads its result without
+ * a copy; grown when a call needs more, freed by dcu_state_free). */
+typedef struct dcu_state {
+    int device, sms, smem_optin; /* multiprocessors; shared memory a block may opt in to */
+    int topk_smem;               /* the mask build kernel's shared-memory limit, as set */
+    void *slots;                 /* mapped, pinned host memory */
+    size_t slot_bytes;
+} dcu_state;
+
 const char *dcu_last_error(void);
 int dcu_device_count(void);
 int dcu_set_device(int device);
-/* Select the device and set up its memory pool (once per context). */
-int dcu_init(int device);
+/* Select the device, set up its memory pool and fill st (once per context). */
+int dcu_init(int device, dcu_state *st);
+/* Frees st's host memory (not st itself). */
+void dcu_state_free(dcu_state *st);
 /* 1 if p is memory GPU `device` can read as device memory (device or managed), else 0. */
 int dcu_on_device(const void *p, int device);
 int dcu_copy_to_device(void *dst, const void *src, size_t bytes, void *stream);
@@ -66,7 +78,7 @@ int dcu_device_sync(void);
  * 2 when the window is too large for it (its lists need more shared memory than the GPU
  * has: build it on the host); < 0 on a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
-                          dcu_sparsity *sp, void *stream);
+                          dcu_sparsity *sp, dcu_state *st, void *stream);
 /* The same for key axes too long for dcu_build_topk_causal's shared memory (mask_topk_tree.cu:
  * a merge tree of best-w lists and a descent per key); called by it. */
 int dcu_build_topk_causal_tree(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,

@@ -35,6 +35,7 @@
  * where every new key enters (|N| near P), not the last ones with the longest prefixes.
  */
 #include <algorithm>
+#include <climits>
 #include <cstdlib>
 
 #include "common.cuh"
@@ -43,6 +44,7 @@
 namespace {
 
 constexpr int RUN_TILES = 8, RUN_ROWS = RUN_TILES * DCU_TILE; /* P <= 512 */
+constexpr int16_t NOT_IN_C = 0x7fff; /* cidx of a key of N that C no longer holds */
 static_assert(SORT_N >= 2 * RUN_ROWS - 1, "C: |B| <= P and |N| <= P - 1");
 
 struct slab_in {
@@ -95,115 +97,146 @@ struct run_out {
 
 /* A group's tile. L = S + N in key order (rank keys LK; pack: the run-relative row of each
  * one's first and last-plus-one kept row, rs | re << 16); the members are those a row of the
- * tile keeps, U in key order. Most members are kept by every row of the tile; the others (at
- * most 126: a row admits and evicts at most one key) are listed, and the threads of each row
- * clear their bits outside their rows (a share of the list each, in U's order, a word at a
- * time). The words are built in shared memory and copied out whole. */
+ * tile keeps, U in key order. A row admits at most one member (its own key) and evicts at most
+ * one (theta before the arrival that moved it), so the rows' words are a walk down the tile:
+ * row 0 keeps all of U but the members admitted later; each row then sets its admitted bit
+ * and clears its evicted one. The walk is cut into blocks of 16 rows, each started from what
+ * the blocks before it admitted and evicted, so that a thread takes a word over a block; most
+ * words change at no row of a block. The words are built in shared memory and copied out
+ * whole. gsize is a power of 2 (>= 64). */
 __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, const uint64_t *LK,
                            const uint32_t *pack, int nL, unsigned char *gmem, int gid,
                            int gsize, unsigned long long *nnz)
 {
-    const int gt = threadIdx.x % gsize, lane = threadIdx.x & 31, gw = gt >> 5, gwarps = gsize >> 5;
-    unsigned long long *wbuf = (unsigned long long *)gmem; /* [nrows][wpr] */
-    uint32_t *xpos = (uint32_t *)(wbuf + DCU_TILE * o.wcap), *xrows = xpos + 2 * DCU_TILE;
-    int *wcnt = (int *)(xrows + 2 * DCU_TILE); /* [32] members, [32] listed, a warp */
+    const int glog = 31 - __clz(gsize);
+    const int gt = threadIdx.x & (gsize - 1), lane = threadIdx.x & 31, gw = gt >> 5;
+    const int gwarps = gsize >> 5;
+    /* a row's admitted and evicted member, each plus one (0: none): admit | evict << 16 */
+    uint32_t *moves = (uint32_t *)gmem; /* 16-byte aligned: read four rows at a time */
+    int *wcnt = (int *)(moves + DCU_TILE); /* [32] members a warp */
+    unsigned long long *wbuf = (unsigned long long *)(wcnt + 32); /* [nrows][wpr] */
+    /* per block of 16 rows and word of U: the members the block admits (after row 0) and
+     * evicts (written as 32-bit halves, low first, and read as words), and its rows that
+     * admit or evict one of the word's members */
+    uint32_t *adm = (uint32_t *)(wbuf + DCU_TILE * o.wcap), *evi = adm + 4 * 2 * o.wcap;
+    uint32_t *flips = evi + 4 * 2 * o.wcap; /* [4][wcap] */
     const int64_t r0 = tile * DCU_TILE, r1 = min(o.Lq, r0 + DCU_TILE);
     const int nrows = (int)(r1 - r0), T0 = rel0, T1 = rel0 + nrows;
     const int64_t tix = s * o.ntiles + tile;
 
     /* count the members per warp (a contiguous chunk of L each) */
-    const int chunk = ((nL + gwarps - 1) / gwarps + 31) & ~31;
+    const int chunk = (((nL + gwarps - 1) >> (glog - 5)) + 31) & ~31;
     const int c0 = gw * chunk, c1 = min(nL, c0 + chunk);
-    int cnt = 0, xcnt = 0; /* members; those kept by some rows only */
+    int cnt = 0;
     for (int b = c0; b < c1; b += 32) {
         const int u = b + lane;
         const uint32_t pk = u < c1 ? pack[u] : 0;
         const int rs = (int)(pk & 0xffff), re = (int)(pk >> 16);
-        const bool in = rs < T1 && re > max(rs, T0);
-        cnt += __popc(__ballot_sync(FULL, in));
-        xcnt += __popc(__ballot_sync(FULL, in && (rs > T0 || re < T1)));
+        cnt += __popc(__ballot_sync(FULL, rs < T1 && re > max(rs, T0)));
     }
-    if (lane == 0) {
+    if (lane == 0)
         wcnt[gw] = cnt;
-        wcnt[32 + gw] = xcnt;
-    }
+    for (int x = gt; x < DCU_TILE; x += gsize)
+        moves[x] = 0;
+    for (int x = gt; x < 5 * 4 * o.wcap; x += gsize)
+        adm[x] = 0; /* and evi, flips */
     group_sync(gid, gsize);
-    int at = 0, n = 0, xat = 0, nxs = 0;
+    int at = 0, n = 0;
     for (int x = 0; x < gwarps; x++) {
         at += x < gw ? wcnt[x] : 0;
         n += wcnt[x];
-        xat += x < gw ? wcnt[32 + x] : 0;
-        nxs += wcnt[32 + x];
     }
     const int wpr = (n + 63) / 64;
-    /* every row's words: all of U, then the listed members' bits are cleared */
-    const unsigned long long last = n % 64 ? (1ull << (n % 64)) - 1 : ~0ull;
-    for (int x = gt; x < nrows * wpr; x += gsize)
-        wbuf[x] = x % wpr == wpr - 1 ? last : ~0ull;
     int32_t *keys = o.keys + tix * o.capU;
     for (int b = c0; b < c1; b += 32) {
         const int u = b + lane;
         const uint32_t pk = u < c1 ? pack[u] : 0;
         const int rs = (int)(pk & 0xffff), re = (int)(pk >> 16);
         const bool in = rs < T1 && re > max(rs, T0);
-        const bool part = in && (rs > T0 || re < T1); /* kept by some rows of the tile only */
-        const unsigned mk = __ballot_sync(FULL, in), mx = __ballot_sync(FULL, part);
+        const unsigned mk = __ballot_sync(FULL, in);
         if (in) {
             const int pos = at + __popc(mk & ((1u << lane) - 1));
             keys[pos] = key_of(LK[u]);
-            if (part) { /* listed in U's order */
-                const int x = xat + __popc(mx & ((1u << lane) - 1));
-                xpos[x] = (uint32_t)pos;
-                xrows[x] = (uint32_t)max(rs - T0, 0) | (uint32_t)min(re - T0, nrows) << 16;
+            const uint32_t bit = 1u << (pos & 31);
+            const int hwd = pos >> 5;
+            if (rs > T0) {
+                const int r = rs - T0;
+                atomicOr(&moves[r], (uint32_t)pos + 1);
+                atomicOr(&adm[(r >> 4) * 2 * o.wcap + hwd], bit);
+                atomicOr(&flips[(r >> 4) * o.wcap + (pos >> 6)], 1u << (r & 15));
+            }
+            if (re < T1) {
+                const int r = re - T0;
+                atomicOr(&moves[r], ((uint32_t)pos + 1) << 16);
+                atomicOr(&evi[(r >> 4) * 2 * o.wcap + hwd], bit);
+                atomicOr(&flips[(r >> 4) * o.wcap + (pos >> 6)], 1u << (r & 15));
             }
         }
         at += __popc(mk);
-        xat += __popc(mx);
     }
     if (gt == 0)
         o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, n, wpr, 0};
     group_sync(gid, gsize);
-    int32_t *lo = o.row_lo + s * o.Lq + r0, *hi = o.row_hi + s * o.Lq + r0;
+    /* The walk: a thread takes a word's column over a block of 16 rows, from the state the
+     * earlier blocks left; it changes only at the rows that flips lists. */
+    const uint64_t *adm64 = (const uint64_t *)adm, *evi64 = (const uint64_t *)evi;
+    for (int x = gt; x < (DCU_TILE / 16) * wpr; x += gsize) {
+        const int wd = x % wpr, blk = x / wpr, rb0 = 16 * blk, lo = 64 * wd;
+        uint64_t bits = n - lo >= 64 ? ~0ull : (1ull << (n - lo)) - 1, in = 0, out = 0;
+        for (int b = 0; b < DCU_TILE / 16; b++) { /* admitted after row 0, and before rb0 */
+            const uint64_t ab = adm64[b * o.wcap + wd];
+            bits &= ~ab;
+            if (b < blk) {
+                in |= ab;
+                out |= evi64[b * o.wcap + wd];
+            }
+        }
+        bits = (bits | in) & ~out;
+        const uint32_t fl = flips[blk * o.wcap + wd];
+        unsigned long long *col = wbuf + rb0 * wpr + wd;
+#pragma unroll
+        for (int k = 0; k < 16; k++) {
+            if ((fl >> k) & 1) {
+                const uint32_t mv = moves[rb0 + k];
+                const int a = (int)(mv & 0xffff) - 1, e = (int)(mv >> 16) - 1;
+                if (a >= lo && a < lo + 64)
+                    bits |= 1ull << (a - lo);
+                if (e >= lo && e < lo + 64)
+                    bits &= ~(1ull << (e - lo));
+            }
+            if (rb0 + k < nrows)
+                col[k * wpr] = bits;
+        }
+    }
+    group_sync(gid, gsize);
+    int32_t *rlo = o.row_lo + s * o.Lq + r0, *rhi = o.row_hi + s * o.Lq + r0;
     {
-        /* gsize / 64 threads a row, each a share of the list (in U's order: a word at a time) */
-        const int r = gt % DCU_TILE, parts = gsize / DCU_TILE, part = gt / DCU_TILE;
-        const int x0 = part * nxs / parts, x1 = (part + 1) * nxs / parts;
-        if (r < nrows && x0 < x1) {
-            unsigned long long *row = wbuf + r * wpr, clear = 0;
-            int cur = (int)(xpos[x0] >> 6);
-            for (int x = x0; x < x1; x++) {
-                const uint32_t rr = xrows[x], p = xpos[x];
-                if ((int)(p >> 6) != cur) {
-                    if (clear)
-                        atomicAnd(&row[cur], ~clear);
-                    clear = 0;
-                    cur = (int)(p >> 6);
+        /* a row's count, first and last-plus-one member: gsize / 64 threads a row (adjacent
+         * lanes), each a share of its words */
+        const int plog = glog - 6, parts = 1 << plog, r = gt >> plog, part = gt & (parts - 1);
+        int c = 0, f = INT_MAX, e = 0;
+        if (r < nrows) {
+            const unsigned long long *row = wbuf + r * wpr;
+            for (int wd = part; wd < wpr; wd += parts) {
+                const unsigned long long bits = row[wd];
+                if (bits) {
+                    c += __popcll(bits);
+                    f = min(f, wd * 64 + __ffsll((long long)bits) - 1);
+                    e = wd * 64 + 64 - __clzll((long long)bits);
                 }
-                if (r < (int)(rr & 0xffff) || r >= (int)(rr >> 16))
-                    clear |= 1ull << (p & 63);
-            }
-            if (clear)
-                atomicAnd(&row[cur], ~clear);
-        }
-    }
-    group_sync(gid, gsize);
-    for (int r = gt; r < nrows; r += gsize) {
-        const unsigned long long *row = wbuf + r * wpr;
-        int c = 0, f = -1, e = 0;
-        for (int wd = 0; wd < wpr; wd++) {
-            const unsigned long long bits = row[wd];
-            if (bits) {
-                c += __popcll(bits);
-                if (f < 0)
-                    f = wd * 64 + __ffsll((long long)bits) - 1;
-                e = wd * 64 + 64 - __clzll((long long)bits);
             }
         }
-        lo[r] = c ? f : 0;
-        hi[r] = c ? e : 0;
-        *nnz += c;
+        for (int d = 1; d < parts; d <<= 1) {
+            c += __shfl_xor_sync(FULL, c, d);
+            f = min(f, __shfl_xor_sync(FULL, f, d));
+            e = max(e, __shfl_xor_sync(FULL, e, d));
+        }
+        if (part == 0 && r < nrows) {
+            rlo[r] = c ? f : 0;
+            rhi[r] = c ? e : 0;
+            *nnz += c;
+        }
     }
-    group_sync(gid, gsize);
     uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
     for (int x = gt; x < nrows * wpr; x += gsize)
         words[x] = wbuf[x];
@@ -255,14 +288,12 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const prefix pf = {staged, npre}; /* the host made the whole prefix fit */
 
     /* 1. The prefix's codes (staged), how many take part, their code range; the bias check. */
-    uint32_t cmin = FULL, cmax = 0;
+    uint32_t cmin = FULL, cmax = 0; /* cmin less one while staging: a code of 0 wraps */
     int cnt = 0;
-    auto take = [&](uint32_t c) {
-        if (c) {
-            cnt++;
-            cmin = min(cmin, c);
-            cmax = max(cmax, c);
-        }
+    auto take = [&](uint32_t c) { /* without a branch: a key that takes no part adds nothing */
+        cnt += c != 0;
+        cmin = min(cmin, c - 1);
+        cmax = max(cmax, c);
     };
     const int64_t n4 = (npre + 3) / 4; /* staged: zeros up to a multiple of 4 */
     /* the run's new keys (p0, plast]: their codes, loaded with the prefix's */
@@ -271,29 +302,30 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const uint32_t cnew = tid < nnew ? code_of(sk, nlo + tid, &bad) : 0;
     if (sk.bstride == 1 && !sk.pad && ((uintptr_t)sk.bias & 15) == 0) {
         constexpr int BATCH = 4; /* float4 loads in flight a thread */
-        for (int64_t q0 = tid; q0 < n4; q0 += BATCH * THREADS) {
+        const int np = (int)npre, nq = (int)n4; /* a staged prefix fits 32-bit indices */
+        for (int q0 = tid; q0 < nq; q0 += BATCH * THREADS) {
             float4 v[BATCH];
 #pragma unroll
             for (int u = 0; u < BATCH; u++) {
-                const int64_t q = q0 + u * THREADS, j = 4 * q;
+                const int q = q0 + u * THREADS, j = 4 * q;
                 v[u] = make_float4(0, 0, 0, 0);
-                if (j + 3 < npre)
+                if (j + 3 < np)
                     v[u] = __ldg((const float4 *)sk.bias + q);
-                else if (j < npre) /* the last, partial vector: no read past the prefix */
-                    v[u] = {__ldg(sk.bias + j), j + 1 < npre ? __ldg(sk.bias + j + 1) : 0.0f,
-                            j + 2 < npre ? __ldg(sk.bias + j + 2) : 0.0f, 0.0f};
+                else if (j < np) /* the last, partial vector: no read past the prefix */
+                    v[u] = {__ldg(sk.bias + j), j + 1 < np ? __ldg(sk.bias + j + 1) : 0.0f,
+                            j + 2 < np ? __ldg(sk.bias + j + 2) : 0.0f, 0.0f};
             }
 #pragma unroll
             for (int u = 0; u < BATCH; u++) {
-                const int64_t q = q0 + u * THREADS, j = 4 * q;
-                if (q >= n4)
+                const int q = q0 + u * THREADS, j = 4 * q;
+                if (q >= nq)
                     break;
                 const float x[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
                 uint32_t c[4];
 #pragma unroll
                 for (int i = 0; i < 4; i++) {
-                    const bool here = j + i < npre;
-                    bad |= here && (isnan(x[i]) || x[i] == INFINITY);
+                    const bool here = j + i < np; /* past it: 0.0f, which is not bad */
+                    bad |= isnan(x[i]) || x[i] == INFINITY;
                     c[i] = here ? order_code(x[i], true) : 0;
                     take(c[i]);
                 }
@@ -312,6 +344,7 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
             ((uint4 *)staged)[q] = make_uint4(c[0], c[1], c[2], c[3]);
         }
     }
+    cmin += cmin != FULL; /* back from less one */
     cnt = __reduce_add_sync(FULL, (unsigned)cnt);
     cmin = __reduce_min_sync(FULL, cmin);
     cmax = __reduce_max_sync(FULL, cmax);
@@ -434,8 +467,9 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
                        w3 = smask[4 * b + 3];
         const unsigned mine = ((w0 >> lane) & 1) | ((w1 >> lane) & 1) << 1 |
                               ((w2 >> lane) & 1) << 2 | ((w3 >> lane) & 1) << 3;
-        const int k = __popc(mine), incl = warp_incl_scan(k);
-        int at = boff[b] + incl - k;
+        const unsigned below = (1u << lane) - 1; /* the keys of the lanes before this one */
+        int at = boff[b] + __popc(w0 & below) + __popc(w1 & below) + __popc(w2 & below) +
+                 __popc(w3 & below);
 #pragma unroll
         for (int i = 0; i < 4; i++)
             if ((mine >> i) & 1) {
@@ -448,12 +482,44 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
             }
     }
     __syncthreads();
-    const int nB_ = nB, nC = nB_ + nN;
+    const int nB_ = nB, nCall = nB_ + nN;
+    for (int r = nB_ + tid; r < nCall; r += THREADS)
+        C[r] = nK[r - nB_];
+    for (int e = tid; e < nN; e += THREADS)
+        cidx[e] = NOT_IN_C;
+    __syncthreads();
+    /* Only the bottom min(|C|, |N| + 1) of C can be theta within the run (theta at its end is
+     * the top of those), so the rest is dropped before the sort. */
+    int nC = nCall;
+    const int keep = min(nCall, nN + 1);
+    if (keep < nCall) {
+        uint32_t lo = FULL, hi = 0; /* C's code range */
+        if (tid < nCall)
+            lo = hi = (uint32_t)(C[tid] >> 32);
+        lo = __reduce_min_sync(FULL, lo);
+        hi = __reduce_max_sync(FULL, hi);
+        if (lane == 0)
+            tmp64[warp] = (unsigned long long)lo << 32 | hi;
+        __syncthreads();
+        for (int i = 0; i < WARPS; i++) {
+            lo = min(lo, (uint32_t)(tmp64[i] >> 32));
+            hi = max(hi, (uint32_t)tmp64[i]);
+        }
+        const uint64_t top = rank_among(C, nCall, (uint64_t)lo << 32,
+                                        (uint64_t)hi << 32 | FULL, nCall - keep + 1, m, nullptr);
+        const uint64_t x = tid < nCall ? C[tid] : PAD;
+        if (tid == 0)
+            nB = 0;
+        __syncthreads();
+        if (x <= top)
+            C[atomicAdd(&nB, 1)] = x;
+        nC = keep;
+    }
     int n2 = 64;
     while (n2 < nC)
         n2 <<= 1;
-    for (int r = nB_ + tid; r < n2; r += THREADS)
-        C[r] = r < nC ? nK[r - nB_] : PAD;
+    for (int r = nC + tid; r < n2; r += THREADS)
+        C[r] = PAD;
     __syncthreads();
     block_sort(C, n2, (uint64_t *)(area + 4096)); /* after `arrival` below */
     /* arrival: -1 for B, else the rank in N (in the area: the selection is done) */
@@ -469,7 +535,9 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 
     /* 6. theta after each key of N arrives (event e: the e + 1 first keys of N present): the
      * (|S| + e + 1 - w + 1)-th smallest present element of C. A warp takes a run of events;
-     * lane l holds the presence bits of C[32l, 32l + 32). */
+     * lane l holds the presence bits of C[32l, 32l + 32). The warp's first theta is a select;
+     * after it, an arrival below theta leaves it where it is, and one above moves it to the
+     * next present element (the arrival itself or the one after theta). */
     {
         const int per = (nN + WARPS - 1) / WARPS;
         const int e0 = warp * per, e1 = min(nN, e0 + per);
@@ -481,19 +549,14 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
                 if (lane == l)
                     have = word;
             }
-            /* c: present in this lane's word; incl: in the words up to it (each event adds one
-             * element, so the prefix is kept up to date, not made again) */
-            int c = __popc(have), incl = warp_incl_scan(c);
+            int q = -1; /* theta's place in C, once it is one of C */
             for (int e = e0; e < e1; e++) {
-                const int ci = cidx[e], owner = ci >> 5;
-                if (owner == lane) {
+                const int ci = cidx[e];
+                if (ci < nC && (ci >> 5) == lane)
                     have |= 1u << (ci & 31);
-                    c++;
-                }
-                incl += lane >= owner;
                 const int idx = hi_rank + e + 1 - w; /* 0-based, among the present */
-                uint64_t th = 0;
-                if (idx >= 0) {
+                if (idx >= 0 && q < 0) {
+                    const int c = __popc(have), incl = warp_incl_scan(c);
                     const unsigned hit = __ballot_sync(FULL, incl > idx);
                     const int src = __ffs(hit) - 1;
                     /* the (idx - before + 1)-th set bit of the source lane's word */
@@ -508,11 +571,22 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
                             pos += width;
                         }
                     }
-                    const uint64_t mine = lane == src ? C[32 * lane + pos] : 0;
-                    th = __shfl_sync(FULL, mine, src);
+                    pos = __shfl_sync(FULL, pos, max(src, 0));
+                    if (hit)
+                        q = 32 * src + pos;
+                } else if (idx >= 0 && ci > q) {
+                    const int from = q + 1, wq = from >> 5;
+                    const unsigned mw = lane > wq    ? have
+                                        : lane == wq ? have & (FULL << (from & 31))
+                                                     : 0u;
+                    const unsigned any = __ballot_sync(FULL, mw != 0);
+                    const int src = __ffs(any) - 1, bit = __ffs(mw) - 1;
+                    const int b = __shfl_sync(FULL, bit, max(src, 0));
+                    if (any)
+                        q = 32 * src + b;
                 }
                 if (lane == 0)
-                    thK[e] = th;
+                    thK[e] = q >= 0 ? C[q] : 0;
             }
         }
     }
@@ -567,17 +641,14 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 } // namespace
 
 extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
-                                     dcu_sparsity *sp, void *stream_)
+                                     dcu_sparsity *sp, dcu_state *st, void *stream_)
 {
     cudaStream_t stream = (cudaStream_t)stream_;
     const int64_t nslab = sp->B * sp->H, Lk = sp->Lk, Lq = sp->Lq;
     const int w = (int)std::min<int64_t>(window, Lk);
     const int64_t capU = std::min<int64_t>(w + 64, std::max<int64_t>(Lk, 1));
     const int64_t wcap = (capU + 63) / 64;
-    int dev = 0, max_smem = 0, sms = 0;
-    DCU_TRY(cudaGetDevice(&dev));
-    DCU_TRY(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    DCU_TRY(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    const int max_smem = st->smem_optin, sms = st->sms;
 
     /* Shared memory: the lists that live through the block (S + N's rank keys and rows, N,
      * the thetas, C, N's ranks and places in C), then an area that the selection uses
@@ -593,7 +664,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.o_nrank = at, at += up(RUN_ROWS * 2);
     o.o_cidx = at, at += up(RUN_ROWS * 2);
     o.o_area = at;
-    o.group_bytes = up(DCU_TILE * wcap * 8 + 4 * DCU_TILE * 4 + 64 * 4);
+    o.group_bytes = up(DCU_TILE * wcap * 8 + 5 * 4 * wcap * 4 + DCU_TILE * 4 + 32 * 4);
     o.mask_words = 4 * ((Lk + 127) / 128);
     const int64_t select_bytes =
         2 * BINS * 4 + 2 * CAND_CAP * 8 + o.mask_words * 4 + (Lk + 3) / 4 * 4 * 4;
@@ -614,22 +685,20 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const int64_t nruns = sp->ntiles > 0 ? (sp->ntiles + run - 1) / run : 1;
     const size_t nslots = (size_t)std::max<int64_t>(1, nslab * nruns); /* 0 slabs: one, unused */
 
+    /* The slots: host memory the kernel writes (read after the stream's synchronisation). */
+    const size_t slot_bytes = nslots * sizeof(ulonglong2);
+    if (st->slot_bytes < slot_bytes) {
+        dcu_state_free(st);
+        const size_t bytes = std::max<size_t>(slot_bytes, 4096);
+        DCU_TRY(cudaHostAlloc(&st->slots, bytes, cudaHostAllocMapped));
+        st->slot_bytes = bytes;
+    }
+    ulonglong2 *host = (ulonglong2 *)st->slots, *slots = nullptr;
+    DCU_TRY(cudaHostGetDevicePointer((void **)&slots, st->slots, 0));
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
-    ulonglong2 *slots = nullptr;
-    ulonglong2 *host = (ulonglong2 *)malloc(nslots * sizeof *host);
-    if (!host)
-        return dcu_fail(cudaErrorMemoryAllocation, "sparsity_build: host memory");
-    cudaError_t e = cudaMallocAsync((void **)&slots, nslots * sizeof *slots, stream);
-    if (e != cudaSuccess) {
-        free(host);
-        return dcu_fail(e, "sparsity_build: allocation");
-    }
-    if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0) {
-        cudaFreeAsync(slots, stream);
-        free(host);
+    if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0)
         return -1;
-    }
     o.tiles = out.tiles;
     o.row_lo = out.row_lo;
     o.row_hi = out.row_hi;
@@ -644,25 +713,25 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.run = run;
     o.w = w;
     slab_in in = {*bias, *pad, sp->H, Lk};
+    cudaError_t e = cudaSuccess;
     if (nslab > 0) {
-        if (smem + static_smem > 48 * 1024)
-            cudaFuncSetAttribute(build_runs, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                 (int)smem);
-        build_runs<<<dim3((unsigned)nruns, (unsigned)nslab), THREADS, smem, stream>>>(in, o);
-        e = cudaGetLastError();
-        if (e == cudaSuccess)
-            e = cudaMemcpyAsync(host, slots, nslots * sizeof *slots, cudaMemcpyDeviceToHost,
-                                stream);
+        if ((int)smem > st->topk_smem) { /* once per context: the most the device allows */
+            e = cudaFuncSetAttribute(build_runs, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                     max_smem - (int)static_smem);
+            st->topk_smem = e == cudaSuccess ? max_smem - (int)static_smem : 0;
+        }
+        if (e == cudaSuccess) {
+            build_runs<<<dim3((unsigned)nruns, (unsigned)nslab), THREADS, smem, stream>>>(in, o);
+            e = cudaGetLastError();
+        }
     }
     if (e == cudaSuccess)
         e = cudaStreamSynchronize(stream);
-    cudaFreeAsync(slots, stream);
     unsigned long long total = 0, bad = 0;
     for (size_t i = 0; e == cudaSuccess && nslab > 0 && i < nslots; i++) {
         total += host[i].x;
         bad |= host[i].y;
     }
-    free(host);
     if (e != cudaSuccess || bad) {
         dcu_sparsity_free(&out, stream);
         return e != cudaSuccess ? dcu_fail(e, "sparsity_build") : 1;

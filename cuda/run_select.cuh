@@ -41,7 +41,8 @@ struct sel_mem {
     uint64_t *result;       /* rank_in's */
 };
 
-constexpr int CAND_CAP = 1024, RANK_CAP = 256;
+constexpr int CAND_CAP = 1024, RANK_CAP = 64, SMALL_BINS = 256;
+static_assert(CAND_CAP <= THREADS, "rank_among: a candidate a thread");
 
 /* The prefix [0, n) of a slab: its codes, staged in shared memory. */
 struct prefix {
@@ -51,7 +52,7 @@ struct prefix {
     template <class F> __device__ __forceinline__ void each(F f) const
     {
         const uint4 *v = (const uint4 *)staged;
-        for (int64_t q = threadIdx.x; 4 * q < n; q += THREADS) {
+        for (int q = threadIdx.x; 4 * q < (int)n; q += THREADS) { /* n fits shared memory */
             const uint4 c = v[q];
             f(4 * q, c.x);
             f(4 * q + 1, c.y);
@@ -124,6 +125,45 @@ __device__ int narrow(Each each, uint64_t *lo, uint64_t *hi, int *r, const sel_m
     return count;
 }
 
+/* narrow() for a list of at most THREADS candidates, all in [*lo, *hi]: 256 bins, which one
+ * warp scans, so that a round costs three barriers and no block-wide prefix. */
+__device__ int narrow_list(const uint64_t *cand, int n, uint64_t *lo, uint64_t *hi, int *r,
+                           const sel_mem &m)
+{
+    const int tid = threadIdx.x;
+    const uint64_t span = *hi - *lo, base = *lo;
+    const int sh = max(0, (span ? 64 - __clzll((long long)span) : 0) - 8);
+    if (tid < SMALL_BINS)
+        m.hist2[tid] = 0;
+    __syncthreads();
+    if (tid < n)
+        atomicAdd(&m.hist2[(cand[tid] - base) >> sh], 1u);
+    __syncthreads();
+    if (tid < 32) { /* lane l: bins 255 - 8l - k (k < 8), the largest first */
+        uint32_t h[8], sum = 0;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            h[k] = m.hist2[SMALL_BINS - 1 - 8 * tid - k];
+            sum += h[k];
+        }
+        uint32_t before = warp_incl_scan(sum) - sum;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            if ((int)before < *r && *r <= (int)(before + h[k])) {
+                m.found[0] = SMALL_BINS - 1 - 8 * tid - k;
+                m.found[1] = (int)before;
+                m.found[2] = (int)h[k];
+            }
+            before += h[k];
+        }
+    }
+    __syncthreads();
+    *lo = base + ((uint64_t)m.found[0] << sh);
+    *hi = min(*hi, *lo + (((uint64_t)1 << sh) - 1));
+    *r -= m.found[1];
+    return m.found[2]; /* found is written again only after two more barriers */
+}
+
 /* The r-th largest (1-based) of cand[0, n), n <= RANK_CAP: a count of those above each. */
 __device__ uint64_t rank_in(const uint64_t *cand, int n, int r, const sel_mem &m)
 {
@@ -150,7 +190,8 @@ __device__ __forceinline__ void mark(uint32_t *mask, uint64_t K)
 
 /* The r-th largest (1-based) rank key of src[0, n) (n <= CAND_CAP), all in [lo, hi]: bins
  * narrow it (into cand2; src is left as it is) until at most RANK_CAP are left, then a count.
- * With a mask, the keys of src from the result up are marked in it. */
+ * With a mask, the keys of src from the result up are marked in it. The keys are distinct, so
+ * every round shrinks the range 256 times. */
 __device__ uint64_t rank_among(const uint64_t *src, int n, uint64_t lo, uint64_t hi, int r,
                                const sel_mem &m, uint32_t *mask)
 {
@@ -158,8 +199,7 @@ __device__ uint64_t rank_among(const uint64_t *src, int n, uint64_t lo, uint64_t
     const uint64_t *cand = src;
     while (n > RANK_CAP) {
         const int nn = n;
-        n = narrow([&](auto f) { for (int i = tid; i < nn; i += THREADS) f(cand[i]); }, &lo, &hi,
-                   &r, m);
+        n = narrow_list(cand, nn, &lo, &hi, &r, m);
         const uint64_t x = tid < nn ? cand[tid] : 0; /* one a thread: then cand2 in place */
         if (tid == 0)
             m.found[3] = 0;
@@ -206,18 +246,30 @@ __device__ int collect(const prefix &pf, int *r, uint32_t clo, uint32_t chi, int
         m.found[3] = 0;
     __syncthreads();
     const uint64_t L = *lo, H = *hi;
+    /* not narrowed (the usual case): the range is whole codes, compared without the keys */
+    const bool codes = (uint32_t)L == 0 && (uint32_t)H == FULL;
+    const uint32_t cl = (uint32_t)(L >> 32), ch = (uint32_t)(H >> 32);
     const uint4 *v = (const uint4 *)pf.staged;
-    for (int64_t qb = tid - lane; 4 * qb < pf.n; qb += THREADS) {
-        const int64_t q = qb + lane;
-        const uint4 c4 = 4 * q < pf.n ? v[q] : make_uint4(0, 0, 0, 0);
+    const int n = (int)pf.n;
+    for (int qb = tid - lane; 4 * qb < n; qb += THREADS) {
+        const int q = qb + lane;
+        const uint4 c4 = 4 * q < n ? v[q] : make_uint4(0, 0, 0, 0);
         const uint32_t c[4] = {c4.x, c4.y, c4.z, c4.w};
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            const uint64_t K = rank_key(c[i], 4 * q + i);
-            if (c[i] && K >= L && K <= H)
-                m.cand[atomicAdd(&m.found[3], 1)] = K;
+            bool in, above;
+            if (codes) { /* a code of 0 (no part) is below any range: cl >= 1 */
+                in = c[i] >= cl && c[i] <= ch;
+                above = c[i] > ch;
+            } else {
+                const uint64_t K = rank_key(c[i], 4 * q + i);
+                in = c[i] && K >= L && K <= H;
+                above = c[i] && K > H;
+            }
+            if (in)
+                m.cand[atomicAdd(&m.found[3], 1)] = rank_key(c[i], 4 * q + i);
             if (mask) {
-                const unsigned above_bits = __ballot_sync(FULL, c[i] && K > H);
+                const unsigned above_bits = __ballot_sync(FULL, above);
                 if (lane == i)
                     mask[4 * (qb >> 5) + i] = above_bits;
             }

@@ -30,9 +30,14 @@ extern "C" int dcu_set_device(int device)
     return 0;
 }
 
-extern "C" int dcu_init(int device)
+extern "C" int dcu_init(int device, dcu_state *st)
 {
     DCU_TRY(cudaSetDevice(device));
+    *st = dcu_state{};
+    st->device = device;
+    DCU_TRY(cudaDeviceGetAttribute(&st->sms, cudaDevAttrMultiProcessorCount, device));
+    DCU_TRY(cudaDeviceGetAttribute(&st->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                   device));
     /* Keep the stream-ordered pool's memory between calls: without a threshold it is handed
      * back to the driver at every synchronisation and each call pays for new allocations. */
     cudaMemPool_t pool;
@@ -40,6 +45,14 @@ extern "C" int dcu_init(int device)
     uint64_t keep = UINT64_MAX;
     DCU_TRY(cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep));
     return 0;
+}
+
+extern "C" void dcu_state_free(dcu_state *st)
+{
+    if (st->slots)
+        cudaFreeHost(st->slots);
+    st->slots = NULL;
+    st->slot_bytes = 0;
 }
 
 extern "C" int dcu_on_device(const void *p, int device)

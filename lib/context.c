@@ -165,8 +165,10 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
 
 void dma_context_destroy(dma_context *ctx)
 {
-    if (ctx)
+    if (ctx) {
         dma_free(ctx->scratch);
+        dma_device_release(ctx);
+    }
     free(ctx);
 }
 

@@ -46,6 +46,8 @@ static dma_status not_built(dma_context *ctx)
 
 dma_status dma_device_init(dma_context *ctx) { (void)ctx; return DMA_ERR_DEVICE; }
 
+void dma_device_release(dma_context *ctx) { (void)ctx; }
+
 dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
                                      int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
                                      const dma_tensor *key_padding, dma_sparsity **out)
@@ -100,7 +102,21 @@ dma_status dma_device_init(dma_context *ctx)
     const int n = dcu_device_count();
     if (ctx->cuda_device < 0 || ctx->cuda_device >= n)
         return DMA_ERR_DEVICE;
-    return dcu_init(ctx->cuda_device) == 0 ? DMA_OK : DMA_ERR_DEVICE;
+    if (!(ctx->cuda_state = calloc(1, sizeof *ctx->cuda_state)))
+        return DMA_ERR_NOMEM;
+    if (dcu_init(ctx->cuda_device, ctx->cuda_state) != 0) {
+        dma_device_release(ctx);
+        return DMA_ERR_DEVICE;
+    }
+    return DMA_OK;
+}
+
+void dma_device_release(dma_context *ctx)
+{
+    if (ctx->cuda_state)
+        dcu_state_free(ctx->cuda_state);
+    free(ctx->cuda_state);
+    ctx->cuda_state = NULL;
 }
 
 /* Every element a (validated) tensor spans: 1 + sum (shape - 1) * stride, 0 if it is empty. */
@@ -357,7 +373,7 @@ dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *pa
         return dma_fail(ctx, DMA_ERR_NOMEM, "sparsity: out of host memory");
     dcu_sparsity d = {.B = B, .H = H, .Lq = Lq, .Lk = Lk, .ntiles = sp->ntiles};
     const dcu_tensor b = to_dcu(bias), p = to_dcu(key_padding);
-    int rc = dcu_build_topk_causal(window, &b, &p, &d, ctx->cuda_stream);
+    int rc = dcu_build_topk_causal(window, &b, &p, &d, ctx->cuda_state, ctx->cuda_stream);
     if (rc == 2) { /* a window whose lists need more shared memory than the GPU has */
         free(sp);
         return build_on_host(ctx, params, B, H, Lq, Lk, bias, key_padding, NULL, out);

@@ -26,6 +26,7 @@ struct dma_context {
     dma_device device;  /* DMA_DEVICE_CUDA: the calls route to lib/device.c (cuda/) */
     int cuda_device;    /* the GPU's ordinal */
     void *cuda_stream;  /* cudaStream_t, NULL = legacy default stream */
+    struct dcu_state *cuda_state; /* cuda/'s per-context state (dma_cuda.h); NULL on the CPU */
     void *scratch;      /* the forward's and backward's per-thread panels, kept between calls */
     size_t scratch_bytes;
     char last_error[256];
@@ -134,6 +135,7 @@ dma_status dma_cpu_only(dma_context *ctx, const char *call);
 /* Whether the object lives where the context computes (DMA_ERR_DEVICE with a message if not). */
 dma_status dma_device_match(dma_context *ctx, const dma_sparsity *sp);
 dma_status dma_device_init(dma_context *ctx); /* dma_context_create: select and check the GPU */
+void dma_device_release(dma_context *ctx);   /* dma_context_destroy: what dma_device_init made */
 dma_status dma_device_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
                                      int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
                                      const dma_tensor *key_padding, dma_sparsity **out);
