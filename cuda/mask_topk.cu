@@ -35,7 +35,6 @@
  * where every new key enters (|N| near P), not the last ones with the longest prefixes.
  */
 #include <algorithm>
-#include <climits>
 #include <cstdlib>
 
 #include "common.cuh"
@@ -211,29 +210,31 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
     group_sync(gid, gsize);
     int32_t *rlo = o.row_lo + s * o.Lq + r0, *rhi = o.row_hi + s * o.Lq + r0;
     {
-        /* a row's count, first and last-plus-one member: gsize / 64 threads a row (adjacent
-         * lanes), each a share of its words */
+        /* a row's count: gsize / 64 threads a row (adjacent lanes), each a share of its
+         * words; then its first and last-plus-one member, from its first and last nonzero
+         * words (nearly always the row's first and last) */
         const int plog = glog - 6, parts = 1 << plog, r = gt >> plog, part = gt & (parts - 1);
-        int c = 0, f = INT_MAX, e = 0;
-        if (r < nrows) {
-            const unsigned long long *row = wbuf + r * wpr;
-            for (int wd = part; wd < wpr; wd += parts) {
-                const unsigned long long bits = row[wd];
-                if (bits) {
-                    c += __popcll(bits);
-                    f = min(f, wd * 64 + __ffsll((long long)bits) - 1);
-                    e = wd * 64 + 64 - __clzll((long long)bits);
-                }
-            }
-        }
-        for (int d = 1; d < parts; d <<= 1) {
+        const unsigned long long *row = wbuf + r * wpr;
+        int c = 0;
+        if (r < nrows)
+            for (int wd = part; wd < wpr; wd += parts)
+                c += __popcll(row[wd]);
+        for (int d = 1; d < parts; d <<= 1)
             c += __shfl_xor_sync(FULL, c, d);
-            f = min(f, __shfl_xor_sync(FULL, f, d));
-            e = max(e, __shfl_xor_sync(FULL, e, d));
-        }
         if (part == 0 && r < nrows) {
-            rlo[r] = c ? f : 0;
-            rhi[r] = c ? e : 0;
+            int f = 0, e = 0;
+            if (c) {
+                int wd = 0;
+                while (!row[wd])
+                    wd++;
+                f = wd * 64 + __ffsll((long long)row[wd]) - 1;
+                wd = wpr - 1;
+                while (!row[wd])
+                    wd--;
+                e = wd * 64 + 64 - __clzll((long long)row[wd]);
+            }
+            rlo[r] = f;
+            rhi[r] = e;
             *nnz += c;
         }
     }
