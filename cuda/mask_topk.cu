@@ -45,6 +45,7 @@ namespace {
 constexpr int RUN_TILES = 8, RUN_ROWS = RUN_TILES * DCU_TILE; /* P <= 512 */
 constexpr int16_t NOT_IN_C = 0x7fff; /* cidx of a key of N that C no longer holds */
 static_assert(SORT_N >= 2 * RUN_ROWS - 1, "C: |B| <= P and |N| <= P - 1");
+static_assert((RUN_ROWS + WARPS - 1) / WARPS <= 32, "events: a lane each of a warp's");
 
 struct slab_in {
     dcu_tensor bias, pad;
@@ -291,11 +292,16 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     /* 1. The prefix's codes (staged), how many take part, their code range; the bias check. */
     uint32_t cmin = FULL, cmax = 0; /* cmin less one while staging: a code of 0 wraps */
     int cnt = 0;
-    auto take = [&](uint32_t c) { /* without a branch: a key that takes no part adds nothing */
+    auto take = [&](uint32_t c) { /* a key that takes no part (0) adds nothing */
         cnt += c != 0;
         cmin = min(cmin, c - 1);
         cmax = max(cmax, c);
+        if (c)
+            atomicAdd(&m.hist[c >> (32 - BIN_BITS)], 1u);
     };
+    for (int x = tid; x < BINS; x += THREADS)
+        m.hist[x] = 0;
+    __syncthreads();
     const int64_t n4 = (npre + 3) / 4; /* staged: zeros up to a multiple of 4 */
     /* the run's new keys (p0, plast]: their codes, loaded with the prefix's */
     const int64_t nlo = max(p0 + 1, (int64_t)0);
@@ -367,27 +373,34 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 
     /* 2. The code histogram of the prefix; theta_p0 = the rank key of rank hi_rank, and smask
      * marks S, the keys from theta_p0 up. */
+    /* The staging pass made a histogram of the codes' top bits. Bins over the prefix's own
+     * code range are finer when the range is narrow: then the pass is made again over it. */
     const uint32_t cspan = cmax - cmin;
     const int csh = max(0, (cspan ? 32 - __clz((int)cspan) : 0) - BIN_BITS);
+    const bool top_bits = csh >= 32 - BIN_BITS - 2; /* at most 4 times coarser */
+    const uint32_t hmin = top_bits ? 0 : cmin;
+    const int hsh = top_bits ? 32 - BIN_BITS : csh;
     uint64_t K_hi = 0;
     hist_bins cbins;
     uint32_t hclo = 0; /* theta_p0's code bin; its keys in m.cand, their K range */
     int hn = 0;
     uint64_t hlo = 0, hhi = 0;
     if (hi_rank > 0) {
-        for (int x = tid; x < BINS; x += THREADS)
-            m.hist[x] = 0;
-        __syncthreads();
-        pf.each([&](int64_t, uint32_t c) {
-            const uint32_t d = c - cmin; /* a key that takes no part (0) wraps past cspan */
-            if (d <= cspan)
-                atomicAdd(&m.hist[d >> csh], 1u);
-        });
-        __syncthreads();
+        if (!top_bits) {
+            for (int x = tid; x < BINS; x += THREADS)
+                m.hist[x] = 0;
+            __syncthreads();
+            pf.each([&](int64_t, uint32_t c) {
+                const uint32_t d = c - cmin; /* a key that takes no part (0) wraps past cspan */
+                if (d <= cspan)
+                    atomicAdd(&m.hist[d >> csh], 1u);
+            });
+            __syncthreads();
+        }
         uint32_t clo, chi;
         int ab, ct;
         cbins = scan_bins(m.hist, m);
-        find_bin(cbins, hi_rank, cmin, cmax, csh, found + 4, &clo, &chi, &ab, &ct);
+        find_bin(cbins, hi_rank, hmin, cmax, hsh, found + 4, &clo, &chi, &ab, &ct);
         int r = hi_rank;
         hn = collect(pf, &r, clo, chi, ab, ct, m, smask, &hlo, &hhi);
         K_hi = rank_among(m.cand, hn, hlo, hhi, r, m, smask);
@@ -420,7 +433,7 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     if (hi_rank > 0) {
         uint32_t clo, chi;
         int ab, ct;
-        find_bin(cbins, lo_rank, cmin, cmax, csh, found + 8, &clo, &chi, &ab, &ct);
+        find_bin(cbins, lo_rank, hmin, cmax, hsh, found + 8, &clo, &chi, &ab, &ct);
         int r = lo_rank;
         if (lo_rank == hi_rank) {
             K_lo = K_hi;
@@ -493,7 +506,7 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
      * the top of those), so the rest is dropped before the sort. */
     int nC = nCall;
     const int keep = min(nCall, nN + 1);
-    if (keep < nCall) {
+    if (keep < nCall && nCall > 128) { /* a short C is cheaper sorted whole */
         uint32_t lo = FULL, hi = 0; /* C's code range */
         if (tid < nCall)
             lo = hi = (uint32_t)(C[tid] >> 32);
@@ -550,9 +563,12 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
                 if (lane == l)
                     have = word;
             }
-            int q = -1; /* theta's place in C, once it is one of C */
+            /* the warp's events' places in C, a lane each (per <= 32), and theta's place
+             * after each, kept by the event's lane: no memory in the loop's chain */
+            const int myci = e0 + lane < e1 ? cidx[e0 + lane] : NOT_IN_C;
+            int q = -1, myq = -1; /* theta's place in C, once it is one of C */
             for (int e = e0; e < e1; e++) {
-                const int ci = cidx[e];
+                const int ci = __shfl_sync(FULL, myci, e - e0);
                 if (ci < nC && (ci >> 5) == lane)
                     have |= 1u << (ci & 31);
                 const int idx = hi_rank + e + 1 - w; /* 0-based, among the present */
@@ -586,9 +602,11 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
                     if (any)
                         q = 32 * src + b;
                 }
-                if (lane == 0)
-                    thK[e] = q >= 0 ? C[q] : 0;
+                if (lane == e - e0)
+                    myq = q;
             }
+            if (e0 + lane < e1)
+                thK[e0 + lane] = myq >= 0 ? C[myq] : 0;
         }
     }
     __syncthreads();
