@@ -89,6 +89,7 @@ struct run_out {
     uint64_t *words;
     ulonglong2 *slots; /* per block: nnz, whether a NaN or +inf bias was seen */
     int64_t Lq, off, ntiles, capU, wcap, run;
+    int64_t split0, nsplit; /* runs split in two halves: split0 to split0 + nsplit - 1 */
     int w, groups; /* groups: tile groups the shared memory holds (a power of 2, <= 8) */
     int64_t mask_words; /* S's mask: 4 words a 128 keys of the longest prefix */
     /* shared-memory layout, in bytes from the start of the dynamic part */
@@ -245,6 +246,27 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
     group_sync(gid, gsize); /* the words, before the next tile rewrites them */
 }
 
+/* The tiles [*t0, *t1) of a slab's block x: runs of o.run tiles, but for nsplit runs from
+ * split0, which take two blocks of half a run each (the costliest runs: S just full and
+ * nearly every new key entering, when blocks are left over from the wave). */
+__device__ __forceinline__ void run_tiles(const run_out &o, int64_t x, int64_t *t0, int64_t *t1)
+{
+    const int64_t half = o.run / 2;
+    if (x < o.split0) {
+        *t0 = x * o.run;
+        *t1 = *t0 + o.run;
+    } else if (x < o.split0 + 2 * o.nsplit) {
+        const int64_t r = o.split0 + (x - o.split0) / 2;
+        *t0 = r * o.run + ((x - o.split0) & 1) * half;
+        *t1 = (x - o.split0) & 1 ? (r + 1) * o.run : r * o.run + half;
+    } else {
+        *t0 = (x - o.nsplit) * o.run;
+        *t1 = *t0 + o.run;
+    }
+    *t1 = min(*t1, o.ntiles);
+    *t0 = min(*t0, *t1);
+}
+
 __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 {
     extern __shared__ __align__(16) unsigned char smem[];
@@ -269,7 +291,8 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 
     const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     const int64_t s = blockIdx.y, Lk = in.Lk;
-    const int64_t t0 = (int64_t)blockIdx.x * o.run, t1 = min(o.ntiles, t0 + o.run);
+    int64_t t0, t1;
+    run_tiles(o, blockIdx.x, &t0, &t1);
     const int w = o.w;
     const slab_keys sk = slab_of(in, s);
     bool bad = false;
@@ -701,7 +724,16 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const int64_t ntile_all = nslab * sp->ntiles;
     int64_t run = (ntile_all + sms - 1) / std::max(sms, 1);
     run = std::max<int64_t>(1, std::min<int64_t>(RUN_TILES, run));
-    const int64_t nruns = sp->ntiles > 0 ? (sp->ntiles + run - 1) / run : 1;
+    int64_t nruns = sp->ntiles > 0 ? (sp->ntiles + run - 1) / run : 1;
+    /* Blocks the wave has left: split the runs that start where S is first full (p0 >= w - 1,
+     * theta rising and nearly every new key entering), a block a half. */
+    int64_t split0 = nruns, nsplit = 0;
+    if (run >= 2 && nslab > 0 && nslab * nruns < sms) {
+        const int64_t first = std::max<int64_t>(0, w - 1 - (Lk - Lq)); /* the row where p0 = w - 1 */
+        split0 = std::min<int64_t>(nruns, (first + run * DCU_TILE - 1) / (run * DCU_TILE));
+        nsplit = std::min<int64_t>((sms - nslab * nruns) / nslab, nruns - split0);
+        nruns += nsplit;
+    }
     const size_t nslots = (size_t)std::max<int64_t>(1, nslab * nruns); /* 0 slabs: one, unused */
 
     /* The slots: host memory the kernel writes (read after the stream's synchronisation). */
@@ -730,6 +762,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.capU = capU;
     o.wcap = wcap;
     o.run = run;
+    o.split0 = split0;
+    o.nsplit = nsplit;
     o.w = w;
     slab_in in = {*bias, *pad, sp->H, Lk};
     cudaError_t e = cudaSuccess;
