@@ -13,8 +13,9 @@
  * One thread block takes a run of up to 8 consecutive tiles (P <= 512 rows from position p0) of
  * one slab and needs nothing from any other block, so the whole build is one launch:
  * 1. the codes of the prefix [0, p0] are staged in shared memory (the host sends key axes too
- *    long for that to mask_topk_tree.cu). A histogram of the codes (4096 bins over their range)
- *    gives the bin of rank |S| = min(w, keys that take part); its keys are collected and ranked
+ *    long for that to mask_topk_tree.cu), with a histogram of their top 12 bits (made again
+ *    over the prefix's own code range where that is more than 4 times finer). It gives the bin
+ *    of rank |S| = min(w, keys that take part); its keys are collected and ranked
  *    (run_select.cuh): theta_p0. The same pass marks the keys above the bin in a bitmask, and
  *    the ranked keys from theta_p0 up: S, the keys row p0 keeps;
  * 2. N = the run's new keys (p0, p_last] that beat theta_p0, in key order. Within the run theta
@@ -22,17 +23,21 @@
  *    up to it has theta = the (|S| + m - w + 1)-th smallest of B and those m keys (none when
  *    that is < 1), since no more than m keys left. B's top is a second rank of the histogram;
  *    S is written out in key order from the bitmask, and B with it;
- * 3. C = B + N (<= 1023) is sorted once; theta changes only where a key of N arrives, and a
- *    warp finds each such value by a select over the bits of C that are present;
+ * 3. C = B + N (<= 1023). Only its bottom min(|C|, |N| + 1) can be theta in the run (theta at
+ *    its end is the top of those), so a longer C is cut to them, and sorted. theta changes only
+ *    where a key of N arrives: a warp takes a run of arrivals, finds its first theta by a
+ *    select over the bits of C that are present, and then moves it to the next present element
+ *    whenever a key above it arrives;
  * 4. each key of S + N (in key order) is kept from max(j, p0) to the first arrival whose theta
  *    passes its K (its end, "evict" in DESIGN §2). A tile's U is the keys kept by one of its
- *    rows, compacted in key order; every row keeps all of U but the few keys that start or end
- *    inside the tile, whose bits are cleared outside their rows. The run's tiles are built at
- *    once by groups of warps.
+ *    rows, compacted in key order; a row admits and evicts at most one of them, so its words
+ *    are a walk down the tile (build_tile). The run's tiles are built at once by groups of
+ *    warps.
  * Work: O(p0) per run for the prefix (the runs are one wave of blocks), O(P log P) for C,
  * O(w + P) per tile; no scratch memory but a slot per block for its nnz and whether it saw a
- * NaN or +inf bias. On an H200 at 32K keys and w = 1024 the critical blocks are the early runs,
- * where every new key enters (|N| near P), not the last ones with the longest prefixes.
+ * NaN or +inf bias. The costliest runs are the first ones whose S is full, where nearly every
+ * new key enters (|N| near P), and the last ones, with the longest prefixes; blocks the wave
+ * leaves over take halves of the former (run_tiles).
  */
 #include <algorithm>
 #include <cstdlib>
@@ -395,9 +400,9 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const int hi_rank = min(w, nvalid); /* |S| */
 
     /* 2. The code histogram of the prefix; theta_p0 = the rank key of rank hi_rank, and smask
-     * marks S, the keys from theta_p0 up. */
-    /* The staging pass made a histogram of the codes' top bits. Bins over the prefix's own
-     * code range are finer when the range is narrow: then the pass is made again over it. */
+     * marks S, the keys from theta_p0 up. The staging pass made the histogram over the codes'
+     * top bits; bins over the prefix's own code range are finer when that range is narrow,
+     * and then the pass is made again over it. */
     const uint32_t cspan = cmax - cmin;
     const int csh = max(0, (cspan ? 32 - __clz((int)cspan) : 0) - BIN_BITS);
     const bool top_bits = csh >= 32 - BIN_BITS - 2; /* at most 4 times coarser */

@@ -258,7 +258,8 @@ __device__ int collect(const prefix &pf, int *r, uint32_t clo, uint32_t chi, int
 #pragma unroll
         for (int i = 0; i < 4; i++) {
             bool in, above;
-            if (codes) { /* a code of 0 (no part) is below any range: cl >= 1 */
+            if (codes) { /* a code of 0 (no part) is below any bin's: finite codes are at
+                          * least 0x00800000, and so is every bin that holds one */
                 in = c[i] >= cl && c[i] <= ch;
                 above = c[i] > ch;
             } else {
