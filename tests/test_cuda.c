@@ -413,6 +413,14 @@ START_TEST(sparsity_topk_causal)
                       .seed = rng_u64(&r)};
         run_scase(cpu, gpu, &ties);
     }
+    /* Runs split in halves where S is first full (the blocks a wave leaves over): 8192 rows
+     * of two slabs, with rising, flat and falling biases. */
+    for (int ramp = -1; ramp <= 1; ramp++) {
+        scase split = {.kind = DMA_MASK_TOPK, .causal = 1, .window = 1024, .B = 1, .H = 2,
+                       .Lq = 8192, .Lk = 8192, .Bb = 1, .Hb = 2, .Lb = 1, .ramp = ramp,
+                       .seed = rng_u64(&r)};
+        run_scase(cpu, gpu, &split);
+    }
     dma_context_destroy(cpu);
     dma_context_destroy(gpu);
 }
