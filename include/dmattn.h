@@ -208,7 +208,10 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   2^-8 * (its sum with every factor taken absolute) of the float32 result; with f16, a dS
  *   beyond f16's range (65504) becomes infinite;
  * - dma_dynamic_bias_forward/_backward and the KV cache return DMA_ERR_DEVICE with a CUDA
- *   context in this version (compute the bias with your framework, or on a CPU context).
+ *   context in this version (compute the bias with your framework, or on a CPU context);
+ * - a CUDA context keeps, until dma_context_destroy, a few KiB of pinned host memory that the
+ *   GPU mask build writes its per-block results to (grown by a build that needs more), and
+ *   reads the GPU's figures once, at dma_context_create.
  * The library needs no CUDA library at run time (the CUDA runtime is linked statically and
  * loads the driver only when a CUDA context is created).
  */
