@@ -49,6 +49,9 @@ namespace {
 
 constexpr int RUN_TILES = 8, RUN_ROWS = RUN_TILES * DCU_TILE; /* P <= 512 */
 constexpr int16_t NOT_IN_C = 0x7fff; /* cidx of a key of N that C no longer holds */
+/* build_tile's walk: blocks of rows, each started from what the blocks before it did */
+constexpr int WALK_SHIFT = 4, WALK_ROWS = 1 << WALK_SHIFT, WALK_BLOCKS = DCU_TILE / WALK_ROWS;
+static_assert(WALK_ROWS <= 32 && DCU_TILE % WALK_ROWS == 0, "flips: a bit a row of a block");
 static_assert(SORT_N >= 2 * RUN_ROWS - 1, "C: |B| <= P and |N| <= P - 1");
 static_assert((RUN_ROWS + WARPS - 1) / WARPS <= 32, "events: a lane each of a warp's");
 
@@ -121,11 +124,12 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
     uint32_t *moves = (uint32_t *)gmem; /* 16-byte aligned: read four rows at a time */
     int *wcnt = (int *)(moves + DCU_TILE); /* [32] members a warp */
     unsigned long long *wbuf = (unsigned long long *)(wcnt + 32); /* [nrows][wpr] */
-    /* per block of 16 rows and word of U: the members the block admits (after row 0) and
+    /* per block of rows and word of U: the members the block admits (after row 0) and
      * evicts (written as 32-bit halves, low first, and read as words), and its rows that
      * admit or evict one of the word's members */
-    uint32_t *adm = (uint32_t *)(wbuf + DCU_TILE * o.wcap), *evi = adm + 4 * 2 * o.wcap;
-    uint32_t *flips = evi + 4 * 2 * o.wcap; /* [4][wcap] */
+    uint32_t *adm = (uint32_t *)(wbuf + DCU_TILE * o.wcap);
+    uint32_t *evi = adm + WALK_BLOCKS * 2 * o.wcap;
+    uint32_t *flips = evi + WALK_BLOCKS * 2 * o.wcap; /* [WALK_BLOCKS][wcap] */
     const int64_t r0 = tile * DCU_TILE, r1 = min(o.Lq, r0 + DCU_TILE);
     const int nrows = (int)(r1 - r0), T0 = rel0, T1 = rel0 + nrows;
     const int64_t tix = s * o.ntiles + tile;
@@ -144,7 +148,7 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
         wcnt[gw] = cnt;
     for (int x = gt; x < DCU_TILE; x += gsize)
         moves[x] = 0;
-    for (int x = gt; x < 5 * 4 * o.wcap; x += gsize)
+    for (int x = gt; x < WALK_BLOCKS * 5 * o.wcap; x += gsize)
         adm[x] = 0; /* and evi, flips */
     group_sync(gid, gsize);
     int at = 0, n = 0;
@@ -163,19 +167,21 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
         if (in) {
             const int pos = at + __popc(mk & ((1u << lane) - 1));
             keys[pos] = key_of(LK[u]);
+            /* row r admits it (moves' low half, adm) or evicts it (high half, evi); written
+             * out twice, as a lambda made ptxas spill */
             const uint32_t bit = 1u << (pos & 31);
             const int hwd = pos >> 5;
             if (rs > T0) {
-                const int r = rs - T0;
+                const int r = rs - T0, blk = r >> WALK_SHIFT;
                 atomicOr(&moves[r], (uint32_t)pos + 1);
-                atomicOr(&adm[(r >> 4) * 2 * o.wcap + hwd], bit);
-                atomicOr(&flips[(r >> 4) * o.wcap + (pos >> 6)], 1u << (r & 15));
+                atomicOr(&adm[blk * 2 * o.wcap + hwd], bit);
+                atomicOr(&flips[blk * o.wcap + (pos >> 6)], 1u << (r & (WALK_ROWS - 1)));
             }
             if (re < T1) {
-                const int r = re - T0;
+                const int r = re - T0, blk = r >> WALK_SHIFT;
                 atomicOr(&moves[r], ((uint32_t)pos + 1) << 16);
-                atomicOr(&evi[(r >> 4) * 2 * o.wcap + hwd], bit);
-                atomicOr(&flips[(r >> 4) * o.wcap + (pos >> 6)], 1u << (r & 15));
+                atomicOr(&evi[blk * 2 * o.wcap + hwd], bit);
+                atomicOr(&flips[blk * o.wcap + (pos >> 6)], 1u << (r & (WALK_ROWS - 1)));
             }
         }
         at += __popc(mk);
@@ -183,13 +189,13 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
     if (gt == 0)
         o.tiles[tix] = {tix * o.capU, tix * DCU_TILE * o.wcap, 0, n, wpr, 0};
     group_sync(gid, gsize);
-    /* The walk: a thread takes a word's column over a block of 16 rows, from the state the
+    /* The walk: a thread takes a word's column over a block of rows, from the state the
      * earlier blocks left; it changes only at the rows that flips lists. */
     const uint64_t *adm64 = (const uint64_t *)adm, *evi64 = (const uint64_t *)evi;
-    for (int x = gt; x < (DCU_TILE / 16) * wpr; x += gsize) {
-        const int wd = x % wpr, blk = x / wpr, rb0 = 16 * blk, lo = 64 * wd;
+    for (int x = gt; x < WALK_BLOCKS * wpr; x += gsize) {
+        const int wd = x % wpr, blk = x / wpr, rb0 = WALK_ROWS * blk, lo = 64 * wd;
         uint64_t bits = n - lo >= 64 ? ~0ull : (1ull << (n - lo)) - 1, in = 0, out = 0;
-        for (int b = 0; b < DCU_TILE / 16; b++) { /* admitted after row 0, and before rb0 */
+        for (int b = 0; b < WALK_BLOCKS; b++) { /* admitted after row 0, and before rb0 */
             const uint64_t ab = adm64[b * o.wcap + wd];
             bits &= ~ab;
             if (b < blk) {
@@ -201,7 +207,7 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
         const uint32_t fl = flips[blk * o.wcap + wd];
         unsigned long long *col = wbuf + rb0 * wpr + wd;
 #pragma unroll
-        for (int k = 0; k < 16; k++) {
+        for (int k = 0; k < WALK_ROWS; k++) {
             if ((fl >> k) & 1) {
                 const uint32_t mv = moves[rb0 + k];
                 const int a = (int)(mv & 0xffff) - 1, e = (int)(mv >> 16) - 1;
@@ -711,7 +717,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.o_nrank = at, at += up(RUN_ROWS * 2);
     o.o_cidx = at, at += up(RUN_ROWS * 2);
     o.o_area = at;
-    o.group_bytes = up(DCU_TILE * wcap * 8 + 5 * 4 * wcap * 4 + DCU_TILE * 4 + 32 * 4);
+    /* the words, adm, evi and flips, moves, wcnt */
+    o.group_bytes = up(DCU_TILE * wcap * 8 + WALK_BLOCKS * 5 * wcap * 4 + DCU_TILE * 4 + 32 * 4);
     o.mask_words = 4 * ((Lk + 127) / 128);
     const int64_t select_bytes =
         2 * BINS * 4 + 2 * CAND_CAP * 8 + o.mask_words * 4 + (Lk + 3) / 4 * 4 * 4;
@@ -734,7 +741,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
      * theta rising and nearly every new key entering), a block a half. */
     int64_t split0 = nruns, nsplit = 0;
     if (run >= 2 && nslab > 0 && nslab * nruns < sms) {
-        const int64_t first = std::max<int64_t>(0, w - 1 - (Lk - Lq)); /* the row where p0 = w - 1 */
+        /* the row where p0 = w - 1 */
+        const int64_t first = std::max<int64_t>(0, w - 1 - (Lk - Lq));
         split0 = std::min<int64_t>(nruns, (first + run * DCU_TILE - 1) / (run * DCU_TILE));
         nsplit = std::min<int64_t>((sms - nslab * nruns) / nslab, nruns - split0);
         nruns += nsplit;
