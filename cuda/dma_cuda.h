@@ -51,9 +51,10 @@ typedef struct dcu_attn {
  * result slots (host memory the GPU writes directly, so that a build reads its result without
  * a copy; grown when a call needs more, freed by dcu_state_free). */
 typedef struct dcu_state {
-    int device, sms, smem_optin; /* multiprocessors; shared memory a block may opt in to */
-    int topk_smem;               /* the mask build kernel's shared-memory limit, as set */
-    void *slots;                 /* mapped, pinned host memory */
+    int sms, smem_optin; /* multiprocessors; shared memory a block may opt in to */
+    int topk_smem;       /* the mask build kernel's shared-memory limit, as set */
+    void *slots;         /* mapped, pinned host memory */
+    void *slots_dev;     /* the same memory, as the GPU addresses it */
     size_t slot_bytes;
 } dcu_state;
 

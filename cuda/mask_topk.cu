@@ -755,10 +755,14 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         dcu_state_free(st);
         const size_t bytes = std::max<size_t>(slot_bytes, 4096);
         DCU_TRY(cudaHostAlloc(&st->slots, bytes, cudaHostAllocMapped));
+        const cudaError_t e = cudaHostGetDevicePointer(&st->slots_dev, st->slots, 0);
+        if (e != cudaSuccess) {
+            dcu_state_free(st);
+            return dcu_fail(e, "sparsity_build: mapped host memory");
+        }
         st->slot_bytes = bytes;
     }
-    ulonglong2 *host = (ulonglong2 *)st->slots, *slots = nullptr;
-    DCU_TRY(cudaHostGetDevicePointer((void **)&slots, st->slots, 0));
+    const ulonglong2 *host = (const ulonglong2 *)st->slots;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
     if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0)
@@ -768,7 +772,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.row_hi = out.row_hi;
     o.keys = out.keys;
     o.words = out.words;
-    o.slots = slots;
+    o.slots = (ulonglong2 *)st->slots_dev;
     o.Lq = Lq;
     o.off = Lk - Lq;
     o.ntiles = sp->ntiles;

@@ -34,7 +34,6 @@ extern "C" int dcu_init(int device, dcu_state *st)
 {
     DCU_TRY(cudaSetDevice(device));
     *st = dcu_state{};
-    st->device = device;
     DCU_TRY(cudaDeviceGetAttribute(&st->sms, cudaDevAttrMultiProcessorCount, device));
     DCU_TRY(cudaDeviceGetAttribute(&st->smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                    device));
@@ -51,7 +50,7 @@ extern "C" void dcu_state_free(dcu_state *st)
 {
     if (st->slots)
         cudaFreeHost(st->slots);
-    st->slots = NULL;
+    st->slots = st->slots_dev = NULL;
     st->slot_bytes = 0;
 }
 
