@@ -49,13 +49,15 @@ typedef struct dcu_attn {
 
 /* What a context keeps between calls: the device's figures, read once, and the mask build's
  * result slots (host memory the GPU writes directly, so that a build reads its result without
- * a copy; grown when a call needs more, freed by dcu_state_free). */
+ * a copy, and sees it arrive without synchronising the stream; grown when a call needs more,
+ * freed by dcu_state_free). */
 typedef struct dcu_state {
     int sms, smem_optin; /* multiprocessors; shared memory a block may opt in to */
     int topk_smem;       /* the mask build kernel's shared-memory limit, as set */
     void *slots;         /* mapped, pinned host memory */
     void *slots_dev;     /* the same memory, as the GPU addresses it */
     size_t slot_bytes;
+    unsigned long long builds; /* the number of the last build, which its slots carry */
 } dcu_state;
 
 const char *dcu_last_error(void);

@@ -40,7 +40,10 @@
  * leaves over take halves of the former (run_tiles).
  */
 #include <algorithm>
+#include <atomic>
+#include <chrono>
 #include <cstdlib>
+#include <cstring>
 
 #include "common.cuh"
 #include "run_select.cuh"
@@ -91,11 +94,18 @@ __device__ __forceinline__ uint32_t code_of(const slab_keys &k, int64_t j, bool 
     return order_code(v, !k.pad || __ldg(k.pad + j * k.pstride) != 0);
 }
 
+/* A block's result, in mapped host memory: its nnz and whether it saw a NaN or +inf bias,
+ * then (after a system-wide fence) the build's number, which tells the host they are there. */
+struct build_slot {
+    unsigned long long nnz, bad, build, unused;
+};
+
 struct run_out {
     dcu_tile *tiles;
     int32_t *row_lo, *row_hi, *keys;
     uint64_t *words;
-    ulonglong2 *slots; /* per block: nnz, whether a NaN or +inf bias was seen */
+    build_slot *slots; /* a block each */
+    unsigned long long build;
     int64_t Lq, off, ntiles, capU, wcap, run;
     int64_t split0, nsplit; /* runs split in two halves: split0 to split0 + nsplit - 1 */
     int w, groups; /* groups: tile groups the shared memory holds (a power of 2, <= 8) */
@@ -103,6 +113,15 @@ struct run_out {
     /* shared-memory layout, in bytes from the start of the dynamic part */
     int64_t o_sK, o_pack, o_nK, o_thK, o_C, o_nrank, o_cidx, o_area, group_bytes;
 };
+
+__device__ __forceinline__ void write_slot(const run_out &o, unsigned long long nnz, bool bad)
+{
+    volatile build_slot *slot = o.slots + blockIdx.y * gridDim.x + blockIdx.x;
+    slot->nnz = nnz;
+    slot->bad = bad;
+    __threadfence_system(); /* the host reads nnz and bad once it sees the number */
+    slot->build = o.build;
+}
 
 /* A group's tile. L = S + N in key order (rank keys LK; pack: the run-relative row of each
  * one's first and last-plus-one kept row, rs | re << 16); the members are those a row of the
@@ -314,7 +333,7 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
             code_of(sk, j, &bad);
         bad = __syncthreads_or(bad);
         if (tid == 0)
-            o.slots[s * gridDim.x + blockIdx.x] = make_ulonglong2(0, bad);
+            write_slot(o, 0, bad);
         return;
     }
     const int64_t r0 = t0 * DCU_TILE, rend = min(o.Lq, t1 * DCU_TILE);
@@ -687,8 +706,36 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
         unsigned long long all = 0;
         for (int i = 0; i < WARPS; i++)
             all += tmp64[i];
-        o.slots[s * gridDim.x + blockIdx.x] = make_ulonglong2(all, bad);
+        write_slot(o, all, bad);
     }
+}
+
+/* Waits until every block has written its slot for build `build`. Spinning on the slots
+ * returns about 1.5 us sooner than cudaStreamSynchronize, which waits for the kernel's end to be
+ * signalled as well. Every millisecond without them, the stream is asked whether it failed
+ * (or, which cannot happen, ended without them). */
+cudaError_t wait_slots(const volatile build_slot *host, size_t n, unsigned long long build,
+                       cudaStream_t stream)
+{
+    auto last = std::chrono::steady_clock::now();
+    for (size_t i = 0; i < n; i++) {
+        unsigned spins = 0;
+        while (host[i].build != build) {
+            if (++spins % 256)
+                continue;
+            const auto now = std::chrono::steady_clock::now();
+            if (now - last < std::chrono::milliseconds(1))
+                continue;
+            last = now;
+            const cudaError_t e = cudaStreamQuery(stream);
+            if (e == cudaSuccess && host[i].build != build)
+                return cudaErrorUnknown; /* the kernel ended without writing a slot */
+            if (e != cudaSuccess && e != cudaErrorNotReady)
+                return e;
+        }
+    }
+    std::atomic_thread_fence(std::memory_order_acquire); /* nnz and bad after the numbers */
+    return cudaSuccess;
 }
 
 } // namespace
@@ -749,12 +796,13 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     }
     const size_t nslots = (size_t)std::max<int64_t>(1, nslab * nruns); /* 0 slabs: one, unused */
 
-    /* The slots: host memory the kernel writes (read after the stream's synchronisation). */
-    const size_t slot_bytes = nslots * sizeof(ulonglong2);
+    /* The slots: host memory the kernel writes, read as soon as every block's is there. */
+    const size_t slot_bytes = nslots * sizeof(build_slot);
     if (st->slot_bytes < slot_bytes) {
         dcu_state_free(st);
         const size_t bytes = std::max<size_t>(slot_bytes, 4096);
         DCU_TRY(cudaHostAlloc(&st->slots, bytes, cudaHostAllocMapped));
+        memset(st->slots, 0, bytes); /* no build's number */
         const cudaError_t e = cudaHostGetDevicePointer(&st->slots_dev, st->slots, 0);
         if (e != cudaSuccess) {
             dcu_state_free(st);
@@ -762,7 +810,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         }
         st->slot_bytes = bytes;
     }
-    const ulonglong2 *host = (const ulonglong2 *)st->slots;
+    const volatile build_slot *host = (const volatile build_slot *)st->slots;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
     if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0)
@@ -772,7 +820,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.row_hi = out.row_hi;
     o.keys = out.keys;
     o.words = out.words;
-    o.slots = (ulonglong2 *)st->slots_dev;
+    o.slots = (build_slot *)st->slots_dev;
+    o.build = ++st->builds;
     o.Lq = Lq;
     o.off = Lk - Lq;
     o.ntiles = sp->ntiles;
@@ -796,11 +845,11 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         }
     }
     if (e == cudaSuccess)
-        e = cudaStreamSynchronize(stream);
+        e = nslab > 0 ? wait_slots(host, nslots, o.build, stream) : cudaStreamSynchronize(stream);
     unsigned long long total = 0, bad = 0;
     for (size_t i = 0; e == cudaSuccess && nslab > 0 && i < nslots; i++) {
-        total += host[i].x;
-        bad |= host[i].y;
+        total += host[i].nnz;
+        bad |= host[i].bad;
     }
     if (e != cudaSuccess || bad) {
         dcu_sparsity_free(&out, stream);
