@@ -358,6 +358,21 @@ done:
 /* Driver                                                                               */
 /* ================================================================================== */
 
+/* Whether the bias holds a NaN or +inf anywhere. The builders find one as they select; a
+ * build without rows selects nothing and looks here, so that the status never depends on Lq
+ * (the GPU builder checks every key too). */
+static bool bias_has_bad(const build *bd)
+{
+    const dma_tensor *t = bd->bias;
+    for (int64_t b = 0; b < t->shape[0]; b++)
+        for (int64_t h = 0; h < t->shape[1]; h++)
+            for (int64_t i = 0; i < t->shape[2]; i++)
+                for (int64_t j = 0; j < t->shape[3]; j++)
+                    if (!bias_ok(bias_at(bd, b, h, i, j)))
+                        return true;
+    return false;
+}
+
 static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
 {
     dma_sparsity *sp;
@@ -365,8 +380,11 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
     if (st != DMA_OK)
         return st;
     bd->sp = sp;
-    if (bd->Lq == 0) /* no rows: nothing to select, and no per-slab bookkeeping for B*H slabs */
+    if (bd->Lq == 0) { /* no rows: nothing to select, and no per-slab bookkeeping for B*H slabs */
+        if (bd->bias && bias_has_bad(bd))
+            return dma_sparsity_fail(ctx, sp, DMA_ERR_BAD_VALUE);
         return dma_sparsity_assemble(ctx, sp, NULL, 0, out);
+    }
     const int64_t nslab = bd->B * bd->H;
     const bool per_key = !bd->bias || bd->bias->shape[2] == 1;
     const bool streaming =

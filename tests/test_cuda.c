@@ -543,9 +543,26 @@ START_TEST(sparsity_errors)
                     ck_assert_ptr_null(sp);
                 }
             }
-    for (int64_t x = 0; x < tb_count(&bias); x++)
-        v[x] = rng_float(&r, -1.0f, 1.0f);
-    tb_store(&bias, v);
+    /* no query rows (one block a slab that only checks the bias): the same status as the host,
+     * and an empty object for a clean bias */
+    for (int bad = 0; bad < 2; bad++) {
+        for (int64_t x = 0; x < tb_count(&bias); x++)
+            v[x] = rng_float(&r, -1.0f, 1.0f);
+        if (bad)
+            v[2 * Lk + 517] = NAN;
+        tb_store(&bias, v);
+        for (int g = 0; g < 2; g++) {
+            dma_status st = dma_sparsity_build(g ? gpu : cpu, &mp, 2, 2, 0, Lk,
+                                               g ? &bias.td : &bias.th, NULL, &sp);
+            ck_assert_msg(st == (bad ? DMA_ERR_BAD_VALUE : DMA_OK), "%s, Lq 0, NaN %d: %s",
+                          g ? "GPU" : "CPU", bad, dma_status_string(st));
+            if (!bad) {
+                ck_assert_int_eq(dma_sparsity_nnz(sp), 0);
+                dma_sparsity_destroy(sp);
+                sp = NULL;
+            }
+        }
+    }
     /* host memory given to a CUDA context */
     ck_assert_int_eq(dma_sparsity_build(gpu, &mp, 2, 2, 300, Lk, &bias.th, NULL, &sp),
                      DMA_ERR_DEVICE);

@@ -583,6 +583,14 @@ static void b_relu_nan_per_row(build_call *c)
     c->bbuf[SB * SH * SLQ * SLK - 1] = NAN;
 }
 static void b_noncausal_inf(build_call *c) { c->params.causal = 0; c->bbuf[13] = INFINITY; }
+/* no query rows, so nothing is selected: the bias is still checked (as on the GPU) */
+static void b_nan_no_rows(build_call *c) { c->Lq = 0; c->bbuf[SB * SH * SLK - 2] = NAN; }
+static void b_relu_inf_no_rows(build_call *c)
+{
+    c->params.kind = DMA_MASK_RELU;
+    c->Lq = 0;
+    c->bbuf[1] = INFINITY;
+}
 
 typedef struct build_error {
     const char *name;
@@ -642,6 +650,8 @@ static const build_error BUILD_ERRORS[] = {
     BUILD_ERR(b_relu_inf, DMA_ERR_BAD_VALUE),
     BUILD_ERR(b_relu_nan_per_row, DMA_ERR_BAD_VALUE),
     BUILD_ERR(b_noncausal_inf, DMA_ERR_BAD_VALUE),
+    BUILD_ERR(b_nan_no_rows, DMA_ERR_BAD_VALUE),
+    BUILD_ERR(b_relu_inf_no_rows, DMA_ERR_BAD_VALUE),
 };
 #define N_BUILD_ERRORS ((int)(sizeof BUILD_ERRORS / sizeof BUILD_ERRORS[0]))
 
