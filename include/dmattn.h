@@ -192,10 +192,10 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   of the kernels' execution (not of their launch) shows at a later call. dma_sparsity_build,
  *   dma_sparsity_from_mask and dma_sparsity_to_dense are synchronous (a build must report a
  *   NaN bias and know its size); while the GPU builds a top-k mask, the calling thread
- *   spins on its results in host memory, whatever the device's scheduling flags (the wait
- *   that cudaStreamSynchronize does by default, about 1.5 us shorter). dma_sparsity_destroy
- *   of a GPU object first waits for all work of its GPU, as cudaFree does, so an object may
- *   be destroyed right after a call;
+ *   spins on its results in host memory, whatever the device's scheduling flags (as
+ *   cudaStreamSynchronize does by default, but it returns about 1.5 us sooner).
+ *   dma_sparsity_destroy of a GPU object first waits for all work of its GPU, as cudaFree
+ *   does, so an object may be destroyed right after a call;
  * - exceptions, documented and tested: (1) bf16/f16 forwards on tensor cores round the softmax
  *   weights P to the storage type before P V (as flash attention does): out is within
  *   2^-8 * sum_j p_ij |v_j| (plus the output's own rounding) of the float32 result, lse within
