@@ -358,19 +358,17 @@ done:
 /* Driver                                                                               */
 /* ================================================================================== */
 
-/* Whether the bias holds a NaN or +inf anywhere. The builders find one as they select; a
- * build without rows selects nothing and looks here, so that the status never depends on Lq
- * (the GPU builder checks every key too). */
-static bool bias_has_bad(const build *bd)
+/* Whether every value of the bias passes ok. */
+static bool bias_all(const build *bd, bool (*ok)(float))
 {
     const dma_tensor *t = bd->bias;
     for (int64_t b = 0; b < t->shape[0]; b++)
         for (int64_t h = 0; h < t->shape[1]; h++)
             for (int64_t i = 0; i < t->shape[2]; i++)
                 for (int64_t j = 0; j < t->shape[3]; j++)
-                    if (!bias_ok(bias_at(bd, b, h, i, j)))
-                        return true;
-    return false;
+                    if (!ok(bias_at(bd, b, h, i, j)))
+                        return false;
+    return true;
 }
 
 static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
@@ -381,7 +379,9 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
         return st;
     bd->sp = sp;
     if (bd->Lq == 0) { /* no rows: nothing to select, and no per-slab bookkeeping for B*H slabs */
-        if (bd->bias && bias_has_bad(bd))
+        /* The builders find a NaN or +inf bias as they select; with no rows it is looked for
+         * here, so that the status never depends on Lq (the GPU builder checks every key too). */
+        if (bd->bias && !bias_all(bd, bias_ok))
             return dma_sparsity_fail(ctx, sp, DMA_ERR_BAD_VALUE);
         return dma_sparsity_assemble(ctx, sp, NULL, 0, out);
     }
@@ -430,6 +430,8 @@ static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
  * bias. When that is every key, the object is the dense one: contiguous ranges instead of
  * bitmasks, which the kernels run as fast as the dense baseline. A NaN or +inf bias answers
  * "no", so that the builder proper reports it. */
+static bool bias_finite(float x) { return x > -INFINITY && x < INFINITY; }
+
 static bool topk_keeps_all(const build *bd)
 {
     if (bd->kind != DMA_MASK_TOPK || bd->window < bd->Lk || bd->block_size > 1)
@@ -439,16 +441,7 @@ static bool topk_keeps_all(const build *bd)
             for (int64_t j = 0; j < bd->Lk; j++)
                 if (!key_exists(bd, b, j))
                     return false;
-    const dma_tensor *t = bd->bias;
-    for (int64_t b = 0; b < t->shape[0]; b++)
-        for (int64_t h = 0; h < t->shape[1]; h++)
-            for (int64_t i = 0; i < t->shape[2]; i++)
-                for (int64_t j = 0; j < t->shape[3]; j++) {
-                    const float x = bias_at(bd, b, h, i, j);
-                    if (!(x > -INFINITY && x < INFINITY))
-                        return false;
-                }
-    return true;
+    return bias_all(bd, bias_finite);
 }
 
 static dma_status check_lengths(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk)
