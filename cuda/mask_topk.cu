@@ -794,7 +794,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         nsplit = std::min<int64_t>((sms - nslab * nruns) / nslab, nruns - split0);
         nruns += nsplit;
     }
-    const size_t nslots = (size_t)std::max<int64_t>(1, nslab * nruns); /* 0 slabs: one, unused */
+    const size_t nslots = (size_t)(nslab * nruns); /* a block each */
 
     /* The slots: host memory the kernel writes, read as soon as every block's is there. */
     const size_t slot_bytes = nslots * sizeof(build_slot);
@@ -844,10 +844,10 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
             e = cudaGetLastError();
         }
     }
-    if (e == cudaSuccess)
-        e = nslab > 0 ? wait_slots(host, nslots, o.build, stream) : cudaStreamSynchronize(stream);
+    if (e == cudaSuccess && nslots > 0)
+        e = wait_slots(host, nslots, o.build, stream);
     unsigned long long total = 0, bad = 0;
-    for (size_t i = 0; e == cudaSuccess && nslab > 0 && i < nslots; i++) {
+    for (size_t i = 0; e == cudaSuccess && i < nslots; i++) {
         total += host[i].nnz;
         bad |= host[i].bad;
     }
