@@ -29,13 +29,16 @@ typedef struct dcu_tile {
     int32_t first, count, words_per_row, pad_;
 } dcu_tile;
 
-/* A sparsity object's device arrays (lib/internal.h explains each). */
+/* A sparsity object's device arrays (lib/internal.h explains each). ready: NULL, or a
+ * cudaEvent_t that the arrays are complete at (a build that returned before its kernel ended);
+ * work on another stream waits for it (dcu_ready_wait), host reads sync on it. */
 typedef struct dcu_sparsity {
     int64_t B, H, Lq, Lk, ntiles;
     dcu_tile *tiles;
     int32_t *row_lo, *row_hi, *keys;
     uint64_t *words;
     int64_t nkeys, nwords, nnz;
+    void *ready;
 } dcu_sparsity;
 
 /* A validated attention call. */
@@ -77,7 +80,8 @@ int dcu_device_sync(void);
 
 /* Causal top-`window` selection over a per-key bias (Bb, Hb, 1, Lk) float32 for an object of
  * (B, H, Lq, Lk), bottom-right aligned; pad optional (Bp, Lk) bool. Allocates sp's arrays
- * (free with dcu_sparsity_free) and fills sp. Returns 0; 1 when the bias holds a NaN or +inf;
+ * (free with dcu_sparsity_free, and dcu_ready_free) and fills sp; it may return before the
+ * arrays are complete, with sp->ready set (nnz and the bias check are final). Returns 0; 1 when the bias holds a NaN or +inf;
  * 2 when the window is too large for it (its lists need more shared memory than the GPU
  * has: build it on the host); < 0 on a runtime error. Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
@@ -93,6 +97,11 @@ int dcu_build_topk_causal_tree(int64_t window, const dcu_tensor *bias, const dcu
 int dcu_sparsity_alloc(dcu_sparsity *sp, int64_t nkeys, int64_t nwords, void *stream);
 /* Frees sp's arrays (dcu_sparsity_alloc's allocation) ordered on `stream`. */
 void dcu_sparsity_free(dcu_sparsity *sp, void *stream);
+/* Orders `stream`'s later work after the object's arrays are complete (nothing when sp->ready
+ * is NULL); dcu_ready_sync waits for that on the host; dcu_ready_free releases the event. */
+int dcu_ready_wait(const dcu_sparsity *sp, void *stream);
+int dcu_ready_sync(const dcu_sparsity *sp);
+void dcu_ready_free(dcu_sparsity *sp);
 
 int dcu_forward(const dcu_attn *a, void *stream);
 /* The tensor-core forward (bf16 / f16, D % 16 == 0, D <= 128, 16-byte aligned rows): whether

@@ -34,13 +34,15 @@
  *    are a walk down the tile (build_tile). The run's tiles are built at once by groups of
  *    warps.
  * Work: O(p0) per run for the prefix (the runs are one wave of blocks), O(P log P) for C,
- * O(w + P) per tile; no scratch memory but a slot per block for its nnz and whether it saw a
- * NaN or +inf bias. The costliest runs are the first ones whose S is full, where nearly every
- * new key enters (|N| near P), and the last ones, with the longest prefixes; blocks the wave
- * leaves over take halves of the former (run_tiles).
+ * O(w + P) per tile; no scratch memory but a slot per block in mapped host memory for its nnz
+ * and whether it saw a NaN or +inf bias. Both are known once the keys are staged (a row keeps
+ * min(w, keys taking part up to it)), so each block writes its slot then and the host returns
+ * while the tiles are being built: the object is complete at an event on the stream.
+ * The costliest runs are the first ones whose S is full, where nearly every new key enters
+ * (|N| near P), and the last ones, with the longest prefixes; blocks the wave leaves over take
+ * halves of the former (run_tiles).
  */
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
@@ -94,17 +96,25 @@ __device__ __forceinline__ uint32_t code_of(const slab_keys &k, int64_t j, bool 
     return order_code(v, !k.pad || __ldg(k.pad + j * k.pstride) != 0);
 }
 
-/* A block's result, in mapped host memory: its nnz and whether it saw a NaN or +inf bias,
- * then (after a system-wide fence) the build's number, which tells the host they are there. */
-struct build_slot {
-    unsigned long long nnz, bad, build, unused;
-};
+/* A block's result, in mapped host memory: one 64-bit word, written by one store as soon as the
+ * block has staged its keys, so that the host can return while the tiles are still being built:
+ * the nnz of the block's rows (each keeps min(w, keys taking part up to it), so the count needs
+ * no tile), whether its keys hold a NaN or +inf bias, and the build's number, which tells the
+ * host the word is this build's. An aligned 8-byte store arrives whole: no fence is needed. */
+constexpr int SLOT_NNZ_BITS = 26; /* a run's nnz <= P * w < 512 * 2^16 (a staged key axis) */
+constexpr unsigned long long SLOT_NNZ_MASK = (1ull << SLOT_NNZ_BITS) - 1,
+                             SLOT_BAD = 1ull << SLOT_NNZ_BITS;
+constexpr int SLOT_BUILD_SHIFT = SLOT_NNZ_BITS + 1;
+__host__ __device__ constexpr unsigned long long slot_build(unsigned long long build)
+{
+    return build & (~0ull >> SLOT_BUILD_SHIFT); /* the 37 bits the word holds */
+}
 
 struct run_out {
     dcu_tile *tiles;
     int32_t *row_lo, *row_hi, *keys;
     uint64_t *words;
-    build_slot *slots; /* a block each */
+    unsigned long long *slots; /* a block each */
     unsigned long long build;
     int64_t Lq, off, ntiles, capU, wcap, run;
     int64_t split0, nsplit; /* runs split in two halves: split0 to split0 + nsplit - 1 */
@@ -116,11 +126,8 @@ struct run_out {
 
 __device__ __forceinline__ void write_slot(const run_out &o, unsigned long long nnz, bool bad)
 {
-    volatile build_slot *slot = o.slots + blockIdx.y * gridDim.x + blockIdx.x;
-    slot->nnz = nnz;
-    slot->bad = bad;
-    __threadfence_system(); /* the host reads nnz and bad once it sees the number */
-    slot->build = o.build;
+    volatile unsigned long long *slot = o.slots + blockIdx.y * gridDim.x + blockIdx.x;
+    *slot = slot_build(o.build) << SLOT_BUILD_SHIFT | (bad ? SLOT_BAD : 0) | nnz;
 }
 
 /* A group's tile. L = S + N in key order (rank keys LK; pack: the run-relative row of each
@@ -134,7 +141,7 @@ __device__ __forceinline__ void write_slot(const run_out &o, unsigned long long 
  * whole. gsize is a power of 2 (>= 64). */
 __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, const uint64_t *LK,
                            const uint32_t *pack, int nL, unsigned char *gmem, int gid,
-                           int gsize, unsigned long long *nnz)
+                           int gsize)
 {
     const int glog = 31 - __clz(gsize);
     const int gt = threadIdx.x & (gsize - 1), lane = threadIdx.x & 31, gw = gt >> 5;
@@ -242,9 +249,9 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
     group_sync(gid, gsize);
     int32_t *rlo = o.row_lo + s * o.Lq + r0, *rhi = o.row_hi + s * o.Lq + r0;
     {
-        /* a row's count: gsize / 64 threads a row (adjacent lanes), each a share of its
-         * words; then its first and last-plus-one member, from its first and last nonzero
-         * words (nearly always the row's first and last) */
+        /* whether a row keeps any member: gsize / 64 threads a row (adjacent lanes), each a
+         * share of its words; then its first and last-plus-one member, from its first and
+         * last nonzero words (nearly always the row's first and last) */
         const int plog = glog - 6, parts = 1 << plog, r = gt >> plog, part = gt & (parts - 1);
         const unsigned long long *row = wbuf + r * wpr;
         int c = 0;
@@ -267,7 +274,6 @@ __device__ void build_tile(const run_out &o, int64_t s, int64_t tile, int rel0, 
             }
             rlo[r] = f;
             rhi[r] = e;
-            *nnz += c;
         }
     }
     uint64_t *words = o.words + tix * DCU_TILE * o.wcap;
@@ -306,7 +312,8 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     int16_t *nrank = (int16_t *)(smem + o.o_nrank), *cidx = (int16_t *)(smem + o.o_cidx);
     unsigned char *area = smem + o.o_area;
     __shared__ unsigned long long tmp64[WARPS + 1];
-    __shared__ int tmp32[WARPS + 1], found[12], nB;
+    __shared__ int tmp32[WARPS + 1], found[12], nB, wnew[WARPS];
+    __shared__ unsigned wnnz[WARPS];
     __shared__ uint64_t result;
     sel_mem m;
     m.hist = (uint32_t *)area;
@@ -326,7 +333,6 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const int w = o.w;
     const slab_keys sk = slab_of(in, s);
     bool bad = false;
-    unsigned long long nnz = 0;
 
     if (t0 >= t1) { /* no tiles (Lq == 0): only the bias check */
         for (int64_t j = tid; j < Lk; j += THREADS)
@@ -408,20 +414,42 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     cnt = __reduce_add_sync(FULL, (unsigned)cnt);
     cmin = __reduce_min_sync(FULL, cmin);
     cmax = __reduce_max_sync(FULL, cmax);
+    const unsigned vnew = __ballot_sync(FULL, cnew != 0); /* the new keys that take part */
+    bad = __any_sync(FULL, bad);
     if (lane == 0) {
         tmp32[warp] = cnt;
         tmp64[warp] = (unsigned long long)cmin << 32 | cmax;
+        wnew[warp] = __popc(vnew) | (int)bad << 16;
     }
     __syncthreads();
-    int nvalid = 0;
+    int nvalid = 0, vbefore = 0; /* vbefore: new keys taking part, of the warps before */
     cmin = FULL;
     cmax = 0;
     for (int i = 0; i < WARPS; i++) {
         nvalid += tmp32[i];
         cmin = min(cmin, (uint32_t)(tmp64[i] >> 32));
         cmax = max(cmax, (uint32_t)tmp64[i]);
+        vbefore += i < warp ? wnew[i] & 0xffff : 0;
+        bad |= wnew[i] >> 16;
+    }
+    /* The block's nnz, written out now (see build_slot): row p keeps min(w, V_p) keys, V_p the
+     * keys taking part in [0, p]. Thread t takes row p = nlo - 1 + t, whose V_p is the
+     * prefix's nvalid plus the new keys before thread t's. */
+    {
+        const int64_t p = nlo - 1 + tid;
+        const int v = nvalid + vbefore + __popc(vnew & ((1u << lane) - 1));
+        const unsigned kept = p >= max(p0, (int64_t)0) && p <= plast ? (unsigned)min(w, v) : 0u;
+        const unsigned wk = __reduce_add_sync(FULL, kept);
+        if (lane == 0)
+            wnnz[warp] = wk;
     }
     __syncthreads();
+    static_assert(WARPS == 32, "the block's nnz: a lane a warp's count");
+    if (warp == 0) { /* the sum < 2^26 (the host's check): 32 bits hold it */
+        const unsigned all = __reduce_add_sync(FULL, wnnz[lane]);
+        if (lane == 0)
+            write_slot(o, all, bad);
+    }
     const int hi_rank = min(w, nvalid); /* |S| */
 
     /* 2. The code histogram of the prefix; theta_p0 = the rank key of rank hi_rank, and smask
@@ -694,33 +722,19 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const int gsize = THREADS / G, gid = tid / gsize;
     for (int64_t tile = t0 + gid; tile < t1; tile += G)
         build_tile(o, s, tile, (int)((tile - t0) * DCU_TILE), sK, pack, nL,
-                   area + gid * o.group_bytes, gid + 1, gsize, &nnz);
-
-    /* the block's nnz and bias check */
-    nnz = __reduce_add_sync(FULL, (unsigned)nnz);
-    bad = __syncthreads_or(bad);
-    if (lane == 0)
-        tmp64[warp] = nnz;
-    __syncthreads();
-    if (tid == 0) {
-        unsigned long long all = 0;
-        for (int i = 0; i < WARPS; i++)
-            all += tmp64[i];
-        write_slot(o, all, bad);
-    }
+                   area + gid * o.group_bytes, gid + 1, gsize);
 }
 
-/* Waits until every block has written its slot for build `build`. Spinning on the slots
- * returns about 1.5 us sooner than cudaStreamSynchronize, which waits for the kernel's end to be
- * signalled as well. Every millisecond without them, the stream is asked whether it failed
- * (or, which cannot happen, ended without them). */
-cudaError_t wait_slots(const volatile build_slot *host, size_t n, unsigned long long build,
+/* Waits until every block has written its slot for build `build` (spinning on them returns
+ * before the kernel ends: they are written once the keys are staged). Every millisecond without
+ * them, the stream is asked whether it failed (or, which cannot happen, ended without them). */
+cudaError_t wait_slots(const volatile unsigned long long *host, size_t n, unsigned long long build,
                        cudaStream_t stream)
 {
     auto last = std::chrono::steady_clock::now();
     for (size_t i = 0; i < n; i++) {
         unsigned spins = 0;
-        while (host[i].build != build) {
+        while (host[i] >> SLOT_BUILD_SHIFT != slot_build(build)) {
             if (++spins % 256)
                 continue;
             const auto now = std::chrono::steady_clock::now();
@@ -728,13 +742,12 @@ cudaError_t wait_slots(const volatile build_slot *host, size_t n, unsigned long 
                 continue;
             last = now;
             const cudaError_t e = cudaStreamQuery(stream);
-            if (e == cudaSuccess && host[i].build != build)
+            if (e == cudaSuccess && host[i] >> SLOT_BUILD_SHIFT != slot_build(build))
                 return cudaErrorUnknown; /* the kernel ended without writing a slot */
             if (e != cudaSuccess && e != cudaErrorNotReady)
                 return e;
         }
     }
-    std::atomic_thread_fence(std::memory_order_acquire); /* nnz and bad after the numbers */
     return cudaSuccess;
 }
 
@@ -773,7 +786,8 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     int groups = RUN_TILES;
     while (groups > 0 && groups * o.group_bytes > budget)
         groups >>= 1;
-    if (groups == 0 || select_bytes > budget) /* a prefix too long to stage: the tree */
+    /* a prefix too long to stage (or a run's nnz too large for its slot): the tree */
+    if (groups == 0 || select_bytes > budget || (int64_t)RUN_ROWS * w > (int64_t)SLOT_NNZ_MASK)
         return dcu_build_topk_causal_tree(window, bias, pad, sp, stream_);
     o.groups = groups;
     const int64_t area = std::max(select_bytes, groups * o.group_bytes);
@@ -797,7 +811,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     const size_t nslots = (size_t)(nslab * nruns); /* a block each */
 
     /* The slots: host memory the kernel writes, read as soon as every block's is there. */
-    const size_t slot_bytes = nslots * sizeof(build_slot);
+    const size_t slot_bytes = nslots * sizeof(unsigned long long);
     if (st->slot_bytes < slot_bytes) {
         dcu_state_free(st);
         const size_t bytes = std::max<size_t>(slot_bytes, 4096);
@@ -810,7 +824,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
         }
         st->slot_bytes = bytes;
     }
-    const volatile build_slot *host = (const volatile build_slot *)st->slots;
+    const volatile unsigned long long *host = (const volatile unsigned long long *)st->slots;
     dcu_sparsity out = *sp;
     out.tiles = nullptr;
     if (dcu_sparsity_alloc(&out, ntile_all * capU, ntile_all * DCU_TILE * wcap, stream) != 0)
@@ -820,7 +834,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.row_hi = out.row_hi;
     o.keys = out.keys;
     o.words = out.words;
-    o.slots = (build_slot *)st->slots_dev;
+    o.slots = (unsigned long long *)st->slots_dev;
     o.build = ++st->builds;
     o.Lq = Lq;
     o.off = Lk - Lq;
@@ -833,6 +847,7 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
     o.w = w;
     slab_in in = {*bias, *pad, sp->H, Lk};
     cudaError_t e = cudaSuccess;
+    cudaEvent_t ready = nullptr;
     if (nslab > 0) {
         if ((int)smem > st->topk_smem) { /* once per context: the most the device allows */
             e = cudaFuncSetAttribute(build_runs, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -843,18 +858,27 @@ extern "C" int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, con
             build_runs<<<dim3((unsigned)nruns, (unsigned)nslab), THREADS, smem, stream>>>(in, o);
             e = cudaGetLastError();
         }
+        /* the object is complete where the stream passes this event (made while the GPU
+         * stages: the host waits for the slots anyway) */
+        if (e == cudaSuccess)
+            e = cudaEventCreateWithFlags(&ready, cudaEventDisableTiming);
+        if (e == cudaSuccess)
+            e = cudaEventRecord(ready, stream);
     }
     if (e == cudaSuccess && nslots > 0)
         e = wait_slots(host, nslots, o.build, stream);
     unsigned long long total = 0, bad = 0;
     for (size_t i = 0; e == cudaSuccess && i < nslots; i++) {
-        total += host[i].nnz;
-        bad |= host[i].bad;
+        total += host[i] & SLOT_NNZ_MASK;
+        bad |= host[i] & SLOT_BAD;
     }
     if (e != cudaSuccess || bad) {
+        if (ready)
+            cudaEventDestroy(ready); /* released once the stream passes it */
         dcu_sparsity_free(&out, stream);
         return e != cudaSuccess ? dcu_fail(e, "sparsity_build") : 1;
     }
+    out.ready = ready;
     out.nnz = (int64_t)total;
     *sp = out;
     return 0;

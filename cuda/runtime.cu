@@ -116,6 +116,27 @@ extern "C" int dcu_sparsity_alloc(dcu_sparsity *sp, int64_t nkeys, int64_t nword
     return 0;
 }
 
+extern "C" int dcu_ready_wait(const dcu_sparsity *sp, void *stream)
+{
+    if (sp->ready)
+        DCU_TRY(cudaStreamWaitEvent((cudaStream_t)stream, (cudaEvent_t)sp->ready, 0));
+    return 0;
+}
+
+extern "C" int dcu_ready_sync(const dcu_sparsity *sp)
+{
+    if (sp->ready)
+        DCU_TRY(cudaEventSynchronize((cudaEvent_t)sp->ready));
+    return 0;
+}
+
+extern "C" void dcu_ready_free(dcu_sparsity *sp)
+{
+    if (sp->ready)
+        cudaEventDestroy((cudaEvent_t)sp->ready);
+    sp->ready = NULL;
+}
+
 extern "C" void dcu_sparsity_free(dcu_sparsity *sp, void *stream)
 {
     if (sp->tiles) /* the base of the one allocation; after the work enqueued on `stream` */

@@ -189,13 +189,19 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   are: they validate, enqueue their work on the context's stream and return; out, lse and
  *   the gradients are complete once that stream reaches this point (cudaStreamSynchronize, an
  *   event, or later work on the same stream). Keep their tensors alive until then. An error
- *   of the kernels' execution (not of their launch) shows at a later call. dma_sparsity_build,
- *   dma_sparsity_from_mask and dma_sparsity_to_dense are synchronous (a build must report a
- *   NaN bias and know its size); while the GPU builds a top-k mask, the calling thread
- *   spins on its results in host memory, whatever the device's scheduling flags (as
- *   cudaStreamSynchronize does by default, but it returns about 1.5 us sooner).
- *   dma_sparsity_destroy of a GPU object first waits for all work of its GPU, as cudaFree
- *   does, so an object may be destroyed right after a call;
+ *   of the kernels' execution (not of their launch) shows at a later call.
+ *   dma_sparsity_from_mask and dma_sparsity_to_dense are synchronous. dma_sparsity_build
+ *   returns with its status and the object's nnz final (it reports a NaN or +inf bias, and
+ *   the object's size is known), but the GPU's causal top-k build returns as soon as its
+ *   blocks have checked and counted the keys, about a third of the way into its kernel: the
+ *   object's tiles are complete once the context's stream reaches the point of the call, as
+ *   a forward's out is. Nothing needs to be done for that: dma_forward and dma_backward with
+ *   the object, on any CUDA context, enqueue a wait for it on their own stream first, and
+ *   dma_sparsity_to_dense waits for it. Meanwhile the calling thread spins on the blocks'
+ *   results in host memory, whatever the device's scheduling flags (as cudaStreamSynchronize
+ *   does by default). An error of that kernel's execution after those results shows at a
+ *   later call. dma_sparsity_destroy of a GPU object first waits for all work of its GPU, as
+ *   cudaFree does, so an object may be destroyed right after a call;
  * - exceptions, documented and tested: (1) bf16/f16 forwards on tensor cores round the softmax
  *   weights P to the storage type before P V (as flash attention does): out is within
  *   2^-8 * sum_j p_ij |v_j| (plus the output's own rounding) of the float32 result, lse within
@@ -309,7 +315,9 @@ typedef struct dma_mask_params {
  *
  * Rows that can see fewer keys than `window` keep every visible key. Top-k ties go to the earlier
  * key. Cost of the causal top-k builder with a per-key bias: O(B*H*Lk*log(window)) time plus the
- * size of the object; no O(Lq*Lk) memory anywhere.
+ * size of the object; no O(Lq*Lk) memory anywhere. With a CUDA context the GPU's top-k build
+ * may return before the object's tiles are written (its status and nnz are final); every use
+ * of the object waits for them (see "CUDA contexts" above).
  * Errors: DMA_ERR_NULL, DMA_ERR_ARG (unknown kind), DMA_ERR_SHAPE, DMA_ERR_STRIDE, DMA_ERR_DTYPE,
  * DMA_ERR_WINDOW (negative window or block_size), DMA_ERR_OVERFLOW, DMA_ERR_BAD_VALUE,
  * DMA_ERR_NOMEM.

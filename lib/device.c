@@ -210,7 +210,7 @@ static dcu_sparsity to_dcu_sparsity(const dma_sparsity *sp)
                           .ntiles = sp->ntiles, .tiles = (dcu_tile *)sp->tiles,
                           .row_lo = sp->row_lo, .row_hi = sp->row_hi, .keys = sp->keys,
                           .words = sp->words, .nkeys = sp->nkeys, .nwords = sp->nwords,
-                          .nnz = sp->nnz};
+                          .nnz = sp->nnz, .ready = sp->cuda_ready};
 }
 
 /* The arrays and counts of the backend's view back into a device object. */
@@ -224,6 +224,7 @@ static void from_dcu_sparsity(dma_sparsity *sp, const dcu_sparsity *d)
     sp->nkeys = d->nkeys;
     sp->nwords = d->nwords;
     sp->nnz = d->nnz;
+    sp->cuda_ready = d->ready;
 }
 
 void dma_device_sparsity_free(dma_sparsity *sp)
@@ -234,6 +235,7 @@ void dma_device_sparsity_free(dma_sparsity *sp)
     if (dcu_set_device(sp->cuda_device) == 0)
         dcu_device_sync();
     dcu_sparsity_free(&d, NULL);
+    dcu_ready_free(&d);
     free(sp);
 }
 
@@ -288,6 +290,7 @@ static int download_object(const dma_sparsity *d, dma_sparsity *h)
 {
     *h = *d;
     h->cuda = 0;
+    h->cuda_ready = NULL;
     h->vals = NULL;
     const size_t ntile_all = (size_t)(d->B * d->H * d->ntiles), nrows = (size_t)(d->B * d->H * d->Lq);
     h->tiles = malloc(ntile_all * sizeof(dma_tile) + 1);
@@ -308,7 +311,8 @@ static int download_object(const dma_sparsity *d, dma_sparsity *h)
 
 dma_status dma_device_sparsity_to_dense(const dma_sparsity *sp, uint8_t *out, size_t bytes)
 {
-    if (dcu_set_device(sp->cuda_device) != 0)
+    const dcu_sparsity d = to_dcu_sparsity(sp);
+    if (dcu_set_device(sp->cuda_device) != 0 || dcu_ready_sync(&d) != 0) /* built to the end */
         return DMA_ERR_DEVICE;
     dma_sparsity h;
     int rc = download_object(sp, &h);
@@ -423,6 +427,9 @@ static dma_status device_prepare(dma_context *ctx, dma_attn *a, dcu_attn *d)
                     .causal = a->causal, .q = to_dcu(a->q), .k = to_dcu(a->k),
                     .v = to_dcu(a->v), .bias = to_dcu(a->bias), .out = to_dcu(a->out),
                     .lse = to_dcu(a->lse), .sp = to_dcu_sparsity(a->sp)};
+    /* an object still being built (on its builder's stream, maybe not this one) */
+    if (dcu_ready_wait(&d->sp, ctx->cuda_stream) != 0)
+        return runtime_error(ctx, "attention");
     return DMA_OK;
 }
 

@@ -73,6 +73,8 @@ struct dma_sparsity {
     int cuda;           /* 1: tiles, row_lo, row_hi, keys and words are device memory of GPU
                            cuda_device (built by a CUDA context; vals is then NULL) */
     int cuda_device;
+    void *cuda_ready;   /* NULL, or the cudaEvent_t those arrays are complete at (a GPU top-k
+                           build returns before its kernel ends); owned by the object */
 };
 
 /* The float data of a validated DMA_F32 tensor. */

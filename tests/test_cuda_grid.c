@@ -689,6 +689,15 @@ START_TEST(stream_and_shared_object)
     ck_assert_int_eq(cudaStreamSynchronize(ns), cudaSuccess);
     tb_download(&g.out);
     ck_assert_msg(memcmp(o0, g.out.back, g.out.bytes) == 0, "out differs on a non-blocking stream");
+    /* A GPU build returns before its kernel ends: an object built on ns and used at once on the
+     * legacy stream, which ns is not ordered with, gives the same out (the forward waits for the
+     * object's build). */
+    ck_assert_int_eq(dma_sparsity_build(g2, &mp, c.Bs, c.Hs, c.Lq, c.Lk, &g.bias.td, NULL, &sp2),
+                     DMA_OK);
+    ck_assert_int_eq(gpu_forward(g0, &c, &g, sp2), DMA_OK);
+    ck_assert_msg(memcmp(o0, g.out.back, g.out.bytes) == 0,
+                  "out differs with an object still being built on another stream");
+    dma_sparsity_destroy(sp2);
     /* sp NULL: the dense object the call makes for itself is freed on the stream, after it */
     ck_assert_int_eq(dma_forward(g2, &g.q.td, &g.k.td, &g.v.td, NULL, NULL, &ap, &g.out.td, NULL),
                      DMA_OK);
