@@ -348,13 +348,10 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
     const int64_t npre = p0 >= 0 ? p0 + 1 : 0; /* the prefix [0, p0]; p0 < Lk */
     const prefix pf = {staged, npre}; /* the host made the whole prefix fit */
 
-    /* 1. The prefix's codes (staged), how many take part, their code range; the bias check. */
-    uint32_t cmin = FULL, cmax = 0; /* cmin less one while staging: a code of 0 wraps */
-    int cnt = 0;
+    /* 1. The prefix's codes (staged) and their histogram; the bias check. How many take part
+     * and their code range are read off the histogram after (the range to whole bins, which
+     * is all the bins below need): the staging pass is bound by its instructions a key. */
     auto take = [&](uint32_t c) { /* a key that takes no part (0) adds nothing */
-        cnt += c != 0;
-        cmin = min(cmin, c - 1);
-        cmax = max(cmax, c);
         if (c)
             atomicAdd(&m.hist[c >> (32 - BIN_BITS)], 1u);
     };
@@ -410,9 +407,21 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
             ((uint4 *)staged)[q] = make_uint4(c[0], c[1], c[2], c[3]);
         }
     }
-    cmin += cmin != FULL; /* back from less one */
+    __syncthreads(); /* the histogram */
+    static_assert(BINS == 4 * THREADS, "four bins a thread");
+    const uint4 h4 = ((const uint4 *)m.hist)[tid];
+    const uint32_t h[4] = {h4.x, h4.y, h4.z, h4.w};
+    int cnt = 0;
+    uint32_t cmin = FULL, cmax = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++)
+        if (h[k]) {
+            cnt += (int)h[k];
+            cmin = min(cmin, (uint32_t)(4 * tid + k));
+            cmax = max(cmax, (uint32_t)(4 * tid + k));
+        }
     cnt = __reduce_add_sync(FULL, (unsigned)cnt);
-    cmin = __reduce_min_sync(FULL, cmin);
+    cmin = __reduce_min_sync(FULL, cmin); /* bins here; codes below */
     cmax = __reduce_max_sync(FULL, cmax);
     const unsigned vnew = __ballot_sync(FULL, cnew != 0); /* the new keys that take part */
     bad = __any_sync(FULL, bad);
@@ -422,16 +431,21 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
         wnew[warp] = __popc(vnew) | (int)bad << 16;
     }
     __syncthreads();
-    int nvalid = 0, vbefore = 0; /* vbefore: new keys taking part, of the warps before */
-    cmin = FULL;
-    cmax = 0;
-    for (int i = 0; i < WARPS; i++) {
-        nvalid += tmp32[i];
-        cmin = min(cmin, (uint32_t)(tmp64[i] >> 32));
-        cmax = max(cmax, (uint32_t)tmp64[i]);
-        vbefore += i < warp ? wnew[i] & 0xffff : 0;
-        bad |= wnew[i] >> 16;
+    /* Each warp combines the warps' figures, a lane a warp (WARPS == 32): three loads a
+     * thread, where a loop over them made the block queue for shared memory. vbefore: the new
+     * keys taking part, of the warps before this one. */
+    static_assert(WARPS == 32, "a lane a warp's figures");
+    const int nvalid = (int)__reduce_add_sync(FULL, (unsigned)tmp32[lane]);
+    const unsigned long long span = tmp64[lane];
+    cmin = __reduce_min_sync(FULL, (uint32_t)(span >> 32));
+    cmax = __reduce_max_sync(FULL, (uint32_t)span);
+    if (cmin != FULL) { /* some key takes part: from bins to codes (cmax: its bin's last) */
+        cmin <<= 32 - BIN_BITS;
+        cmax = cmax << (32 - BIN_BITS) | (FULL >> BIN_BITS);
     }
+    const int wn = wnew[lane];
+    const int vbefore = (int)__reduce_add_sync(FULL, lane < warp ? (unsigned)(wn & 0xffff) : 0u);
+    bad = __any_sync(FULL, (wn >> 16) != 0);
     /* The block's nnz, written out now (see build_slot): row p keeps min(w, V_p) keys, V_p the
      * keys taking part in [0, p]. Thread t takes row p = nlo - 1 + t, whose V_p is the
      * prefix's nvalid plus the new keys before thread t's. */
@@ -444,7 +458,6 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
             wnnz[warp] = wk;
     }
     __syncthreads();
-    static_assert(WARPS == 32, "the block's nnz: a lane a warp's count");
     if (warp == 0) { /* the sum < 2^26 (the host's check): 32 bits hold it */
         const unsigned all = __reduce_add_sync(FULL, wnnz[lane]);
         if (lane == 0)
@@ -596,10 +609,9 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
         if (lane == 0)
             tmp64[warp] = (unsigned long long)lo << 32 | hi;
         __syncthreads();
-        for (int i = 0; i < WARPS; i++) {
-            lo = min(lo, (uint32_t)(tmp64[i] >> 32));
-            hi = max(hi, (uint32_t)tmp64[i]);
-        }
+        const unsigned long long span = tmp64[lane]; /* a lane a warp's, as above */
+        lo = __reduce_min_sync(FULL, (uint32_t)(span >> 32));
+        hi = __reduce_max_sync(FULL, (uint32_t)span);
         const uint64_t top = rank_among(C, nCall, (uint64_t)lo << 32,
                                         (uint64_t)hi << 32 | FULL, nCall - keep + 1, m, nullptr);
         const uint64_t x = tid < nCall ? C[tid] : PAD;
