@@ -193,9 +193,9 @@ DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_conte
  *   dma_sparsity_from_mask and dma_sparsity_to_dense are synchronous. dma_sparsity_build
  *   returns with its status and the object's nnz final (it reports a NaN or +inf bias, and
  *   the object's size is known), but the GPU's causal top-k build returns as soon as its
- *   blocks have checked and counted the keys, about a third of the way into its kernel: the
- *   object's tiles are complete once the context's stream reaches the point of the call, as
- *   a forward's out is. Nothing needs to be done for that: dma_forward and dma_backward with
+ *   blocks have checked and counted the keys, early in its kernel (about a fifth of the way
+ *   in at 32K keys): the object's tiles are complete once the context's stream reaches the
+ *   point of the call, as a forward's out is. Nothing needs to be done for that: dma_forward and dma_backward with
  *   the object, on any CUDA context, enqueue a wait for it on their own stream first, and
  *   dma_sparsity_to_dense waits for it. Meanwhile the calling thread spins on the blocks'
  *   results in host memory, whatever the device's scheduling flags (as cudaStreamSynchronize
