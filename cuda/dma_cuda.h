@@ -81,9 +81,10 @@ int dcu_device_sync(void);
 /* Causal top-`window` selection over a per-key bias (Bb, Hb, 1, Lk) float32 for an object of
  * (B, H, Lq, Lk), bottom-right aligned; pad optional (Bp, Lk) bool. Allocates sp's arrays
  * (free with dcu_sparsity_free, and dcu_ready_free) and fills sp; it may return before the
- * arrays are complete, with sp->ready set (nnz and the bias check are final). Returns 0; 1 when the bias holds a NaN or +inf;
- * 2 when the window is too large for it (its lists need more shared memory than the GPU
- * has: build it on the host); < 0 on a runtime error. Nothing is allocated unless it returns 0. */
+ * arrays are complete, with sp->ready set (nnz and the bias check are final). Returns 0; 1
+ * when the bias holds a NaN or +inf; 2 when the window is too large for it (its lists need
+ * more shared memory than the GPU has: build it on the host); < 0 on a runtime error.
+ * Nothing is allocated unless it returns 0. */
 int dcu_build_topk_causal(int64_t window, const dcu_tensor *bias, const dcu_tensor *pad,
                           dcu_sparsity *sp, dcu_state *st, void *stream);
 /* The same for key axes too long for dcu_build_topk_causal's shared memory (mask_topk_tree.cu:

@@ -743,10 +743,11 @@ __global__ void __launch_bounds__(THREADS, 1) build_runs(slab_in in, run_out o)
 cudaError_t wait_slots(const volatile unsigned long long *host, size_t n, unsigned long long build,
                        cudaStream_t stream)
 {
+    const auto arrived = [&](size_t i) { return host[i] >> SLOT_BUILD_SHIFT == slot_build(build); };
     auto last = std::chrono::steady_clock::now();
     for (size_t i = 0; i < n; i++) {
         unsigned spins = 0;
-        while (host[i] >> SLOT_BUILD_SHIFT != slot_build(build)) {
+        while (!arrived(i)) {
             if (++spins % 256)
                 continue;
             const auto now = std::chrono::steady_clock::now();
@@ -754,7 +755,7 @@ cudaError_t wait_slots(const volatile unsigned long long *host, size_t n, unsign
                 continue;
             last = now;
             const cudaError_t e = cudaStreamQuery(stream);
-            if (e == cudaSuccess && host[i] >> SLOT_BUILD_SHIFT != slot_build(build))
+            if (e == cudaSuccess && !arrived(i))
                 return cudaErrorUnknown; /* the kernel ended without writing a slot */
             if (e != cudaSuccess && e != cudaErrorNotReady)
                 return e;
