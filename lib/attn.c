@@ -178,42 +178,55 @@ void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv
     }
 }
 
+void dma_item_load_rows_range(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                              const dma_tensor *src, float scale, float *dst, int64_t ld,
+                              int64_t r0, int64_t r1)
+{
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
+        const int64_t off = it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
+                            (iv->h0 + hh) * src->stride[2];
+        float *d = dst + r * ld;
+        if (src->dtype == DMA_F32) {
+            for (int64_t x = 0; x < a->D; x++)
+                d[x] = scale * f32(src)[off + x];
+        } else {
+            a->kern->to_f32(d, (const uint16_t *)src->data + off, a->D, src->dtype == DMA_F16);
+            for (int64_t x = 0; x < a->D; x++)
+                d[x] *= scale;
+        }
+        memset(d + a->D, 0, sizeof(float) * (size_t)(ld - a->D));
+    }
+}
+
 void dma_item_load_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                         const dma_tensor *src, float scale, float *dst, int64_t ld)
 {
-    for (int64_t hh = 0; hh < iv->nh; hh++)
-        for (int64_t i = 0; i < iv->nrows; i++) {
-            const int64_t off = it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
-                                (iv->h0 + hh) * src->stride[2];
-            float *d = dst + (hh * iv->nrows + i) * ld;
-            if (src->dtype == DMA_F32) {
-                for (int64_t x = 0; x < a->D; x++)
-                    d[x] = scale * f32(src)[off + x];
-            } else {
-                a->kern->to_f32(d, (const uint16_t *)src->data + off, a->D, src->dtype == DMA_F16);
-                for (int64_t x = 0; x < a->D; x++)
-                    d[x] *= scale;
-            }
-            memset(d + a->D, 0, sizeof(float) * (size_t)(ld - a->D));
-        }
+    dma_item_load_rows_range(a, it, iv, src, scale, dst, ld, 0, iv->M);
 }
 
 void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
-                       const dma_tensor *t, bool write)
+                       const dma_tensor *t, bool write, int64_t r0, int64_t r1)
 {
     const int64_t size = t->dtype == DMA_F32 ? 4 : 2;
-    for (int64_t hh = 0; hh < iv->nh; hh++)
-        for (int64_t i = 0; i < iv->nrows; i++) {
-            const char *row = (const char *)t->data +
-                              size * (it->b * t->stride[0] + (iv->r0 + i) * t->stride[1] +
-                                      (iv->h0 + hh) * t->stride[2]);
-            for (int64_t byte = 0; byte < size * a->D; byte += 64) {
-                if (write)
-                    __builtin_prefetch(row + byte, 1, 3);
-                else
-                    __builtin_prefetch(row + byte, 0, 3);
-            }
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
+        const char *row = (const char *)t->data +
+                          size * (it->b * t->stride[0] + (iv->r0 + i) * t->stride[1] +
+                                  (iv->h0 + hh) * t->stride[2]);
+        for (int64_t byte = 0; byte < size * a->D; byte += 64) {
+            if (write)
+                __builtin_prefetch(row + byte, 1, 3);
+            else
+                __builtin_prefetch(row + byte, 0, 3);
         }
+    }
+}
+
+void dma_prefetch_rows_all(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                           const dma_tensor *t, bool write)
+{
+    dma_prefetch_rows(a, it, iv, t, write, 0, iv->M);
 }
 
 void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,

@@ -47,19 +47,20 @@ static size_t forward_scratch_floats(const dma_attn *a)
     return (n + 15) / 16 * 16; /* keeps every thread's part 64-byte aligned */
 }
 
-/* The item's query rows as stored (bf16, unscaled), zero-padded to ld: scores_bf16's rows. */
+/* The item's query rows r0 <= r < r1 as stored (bf16, unscaled), zero-padded to ld:
+ * scores_bf16's rows (row r = hh * nrows + i, as dma_item_load_rows). */
 static void load_rows_bf16(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
-                           uint16_t *dst, int64_t ld)
+                           uint16_t *dst, int64_t ld, int64_t r0, int64_t r1)
 {
     const dma_tensor *q = a->q;
-    for (int64_t hh = 0; hh < iv->nh; hh++)
-        for (int64_t i = 0; i < iv->nrows; i++) {
-            const int64_t off = it->b * q->stride[0] + (iv->r0 + i) * q->stride[1] +
-                                (iv->h0 + hh) * q->stride[2];
-            uint16_t *d = dst + (hh * iv->nrows + i) * ld;
-            memcpy(d, (const uint16_t *)q->data + off, sizeof(uint16_t) * (size_t)a->D);
-            memset(d + a->D, 0, sizeof(uint16_t) * (size_t)(ld - a->D));
-        }
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
+        const int64_t off = it->b * q->stride[0] + (iv->r0 + i) * q->stride[1] +
+                            (iv->h0 + hh) * q->stride[2];
+        uint16_t *d = dst + r * ld;
+        memcpy(d, (const uint16_t *)q->data + off, sizeof(uint16_t) * (size_t)a->D);
+        memset(d + a->D, 0, sizeof(uint16_t) * (size_t)(ld - a->D));
+    }
 }
 
 /* Whether the forward's Q K^T can run on the bf16 dot products: q and k bf16, the kernels
@@ -86,6 +87,46 @@ static inline int64_t block_rows(int64_t rest, int64_t mr)
     return mr;
 }
 
+/* Normalise rows r0 <= r < r1 of the item's running output and write them out (with their lse).
+ * A row that selected nothing has l == 0 (a selected key adds exp(0) = 1 at the max): out = 0
+ * (written, not O * 0, which a NaN in V of the tile's union would turn into NaN) and
+ * lse = -inf. Any other l, NaN included (a NaN logit), is a row; a NaN in the row written
+ * (also from V, which never enters l) makes its lse NaN. */
+static void write_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv, float *O,
+                       const float *row_m, const float *row_l, int64_t r0, int64_t r1)
+{
+    const int64_t D = a->D, ld = a->ld;
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
+        const int64_t off = it->b * a->out->stride[0] + (iv->r0 + i) * a->out->stride[1] +
+                            (iv->h0 + hh) * a->out->stride[2];
+        /* 16-bit outputs are rounded once from the row in O (normalised in place). */
+        float *dst = a->out->dtype == DMA_F32 ? f32(a->out) + off : O + r * ld;
+        float row_lse = -INFINITY;
+        if (row_l[r] == 0.0f) {
+            memset(dst, 0, sizeof(float) * (size_t)D);
+        } else {
+            const float inv = 1.0f / row_l[r];
+            int nan = 0;
+            for (int64_t d = 0; d < D; d++) {
+                const float y = O[r * ld + d] * inv;
+                dst[d] = y;
+                nan |= isnan(y);
+            }
+            row_lse = nan ? NAN : row_m[r] + logf(row_l[r]);
+        }
+        if (a->out->dtype != DMA_F32)
+            a->kern->from_f32((uint16_t *)a->out->data + off, dst, D, a->out->dtype == DMA_F16);
+        if (a->lse)
+            f32(a->lse)[it->b * a->lse->stride[0] + (iv->h0 + hh) * a->lse->stride[1] +
+                        (iv->r0 + i) * a->lse->stride[2]] = row_lse;
+    }
+}
+
+/* Rows a block asks for ahead of it: the query rows (output rows) of the blocks that follow are
+ * fetched while it computes. */
+#define ROWS_AHEAD(mr) (2 * (mr))
+
 /* The forward of item `it` over the view iv: its own, or its pair's merged (rows r0 on). */
 static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                          float *scratch)
@@ -111,20 +152,32 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
     const bool decode = a->cache && nrows == 1 && mr <= 8;
-    dma_prefetch_rows(a, it, iv, a->q, false);
-    dma_prefetch_rows(a, it, iv, a->out, true);
-    /* the bf16 dots read the stored rows; every other path the scaled float32 ones */
-    if (a->bf16_dots)
-        load_rows_bf16(a, it, iv, Qh, ld);
-    else
-        dma_item_load_rows(a, it, iv, a->q, a->scale, Q, ld);
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
         row_m[r] = -INFINITY;
         row_l[r] = 0.0f;
     }
-
+    /* The chunks that run: a block's query rows are loaded where the first of them reaches it,
+     * and its output is written where the last one leaves it. Loading every row first and
+     * writing every row last waited on memory for 13-15% of an MHA forward (each row a few
+     * lines a row stride apart, missed line by line); block by block, the rows a few blocks
+     * ahead are fetched while a block computes. */
+    int64_t first_c0 = -1, last_c0 = -1;
     for (int64_t c0 = 0, n; c0 < iv->count; c0 += n) {
+        n = iv->count - c0 <= DMA_CHUNK_MAX ? iv->count - c0 : DMA_CHUNK;
+        if (dma_chunk_active(iv, c0, n)) {
+            first_c0 = first_c0 < 0 ? c0 : first_c0;
+            last_c0 = c0;
+        }
+    }
+    if (first_c0 < 0) { /* no row selects a key: every row is written as such */
+        write_rows(a, it, iv, O, row_m, row_l, 0, M);
+        return;
+    }
+    int64_t q_asked = dma_min64(M, ROWS_AHEAD(mr)), out_asked = 0;
+    dma_prefetch_rows(a, it, iv, a->q, false, 0, q_asked);
+
+    for (int64_t c0 = first_c0, n; c0 <= last_c0; c0 += n) {
         const int64_t rest = iv->count - c0;
         n = rest <= DMA_CHUNK_MAX ? rest : DMA_CHUNK;
         if (!dma_chunk_active(iv, c0, n))
@@ -149,74 +202,62 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
             for (int64_t hh = 0; hh < iv->nh; hh++)
                 dma_gather_key_bias(a, it, iv, hh, c0, n, dma_div_up(n, nr) * nr,
                                     bias_buf + hh * DMA_CHUNK_MAX);
+        if (c0 == last_c0) {
+            out_asked = dma_min64(M, ROWS_AHEAD(mr));
+            dma_prefetch_rows(a, it, iv, a->out, true, 0, out_asked);
+        }
         /* Blocks of rows run across head boundaries (rows of all heads are contiguous in Q),
          * so only the item's last blocks are short. */
         for (int64_t row0 = 0, m; row0 < M; row0 += m) {
             m = block_rows(M - row0, mr);
-            int64_t ca, cb;
-            if (!dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb))
-                continue;
-            if (a->bf16_dots)
-                kern->scores_bf16(S, DMA_CHUNK_MAX, Qh + row0 * ld, (int)ld, (int)m, Kh + ca * D,
-                                  (int)(cb - ca), (int)D, a->scale);
-            else if (decode)
-                kern->dots(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, stage + ca * D, (int)D,
-                           (int)(cb - ca), (int)D);
-            else
-                kern->scores(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
-                             (int)(cb - ca), (int)D);
-            for (int64_t r = 0; r < m; r++) {
-                const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
-                const float *brow = NULL;
-                if (per_row_bias) {
-                    brow = bias_buf;
-                    dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
-                } else if (a->bias || a->cache_bias) {
-                    brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
-                }
-                int lo, hi;
-                dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
-                alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
-                                             dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
-                                             a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
+            const int64_t ahead = dma_min64(M, row0 + m + ROWS_AHEAD(mr));
+            if (c0 == first_c0) {
+                dma_prefetch_rows(a, it, iv, a->q, false, q_asked, ahead);
+                q_asked = dma_max64(q_asked, ahead);
+                /* the bf16 dots read the stored rows; every other path the scaled float32 ones */
+                if (a->bf16_dots)
+                    load_rows_bf16(a, it, iv, Qh, ld, row0, row0 + m);
+                else
+                    dma_item_load_rows_range(a, it, iv, a->q, a->scale, Q, ld, row0, row0 + m);
             }
-            /* P is zero past n, and V rows past n were never packed: stop at n. */
-            kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK_MAX, (int)m, Vp + ca * ld,
-                           (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
+            if (c0 == last_c0) {
+                dma_prefetch_rows(a, it, iv, a->out, true, out_asked, ahead);
+                out_asked = dma_max64(out_asked, ahead);
+            }
+            int64_t ca, cb;
+            if (dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb)) {
+                if (a->bf16_dots)
+                    kern->scores_bf16(S, DMA_CHUNK_MAX, Qh + row0 * ld, (int)ld, (int)m,
+                                      Kh + ca * D, (int)(cb - ca), (int)D, a->scale);
+                else if (decode)
+                    kern->dots(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, stage + ca * D,
+                               (int)D, (int)(cb - ca), (int)D);
+                else
+                    kern->scores(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                                 (int)(cb - ca), (int)D);
+                for (int64_t r = 0; r < m; r++) {
+                    const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
+                    const float *brow = NULL;
+                    if (per_row_bias) {
+                        brow = bias_buf;
+                        dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
+                    } else if (a->bias || a->cache_bias) {
+                        brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
+                    }
+                    int lo, hi;
+                    dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
+                    alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
+                                                 dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
+                                                 a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
+                }
+                /* P is zero past n, and V rows past n were never packed: stop at n. */
+                kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK_MAX, (int)m,
+                               Vp + ca * ld, (int)ld, (int)(dma_min64(cb, n) - ca), (int)D);
+            }
+            if (c0 == last_c0)
+                write_rows(a, it, iv, O, row_m, row_l, row0, row0 + m);
         }
     }
-
-    /* Normalise and write out. A row that selected nothing has l == 0 (a selected key adds
-     * exp(0) = 1 at the max): out = 0 (written, not O * 0, which a NaN in V of the tile's
-     * union would turn into NaN) and lse = -inf. Any other l, NaN included (a NaN logit), is a
-     * row; a NaN in the row written (also from V, which never enters l) makes its lse NaN. */
-    for (int64_t hh = 0; hh < iv->nh; hh++)
-        for (int64_t i = 0; i < nrows; i++) {
-            const int64_t r = hh * nrows + i;
-            const int64_t off = it->b * a->out->stride[0] + (iv->r0 + i) * a->out->stride[1] +
-                                (iv->h0 + hh) * a->out->stride[2];
-            /* 16-bit outputs are rounded once from the row in O (normalised in place). */
-            float *dst = a->out->dtype == DMA_F32 ? f32(a->out) + off : O + r * ld;
-            float row_lse = -INFINITY;
-            if (row_l[r] == 0.0f) {
-                memset(dst, 0, sizeof(float) * (size_t)D);
-            } else {
-                const float inv = 1.0f / row_l[r];
-                int nan = 0;
-                for (int64_t d = 0; d < D; d++) {
-                    const float y = O[r * ld + d] * inv;
-                    dst[d] = y;
-                    nan |= isnan(y);
-                }
-                row_lse = nan ? NAN : row_m[r] + logf(row_l[r]);
-            }
-            if (a->out->dtype != DMA_F32)
-                kern->from_f32((uint16_t *)a->out->data + off, dst, D,
-                               a->out->dtype == DMA_F16);
-            if (a->lse)
-                f32(a->lse)[it->b * a->lse->stride[0] + (iv->h0 + hh) * a->lse->stride[1] +
-                            (iv->r0 + i) * a->lse->stride[2]] = row_lse;
-        }
 }
 
 /* A unit of the schedule: a run of items of consecutive tiles of the same heads, taken by one
