@@ -127,6 +127,34 @@ static void write_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
  * fetched while it computes. */
 #define ROWS_AHEAD(mr) (2 * (mr))
 
+/* The scores of item rows row0 .. row0 + m - 1 against chunk columns [ca, cb) of chunk c0 and
+ * their softmax, by the fused kernels: scores_select (scores, bias, selection and each row's max
+ * in one pass while the block is in registers), then softmax_exp per row. The same S, alpha, m
+ * and l, bit for bit, as scores followed by softmax_row; softmax_row's pass over S to mask it,
+ * add the bias and find the max cost a D = 64 MHA forward 4-5%. Key bias only, no softcap. */
+static void scores_softmax_fused(const dma_attn *a, const dma_item_view *iv, int64_t row0,
+                                 int64_t m, int64_t c0, int64_t ca, int64_t cb, const float *Q,
+                                 const float *Kp, const float *bias_buf, float *S, float *alpha,
+                                 float *row_m, float *row_l)
+{
+    enum { MR_MAX = 16 }; /* the most rows a table's block has (test_kernels checks mr) */
+    const float *bias[MR_MAX] = {NULL};
+    const uint64_t *bits[MR_MAX] = {NULL};
+    int lo[MR_MAX] = {0}, hi[MR_MAX] = {0};
+    float rowmax[MR_MAX];
+    for (int64_t r = 0; r < m; r++) {
+        const int64_t hh = (row0 + r) / iv->nrows, i = (row0 + r) % iv->nrows;
+        bias[r] = a->bias || a->cache_bias ? bias_buf + hh * DMA_CHUNK_MAX + ca : NULL;
+        bits[r] = dma_row_bits(iv, i);
+        dma_row_span(iv, i, c0, ca, cb, &lo[r], &hi[r]);
+    }
+    a->kern->scores_select(S, DMA_CHUNK_MAX, Q, (int)a->ld, (int)m, Kp, (int)(cb - ca),
+                           (int)a->D, bias, bits, (int)(c0 + ca), lo, hi, rowmax);
+    for (int64_t r = 0; r < m; r++)
+        alpha[r] = a->kern->softmax_exp(S + r * DMA_CHUNK_MAX, (int)(cb - ca), rowmax[r],
+                                        &row_m[r], &row_l[r]);
+}
+
 /* The forward of item `it` over the view iv: its own, or its pair's merged (rows r0 on). */
 static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                          float *scratch)
@@ -152,6 +180,9 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
 
     /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
     const bool decode = a->cache && nrows == 1 && mr <= 8;
+    /* scores and the softmax's first pass in one kernel where the table has it */
+    const bool fused = kern->scores_select && !a->bf16_dots && !decode && a->softcap == 0.0f &&
+                       !per_row_bias;
     memset(O, 0, sizeof(float) * (size_t)(M * ld));
     for (int64_t r = 0; r < M; r++) {
         row_m[r] = -INFINITY;
@@ -226,29 +257,35 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
             }
             int64_t ca, cb;
             if (dma_block_cols(iv, row0, m, c0, n, nr, &ca, &cb)) {
-                if (a->bf16_dots)
-                    kern->scores_bf16(S, DMA_CHUNK_MAX, Qh + row0 * ld, (int)ld, (int)m,
-                                      Kh + ca * D, (int)(cb - ca), (int)D, a->scale);
-                else if (decode)
-                    kern->dots(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, stage + ca * D,
-                               (int)D, (int)(cb - ca), (int)D);
-                else
-                    kern->scores(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
-                                 (int)(cb - ca), (int)D);
-                for (int64_t r = 0; r < m; r++) {
-                    const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
-                    const float *brow = NULL;
-                    if (per_row_bias) {
-                        brow = bias_buf;
-                        dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
-                    } else if (a->bias || a->cache_bias) {
-                        brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
+                if (fused) {
+                    scores_softmax_fused(a, iv, row0, m, c0, ca, cb, Q + row0 * ld, Kp + ca * D,
+                                         bias_buf, S, alpha, row_m + row0, row_l + row0);
+                } else {
+                    if (a->bf16_dots)
+                        kern->scores_bf16(S, DMA_CHUNK_MAX, Qh + row0 * ld, (int)ld, (int)m,
+                                          Kh + ca * D, (int)(cb - ca), (int)D, a->scale);
+                    else if (decode)
+                        kern->dots(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, stage + ca * D,
+                                   (int)D, (int)(cb - ca), (int)D);
+                    else
+                        kern->scores(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
+                                     (int)(cb - ca), (int)D);
+                    for (int64_t r = 0; r < m; r++) {
+                        const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
+                        const float *brow = NULL;
+                        if (per_row_bias) {
+                            brow = bias_buf;
+                            dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
+                        } else if (a->bias || a->cache_bias) {
+                            brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
+                        }
+                        int lo, hi;
+                        dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
+                        alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
+                                                     dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
+                                                     a->softcap, &row_m[row0 + r],
+                                                     &row_l[row0 + r]);
                     }
-                    int lo, hi;
-                    dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
-                    alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
-                                                 dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
-                                                 a->softcap, &row_m[row0 + r], &row_l[row0 + r]);
                 }
                 /* P is zero past n, and V rows past n were never packed: stop at n. */
                 kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK_MAX, (int)m,

@@ -114,6 +114,56 @@ static float softmax_row(float *s, int n, const float *bias, const uint64_t *bit
     return alpha;
 }
 
+/* scores, then softmax_row's first pass on each row: the selected logits (no softcap) and
+ * their max, -inf at every other position. */
+static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
+                          int n, int D, const float *const *bias, const uint64_t *const *bits,
+                          int bit0, const int *lo, const int *hi, float *rowmax)
+{
+    scores(s, lds, q, ldq, m, kp, n, D);
+    for (int r = 0; r < m; r++) {
+        float *row = s + (int64_t)r * lds;
+        float row_max = -INFINITY;
+        for (int c = 0; c < n; c++) {
+            if (!selected(bits[r], bit0, lo[r], hi[r], c)) {
+                row[c] = -INFINITY;
+                continue;
+            }
+            if (bias[r])
+                row[c] += bias[r][c];
+            if (row[c] > row_max)
+                row_max = row[c];
+        }
+        rowmax[r] = row_max;
+    }
+}
+
+/* softmax_row's second half over a row scores_select wrote: -inf marks the unselected, whose
+ * exp is 0. */
+static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
+{
+    float m_new = chunk_max > *m ? chunk_max : *m;
+    if (m_new == -INFINITY) {
+        int nan = 0; /* a selected NaN logit, the only NaN s can hold */
+        for (int c = 0; c < n && !nan; c++)
+            nan = isnan(s[c]);
+        if (!nan) {
+            memset(s, 0, sizeof(float) * n);
+            return 1.0f;
+        }
+        m_new = NAN;
+    }
+    float alpha = expf(*m - m_new);
+    float sum = 0.0f;
+    for (int c = 0; c < n; c++) {
+        s[c] = expf(s[c] - m_new);
+        sum += s[c];
+    }
+    *l = *l * alpha + sum;
+    *m = m_new;
+    return alpha;
+}
+
 static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int ldp, int m,
                      const float *vp, int ldv, int n, int D)
 {
@@ -287,4 +337,6 @@ const dma_kernels dma_kernels_scalar = {
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
     .dots = dots,
+    .scores_select = scores_select,
+    .softmax_exp = softmax_exp,
 };

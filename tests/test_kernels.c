@@ -702,6 +702,126 @@ START_TEST(exp_tanh_accuracy)
 END_TEST
 
 /* ------------------------------------------------------------------------------------------ */
+/* scores_select + softmax_exp against the same table's scores + softmax_row                  */
+/* ------------------------------------------------------------------------------------------ */
+
+static int same_bits(float x, float y)
+{
+    uint32_t a, b;
+    memcpy(&a, &x, sizeof a);
+    memcpy(&b, &y, sizeof b);
+    return a == b;
+}
+
+/* The fused pair must leave S, m, l and the factor bitwise as the two kernels it replaces, on
+ * every table that has it: rows of a block with their own spans, bitmasks (one bit0) and biases
+ * (absent, with -inf, with NaN), empty rows, and running maxima below, inside and above the
+ * chunk's. */
+START_TEST(scores_select_vs_parts)
+{
+    table tb[4];
+    int nt = tables(tb);
+    test_rng r = rng_make(404);
+    int tested = 0;
+    for (int t = 0; t < nt; t++) {
+        const dma_kernels *k = tb[t].k;
+        ck_assert_msg(!k->scores_select == !k->softmax_exp, "%s: half of the fused pair",
+                      k->name);
+        if (!k->scores_select)
+            continue;
+        tested += tb[t].isa == DMA_ISA_SCALAR;
+        for (int di = 0; di < N_HEAD_DIMS; di++)
+            for (int m = 1; m <= k->mr; m++)
+                for (int rep = 0; rep < 4; rep++) {
+                    const int D = (int)head_dims[di], ldq = round_up(D, 16);
+                    const int total = draw_n(&r, k->nr);
+                    const int ca = (int)rng_int(&r, 0, total / k->nr - 1) * k->nr;
+                    const int n = (int)rng_int(&r, 1, (total - ca) / k->nr) * k->nr;
+                    const int bit0 = (int)rng_int(&r, 0, 300), lds = DMA_CHUNK;
+                    const float qscale = rng_bernoulli(&r, 0.3) ? 8.0f : 1.0f;
+                    float *kbase = random_rows(&r, total, D);
+                    float *q = fbuf((size_t)m * ldq), *kp = fbuf((size_t)total * D);
+                    for (int i = 0; i < m * ldq; i++)
+                        q[i] = i % ldq < D ? rng_float(&r, -qscale, qscale) : 0.0f;
+                    k->pack_k(kp, kbase, D, NULL, 0, total, D);
+                    const float *bias[16];
+                    const uint64_t *bits[16];
+                    uint64_t *bits_own[16];
+                    float *bias_own[16];
+                    int lo[16], hi[16];
+                    for (int i = 0; i < m; i++) {
+                        row_sel rs = draw_sel(&r, n, 0);
+                        lo[i] = rs.lo;
+                        hi[i] = rs.hi;
+                        bits_own[i] = NULL;
+                        if (rng_bernoulli(&r, 0.7)) {
+                            const int words = (bit0 + n + 63) / 64;
+                            const double density = rng_unit(&r);
+                            bits_own[i] = malloc(sizeof(uint64_t) * (size_t)words);
+                            ck_assert_ptr_nonnull(bits_own[i]);
+                            for (int w = 0; w < words; w++) {
+                                uint64_t x = 0;
+                                for (int b = 0; b < 64; b++)
+                                    x |= (uint64_t)rng_bernoulli(&r, density) << b;
+                                bits_own[i][w] = x;
+                            }
+                        }
+                        bits[i] = bits_own[i];
+                        bias_own[i] = NULL;
+                        if (rng_bernoulli(&r, 0.7)) {
+                            const double nan_rate = rng_bernoulli(&r, 0.2) ? 0.02 : 0.0;
+                            bias_own[i] = fbuf((size_t)n);
+                            for (int c = 0; c < n; c++)
+                                bias_own[i][c] = rng_bernoulli(&r, nan_rate) ? NAN
+                                                 : rng_bernoulli(&r, 0.1)
+                                                     ? -INFINITY
+                                                     : rng_float(&r, -3.0f, 3.0f);
+                        }
+                        bias[i] = bias_own[i];
+                    }
+                    float *sf = fbuf((size_t)m * lds), *sp = fbuf((size_t)m * lds);
+                    float rowmax[16];
+                    k->scores_select(sf, lds, q, ldq, m, kp + (size_t)ca * D, n, D, bias, bits,
+                                     bit0, lo, hi, rowmax);
+                    k->scores(sp, lds, q, ldq, m, kp + (size_t)ca * D, n, D);
+                    for (int i = 0; i < m; i++) {
+                        float m0 = -INFINITY, l0 = 0.0f;
+                        if (rng_bernoulli(&r, 0.5)) {
+                            m0 = rng_float(&r, -10.0f, 10.0f);
+                            l0 = rng_float(&r, 0.5f, 30.0f);
+                        }
+                        float mf = m0, lf = l0, mp = m0, lp = l0;
+                        const float af = k->softmax_exp(sf + i * lds, n, rowmax[i], &mf, &lf);
+                        const float ap = k->softmax_row(sp + i * lds, n, bias[i], bits[i], bit0,
+                                                        lo[i], hi[i], 0.0f, &mp, &lp);
+                        ck_assert_msg(same_bits(af, ap) && same_bits(mf, mp) && same_bits(lf, lp),
+                                      "%s fused D=%d m=%d n=%d row %d: alpha %.9g/%.9g m "
+                                      "%.9g/%.9g l %.9g/%.9g", k->name, D, m, n, i, (double)af,
+                                      (double)ap, (double)mf, (double)mp, (double)lf,
+                                      (double)lp);
+                        for (int c = 0; c < n; c++) {
+                            const float x = sf[i * lds + c], y = sp[i * lds + c];
+                            ck_assert_msg(same_bits(x, y) || (isnan(mf) && isnan(x)),
+                                          "%s fused D=%d m=%d n=%d row %d pos %d: %.9g vs %.9g",
+                                          k->name, D, m, n, i, c, (double)x, (double)y);
+                        }
+                    }
+                    for (int i = 0; i < m; i++) {
+                        free(bits_own[i]);
+                        free(bias_own[i]);
+                    }
+                    free(kbase);
+                    free(q);
+                    free(kp);
+                    free(sf);
+                    free(sp);
+                }
+    }
+    ck_assert_msg(tested == 1, "the scalar table has no fused pair");
+}
+END_TEST
+
+/* ------------------------------------------------------------------------------------------ */
 /* accum_pv and accum_tn                                                                      */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -1297,6 +1417,7 @@ static Suite *kernels_suite(void)
     tcase_add_test(tc, scores_vs_scalar);
     tcase_add_test(tc, softmax_vs_scalar);
     tcase_add_test(tc, softmax_empty_rows);
+    tcase_add_test(tc, scores_select_vs_parts);
     tcase_add_test(tc, exp_tanh_accuracy);
     tcase_add_test(tc, accum_pv_vs_scalar);
     tcase_add_test(tc, accum_tn_vs_scalar);

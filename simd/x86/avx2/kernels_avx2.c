@@ -319,6 +319,126 @@ INLINE __m256 logits8(float *s, const float *bias, int c, unsigned byte, __m256 
     return _mm256_blendv_ps(ninf, x, lane_sign8(byte));
 }
 
+/* scores_rows with softmax_row's first pass in its epilogue, while the block is in registers:
+ * x = s (+ bias[r][c]) where row r selects c, -inf elsewhere, stored; the row's two running maxima
+ * (of its even and odd groups of 8, as softmax_impl keeps them) live in vmax, in L1: 12 more
+ * registers than AVX2 has. */
+INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
+                               int D, const float *const *bias, const uint64_t *const *bits,
+                               int bit0, const int *lo, const int *hi, float *rowmax, const int M)
+{
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const float *qr[MR];
+    __m256 vmax[MR][2];
+    uint64_t sel[MR] = {0};
+#pragma GCC unroll 8
+    for (int r = 0; r < M; r++) {
+        qr[r] = q + (int64_t)r * ldq;
+        vmax[r][0] = vmax[r][1] = ninf;
+    }
+    for (int c0 = 0; c0 < n; c0 += NR) {
+        const float *panel = kp + (int64_t)c0 * D;
+        __m256 acc[MR][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < M; r++)
+            acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+        for (int d = 0; d < D; d++) {
+            __m256 b0 = _mm256_loadu_ps(panel + (int64_t)d * NR);
+            __m256 b1 = _mm256_loadu_ps(panel + (int64_t)d * NR + VW);
+#pragma GCC unroll 8
+            for (int r = 0; r < M; r++) {
+                __m256 a = _mm256_broadcast_ss(qr[r] + d);
+                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < M; r++) {
+            if ((c0 & 63) == 0)
+                sel[r] = sel_bits(bits[r], bit0, c0, lo[r], hi[r]);
+            const unsigned sb = (unsigned)(sel[r] >> (c0 & 63));
+            __m256 x0 = acc[r][0], x1 = acc[r][1];
+            if (bias[r]) {
+                x0 = _mm256_add_ps(x0, _mm256_loadu_ps(bias[r] + c0));
+                x1 = _mm256_add_ps(x1, _mm256_loadu_ps(bias[r] + c0 + VW));
+            }
+            x0 = _mm256_blendv_ps(ninf, x0, lane_sign8(sb & 0xFF));
+            x1 = _mm256_blendv_ps(ninf, x1, lane_sign8((sb >> VW) & 0xFF));
+            vmax[r][0] = _mm256_max_ps(x0, vmax[r][0]);
+            vmax[r][1] = _mm256_max_ps(x1, vmax[r][1]);
+            _mm256_storeu_ps(s + (int64_t)r * lds + c0, x0);
+            _mm256_storeu_ps(s + (int64_t)r * lds + c0 + VW, x1);
+        }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < M; r++)
+        rowmax[r] = hmax8(_mm256_max_ps(vmax[r][0], vmax[r][1]));
+}
+
+#define SCORES_SELECT_M(M)                                                                     \
+    static void scores_select_##M(float *s, int lds, const float *q, int ldq, const float *kp, \
+                                  int n, int D, const float *const *bias,                      \
+                                  const uint64_t *const *bits, int bit0, const int *lo,        \
+                                  const int *hi, float *rowmax)                                \
+    {                                                                                          \
+        scores_select_rows(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax, M);     \
+    }
+SCORES_SELECT_M(1)
+SCORES_SELECT_M(2)
+SCORES_SELECT_M(3)
+SCORES_SELECT_M(4)
+SCORES_SELECT_M(5)
+SCORES_SELECT_M(6)
+
+static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
+                          int n, int D, const float *const *bias, const uint64_t *const *bits,
+                          int bit0, const int *lo, const int *hi, float *rowmax)
+{
+    switch (m) {
+    case 1: scores_select_1(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 2: scores_select_2(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 3: scores_select_3(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 4: scores_select_4(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 5: scores_select_5(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 6: scores_select_6(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    default: break;
+    }
+}
+
+/* softmax_row's second pass over a chunk scores_select wrote (-inf where not selected): the
+ * same two sums of alternate groups of 8 as softmax_impl. */
+static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
+{
+    float m_new = chunk_max > *m ? chunk_max : *m;
+    if (m_new == -INFINITY) {
+        /* as softmax_impl: a selected NaN logit (the only NaN s can hold) makes the row NaN */
+        __m256 nan = _mm256_setzero_ps();
+        for (int c = 0; c < n; c += VW) {
+            __m256 x = _mm256_loadu_ps(s + c);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+        }
+        if (!_mm256_movemask_ps(nan)) {
+            memset(s, 0, sizeof(float) * (size_t)n);
+            return 1.0f;
+        }
+        m_new = NAN;
+    }
+    float alpha = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
+    const __m256 vm = _mm256_set1_ps(m_new), zero = _mm256_setzero_ps();
+    __m256 vsum0 = zero, vsum1 = zero;
+    for (int c = 0; c < n; c += 2 * VW) { /* n is a multiple of NR = 16 */
+        __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm));
+        __m256 p1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c + VW), vm));
+        vsum0 = _mm256_add_ps(vsum0, p0);
+        vsum1 = _mm256_add_ps(vsum1, p1);
+        _mm256_storeu_ps(s + c, p0);
+        _mm256_storeu_ps(s + c + VW, p1);
+    }
+    *l = *l * alpha + hsum8(_mm256_add_ps(vsum0, vsum1));
+    *m = m_new;
+    return alpha;
+}
+
 /* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK_MAX. Positions go 16 at a time (two
  * independent vectors per step for the out-of-order core), then 8. */
 INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
@@ -563,4 +683,6 @@ const dma_kernels dma_kernels_avx2 = {
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
     .dots = dots,
+    .scores_select = scores_select,
+    .softmax_exp = softmax_exp,
 };

@@ -180,6 +180,95 @@ static void scores(float *s, int lds, const float *q, int ldq, int m, const floa
     }
 }
 
+/* scores_rows with softmax_row's first pass in its epilogue, while the block is in registers:
+ * x = s (+ bias[r][c]) where row r selects c, -inf elsewhere, stored; vmax[r] its lane max
+ * (NaN skipped, in the order of softmax_row's pass 1: positions ascending). */
+INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
+                               int D, const float *const *bias, const uint64_t *const *bits,
+                               int bit0, const int *lo, const int *hi, float *rowmax, const int M)
+{
+    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    const float *qr[MR];
+    __m512 vmax[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++) {
+        qr[r] = q + (int64_t)r * ldq;
+        vmax[r] = ninf;
+    }
+    uint64_t sel[MR] = {0};
+    for (int c0 = 0; c0 < n; c0 += NR) {
+        const float *panel = kp + (int64_t)c0 * D;
+        __m512 acc[MR][2];
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++)
+            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int d = 0; d < D; d++) {
+            __m512 b0 = _mm512_loadu_ps(panel + (int64_t)d * NR);
+            __m512 b1 = _mm512_loadu_ps(panel + (int64_t)d * NR + VW);
+#pragma GCC unroll 16
+            for (int r = 0; r < M; r++) {
+                __m512 a = _mm512_set1_ps(qr[r][d]);
+                acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++) {
+            if ((c0 & 63) == 0)
+                sel[r] = sel_bits(bits[r], bit0, c0, lo[r], hi[r]);
+            const uint32_t sb = (uint32_t)(sel[r] >> (c0 & 63));
+            __m512 x0 = acc[r][0], x1 = acc[r][1];
+            if (bias[r]) {
+                x0 = _mm512_add_ps(x0, _mm512_loadu_ps(bias[r] + c0));
+                x1 = _mm512_add_ps(x1, _mm512_loadu_ps(bias[r] + c0 + VW));
+            }
+            x0 = _mm512_mask_mov_ps(ninf, (__mmask16)(sb & 0xFFFF), x0);
+            x1 = _mm512_mask_mov_ps(ninf, (__mmask16)(sb >> 16), x1);
+            vmax[r] = _mm512_max_ps(x0, vmax[r]);
+            vmax[r] = _mm512_max_ps(x1, vmax[r]);
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0, x0);
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0 + VW, x1);
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        rowmax[r] = _mm512_reduce_max_ps(vmax[r]);
+}
+
+#define SCORES_SELECT_M(M)                                                                     \
+    static void scores_select_##M(float *s, int lds, const float *q, int ldq, const float *kp, \
+                                  int n, int D, const float *const *bias,                      \
+                                  const uint64_t *const *bits, int bit0, const int *lo,        \
+                                  const int *hi, float *rowmax)                                \
+    {                                                                                          \
+        scores_select_rows(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax, M);     \
+    }
+SCORES_SELECT_M(1)
+SCORES_SELECT_M(2)
+SCORES_SELECT_M(3)
+SCORES_SELECT_M(4)
+SCORES_SELECT_M(5)
+SCORES_SELECT_M(6)
+SCORES_SELECT_M(7)
+SCORES_SELECT_M(8)
+
+static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
+                          int n, int D, const float *const *bias, const uint64_t *const *bits,
+                          int bit0, const int *lo, const int *hi, float *rowmax)
+{
+    switch (m) {
+    case 1: scores_select_1(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 2: scores_select_2(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 3: scores_select_3(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 4: scores_select_4(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 5: scores_select_5(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 6: scores_select_6(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 7: scores_select_7(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 8: scores_select_8(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    default: break;
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* accum_pv: O = alpha O + P V;  accum_tn: O += P^T X                                          */
 /* ------------------------------------------------------------------------------------------ */
@@ -387,6 +476,37 @@ INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bi
             vsum = _mm512_add_ps(vsum, p);
             _mm512_mask_storeu_ps(s + c, live, p);
         }
+    }
+    *l = *l * alpha + _mm512_reduce_add_ps(vsum);
+    *m = m_new;
+    return alpha;
+}
+
+/* softmax_row's second pass over a chunk scores_select wrote (-inf where not selected). */
+static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
+{
+    float m_new = chunk_max > *m ? chunk_max : *m;
+    if (m_new == -INFINITY) {
+        /* as softmax_impl: a selected NaN logit (the only NaN s can hold) makes the row NaN */
+        __mmask16 nan = 0;
+        for (int c = 0; c < n; c += VW) {
+            __m512 x = _mm512_maskz_loadu_ps(live_lanes(c, n), s + c);
+            nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        }
+        if (!nan) {
+            memset(s, 0, sizeof(float) * (size_t)n);
+            return 1.0f;
+        }
+        m_new = NAN;
+    }
+    float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
+    const __m512 vm = _mm512_set1_ps(m_new);
+    __m512 vsum = _mm512_setzero_ps();
+    for (int c = 0; c < n; c += VW) {
+        __mmask16 live = live_lanes(c, n);
+        __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + c), vm));
+        vsum = _mm512_add_ps(vsum, p);
+        _mm512_mask_storeu_ps(s + c, live, p);
     }
     *l = *l * alpha + _mm512_reduce_add_ps(vsum);
     *m = m_new;
@@ -606,4 +726,6 @@ const dma_kernels dma_kernels_avx512 = {
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
     .dots = dots,
+    .scores_select = scores_select,
+    .softmax_exp = softmax_exp,
 };
