@@ -27,6 +27,7 @@ typedef struct dma_kernels {
     const char *name;
     int mr;  /* largest row count `scores` and `accum_pv` are called with (a block of query rows) */
     int nr;  /* keys per packed K block; a multiple of 8 and a divisor of DMA_CHUNK and of 64 */
+    int select_step; /* keys scores_select's calls start and end at: a divisor of nr */
     int pv_rows; /* rows (<= mr) of accum_pv's fastest register block, for callers free to
                   * choose their blocks of rows (the backward's dQ) */
 
@@ -61,19 +62,23 @@ typedef struct dma_kernels {
                          int lo, int hi, float softcap, float *m, float *l);
 
     /* scores and softmax_row's first pass in one kernel (softcap 0 only); NULL in a table that
-     * has not got them (NEON), where the driver runs scores and softmax_row. For r < m (m <= mr)
-     * and c < n (n a multiple of nr), with row r's selection as softmax_row's (bits[r], bit0,
-     * lo[r], hi[r]; bits[r] may be NULL):
-     *     s[r][c] = <q_r, K[c]> + (bias[r] ? bias[r][c] : 0) where row r selects c, else -inf;
+     * has not got them (NEON), where the driver runs scores and softmax_row. The call covers
+     * the n keys from key `off` of the packed block at kp (off < nr and n both multiples of
+     * select_step): calls may start and end inside a block, so a block of rows computes the
+     * columns its rows select to select_step keys, not nr. For r < m (m <= mr) and c < n, with
+     * row r's selection as softmax_row's (bits[r], bit0, lo[r], hi[r]; bits[r] may be NULL):
+     *     s[r][c] = <q_r, K[off + c]> + (bias[r] ? bias[r][c] : 0) where row r selects c, else
+     *               -inf;
      *     rowmax[r] = the max of row r's selected s, NaN skipped (-inf if none).
      * softmax_exp(s_r, n, rowmax[r], m, l) then finishes row r: s, *m, *l and the factor it
-     * returns are bitwise what scores followed by softmax_row(..., softcap 0) give, except that
-     * when *m ends NaN the unselected positions may be NaN instead of 0 (the row is NaN
-     * anyway). Fused, the mask, bias and max are applied while the block of scores is in
-     * registers, instead of in a separate pass over s. */
+     * returns are bitwise what scores over the blocks, then softmax_row(..., softcap 0) over
+     * the same n positions give, except that when *m ends NaN the unselected positions may be
+     * NaN instead of 0 (the row is NaN anyway). Fused, the mask, bias and max are applied while
+     * the block of scores is in registers, instead of in a separate pass over s. */
     void (*scores_select)(float *s, int lds, const float *q, int ldq, int m, const float *kp,
-                          int n, int D, const float *const *bias, const uint64_t *const *bits,
-                          int bit0, const int *lo, const int *hi, float *rowmax);
+                          int off, int n, int D, const float *const *bias,
+                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
+                          float *rowmax);
     float (*softmax_exp)(float *s, int n, float chunk_max, float *m, float *l);
 
     /* o[r][d] = alpha[r] * o[r][d] + sum_{c<n} p[r][c] * vp[c][d] for r < m (m <= mr), d < D.

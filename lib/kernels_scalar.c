@@ -114,17 +114,24 @@ static float softmax_row(float *s, int n, const float *bias, const uint64_t *bit
     return alpha;
 }
 
-/* scores, then softmax_row's first pass on each row: the selected logits (no softcap) and
- * their max, -inf at every other position. */
+/* scores of the n keys from key `off` of the block at kp (any off < NR, any n), then
+ * softmax_row's first pass on each row: the selected logits (no softcap) and their max, -inf at
+ * every other position. */
 static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
-                          int n, int D, const float *const *bias, const uint64_t *const *bits,
-                          int bit0, const int *lo, const int *hi, float *rowmax)
+                          int off, int n, int D, const float *const *bias,
+                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
+                          float *rowmax)
 {
-    scores(s, lds, q, ldq, m, kp, n, D);
     for (int r = 0; r < m; r++) {
         float *row = s + (int64_t)r * lds;
         float row_max = -INFINITY;
         for (int c = 0; c < n; c++) {
+            const int j = off + c; /* the key's place in the panel */
+            const float *kcol = kp + (int64_t)(j / NR) * (D * NR) + j % NR;
+            float acc = 0.0f;
+            for (int d = 0; d < D; d++)
+                acc += q[(int64_t)r * ldq + d] * kcol[d * NR];
+            row[c] = acc;
             if (!selected(bits[r], bit0, lo[r], hi[r], c)) {
                 row[c] = -INFINITY;
                 continue;
@@ -323,6 +330,7 @@ const dma_kernels dma_kernels_scalar = {
     .name = "scalar",
     .mr = MR,
     .nr = NR,
+    .select_step = NR,
     /* not a divisor of MR: the reference path also runs the backward's dQ in blocks of rows
      * that straddle blocks of MR rows, as the AVX-512 path does */
     .pv_rows = 3,

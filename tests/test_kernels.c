@@ -73,6 +73,8 @@ static int tables(table out[4])
         ck_assert_msg(k->mr >= 1 && k->mr <= 16, "%s: mr = %d", k->name, k->mr);
         ck_assert_msg(k->pv_rows >= 1 && k->pv_rows <= k->mr, "%s: pv_rows = %d", k->name,
                       k->pv_rows);
+        ck_assert_msg(k->select_step >= 8 && k->nr % k->select_step == 0,
+                      "%s: select_step = %d", k->name, k->select_step);
         ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&
                           k->grad_row && k->accum_tn && k->to_f32 && k->from_f32 &&
                           k->pack_k_half && k->dots,
@@ -734,9 +736,13 @@ START_TEST(scores_select_vs_parts)
             for (int m = 1; m <= k->mr; m++)
                 for (int rep = 0; rep < 4; rep++) {
                     const int D = (int)head_dims[di], ldq = round_up(D, 16);
-                    const int total = draw_n(&r, k->nr);
-                    const int ca = (int)rng_int(&r, 0, total / k->nr - 1) * k->nr;
-                    const int n = (int)rng_int(&r, 1, (total - ca) / k->nr) * k->nr;
+                    /* a call from any multiple of select_step to any later one; the parts
+                     * score the whole blocks around it */
+                    const int total = draw_n(&r, k->nr), step = k->select_step;
+                    const int ca = (int)rng_int(&r, 0, total / step - 1) * step;
+                    const int n = (int)rng_int(&r, 1, (total - ca) / step) * step;
+                    const int ca_block = ca / k->nr * k->nr;
+                    const int end_block = round_up(ca + n, k->nr);
                     const int bit0 = (int)rng_int(&r, 0, 300), lds = DMA_CHUNK;
                     const float qscale = rng_bernoulli(&r, 0.3) ? 8.0f : 1.0f;
                     float *kbase = random_rows(&r, total, D);
@@ -781,9 +787,10 @@ START_TEST(scores_select_vs_parts)
                     }
                     float *sf = fbuf((size_t)m * lds), *sp = fbuf((size_t)m * lds);
                     float rowmax[16];
-                    k->scores_select(sf, lds, q, ldq, m, kp + (size_t)ca * D, n, D, bias, bits,
-                                     bit0, lo, hi, rowmax);
-                    k->scores(sp, lds, q, ldq, m, kp + (size_t)ca * D, n, D);
+                    k->scores_select(sf, lds, q, ldq, m, kp + (size_t)ca_block * D,
+                                     ca - ca_block, n, D, bias, bits, bit0, lo, hi, rowmax);
+                    k->scores(sp, lds, q, ldq, m, kp + (size_t)ca_block * D,
+                              end_block - ca_block, D);
                     for (int i = 0; i < m; i++) {
                         float m0 = -INFINITY, l0 = 0.0f;
                         if (rng_bernoulli(&r, 0.5)) {
@@ -792,15 +799,16 @@ START_TEST(scores_select_vs_parts)
                         }
                         float mf = m0, lf = l0, mp = m0, lp = l0;
                         const float af = k->softmax_exp(sf + i * lds, n, rowmax[i], &mf, &lf);
-                        const float ap = k->softmax_row(sp + i * lds, n, bias[i], bits[i], bit0,
-                                                        lo[i], hi[i], 0.0f, &mp, &lp);
+                        float *row = sp + i * lds + (ca - ca_block);
+                        const float ap = k->softmax_row(row, n, bias[i], bits[i], bit0, lo[i],
+                                                        hi[i], 0.0f, &mp, &lp);
                         ck_assert_msg(same_bits(af, ap) && same_bits(mf, mp) && same_bits(lf, lp),
-                                      "%s fused D=%d m=%d n=%d row %d: alpha %.9g/%.9g m "
-                                      "%.9g/%.9g l %.9g/%.9g", k->name, D, m, n, i, (double)af,
+                                      "%s fused D=%d m=%d ca=%d n=%d row %d: alpha %.9g/%.9g m "
+                                      "%.9g/%.9g l %.9g/%.9g", k->name, D, m, ca, n, i, (double)af,
                                       (double)ap, (double)mf, (double)mp, (double)lf,
                                       (double)lp);
                         for (int c = 0; c < n; c++) {
-                            const float x = sf[i * lds + c], y = sp[i * lds + c];
+                            const float x = sf[i * lds + c], y = row[c];
                             ck_assert_msg(same_bits(x, y) || (isnan(mf) && isnan(x)),
                                           "%s fused D=%d m=%d n=%d row %d pos %d: %.9g vs %.9g",
                                           k->name, D, m, n, i, c, (double)x, (double)y);

@@ -390,10 +390,13 @@ SCORES_SELECT_M(4)
 SCORES_SELECT_M(5)
 SCORES_SELECT_M(6)
 
+/* select_step is NR: a call always starts at a block (off == 0). */
 static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
-                          int n, int D, const float *const *bias, const uint64_t *const *bits,
-                          int bit0, const int *lo, const int *hi, float *rowmax)
+                          int off, int n, int D, const float *const *bias,
+                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
+                          float *rowmax)
 {
+    (void)off;
     switch (m) {
     case 1: scores_select_1(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
     case 2: scores_select_2(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
@@ -671,6 +674,7 @@ const dma_kernels dma_kernels_avx2 = {
     .name = "avx2",
     .mr = MR,
     .nr = NR,
+    .select_step = NR,
     .pv_rows = MR,
     .pack_k = pack_k,
     .pack_v = pack_v,

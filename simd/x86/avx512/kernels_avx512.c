@@ -180,24 +180,69 @@ static void scores(float *s, int lds, const float *q, int ldq, int m, const floa
     }
 }
 
-/* scores_rows with softmax_row's first pass in its epilogue, while the block is in registers:
- * x = s (+ bias[r][c]) where row r selects c, -inf elsewhere, stored; vmax[r] its lane max
- * (NaN skipped, in the order of softmax_row's pass 1: positions ascending). */
-INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
-                               int D, const float *const *bias, const uint64_t *const *bits,
-                               int bit0, const int *lo, const int *hi, float *rowmax, const int M)
+/* softmax_row's pass 1 on the 16 scores x of row r at call position c (a multiple of 16): the
+ * bias added, -inf where the row does not select, the running max (NaN skipped, positions
+ * ascending as in softmax_row), stored. sel holds the row's selection of the 64 positions from
+ * c & ~63, refreshed at each multiple of 64. */
+INLINE void select16(float *srow, int c, __m512 x, const float *bias, const uint64_t *bits,
+                     int bit0, int lo, int hi, uint64_t *sel, __m512 *vmax)
 {
-    const __m512 ninf = _mm512_set1_ps(-INFINITY);
+    if ((c & 63) == 0)
+        *sel = sel_bits(bits, bit0, c, lo, hi);
+    if (bias)
+        x = _mm512_add_ps(x, _mm512_loadu_ps(bias + c));
+    x = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), (__mmask16)(*sel >> (c & 63)), x);
+    *vmax = _mm512_max_ps(x, *vmax);
+    _mm512_storeu_ps(srow + c, x);
+}
+
+/* Scores of M rows against 16 keys, half `half` (0 or 1) of the packed block at panel, then
+ * select16: the ends of a call that do not fill a block. */
+INLINE void select_half(float *s, int lds, const float *const *qr, const float *panel, int half,
+                        int c, int D, const float *const *bias, const uint64_t *const *bits,
+                        int bit0, const int *lo, const int *hi, uint64_t *sel, __m512 *vmax,
+                        const int M)
+{
+    __m512 acc[MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        acc[r] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        __m512 b = _mm512_loadu_ps(panel + (int64_t)d * NR + half * VW);
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), b, acc[r]);
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        select16(s + (int64_t)r * lds, c, acc[r], bias[r], bits[r], bit0, lo[r], hi[r], &sel[r],
+                 &vmax[r]);
+}
+
+/* scores_rows with softmax_row's first pass in its epilogue, while the block is in registers.
+ * The call starts `off` (0 or 16) keys into the block at kp and covers n (a multiple of 16)
+ * keys: a half block first if off is 16, whole blocks, a half block last if one is left. */
+INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const float *kp,
+                               int off, int n, int D, const float *const *bias,
+                               const uint64_t *const *bits, int bit0, const int *lo,
+                               const int *hi, float *rowmax, const int M)
+{
     const float *qr[MR];
     __m512 vmax[MR];
+    uint64_t sel[MR] = {0};
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++) {
         qr[r] = q + (int64_t)r * ldq;
-        vmax[r] = ninf;
+        vmax[r] = _mm512_set1_ps(-INFINITY);
     }
-    uint64_t sel[MR] = {0};
-    for (int c0 = 0; c0 < n; c0 += NR) {
-        const float *panel = kp + (int64_t)c0 * D;
+    const float *panel = kp;
+    int c = 0;
+    if (off && n > 0) {
+        select_half(s, lds, qr, panel, 1, c, D, bias, bits, bit0, lo, hi, sel, vmax, M);
+        c += VW;
+        panel += (int64_t)NR * D;
+    }
+    for (; c + NR <= n; c += NR, panel += (int64_t)NR * D) {
         __m512 acc[MR][2];
 #pragma GCC unroll 16
         for (int r = 0; r < M; r++)
@@ -214,22 +259,14 @@ INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const
         }
 #pragma GCC unroll 16
         for (int r = 0; r < M; r++) {
-            if ((c0 & 63) == 0)
-                sel[r] = sel_bits(bits[r], bit0, c0, lo[r], hi[r]);
-            const uint32_t sb = (uint32_t)(sel[r] >> (c0 & 63));
-            __m512 x0 = acc[r][0], x1 = acc[r][1];
-            if (bias[r]) {
-                x0 = _mm512_add_ps(x0, _mm512_loadu_ps(bias[r] + c0));
-                x1 = _mm512_add_ps(x1, _mm512_loadu_ps(bias[r] + c0 + VW));
-            }
-            x0 = _mm512_mask_mov_ps(ninf, (__mmask16)(sb & 0xFFFF), x0);
-            x1 = _mm512_mask_mov_ps(ninf, (__mmask16)(sb >> 16), x1);
-            vmax[r] = _mm512_max_ps(x0, vmax[r]);
-            vmax[r] = _mm512_max_ps(x1, vmax[r]);
-            _mm512_storeu_ps(s + (int64_t)r * lds + c0, x0);
-            _mm512_storeu_ps(s + (int64_t)r * lds + c0 + VW, x1);
+            float *srow = s + (int64_t)r * lds;
+            select16(srow, c, acc[r][0], bias[r], bits[r], bit0, lo[r], hi[r], &sel[r], &vmax[r]);
+            select16(srow, c + VW, acc[r][1], bias[r], bits[r], bit0, lo[r], hi[r], &sel[r],
+                     &vmax[r]);
         }
     }
+    if (c < n)
+        select_half(s, lds, qr, panel, 0, c, D, bias, bits, bit0, lo, hi, sel, vmax, M);
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++)
         rowmax[r] = _mm512_reduce_max_ps(vmax[r]);
@@ -237,11 +274,12 @@ INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const
 
 #define SCORES_SELECT_M(M)                                                                     \
     static void scores_select_##M(float *s, int lds, const float *q, int ldq, const float *kp, \
-                                  int n, int D, const float *const *bias,                      \
+                                  int off, int n, int D, const float *const *bias,             \
                                   const uint64_t *const *bits, int bit0, const int *lo,        \
                                   const int *hi, float *rowmax)                                \
     {                                                                                          \
-        scores_select_rows(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax, M);     \
+        scores_select_rows(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax,    \
+                           M);                                                                 \
     }
 SCORES_SELECT_M(1)
 SCORES_SELECT_M(2)
@@ -253,18 +291,19 @@ SCORES_SELECT_M(7)
 SCORES_SELECT_M(8)
 
 static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
-                          int n, int D, const float *const *bias, const uint64_t *const *bits,
-                          int bit0, const int *lo, const int *hi, float *rowmax)
+                          int off, int n, int D, const float *const *bias,
+                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
+                          float *rowmax)
 {
     switch (m) {
-    case 1: scores_select_1(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 2: scores_select_2(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 3: scores_select_3(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 4: scores_select_4(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 5: scores_select_5(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 6: scores_select_6(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 7: scores_select_7(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
-    case 8: scores_select_8(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 1: scores_select_1(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 2: scores_select_2(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 3: scores_select_3(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 4: scores_select_4(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 5: scores_select_5(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 6: scores_select_6(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 7: scores_select_7(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 8: scores_select_8(s, lds, q, ldq, kp, off, n, D, bias, bits, bit0, lo, hi, rowmax); break;
     default: break;
     }
 }
@@ -714,6 +753,7 @@ const dma_kernels dma_kernels_avx512 = {
     .name = "avx512",
     .mr = MR,
     .nr = NR,
+    .select_step = VW,
     .pv_rows = PV_ROWS,
     .pack_k = pack_k,
     .pack_v = pack_v,
