@@ -159,6 +159,49 @@ static void scores_softmax_fused(const dma_attn *a, const dma_item_view *iv, int
                                         &row_m[r], &row_l[r]);
 }
 
+/* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
+static bool decode_item(const dma_attn *a, const dma_item_view *iv)
+{
+    return a->cache && iv->nrows == 1 && a->kern->mr <= 8;
+}
+
+/* The same by the separate kernels (scores, scores_bf16 or dots, then softmax_row per row):
+ * every other case (softcap, a per-row bias, bf16 dots, decode). Kp is the chunk's panel, or
+ * for decode the K rows gathered from the cache. */
+static void scores_softmax(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                           int64_t row0, int64_t m, int64_t c0, int64_t n, int64_t ca, int64_t cb,
+                           const float *Q, const uint16_t *Qh, const float *Kp, float *bias_buf,
+                           float *S, float *alpha, float *row_m, float *row_l)
+{
+    const dma_kernels *kern = a->kern;
+    const int64_t D = a->D, ld = a->ld;
+    const bool per_row_bias = a->bias && a->bias->shape[2] != 1;
+    const bool decode = decode_item(a, iv);
+    if (a->bf16_dots)
+        kern->scores_bf16(S, DMA_CHUNK_MAX, Qh, (int)ld, (int)m, (const uint16_t *)Kp + ca * D,
+                          (int)(cb - ca), (int)D, a->scale);
+    else if (decode)
+        kern->dots(S, DMA_CHUNK_MAX, Q, (int)ld, (int)m, Kp + ca * D, (int)D, (int)(cb - ca),
+                   (int)D);
+    else
+        kern->scores(S, DMA_CHUNK_MAX, Q, (int)ld, (int)m, Kp + ca * D, (int)(cb - ca), (int)D);
+    for (int64_t r = 0; r < m; r++) {
+        const int64_t hh = (row0 + r) / iv->nrows, i = (row0 + r) % iv->nrows;
+        const float *brow = NULL;
+        if (per_row_bias) {
+            brow = bias_buf;
+            dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
+        } else if (a->bias || a->cache_bias) {
+            brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
+        }
+        int lo, hi;
+        dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
+        alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
+                                     dma_row_bits(iv, i), (int)(c0 + ca), lo, hi, a->softcap,
+                                     &row_m[r], &row_l[r]);
+    }
+}
+
 /* The forward of item `it` over the view iv: its own, or its pair's merged (rows r0 on). */
 static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                          float *scratch)
@@ -166,7 +209,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
     const dma_kernels *kern = a->kern;
     const int64_t D = a->D, ld = a->ld, mr = kern->mr, nr = kern->nr;
     const bool per_row_bias = a->bias && a->bias->shape[2] != 1;
-    const int64_t M = iv->M, nrows = iv->nrows;
+    const int64_t M = iv->M;
 
     float *Q = scratch;                        /* [M][ld] scaled queries */
     float *O = Q + M * ld;                     /* [M][ld] running output */
@@ -180,10 +223,8 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
     float *stage = alpha + mr;                 /* [DMA_CHUNK_MAX][D] K rows from a cache */
     /* bf16 dots: [M][ld] bf16 query rows (unscaled) and the bf16 pair panel in Kp's place */
     uint16_t *Qh = (uint16_t *)(stage + (a->cache ? DMA_CHUNK_MAX * ld : 0));
-    const uint16_t *Kh = (const uint16_t *)Kp;
 
-    /* Decode over a cache: one query row per head, whose heads' rows are few (<= mr <= 8). */
-    const bool decode = a->cache && nrows == 1 && mr <= 8;
+    const bool decode = decode_item(a, iv);
     /* scores and the softmax's first pass in one kernel where the table has it */
     const bool fused = kern->scores_select && !a->bf16_dots && !decode && a->softcap == 0.0f &&
                        !per_row_bias;
@@ -265,31 +306,9 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
                     scores_softmax_fused(a, iv, row0, m, c0, ca, cb, Q + row0 * ld, Kp, bias_buf,
                                          S, alpha, row_m + row0, row_l + row0);
                 } else {
-                    if (a->bf16_dots)
-                        kern->scores_bf16(S, DMA_CHUNK_MAX, Qh + row0 * ld, (int)ld, (int)m,
-                                          Kh + ca * D, (int)(cb - ca), (int)D, a->scale);
-                    else if (decode)
-                        kern->dots(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, stage + ca * D,
-                                   (int)D, (int)(cb - ca), (int)D);
-                    else
-                        kern->scores(S, DMA_CHUNK_MAX, Q + row0 * ld, (int)ld, (int)m, Kp + ca * D,
-                                     (int)(cb - ca), (int)D);
-                    for (int64_t r = 0; r < m; r++) {
-                        const int64_t hh = (row0 + r) / nrows, i = (row0 + r) % nrows;
-                        const float *brow = NULL;
-                        if (per_row_bias) {
-                            brow = bias_buf;
-                            dma_gather_row_bias(a, it, iv, hh, i, c0, ca, cb, n, bias_buf);
-                        } else if (a->bias || a->cache_bias) {
-                            brow = bias_buf + hh * DMA_CHUNK_MAX + ca;
-                        }
-                        int lo, hi;
-                        dma_row_span(iv, i, c0, ca, cb, &lo, &hi);
-                        alpha[r] = kern->softmax_row(S + r * DMA_CHUNK_MAX, (int)(cb - ca), brow,
-                                                     dma_row_bits(iv, i), (int)(c0 + ca), lo, hi,
-                                                     a->softcap, &row_m[row0 + r],
-                                                     &row_l[row0 + r]);
-                    }
+                    scores_softmax(a, it, iv, row0, m, c0, n, ca, cb, Q + row0 * ld,
+                                   Qh + row0 * ld, decode ? stage : Kp, bias_buf, S, alpha,
+                                   row_m + row0, row_l + row0);
                 }
                 /* P is zero past n, and V rows past n were never packed: stop at n. */
                 kern->accum_pv(O + row0 * ld, (int)ld, alpha, S, DMA_CHUNK_MAX, (int)m,

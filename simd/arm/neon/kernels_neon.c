@@ -786,6 +786,7 @@ const dma_kernels dma_kernels_neon = {
     .name = "neon",
     .mr = MR,
     .nr = NR,
+    .select_step = NR, /* unused: no scores_select */
     .pv_rows = MR,
     .pack_k = pack_k,
     .pack_v = pack_v,
