@@ -61,12 +61,13 @@ typedef struct dma_kernels {
     float (*softmax_row)(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
                          int lo, int hi, float softcap, float *m, float *l);
 
-    /* scores and softmax_row's first pass in one kernel (softcap 0 only); NULL in a table that
-     * has not got them (NEON), where the driver runs scores and softmax_row. The call covers
-     * the n keys from key `off` of the packed block at kp (off < nr and n both multiples of
-     * select_step): calls may start and end inside a block, so a block of rows computes the
-     * columns its rows select to select_step keys, not nr. For r < m (m <= mr) and c < n, with
-     * row r's selection as softmax_row's (bits[r], bit0, lo[r], hi[r]; bits[r] may be NULL):
+    /* scores and softmax_row's first pass in one kernel (softcap 0 only). Every table has
+     * them; a table may leave them NULL, and the driver then runs scores and softmax_row. The
+     * call covers the n keys from key `off` of the packed block at kp (off < nr and n both
+     * multiples of select_step): calls may start and end inside a block, so a block of rows
+     * computes the columns its rows select to select_step keys, not nr. For r < m (m <= mr)
+     * and c < n, with row r's selection as softmax_row's (bits[r], bit0, lo[r], hi[r]; bits[r]
+     * may be NULL):
      *     s[r][c] = <q_r, K[off + c]> + (bias[r] ? bias[r][c] : 0) where row r selects c, else
      *               -inf;
      *     rowmax[r] = the max of row r's selected s, NaN skipped (-inf if none).
@@ -74,7 +75,7 @@ typedef struct dma_kernels {
      * returns are bitwise what scores over the blocks, then softmax_row(..., softcap 0) over
      * the same n positions give, except that when *m ends NaN the unselected positions may be
      * NaN instead of 0 (the row is NaN anyway). Fused, the mask, bias and max are applied while
-     * the block of scores is in registers, instead of in a separate pass over s. */
+     * the block of scores is in registers (x86) or L1 (NEON), not in a separate pass over s. */
     void (*scores_select)(float *s, int lds, const float *q, int ldq, int m, const float *kp,
                           int off, int n, int D, const float *const *bias,
                           const uint64_t *const *bits, int bit0, const int *lo, const int *hi,

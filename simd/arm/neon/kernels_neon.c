@@ -11,6 +11,8 @@
  *                4 keys at a time and broadcast by lane.
  *   softmax_row: 8 positions at a time; the selection (lo/hi and the bitmask) becomes one byte
  *                per 8 positions, then a lane mask; exp and tanh are vectorised (below).
+ *   scores_select / softmax_exp: softmax_row's two passes split at the max, the first applied
+ *                to each 8-key block of scores as it is stored (while in L1).
  *   pack_k:      8 keys at a time, 4x4 in-register transposes.
  *   grad_row:    as softmax_row, 8 positions at a time (p, ds, and dx_sum only where selected).
  *   accum_tn:    register block of up to 8 keys x 8 columns of o; the 8 P values of a query row
@@ -405,6 +407,115 @@ static float softmax_row(float *s, int n, const float *bias, const uint64_t *bit
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* scores_select + softmax_exp: the scores with softmax_row's first pass, then its second      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* M rows x 8 keys of one packed block (scores_block), then, while the block is in L1, each
+ * row's logits (bias added) where it selects, -inf elsewhere, stored, and merged into the row's
+ * running max in the order of sm_pass1 (FMAXNM skips NaN). */
+ALWAYS_INLINE void select_block(const int M, float *s, int lds, const float *q, int ldq,
+                                const float *panel, int D, int c, const float *const *bias,
+                                const uint64_t *const *bits, int bit0, const int *lo,
+                                const int *hi, float32x4_t *vmax)
+{
+    const uint32x4_t lb0 = vld1q_u32(lane_bits), lb1 = vld1q_u32(lane_bits + 4);
+    const float32x4_t ninf = vdupq_n_f32(-INFINITY);
+    scores_block(M, s + c, lds, q, ldq, panel, D);
+    _Pragma("GCC unroll 8") for (int r = 0; r < M; r++)
+    {
+        float *x = s + (ptrdiff_t)r * lds + c;
+        float32x4_t x0 = vld1q_f32(x), x1 = vld1q_f32(x + 4);
+        if (bias[r]) {
+            x0 = vaddq_f32(x0, vld1q_f32(bias[r] + c));
+            x1 = vaddq_f32(x1, vld1q_f32(bias[r] + c + 4));
+        }
+        uint32x4_t bv = vdupq_n_u32(sel_byte(bits[r], bit0, lo[r], hi[r], c));
+        x0 = vbslq_f32(vtstq_u32(bv, lb0), x0, ninf);
+        x1 = vbslq_f32(vtstq_u32(bv, lb1), x1, ninf);
+        vmax[r] = vmaxnmq_f32(vmaxnmq_f32(vmax[r], x0), x1);
+        vst1q_f32(x, x0);
+        vst1q_f32(x + 4, x1);
+    }
+}
+
+#define SELECT_M(M)                                                                            \
+    static void select_m##M(float *s, int lds, const float *q, int ldq, const float *kp, int n, \
+                            int D, const float *const *bias, const uint64_t *const *bits,      \
+                            int bit0, const int *lo, const int *hi, float *rowmax)             \
+    {                                                                                          \
+        float32x4_t vmax[MR];                                                                  \
+        for (int r = 0; r < M; r++)                                                            \
+            vmax[r] = vdupq_n_f32(-INFINITY);                                                  \
+        for (int c = 0; c < n; c += NR)                                                        \
+            select_block(M, s, lds, q, ldq, kp + (ptrdiff_t)c * D, D, c, bias, bits, bit0, lo, \
+                         hi, vmax);                                                            \
+        for (int r = 0; r < M; r++)                                                            \
+            rowmax[r] = vmaxnmvq_f32(vmax[r]);                                                 \
+    }
+SELECT_M(1)
+SELECT_M(2)
+SELECT_M(3)
+SELECT_M(4)
+SELECT_M(5)
+SELECT_M(6)
+SELECT_M(7)
+SELECT_M(8)
+
+/* select_step is NR: a call always starts at a block (off == 0); n is a multiple of NR. */
+static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
+                          int off, int n, int D, const float *const *bias,
+                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
+                          float *rowmax)
+{
+    (void)off;
+    switch (m) {
+    case 1: select_m1(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 2: select_m2(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 3: select_m3(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 4: select_m4(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 5: select_m5(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 6: select_m6(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 7: select_m7(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    case 8: select_m8(s, lds, q, ldq, kp, n, D, bias, bits, bit0, lo, hi, rowmax); break;
+    default: break;
+    }
+}
+
+/* softmax_row's second pass over a row scores_select wrote (-inf, whose exp is +0, where not
+ * selected): the same two sums as sm_pass2. */
+static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
+{
+    float m_new = chunk_max > *m ? chunk_max : *m;
+    if (m_new == -INFINITY) {
+        /* as softmax_row: a selected NaN logit (the only NaN s can hold) makes the row NaN */
+        uint32x4_t nan = vdupq_n_u32(0);
+        for (int c = 0; c < n; c += 4) {
+            float32x4_t x = vld1q_f32(s + c);
+            nan = vorrq_u32(nan, vmvnq_u32(vceqq_f32(x, x)));
+        }
+        if (vmaxvq_u32(nan) == 0) {
+            memset(s, 0, sizeof(float) * (size_t)n);
+            return 1.0f;
+        }
+        m_new = NAN;
+    }
+    float alpha = expf(*m - m_new);
+    const float32x4_t vm = vdupq_n_f32(m_new);
+    float32x4_t sum0 = vdupq_n_f32(0.0f), sum1 = vdupq_n_f32(0.0f);
+    for (int c = 0; c < n; c += 8) {
+        float32x4_t p0 = v_exp(vsubq_f32(vld1q_f32(s + c), vm));
+        float32x4_t p1 = v_exp(vsubq_f32(vld1q_f32(s + c + 4), vm));
+        vst1q_f32(s + c, p0);
+        vst1q_f32(s + c + 4, p1);
+        sum0 = vaddq_f32(sum0, p0);
+        sum1 = vaddq_f32(sum1, p1);
+    }
+    *l = *l * alpha + vaddvq_f32(vaddq_f32(sum0, sum1));
+    *m = m_new;
+    return alpha;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* accum_pv: O = alpha O + P V                                                                 */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -786,7 +897,7 @@ const dma_kernels dma_kernels_neon = {
     .name = "neon",
     .mr = MR,
     .nr = NR,
-    .select_step = NR, /* unused: no scores_select */
+    .select_step = NR,
     .pv_rows = MR,
     .pack_k = pack_k,
     .pack_v = pack_v,
@@ -799,4 +910,6 @@ const dma_kernels dma_kernels_neon = {
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
     .dots = dots,
+    .scores_select = scores_select,
+    .softmax_exp = softmax_exp,
 };
