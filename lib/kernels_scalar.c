@@ -72,13 +72,18 @@ static int selected(const uint64_t *bits, int bit0, int lo, int hi, int c)
     return (int)((bits[b >> 6] >> (b & 63)) & 1u);
 }
 
-static float softmax_row(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
-                         int lo, int hi, float softcap, float *m, float *l)
+/* softmax_row's first pass: x = softcap * tanh(s / softcap) (if softcap > 0) + bias at the
+ * selected positions, -inf at the others; returns the max of the selected x (-inf if none; a
+ * NaN x is skipped, as `x > max` does). */
+static float select_row(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
+                        int lo, int hi, float softcap)
 {
     float chunk_max = -INFINITY;
     for (int c = 0; c < n; c++) {
-        if (!selected(bits, bit0, lo, hi, c))
+        if (!selected(bits, bit0, lo, hi, c)) {
+            s[c] = -INFINITY;
             continue;
+        }
         float x = s[c];
         if (softcap > 0.0f)
             x = softcap * tanhf(x / softcap);
@@ -88,70 +93,19 @@ static float softmax_row(float *s, int n, const float *bias, const uint64_t *bit
         if (x > chunk_max)
             chunk_max = x;
     }
-    float m_new = chunk_max > *m ? chunk_max : *m;
-    if (m_new == -INFINITY) {
-        /* Rare: no selected logit above -inf so far. The max skips NaN, so look for a selected
-         * NaN logit: it makes the row NaN (m_new = NaN carries it into p, l, m and alpha);
-         * without one the row is (still) empty. */
-        int nan = 0;
-        for (int c = lo > 0 ? lo : 0; c < hi && c < n && !nan; c++)
-            nan = selected(bits, bit0, lo, hi, c) && isnan(s[c]);
-        if (!nan) {
-            memset(s, 0, sizeof(float) * n);
-            return 1.0f;
-        }
-        m_new = NAN;
-    }
-    float alpha = expf(*m - m_new);
-    float sum = 0.0f;
-    for (int c = 0; c < n; c++) {
-        float p = selected(bits, bit0, lo, hi, c) ? expf(s[c] - m_new) : 0.0f;
-        s[c] = p;
-        sum += p;
-    }
-    *l = *l * alpha + sum;
-    *m = m_new;
-    return alpha;
+    return chunk_max;
 }
 
-/* scores of the n keys from key `off` of the block at kp (any off < NR, any n), then
- * softmax_row's first pass on each row: the selected logits (no softcap) and their max, -inf at
- * every other position. */
-static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
-                          int off, int n, int D, const float *const *bias,
-                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
-                          float *rowmax)
-{
-    for (int r = 0; r < m; r++) {
-        float *row = s + (int64_t)r * lds;
-        float row_max = -INFINITY;
-        for (int c = 0; c < n; c++) {
-            const int j = off + c; /* the key's place in the panel */
-            const float *kcol = kp + (int64_t)(j / NR) * (D * NR) + j % NR;
-            float acc = 0.0f;
-            for (int d = 0; d < D; d++)
-                acc += q[(int64_t)r * ldq + d] * kcol[d * NR];
-            row[c] = acc;
-            if (!selected(bits[r], bit0, lo[r], hi[r], c)) {
-                row[c] = -INFINITY;
-                continue;
-            }
-            if (bias[r])
-                row[c] += bias[r][c];
-            if (row[c] > row_max)
-                row_max = row[c];
-        }
-        rowmax[r] = row_max;
-    }
-}
-
-/* softmax_row's second half over a row scores_select wrote: -inf marks the unselected, whose
- * exp is 0. */
+/* softmax_row's second pass over a row select_row wrote: -inf marks the unselected, whose exp
+ * is 0. */
 static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
 {
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        int nan = 0; /* a selected NaN logit, the only NaN s can hold */
+        /* Rare: no selected logit above -inf so far. The max skips NaN, so look for a selected
+         * NaN logit (the only NaN s can hold): it makes the row NaN (m_new = NaN carries it into
+         * p, l, m and alpha); without one the row is (still) empty. */
+        int nan = 0;
         for (int c = 0; c < n && !nan; c++)
             nan = isnan(s[c]);
         if (!nan) {
@@ -169,6 +123,33 @@ static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
     *l = *l * alpha + sum;
     *m = m_new;
     return alpha;
+}
+
+static float softmax_row(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
+                         int lo, int hi, float softcap, float *m, float *l)
+{
+    return softmax_exp(s, n, select_row(s, n, bias, bits, bit0, lo, hi, softcap), m, l);
+}
+
+/* The scores of the n keys from key `off` of the block at kp (any off < NR, any n), then
+ * select_row on each row (no softcap): softmax_row's first pass in the same call. */
+static void scores_select(float *s, int lds, const float *q, int ldq, int m, const float *kp,
+                          int off, int n, int D, const float *const *bias,
+                          const uint64_t *const *bits, int bit0, const int *lo, const int *hi,
+                          float *rowmax)
+{
+    for (int r = 0; r < m; r++) {
+        float *row = s + (int64_t)r * lds;
+        for (int c = 0; c < n; c++) {
+            const int j = off + c; /* the key's place in the panel */
+            const float *kcol = kp + (int64_t)(j / NR) * (D * NR) + j % NR;
+            float acc = 0.0f;
+            for (int d = 0; d < D; d++)
+                acc += q[(int64_t)r * ldq + d] * kcol[d * NR];
+            row[c] = acc;
+        }
+        rowmax[r] = select_row(row, n, bias[r], bits[r], bit0, lo[r], hi[r], 0.0f);
+    }
 }
 
 static void accum_pv(float *o, int ldo, const float *alpha, const float *p, int ldp, int m,

@@ -135,6 +135,26 @@ static void pack_v(float *vp, int ldv, const float *base, int64_t ld, const int3
 /* ------------------------------------------------------------------------------------------ */
 
 /* M (compile-time after inlining) rows x all n keys. */
+/* acc[r][0..1] = the scores of M (compile-time after inlining) rows against the NR keys of the
+ * packed block at panel. */
+INLINE void block_scores(__m256 acc[MR][2], const float *const *qr, const float *panel, int D,
+                         const int M)
+{
+#pragma GCC unroll 8
+    for (int r = 0; r < M; r++)
+        acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        __m256 b0 = _mm256_loadu_ps(panel + (int64_t)d * NR);
+        __m256 b1 = _mm256_loadu_ps(panel + (int64_t)d * NR + VW);
+#pragma GCC unroll 8
+        for (int r = 0; r < M; r++) {
+            __m256 a = _mm256_broadcast_ss(qr[r] + d);
+            acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+    }
+}
+
 INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
                         int D, const int M)
 {
@@ -143,21 +163,8 @@ INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float 
     for (int r = 0; r < M; r++)
         qr[r] = q + (int64_t)r * ldq;
     for (int c0 = 0; c0 < n; c0 += NR) {
-        const float *panel = kp + (int64_t)c0 * D;
         __m256 acc[MR][2];
-#pragma GCC unroll 8
-        for (int r = 0; r < M; r++)
-            acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d++) {
-            __m256 b0 = _mm256_loadu_ps(panel + (int64_t)d * NR);
-            __m256 b1 = _mm256_loadu_ps(panel + (int64_t)d * NR + VW);
-#pragma GCC unroll 8
-            for (int r = 0; r < M; r++) {
-                __m256 a = _mm256_broadcast_ss(qr[r] + d);
-                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-            }
-        }
+        block_scores(acc, qr, kp + (int64_t)c0 * D, D, M);
 #pragma GCC unroll 8
         for (int r = 0; r < M; r++) {
             _mm256_storeu_ps(s + (int64_t)r * lds + c0, acc[r][0]);
@@ -337,21 +344,8 @@ INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const
         vmax[r][0] = vmax[r][1] = ninf;
     }
     for (int c0 = 0; c0 < n; c0 += NR) {
-        const float *panel = kp + (int64_t)c0 * D;
         __m256 acc[MR][2];
-#pragma GCC unroll 8
-        for (int r = 0; r < M; r++)
-            acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-        for (int d = 0; d < D; d++) {
-            __m256 b0 = _mm256_loadu_ps(panel + (int64_t)d * NR);
-            __m256 b1 = _mm256_loadu_ps(panel + (int64_t)d * NR + VW);
-#pragma GCC unroll 8
-            for (int r = 0; r < M; r++) {
-                __m256 a = _mm256_broadcast_ss(qr[r] + d);
-                acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
-            }
-        }
+        block_scores(acc, qr, kp + (int64_t)c0 * D, D, M);
 #pragma GCC unroll 8
         for (int r = 0; r < M; r++) {
             if ((c0 & 63) == 0)

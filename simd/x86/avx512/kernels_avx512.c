@@ -117,7 +117,27 @@ static void pack_v(float *vp, int ldv, const float *base, int64_t ld, const int3
 /* scores: S = Q K^T                                                                          */
 /* ------------------------------------------------------------------------------------------ */
 
-/* M (compile-time after inlining) rows x all n keys. */
+/* acc[r][0..1] = the scores of M (compile-time after inlining) rows against the NR keys of the
+ * packed block at panel. */
+INLINE void block_scores(__m512 acc[MR][2], const float *const *qr, const float *panel, int D,
+                         const int M)
+{
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        __m512 b0 = _mm512_loadu_ps(panel + (int64_t)d * NR);
+        __m512 b1 = _mm512_loadu_ps(panel + (int64_t)d * NR + VW);
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++) {
+            __m512 a = _mm512_set1_ps(qr[r][d]);
+            acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+            acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+        }
+    }
+}
+
+/* M rows x all n keys. */
 INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
                         int D, const int M)
 {
@@ -126,21 +146,8 @@ INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float 
     for (int r = 0; r < M; r++)
         qr[r] = q + (int64_t)r * ldq;
     for (int c0 = 0; c0 < n; c0 += NR) {
-        const float *panel = kp + (int64_t)c0 * D;
         __m512 acc[MR][2];
-#pragma GCC unroll 16
-        for (int r = 0; r < M; r++)
-            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int d = 0; d < D; d++) {
-            __m512 b0 = _mm512_loadu_ps(panel + (int64_t)d * NR);
-            __m512 b1 = _mm512_loadu_ps(panel + (int64_t)d * NR + VW);
-#pragma GCC unroll 16
-            for (int r = 0; r < M; r++) {
-                __m512 a = _mm512_set1_ps(qr[r][d]);
-                acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-            }
-        }
+        block_scores(acc, qr, kp + (int64_t)c0 * D, D, M);
 #pragma GCC unroll 16
         for (int r = 0; r < M; r++) {
             _mm512_storeu_ps(s + (int64_t)r * lds + c0, acc[r][0]);
@@ -244,19 +251,7 @@ INLINE void scores_select_rows(float *s, int lds, const float *q, int ldq, const
     }
     for (; c + NR <= n; c += NR, panel += (int64_t)NR * D) {
         __m512 acc[MR][2];
-#pragma GCC unroll 16
-        for (int r = 0; r < M; r++)
-            acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-        for (int d = 0; d < D; d++) {
-            __m512 b0 = _mm512_loadu_ps(panel + (int64_t)d * NR);
-            __m512 b1 = _mm512_loadu_ps(panel + (int64_t)d * NR + VW);
-#pragma GCC unroll 16
-            for (int r = 0; r < M; r++) {
-                __m512 a = _mm512_set1_ps(qr[r][d]);
-                acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
-                acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
-            }
-        }
+        block_scores(acc, qr, panel, D, M);
 #pragma GCC unroll 16
         for (int r = 0; r < M; r++) {
             float *srow = s + (int64_t)r * lds;
