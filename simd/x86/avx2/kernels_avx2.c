@@ -402,13 +402,16 @@ static void scores_select(float *s, int lds, const float *q, int ldq, int m, con
     }
 }
 
-/* softmax_row's second pass over a chunk scores_select wrote (-inf where not selected): the
- * same two sums of alternate groups of 8 as softmax_impl. */
+
+/* softmax_row's second pass, over a chunk its first pass (softmax_impl or scores_select) left
+ * -inf where not selected: p = exp(x - m_new), two sums of alternate groups of 8. */
 static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
 {
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        /* as softmax_impl: a selected NaN logit (the only NaN s can hold) makes the row NaN */
+        /* Rare: no selected logit above -inf so far. The max skipped NaN, so look for a
+         * selected NaN logit (the only NaN s can hold): it makes the row NaN, carried by
+         * m_new = NaN into alpha, p, *l and *m (the vector exp keeps NaN). */
         __m256 nan = _mm256_setzero_ps();
         for (int c = 0; c < n; c += VW) {
             __m256 x = _mm256_loadu_ps(s + c);
@@ -423,13 +426,19 @@ static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
     float alpha = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
     const __m256 vm = _mm256_set1_ps(m_new), zero = _mm256_setzero_ps();
     __m256 vsum0 = zero, vsum1 = zero;
-    for (int c = 0; c < n; c += 2 * VW) { /* n is a multiple of NR = 16 */
+    int c = 0;
+    for (; c + 2 * VW <= n; c += 2 * VW) {
         __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm));
         __m256 p1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c + VW), vm));
         vsum0 = _mm256_add_ps(vsum0, p0);
         vsum1 = _mm256_add_ps(vsum1, p1);
         _mm256_storeu_ps(s + c, p0);
         _mm256_storeu_ps(s + c + VW, p1);
+    }
+    if (c < n) { /* n is a multiple of 8: a last 8 */
+        __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm));
+        vsum0 = _mm256_add_ps(vsum0, p0);
+        _mm256_storeu_ps(s + c, p0);
     }
     *l = *l * alpha + hsum8(_mm256_add_ps(vsum0, vsum1));
     *m = m_new;
@@ -442,15 +451,13 @@ INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bi
                           int lo, int hi, float softcap, float *m, float *l, const int CAP)
 {
     const __m256 ninf = _mm256_set1_ps(-INFINITY), cap = _mm256_set1_ps(softcap);
-    uint64_t sel[DMA_CHUNK_MAX / 64];
     __m256 vmax0 = ninf, vmax1 = ninf;
     /* Pass 1: logits of the selected positions, -inf elsewhere; their max. A NaN logit is
      * skipped by the max (_mm256_max_ps returns its second operand, the running max, when
      * either is NaN), as in the scalar code; pass 2 turns it into a NaN p (exp8 keeps NaN), and
-     * the rare branch below catches a chunk whose selected logits are all NaN or -inf. */
+     * softmax_exp's rare branch catches a chunk whose selected logits are all NaN or -inf. */
     for (int c64 = 0; c64 < n; c64 += 64) {
         uint64_t sb = sel_bits(bits, bit0, c64, lo, hi);
-        sel[c64 >> 6] = sb;
         int end = n - c64 < 64 ? n : c64 + 64, c = c64;
         for (; c + 2 * VW <= end; c += 2 * VW, sb >>= 2 * VW) {
             if (!(sb & 0xFFFF)) {
@@ -471,59 +478,8 @@ INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bi
             _mm256_storeu_ps(s + c, x0);
         }
     }
-    float chunk_max = hmax8(_mm256_max_ps(vmax0, vmax1));
-    float m_new = chunk_max > *m ? chunk_max : *m;
-    if (m_new == -INFINITY) {
-        /* Rare: no selected logit above -inf so far. The max skipped NaN, so look for a
-         * selected NaN logit (pass 1 left -inf at every unselected position, so any NaN in s is
-         * a selected one; only 64-position words with a selected position are read): it makes
-         * the row NaN, carried by m_new = NaN into alpha, p, *l and *m (exp8 keeps NaN). */
-        __m256 nan = _mm256_setzero_ps();
-        for (int c64 = 0; c64 < n; c64 += 64) {
-            if (!sel[c64 >> 6])
-                continue;
-            int end = n - c64 < 64 ? n : c64 + 64;
-            for (int c = c64; c < end; c += VW) {
-                __m256 x = _mm256_loadu_ps(s + c);
-                nan = _mm256_or_ps(nan, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
-            }
-        }
-        if (!_mm256_movemask_ps(nan)) {
-            memset(s, 0, sizeof(float) * (size_t)n);
-            return 1.0f;
-        }
-        m_new = NAN;
-    }
-    /* the vector exp on one lane: no call into libm (and no vzeroupper) per row */
-    float alpha = _mm256_cvtss_f32(exp8(_mm256_set1_ps(*m - m_new)));
-    /* Pass 2: p = exp(x - m_new); exp(-inf) = 0 for the unselected. */
-    const __m256 vm = _mm256_set1_ps(m_new), zero = _mm256_setzero_ps();
-    __m256 vsum0 = zero, vsum1 = zero;
-    for (int c64 = 0; c64 < n; c64 += 64) {
-        uint64_t sb = sel[c64 >> 6];
-        int end = n - c64 < 64 ? n : c64 + 64, c = c64;
-        for (; c + 2 * VW <= end; c += 2 * VW, sb >>= 2 * VW) {
-            if (!(sb & 0xFFFF)) {
-                _mm256_storeu_ps(s + c, zero);
-                _mm256_storeu_ps(s + c + VW, zero);
-                continue;
-            }
-            __m256 p0 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm));
-            __m256 p1 = exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c + VW), vm));
-            vsum0 = _mm256_add_ps(vsum0, p0);
-            vsum1 = _mm256_add_ps(vsum1, p1);
-            _mm256_storeu_ps(s + c, p0);
-            _mm256_storeu_ps(s + c + VW, p1);
-        }
-        if (c < end) {
-            __m256 p0 = (sb & 0xFF) ? exp8(_mm256_sub_ps(_mm256_loadu_ps(s + c), vm)) : zero;
-            vsum0 = _mm256_add_ps(vsum0, p0);
-            _mm256_storeu_ps(s + c, p0);
-        }
-    }
-    *l = *l * alpha + hsum8(_mm256_add_ps(vsum0, vsum1));
-    *m = m_new;
-    return alpha;
+    /* pass 1 left -inf at every unselected position: softmax_exp is pass 2 */
+    return softmax_exp(s, n, hmax8(_mm256_max_ps(vmax0, vmax1)), m, l);
 }
 
 static float softmax_row(float *s, int n, const float *bias, const uint64_t *bits, int bit0,

@@ -435,93 +435,15 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
 /* softmax_row                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
-/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK_MAX; a last group of fewer than 16
- * positions is handled with masked loads and stores. */
-INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
-                          int lo, int hi, float softcap, float *m, float *l, const int CAP)
-{
-    const __m512 ninf = _mm512_set1_ps(-INFINITY), cap = _mm512_set1_ps(softcap);
-    uint64_t sel[DMA_CHUNK_MAX / 64];
-    __m512 vmax = ninf;
-    /* Pass 1: logits of the selected positions, -inf elsewhere; their max. */
-    for (int c64 = 0; c64 < n; c64 += 64) {
-        uint64_t sb = sel_bits(bits, bit0, c64, lo, hi);
-        sel[c64 >> 6] = sb;
-        int end = n - c64 < 64 ? n : c64 + 64;
-        for (int c = c64; c < end; c += VW, sb >>= VW) {
-            __mmask16 live = live_lanes(c, n), k = (__mmask16)(sb & 0xFFFF);
-            if (!k) {
-                _mm512_mask_storeu_ps(s + c, live, ninf);
-                continue;
-            }
-            __m512 x = _mm512_maskz_loadu_ps(live, s + c);
-            if (CAP)
-                x = _mm512_mul_ps(cap, tanh16(_mm512_div_ps(x, cap)));
-            if (bias)
-                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(live, bias + c));
-            x = _mm512_mask_mov_ps(ninf, k, x);
-            /* a NaN x is skipped (max_ps returns its second operand, the running max, when
-             * either is NaN), as in the scalar code; pass 2 turns it into a NaN p (exp16 keeps
-             * NaN), and the rare branch below catches a chunk of only NaN or -inf logits */
-            vmax = _mm512_max_ps(x, vmax);
-            _mm512_mask_storeu_ps(s + c, live, x);
-        }
-    }
-    float chunk_max = _mm512_reduce_max_ps(vmax); /* vmax holds no NaN */
-    float m_new = chunk_max > *m ? chunk_max : *m;
-    if (m_new == -INFINITY) {
-        /* Rare: no selected logit above -inf so far. The max skipped NaN, so look for a
-         * selected NaN logit (pass 1 wrote -inf at every unselected position < n, so any NaN in
-         * s is a selected one; only 64-position words with a selected position are read): it
-         * makes the row NaN, carried by m_new = NaN into alpha, p, *l and *m (exp16 keeps
-         * NaN). */
-        __mmask16 nan = 0;
-        for (int c64 = 0; c64 < n; c64 += 64) {
-            if (!sel[c64 >> 6])
-                continue;
-            int end = n - c64 < 64 ? n : c64 + 64;
-            for (int c = c64; c < end; c += VW) {
-                __mmask16 live = live_lanes(c, n);
-                __m512 x = _mm512_maskz_loadu_ps(live, s + c);
-                nan |= _mm512_mask_cmp_ps_mask(live, x, x, _CMP_UNORD_Q);
-            }
-        }
-        if (!nan) {
-            memset(s, 0, sizeof(float) * (size_t)n);
-            return 1.0f;
-        }
-        m_new = NAN;
-    }
-    /* the vector exp on one lane: no call into libm (and no vzeroupper) per row */
-    float alpha = _mm512_cvtss_f32(exp16(_mm512_set1_ps(*m - m_new)));
-    /* Pass 2: p = exp(x - m_new); exp(-inf) = 0 for the unselected. */
-    const __m512 vm = _mm512_set1_ps(m_new);
-    __m512 vsum = _mm512_setzero_ps();
-    for (int c64 = 0; c64 < n; c64 += 64) {
-        uint64_t sb = sel[c64 >> 6];
-        int end = n - c64 < 64 ? n : c64 + 64;
-        for (int c = c64; c < end; c += VW, sb >>= VW) {
-            __mmask16 live = live_lanes(c, n), k = (__mmask16)(sb & 0xFFFF);
-            if (!k) {
-                _mm512_mask_storeu_ps(s + c, live, _mm512_setzero_ps());
-                continue;
-            }
-            __m512 p = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(live, s + c), vm));
-            vsum = _mm512_add_ps(vsum, p);
-            _mm512_mask_storeu_ps(s + c, live, p);
-        }
-    }
-    *l = *l * alpha + _mm512_reduce_add_ps(vsum);
-    *m = m_new;
-    return alpha;
-}
-
-/* softmax_row's second pass over a chunk scores_select wrote (-inf where not selected). */
+/* softmax_row's second pass, over a chunk its first pass (softmax_impl or scores_select) left
+ * -inf where not selected: p = exp(x - m_new). */
 static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
 {
     float m_new = chunk_max > *m ? chunk_max : *m;
     if (m_new == -INFINITY) {
-        /* as softmax_impl: a selected NaN logit (the only NaN s can hold) makes the row NaN */
+        /* Rare: no selected logit above -inf so far. The max skipped NaN, so look for a
+         * selected NaN logit (the only NaN s can hold): it makes the row NaN, carried by
+         * m_new = NaN into alpha, p, *l and *m (the vector exp keeps NaN). */
         __mmask16 nan = 0;
         for (int c = 0; c < n; c += VW) {
             __m512 x = _mm512_maskz_loadu_ps(live_lanes(c, n), s + c);
@@ -546,6 +468,42 @@ static float softmax_exp(float *s, int n, float chunk_max, float *m, float *l)
     *m = m_new;
     return alpha;
 }
+
+/* n is a multiple of 8 (of NR, in fact) and at most DMA_CHUNK_MAX; a last group of fewer than 16
+ * positions is handled with masked loads and stores. */
+INLINE float softmax_impl(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
+                          int lo, int hi, float softcap, float *m, float *l, const int CAP)
+{
+    const __m512 ninf = _mm512_set1_ps(-INFINITY), cap = _mm512_set1_ps(softcap);
+    __m512 vmax = ninf;
+    /* Pass 1: logits of the selected positions, -inf elsewhere; their max. */
+    for (int c64 = 0; c64 < n; c64 += 64) {
+        uint64_t sb = sel_bits(bits, bit0, c64, lo, hi);
+        int end = n - c64 < 64 ? n : c64 + 64;
+        for (int c = c64; c < end; c += VW, sb >>= VW) {
+            __mmask16 live = live_lanes(c, n), k = (__mmask16)(sb & 0xFFFF);
+            if (!k) {
+                _mm512_mask_storeu_ps(s + c, live, ninf);
+                continue;
+            }
+            __m512 x = _mm512_maskz_loadu_ps(live, s + c);
+            if (CAP)
+                x = _mm512_mul_ps(cap, tanh16(_mm512_div_ps(x, cap)));
+            if (bias)
+                x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(live, bias + c));
+            x = _mm512_mask_mov_ps(ninf, k, x);
+            /* a NaN x is skipped (max_ps returns its second operand, the running max, when
+             * either is NaN), as in the scalar code; pass 2 turns it into a NaN p (exp16 keeps
+             * NaN), and softmax_exp's rare branch a chunk of only NaN or -inf logits */
+            vmax = _mm512_max_ps(x, vmax);
+            _mm512_mask_storeu_ps(s + c, live, x);
+        }
+    }
+    /* pass 1 left -inf at every unselected position: softmax_exp is pass 2 (vmax holds no
+     * NaN) */
+    return softmax_exp(s, n, _mm512_reduce_max_ps(vmax), m, l);
+}
+
 
 static float softmax_row(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
                          int lo, int hi, float softcap, float *m, float *l)
