@@ -10,6 +10,8 @@
  *             P per key. D is rounded up to 16 (rows are zero-padded to ld, a multiple of 16).
  *   accum_tn  the same shape, 6 rows of o (keys) x 16 floats of D per query row, over all the
  *             keys of a call 6 at a time.
+ * scores_select is scores with softmax_row's first pass (bias, selection, row max) applied to
+ *             each 6 x 16 block while it is in registers (the rows' running maxima in L1).
  * softmax_row / grad_row run on 8 lanes (two vectors per step in softmax_row) with a vectorised
  * exp (Cody-Waite range reduction + the Cephes polynomial, < 1 ulp) and tanh (odd polynomial
  * near 0, 1 - 2/(e^2x + 1) elsewhere). The row's selection is read 64 positions at a time from

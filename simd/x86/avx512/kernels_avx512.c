@@ -17,6 +17,9 @@
  *             8 x 32 block; measured 13% faster on a Xeon). It runs over all the keys of a
  *             call, 6 at a time, so the block of x the caller keeps in L1 serves every block of
  *             keys.
+ * scores_select is scores with softmax_row's first pass (bias, selection, row max) applied to
+ *             each 8 x 32 block while it is in registers; calls start and end at 16 keys (a half
+ *             block, 8 accumulators) so that a block of rows computes its columns to 16 keys.
  * softmax_row / grad_row run 16 lanes at a time with the same exp and tanh as the AVX2 file
  * (bitwise the same results per lane); the selection of 16 positions is 16 bits of the row's
  * bitmask, used directly as a __mmask16. Only words holding a bit of [lo, hi) are read.
