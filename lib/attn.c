@@ -223,12 +223,6 @@ void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
     }
 }
 
-void dma_prefetch_rows_all(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
-                           const dma_tensor *t, bool write)
-{
-    dma_prefetch_rows(a, it, iv, t, write, 0, iv->M);
-}
-
 void dma_gather_rows(const dma_attn *a, const dma_tensor *t, int64_t off, const int32_t *keys,
                      int32_t first, int n, float *dst, int ld)
 {

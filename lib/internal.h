@@ -252,11 +252,9 @@ void dma_item_load_rows_range(const dma_attn *a, const dma_item *it, const dma_i
 /* Ask for the item's rows r0 <= r < r1 (r = hh * nrows + i) of a (B, L, H, D) tensor to be
  * brought into the cache (to be written if `write`): a head's rows are a few lines each, one
  * row stride apart, which the hardware prefetchers do not follow far enough; with one head per
- * item, loading them missed on nearly every line. The _all form asks for all M rows at once. */
+ * item, loading them missed on nearly every line. */
 void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
                        const dma_tensor *t, bool write, int64_t r0, int64_t r1);
-void dma_prefetch_rows_all(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
-                           const dma_tensor *t, bool write);
 
 /* n rows of a (B, L, H, D) tensor of any storage type (key c is row keys[c], or first + c, at
  * element offset off + key * stride[1]) as float32 rows dst[c * ld ...], zero-padded to ld. */
