@@ -183,9 +183,7 @@ void dma_item_load_rows_range(const dma_attn *a, const dma_item *it, const dma_i
                               int64_t r0, int64_t r1)
 {
     for (int64_t r = r0; r < r1; r++) {
-        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
-        const int64_t off = it->b * src->stride[0] + (iv->r0 + i) * src->stride[1] +
-                            (iv->h0 + hh) * src->stride[2];
+        const int64_t off = dma_item_row_offset(src, it, iv, r);
         float *d = dst + r * ld;
         if (src->dtype == DMA_F32) {
             for (int64_t x = 0; x < a->D; x++)
@@ -210,10 +208,7 @@ void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
 {
     const int64_t size = t->dtype == DMA_F32 ? 4 : 2;
     for (int64_t r = r0; r < r1; r++) {
-        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
-        const char *row = (const char *)t->data +
-                          size * (it->b * t->stride[0] + (iv->r0 + i) * t->stride[1] +
-                                  (iv->h0 + hh) * t->stride[2]);
+        const char *row = (const char *)t->data + size * dma_item_row_offset(t, it, iv, r);
         for (int64_t byte = 0; byte < size * a->D; byte += 64) {
             if (write)
                 __builtin_prefetch(row + byte, 1, 3);

@@ -54,9 +54,7 @@ static void load_rows_bf16(const dma_attn *a, const dma_item *it, const dma_item
 {
     const dma_tensor *q = a->q;
     for (int64_t r = r0; r < r1; r++) {
-        const int64_t hh = r / iv->nrows, i = r % iv->nrows;
-        const int64_t off = it->b * q->stride[0] + (iv->r0 + i) * q->stride[1] +
-                            (iv->h0 + hh) * q->stride[2];
+        const int64_t off = dma_item_row_offset(q, it, iv, r);
         uint16_t *d = dst + r * ld;
         memcpy(d, (const uint16_t *)q->data + off, sizeof(uint16_t) * (size_t)a->D);
         memset(d + a->D, 0, sizeof(uint16_t) * (size_t)(ld - a->D));
@@ -98,8 +96,7 @@ static void write_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
     const int64_t D = a->D, ld = a->ld;
     for (int64_t r = r0; r < r1; r++) {
         const int64_t hh = r / iv->nrows, i = r % iv->nrows;
-        const int64_t off = it->b * a->out->stride[0] + (iv->r0 + i) * a->out->stride[1] +
-                            (iv->h0 + hh) * a->out->stride[2];
+        const int64_t off = dma_item_row_offset(a->out, it, iv, r);
         /* 16-bit outputs are rounded once from the row in O (normalised in place). */
         float *dst = a->out->dtype == DMA_F32 ? f32(a->out) + off : O + r * ld;
         float row_lse = -INFINITY;
@@ -120,6 +117,25 @@ static void write_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
         if (a->lse)
             f32(a->lse)[it->b * a->lse->stride[0] + (iv->h0 + hh) * a->lse->stride[1] +
                         (iv->r0 + i) * a->lse->stride[2]] = row_lse;
+    }
+}
+
+/* Keys of the chunk of iv's union from position c0: DMA_CHUNK, or all the rest when they fit
+ * DMA_CHUNK_MAX (a union's last chunk takes a short tail along). */
+static int64_t chunk_keys(const dma_item_view *iv, int64_t c0)
+{
+    const int64_t rest = iv->count - c0;
+    return rest <= DMA_CHUNK_MAX ? rest : DMA_CHUNK;
+}
+
+/* Prefetch rows [*asked, upto) of t for the item (to be written if `write`), and remember that
+ * rows up to there were asked for. */
+static void ask_rows(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
+                     const dma_tensor *t, bool write, int64_t *asked, int64_t upto)
+{
+    if (upto > *asked) {
+        dma_prefetch_rows(a, it, iv, t, write, *asked, upto);
+        *asked = upto;
     }
 }
 
@@ -240,7 +256,7 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
      * ahead are fetched while a block computes. */
     int64_t first_c0 = -1, last_c0 = -1;
     for (int64_t c0 = 0, n; c0 < iv->count; c0 += n) {
-        n = iv->count - c0 <= DMA_CHUNK_MAX ? iv->count - c0 : DMA_CHUNK;
+        n = chunk_keys(iv, c0);
         if (dma_chunk_active(iv, c0, n)) {
             first_c0 = first_c0 < 0 ? c0 : first_c0;
             last_c0 = c0;
@@ -250,12 +266,11 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
         write_rows(a, it, iv, O, row_m, row_l, 0, M);
         return;
     }
-    int64_t q_asked = dma_min64(M, ROWS_AHEAD(mr)), out_asked = 0;
-    dma_prefetch_rows(a, it, iv, a->q, false, 0, q_asked);
+    int64_t q_asked = 0, out_asked = 0;
+    ask_rows(a, it, iv, a->q, false, &q_asked, dma_min64(M, ROWS_AHEAD(mr)));
 
     for (int64_t c0 = first_c0, n; c0 <= last_c0; c0 += n) {
-        const int64_t rest = iv->count - c0;
-        n = rest <= DMA_CHUNK_MAX ? rest : DMA_CHUNK;
+        n = chunk_keys(iv, c0);
         if (!dma_chunk_active(iv, c0, n))
             continue;
         const int32_t *keys = iv->keys ? iv->keys + c0 : NULL;
@@ -278,28 +293,23 @@ static void forward_item(const dma_attn *a, const dma_item *it, const dma_item_v
             for (int64_t hh = 0; hh < iv->nh; hh++)
                 dma_gather_key_bias(a, it, iv, hh, c0, n, dma_div_up(n, nr) * nr,
                                     bias_buf + hh * DMA_CHUNK_MAX);
-        if (c0 == last_c0) {
-            out_asked = dma_min64(M, ROWS_AHEAD(mr));
-            dma_prefetch_rows(a, it, iv, a->out, true, 0, out_asked);
-        }
+        if (c0 == last_c0)
+            ask_rows(a, it, iv, a->out, true, &out_asked, dma_min64(M, ROWS_AHEAD(mr)));
         /* Blocks of rows run across head boundaries (rows of all heads are contiguous in Q),
          * so only the item's last blocks are short. */
         for (int64_t row0 = 0, m; row0 < M; row0 += m) {
             m = block_rows(M - row0, mr);
             const int64_t ahead = dma_min64(M, row0 + m + ROWS_AHEAD(mr));
             if (c0 == first_c0) {
-                dma_prefetch_rows(a, it, iv, a->q, false, q_asked, ahead);
-                q_asked = dma_max64(q_asked, ahead);
+                ask_rows(a, it, iv, a->q, false, &q_asked, ahead);
                 /* the bf16 dots read the stored rows; every other path the scaled float32 ones */
                 if (a->bf16_dots)
                     load_rows_bf16(a, it, iv, Qh, ld, row0, row0 + m);
                 else
                     dma_item_load_rows_range(a, it, iv, a->q, a->scale, Q, ld, row0, row0 + m);
             }
-            if (c0 == last_c0) {
-                dma_prefetch_rows(a, it, iv, a->out, true, out_asked, ahead);
-                out_asked = dma_max64(out_asked, ahead);
-            }
+            if (c0 == last_c0)
+                ask_rows(a, it, iv, a->out, true, &out_asked, ahead);
             int64_t ca, cb;
             if (dma_block_cols(iv, row0, m, c0, n, fused ? kern->select_step : nr, &ca, &cb)) {
                 if (fused) {

@@ -240,6 +240,15 @@ dma_status dma_attn_items(dma_context *ctx, const dma_attn *a, dma_item **items,
 
 void dma_item_view_init(const dma_attn *a, const dma_item *it, dma_item_view *iv);
 
+/* Element offset of item row r (r = hh * nrows + i: head h0 + hh, query row r0 + i) in a
+ * (B, L, H, D) tensor. */
+static inline int64_t dma_item_row_offset(const dma_tensor *t, const dma_item *it,
+                                          const dma_item_view *iv, int64_t r)
+{
+    return it->b * t->stride[0] + (iv->r0 + r % iv->nrows) * t->stride[1] +
+           (iv->h0 + r / iv->nrows) * t->stride[2];
+}
+
 /* Rows of a (B, L, H, D) tensor (float32, bf16 or f16) for the item's heads and rows into
  * dst[M][ld] (ld >= D) as float32, times `scale`, zero-padded to ld; row r = hh * nrows + i.
  * The _range form loads rows r0 <= r < r1 only (into dst[r]). */
