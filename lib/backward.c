@@ -577,16 +577,40 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
              * columns and TN_ROWS rows of Q (or dout): the kernel runs every used key past
              * that block, which stays in L1. The chunk's first block of rows overwrites the
              * private rows, the others add. */
+            /* Each block of TN_ROWS rows runs over the columns its blocks of mr rows cover
+             * (the rows of a pair's first tile skip the keys only its second selects). The
+             * chunk's first block of rows overwrites its columns of the private rows; the
+             * used columns it does not cover are zeroed first, for the others to add into. */
+            int64_t tn_ca[BWD_ROWS / TN_ROWS + 1], tn_cb[BWD_ROWS / TN_ROWS + 1];
+            for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
+                int64_t ca = n_pad, cb = 0;
+                for (int64_t b = r0 / mr; b < dma_div_up(dma_min64(g1, r0 + TN_ROWS), mr); b++)
+                    if (blk_cb[b] > blk_ca[b]) {
+                        ca = dma_min64(ca, blk_ca[b]);
+                        cb = dma_max64(cb, blk_cb[b]);
+                    }
+                if (r0 == 0) { /* zero what the overwrite leaves */
+                    if (cb <= ca)
+                        ca = cb = used_lo;
+                    zero_rows(g, c0 + used_lo, c0 + ca, ld);
+                    zero_rows(g, c0 + cb, c0 + used_hi, ld);
+                }
+                tn_ca[(r0 - g0) / TN_ROWS] = ca;
+                tn_cb[(r0 - g0) / TN_ROWS] = cb;
+            }
             for (int pass = 0; pass < 2; pass++) {
                 float *dst = pass ? g->dv : g->dk;
                 const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
                 for (int64_t d0 = 0; d0 < ld; d0 += DB)
-                    for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS)
-                        kern->accum_tn(dst + (c0 + used_lo) * ld + d0, (int)ld,
-                                       weights + (r0 - g0) * PS_LD + used_lo, PS_LD,
-                                       (int)(used_hi - used_lo), rows + r0 * qld + d0, (int)qld,
-                                       (int)dma_min64(TN_ROWS, g1 - r0),
-                                       (int)dma_min64(DB, ld - d0), r0 == 0);
+                    for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
+                        const int64_t t = (r0 - g0) / TN_ROWS, ca = tn_ca[t], cb = tn_cb[t];
+                        if (cb > ca)
+                            kern->accum_tn(dst + (c0 + ca) * ld + d0, (int)ld,
+                                           weights + (r0 - g0) * PS_LD + ca, PS_LD, (int)(cb - ca),
+                                           rows + r0 * qld + d0, (int)qld,
+                                           (int)dma_min64(TN_ROWS, g1 - r0),
+                                           (int)dma_min64(DB, ld - d0), r0 == 0);
+                    }
             }
         }
         /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.
