@@ -11,8 +11,7 @@
 
 #include "internal.h"
 
-/* Keys in the union of two views' unions (both sorted). */
-static int64_t merged_count(const dma_item_view *A, const dma_item_view *B)
+int64_t dma_merged_count(const dma_item_view *A, const dma_item_view *B)
 {
     int64_t i = 0, j = 0, n = 0;
     while (i < A->count && j < B->count) {
@@ -35,7 +34,7 @@ bool dma_views_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_
 {
     if (!dma_views_may_pair(A, B, max_rows))
         return false;
-    *count = merged_count(A, B);
+    *count = dma_merged_count(A, B);
     return dma_pair_worth(A, B, *count, growth);
 }
 
