@@ -259,25 +259,6 @@ bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n)
     return false;
 }
 
-bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0, int64_t n,
-                    int64_t nr, int64_t *ca, int64_t *cb)
-{
-    int64_t lo = n, hi = 0;
-    for (int64_t r = rb; r < rb + m; r++) {
-        int64_t i = r % iv->nrows;
-        int64_t s = dma_max64(iv->lo[i], c0) - c0, e = dma_min64(iv->hi[i], c0 + n) - c0;
-        if (e > s) {
-            lo = s < lo ? s : lo;
-            hi = e > hi ? e : hi;
-        }
-    }
-    if (hi <= lo)
-        return false;
-    *ca = lo / nr * nr;
-    *cb = dma_div_up(hi, nr) * nr;
-    return true;
-}
-
 static inline int64_t bias_head(const dma_attn *a, const dma_item_view *iv, int64_t hh)
 {
     return (iv->h0 + hh) / (a->Hq / a->bias->shape[1]);
@@ -305,15 +286,3 @@ void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_v
                             : 0.0f;
 }
 
-const uint64_t *dma_row_bits(const dma_item_view *iv, int64_t i)
-{
-    return iv->bits ? iv->bits + i * iv->words_per_row : NULL;
-}
-
-void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,
-                  int *lo, int *hi)
-{
-    int64_t s = dma_max64(iv->lo[i] - c0 - ca, 0), e = dma_min64(iv->hi[i] - c0 - ca, cb - ca);
-    *lo = (int)s;
-    *hi = (int)(e > s ? e : s);
-}

@@ -160,11 +160,15 @@ static void scores_softmax_fused(const dma_attn *a, const dma_item_view *iv, int
     const uint64_t *bits[MR_MAX] = {NULL};
     int lo[MR_MAX] = {0}, hi[MR_MAX] = {0};
     float rowmax[MR_MAX];
+    int64_t hh = row0 / iv->nrows, i = row0 % iv->nrows; /* row r's head and tile row */
     for (int64_t r = 0; r < m; r++) {
-        const int64_t hh = (row0 + r) / iv->nrows, i = (row0 + r) % iv->nrows;
         bias[r] = a->bias || a->cache_bias ? bias_buf + hh * DMA_CHUNK_MAX + ca : NULL;
         bits[r] = dma_row_bits(iv, i);
         dma_row_span(iv, i, c0, ca, cb, &lo[r], &hi[r]);
+        if (++i == iv->nrows) {
+            i = 0;
+            hh++;
+        }
     }
     const int64_t nr = a->kern->nr;
     a->kern->scores_select(S, DMA_CHUNK_MAX, Q, (int)a->ld, (int)m, Kp + ca / nr * nr * a->D,

@@ -327,9 +327,25 @@ static inline bool dma_is_float(dma_dtype t)
 bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n);
 
 /* Columns [ca, cb) of the chunk that item rows rb .. rb+m-1 select (row r is tile row
- * r % nrows of head r / nrows), widened to whole nr blocks; false if none. */
-bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0, int64_t n,
-                    int64_t nr, int64_t *ca, int64_t *cb);
+ * r % nrows of head r / nrows), widened to whole nr blocks; false if none. Inline, as the
+ * helpers below: the forward asks for every block of rows of every chunk. */
+static inline bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0,
+                                  int64_t n, int64_t nr, int64_t *ca, int64_t *cb)
+{
+    int64_t lo = n, hi = 0, i = rb % iv->nrows;
+    for (int64_t r = 0; r < m; r++, i = i + 1 == iv->nrows ? 0 : i + 1) {
+        const int64_t s = dma_max64(iv->lo[i], c0) - c0, e = dma_min64(iv->hi[i], c0 + n) - c0;
+        if (e > s) {
+            lo = s < lo ? s : lo;
+            hi = e > hi ? e : hi;
+        }
+    }
+    if (hi <= lo)
+        return false;
+    *ca = lo / nr * nr;
+    *cb = dma_div_up(hi, nr) * nr;
+    return true;
+}
 
 /* A per-key bias (Lb == 1) of head hh over chunk positions [c0, c0 + n), zero up to n_pad. */
 void dma_gather_key_bias(const dma_attn *a, const dma_item *it, const dma_item_view *iv,
@@ -341,9 +357,18 @@ void dma_gather_row_bias(const dma_attn *a, const dma_item *it, const dma_item_v
                          float *dst);
 
 /* Row i's bitmask (or NULL) and its selected span within the block columns c0 + [ca, cb). */
-const uint64_t *dma_row_bits(const dma_item_view *iv, int64_t i);
-void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca, int64_t cb,
-                  int *lo, int *hi);
+static inline const uint64_t *dma_row_bits(const dma_item_view *iv, int64_t i)
+{
+    return iv->bits ? iv->bits + i * iv->words_per_row : NULL;
+}
+
+static inline void dma_row_span(const dma_item_view *iv, int64_t i, int64_t c0, int64_t ca,
+                                int64_t cb, int *lo, int *hi)
+{
+    int64_t s = dma_max64(iv->lo[i] - c0 - ca, 0), e = dma_min64(iv->hi[i] - c0 - ca, cb - ca);
+    *lo = (int)s;
+    *hi = (int)(e > s ? e : s);
+}
 
 /* The CUDA forward and backward of a validated attention call (dma_attn_check done, no
  * sparsity made yet; lib/device.c). */
