@@ -1,8 +1,8 @@
 /*
  * backward.c - attention backward over a sparsity object (DESIGN §3).
  *
- * A work item is one of the forward's items, or two or four consecutive tiles of the same heads
- * over their merged union (see "Spans" below). Per work item and chunk of its union it recomputes P
+ * A work item is one of the forward's items, or two consecutive tiles of the same heads over
+ * their merged union (see "Pairs" below). Per work item and chunk of its union it recomputes P
  * from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the
  * item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's
  * private buffers.
@@ -38,9 +38,8 @@
 #define DB 64
 #define TN_ROWS 64
 
-/* Rows (heads x tile rows) of a work item at most: two tiles of the most heads an item has, or
- * four of half as many (GQA with 4 query heads per kv head). */
-#define BWD_ROWS (2 * DMA_HEADS_PER_ITEM * DMA_TILE)
+/* Rows (heads x tile rows) of a work item at most, paired tiles included. */
+#define BWD_ROWS (DMA_HEADS_PER_ITEM * DMA_TILE)
 
 /* Rows whose P and dS a chunk holds at once (groups are balanced, so a group may have mr - 1
  * more; P_ROWS leaves room): bounds those panels to 2 x 289 KiB. */
@@ -148,15 +147,10 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
         }
 }
 
-/* Spans (lib/tile_pairs.c): tiles t, t + 1 of the same heads (t even) as one work item over
- * their merged union, when its rows fit BWD_ROWS and it costs at most PAIR_GROWTH times the
- * products of the two tiles apart; and two such pairs t .. t + 3 (t a multiple of 4) as one,
- * on the same terms against the four tiles apart. Each span gathers K and V and adds into dk
- * and dv once for all its rows: those two cost about 9% of the backward at the 16K GQA shape
- * with pairs, whose 512 rows a span of four doubles. */
+/* Pairs (lib/tile_pairs.c): tiles t, t + 1 of the same heads as one work item over their merged
+ * union, when its rows fit BWD_ROWS and it costs at most PAIR_GROWTH times the products of the
+ * two tiles apart. */
 #define PAIR_GROWTH 1.04
-#define SPAN_TILES 4
-#define SPAN_MIN_KEYS 512
 
 /*
  * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
@@ -170,8 +164,8 @@ typedef struct grad_slot grad_slot;
 
 typedef struct turn_plan {
     int64_t nspans;
-    int64_t *span_item;       /* [span] its first item; the others follow it */
-    int8_t *span_tiles;       /* [span] its items (tiles): 1, 2 or 4 */
+    int64_t *span_item;       /* [span] its first item; a pair's second is the next item */
+    int8_t *span_pair;        /* [span] 1 for a pair of tiles */
     int64_t *order;           /* the spans in the order threads take them */
     int64_t *stream;          /* [span] */
     int64_t *turn;            /* [span] rank within its stream */
@@ -187,7 +181,7 @@ typedef struct turn_plan {
 static void plan_free(turn_plan *p)
 {
     free(p->span_item);
-    free(p->span_tiles);
+    free(p->span_pair);
     free(p->order);
     free(p->stream);
     free(p->turn);
@@ -197,46 +191,15 @@ static void plan_free(turn_plan *p)
     free(p->parked);
 }
 
-/* Whether items x and x + 1 pair up (A receives item x's view, B item x + 1's, *count their
- * merged union's size). */
-static bool pair_up(const bwd *w, int64_t x, int64_t nitems, dma_item_view *A, dma_item_view *B,
-                    int64_t *count)
+/* Whether items x and x + 1 pair up (A is item x's view; B receives item x + 1's, *count
+ * their merged union's size). */
+static bool pair_up(const bwd *w, int64_t x, int64_t nitems, const dma_item_view *A,
+                    dma_item_view *B, int64_t *count)
 {
-    dma_item_view_init(&w->a, &w->items[x], A);
-    *count = A->count;
     if (x + 1 >= nitems || !dma_items_adjacent(&w->items[x], &w->items[x + 1]))
         return false;
     dma_item_view_init(&w->a, &w->items[x + 1], B);
     return dma_views_pair(A, B, BWD_ROWS, PAIR_GROWTH, count);
-}
-
-/* Items of the span that starts at item x (4, 2 or 1: see "Spans"); *count receives its union's
- * size and *nrows its rows per head. `ints` holds two dma_merge_ints(tile_keys) for the
- * pairs' unions. */
-static int span_at(const bwd *w, int64_t x, int64_t nitems, int64_t tile_keys, int32_t *ints,
-                   int64_t *count, int64_t *nrows)
-{
-    dma_item_view A, B, C, D;
-    const bool pair = pair_up(w, x, nitems, &A, &B, count);
-    *nrows = A.nrows + (pair ? B.nrows : 0);
-    const dma_item *it = &w->items[x];
-    int64_t ncd;
-    if (!pair || *count < SPAN_MIN_KEYS || it->tile % SPAN_TILES || x + 3 >= nitems || it[2].tile != it->tile + 2 ||
-        it[2].b != it->b || it[2].group != it->group || it[2].sub != it->sub ||
-        !pair_up(w, x + 2, nitems, &C, &D, &ncd) ||
-        A.nh * (*nrows + C.nrows + D.nrows) > BWD_ROWS)
-        return pair ? 2 : 1;
-    int32_t *ab = ints, *cd = ints + dma_merge_ints(tile_keys);
-    const dma_item_view AB = {.keys = ab, .count = (int32_t)dma_merge_union(&A, &B, ab)};
-    const dma_item_view CD = {.keys = cd, .count = (int32_t)dma_merge_union(&C, &D, cd)};
-    const int64_t n = dma_merged_count(&AB, &CD), rows = *nrows + C.nrows + D.nrows;
-    const double apart = (double)(A.count * A.nrows + B.count * B.nrows + C.count * C.nrows +
-                                  D.count * D.nrows);
-    if ((double)n * (double)rows > PAIR_GROWTH * apart)
-        return 2;
-    *count = n;
-    *nrows = rows;
-    return 4;
 }
 
 static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
@@ -247,7 +210,7 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     p->nstreams = one_stream ? 1 : a->B * a->Hkv;
     size_t n = (size_t)nitems + 1;
     p->span_item = malloc(sizeof(int64_t) * n);
-    p->span_tiles = malloc(sizeof(int8_t) * n);
+    p->span_pair = malloc(sizeof(int8_t) * n);
     p->order = malloc(sizeof(int64_t) * n);
     p->stream = malloc(sizeof(int64_t) * n);
     p->turn = malloc(sizeof(int64_t) * n);
@@ -257,7 +220,7 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     p->parked = calloc(n, sizeof(grad_slot *));
     int64_t *count = calloc((size_t)p->nstreams, sizeof(int64_t));
     int64_t *last = malloc(sizeof(int64_t) * (size_t)p->nstreams); /* [stream] its last span */
-    if (!p->span_item || !p->span_tiles || !p->order || !p->stream || !p->turn ||
+    if (!p->span_item || !p->span_pair || !p->order || !p->stream || !p->turn ||
         !p->next_in_stream || !p->done || !p->state || !p->parked || !count || !last) {
         free(count);
         free(last);
@@ -265,28 +228,22 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     }
     for (int64_t s = 0; s < p->nstreams; s++)
         last[s] = -1;
-    const dma_sparsity *sp = a->sp;
-    p->tile_keys = 0;
-    for (int64_t t = 0; t < sp->B * sp->H * sp->ntiles; t++)
-        p->tile_keys = dma_max64(p->tile_keys, sp->tiles[t].count);
-    int32_t *ints = malloc(sizeof(int32_t) * (size_t)(2 * dma_merge_ints(p->tile_keys)));
-    if (!ints) {
-        free(count);
-        free(last);
-        return false;
-    }
     /* Items are in natural order, so each stream's spans come in turn order. */
     p->nspans = 0;
-    p->grads_floats = 0;
+    p->tile_keys = p->grads_floats = 0;
     int64_t longest = 0;
     for (int64_t x = 0; x < nitems; x++) {
-        dma_item_view iv; /* the span's size: its union over all its rows */
+        dma_item_view iv, next;
         dma_item_view_init(a, &w->items[x], &iv);
-        int64_t sx = p->nspans++, merged = 0, nrows = 0;
+        int64_t sx = p->nspans++, merged = 0;
         p->span_item[sx] = x;
-        p->span_tiles[sx] = (int8_t)span_at(w, x, nitems, p->tile_keys, ints, &merged, &nrows);
-        iv.count = (int32_t)merged;
-        iv.nrows = nrows;
+        p->span_pair[sx] = pair_up(w, x, nitems, &iv, &next, &merged);
+        p->tile_keys = dma_max64(p->tile_keys, iv.count);
+        if (p->span_pair[sx]) { /* the span's size: the merged union over both tiles' rows */
+            p->tile_keys = dma_max64(p->tile_keys, next.count);
+            iv.count = (int32_t)merged;
+            iv.nrows += next.nrows;
+        }
         item_grads g;
         item_layout(w, &iv, &g);
         p->grads_floats = dma_max64(p->grads_floats, g.floats);
@@ -298,9 +255,8 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
             p->next_in_stream[last[s]] = sx;
         last[s] = sx;
         longest = dma_max64(longest, count[s]);
-        x += p->span_tiles[sx] - 1;
+        x += p->span_pair[sx];
     }
-    free(ints);
     free(count);
     free(last);
     /* Take spans turn by turn across the streams (a counting sort on the turn), so that threads
@@ -372,8 +328,6 @@ struct grad_slot {
     int64_t deferred;  /* positions [0, deferred) are still to add */
     int32_t *merge_keys;
     uint64_t *merge_bits;
-    int32_t *pair_keys[2];  /* a span of four: its two pairs' views, merged into merge_* */
-    uint64_t *pair_bits[2];
     float *grads;      /* room for the largest span's buffers */
 };
 
@@ -772,19 +726,14 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }
-    /* Per thread: the panels, then its slots, each with room to merge a span's views and the
+    /* Per thread: the panels, then its slots, each with room to merge two tiles' views and the
      * private buffers of the largest span. */
     int threads = (int)dma_max64(1, dma_min64(ctx->threads, plan.nspans));
-    /* dma_merge_views of two tiles: dma_merge_ints(tile_keys) ints and 2 * DMA_TILE rows of
-     * 2 * tile_keys bits; of two pairs: dma_merge_ints(2 * tile_keys) ints and DMA_VIEW_ROWS rows
-     * of 4 * tile_keys bits (floats counted 8-byte aligned) */
+    /* dma_merge_views: dma_merge_ints(tile_keys) ints, DMA_VIEW_ROWS rows of 2 * tile_keys bits */
     const int64_t tile_keys = plan.tile_keys;
-    const int64_t pair_int_floats = (dma_merge_ints(tile_keys) + 1) / 2 * 2;
-    const int64_t pair_floats = pair_int_floats + 2 * 2 * DMA_TILE * dma_div_up(2 * tile_keys, 64);
-    const int64_t merge_int_floats = (dma_merge_ints(2 * tile_keys) + 1) / 2 * 2;
-    const size_t merge_floats = (size_t)(merge_int_floats +
-                                         2 * DMA_VIEW_ROWS * dma_div_up(4 * tile_keys, 64) +
-                                         2 * pair_floats) + 16;
+    const int64_t merge_int_floats = (dma_merge_ints(tile_keys) + 1) / 2 * 2; /* 8-byte aligned */
+    const size_t merge_floats = (size_t)merge_int_floats +
+                                (size_t)(2 * DMA_VIEW_ROWS * dma_div_up(2 * tile_keys, 64)) + 16;
     const size_t panel_floats = backward_scratch_floats(&w.a);
     const size_t slot_floats = (merge_floats + (size_t)plan.grads_floats + 15) / 16 * 16;
     /* Slots per thread: MAX_SLOTS (a thread goes on past two parked spans), but no more than fit
@@ -806,12 +755,6 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
                       slot_floats * (size_t)(s % nslots);
         slots[s].merge_keys = (int32_t *)base;
         slots[s].merge_bits = (uint64_t *)(base + merge_int_floats);
-        for (int k = 0; k < 2; k++) {
-            float *pair = base + merge_int_floats +
-                          2 * DMA_VIEW_ROWS * dma_div_up(4 * tile_keys, 64) + k * pair_floats;
-            slots[s].pair_keys[k] = (int32_t *)pair;
-            slots[s].pair_bits[k] = (uint64_t *)(pair + pair_int_floats);
-        }
         slots[s].grads = base + merge_floats;
     }
     _Atomic int64_t next = 0;
@@ -832,18 +775,10 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
             const int64_t sx = plan.order[k], x = plan.span_item[sx];
             dma_item_view *iv = &slot->iv;
             dma_item_view_init(&w.a, &items[x], iv);
-            if (plan.span_tiles[sx] == 2) {
+            if (plan.span_pair[sx]) {
                 dma_item_view first = *iv, second;
                 dma_item_view_init(&w.a, &items[x + 1], &second);
                 dma_merge_views(&first, &second, iv, slot->merge_keys, slot->merge_bits);
-            } else if (plan.span_tiles[sx] == 4) {
-                dma_item_view tile[4], pair[2];
-                for (int k = 0; k < 4; k++)
-                    dma_item_view_init(&w.a, &items[x + k], &tile[k]);
-                for (int k = 0; k < 2; k++)
-                    dma_merge_views(&tile[2 * k], &tile[2 * k + 1], &pair[k], slot->pair_keys[k],
-                                    slot->pair_bits[k]);
-                dma_merge_views(&pair[0], &pair[1], iv, slot->merge_keys, slot->merge_bits);
             }
             item_grads *g = &slot->g;
             item_layout(&w, iv, g);

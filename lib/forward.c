@@ -21,7 +21,7 @@
 /* Pairs (lib/tile_pairs.c): with one head per item (MHA), each K and V row gathered serves only
  * a tile's rows, so tiles t, t + 1 run as one item over their merged union when its rows fit
  * PAIR_ROWS and it costs at most PAIR_GROWTH times the products of the two tiles apart. */
-#define PAIR_ROWS (2 * DMA_TILE)
+#define PAIR_ROWS DMA_VIEW_ROWS
 #define PAIR_GROWTH 1.04
 
 /* Whether tiles may pair: items of one head (two tiles of more heads exceed PAIR_ROWS), not over

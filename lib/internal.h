@@ -185,9 +185,9 @@ typedef struct dma_item {
     int64_t b, group, sub, tile, work;
 } dma_item;
 
-/* Rows a view can hold: the forward merges two tiles into one view, the backward up to four
+/* Rows a view can hold: the forward and the backward merge two tiles into one view
  * (lib/tile_pairs.c). */
-#define DMA_VIEW_ROWS (4 * DMA_TILE)
+#define DMA_VIEW_ROWS (2 * DMA_TILE)
 
 /* What a work item reads: its heads, rows, union and each row's selected positions. */
 typedef struct dma_item_view {
@@ -295,9 +295,6 @@ bool dma_views_may_pair(const dma_item_view *A, const dma_item_view *B, int64_t 
  * tiles apart. */
 bool dma_pair_worth(const dma_item_view *A, const dma_item_view *B, int64_t count,
                     double growth);
-
-/* Keys in the union of two views' unions (both sorted; only keys/first and count are read). */
-int64_t dma_merged_count(const dma_item_view *A, const dma_item_view *B);
 
 /* Ints the merge of two tiles of at most tile_keys keys each needs: the merged keys, then how
  * each tile's positions map into them. */

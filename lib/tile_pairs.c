@@ -11,7 +11,8 @@
 
 #include "internal.h"
 
-int64_t dma_merged_count(const dma_item_view *A, const dma_item_view *B)
+/* Keys in the union of two views' unions (both sorted). */
+static int64_t merged_count(const dma_item_view *A, const dma_item_view *B)
 {
     int64_t i = 0, j = 0, n = 0;
     while (i < A->count && j < B->count) {
@@ -34,7 +35,7 @@ bool dma_views_pair(const dma_item_view *A, const dma_item_view *B, int64_t max_
 {
     if (!dma_views_may_pair(A, B, max_rows))
         return false;
-    *count = dma_merged_count(A, B);
+    *count = merged_count(A, B);
     return dma_pair_worth(A, B, *count, growth);
 }
 
