@@ -154,11 +154,14 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
 
 /*
  * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
- * same elements of dk/dv (same batch and kv head) form a stream, and add in natural order: an
- * item adds at its turn, i.e. once the stream's previous item has added. Every element
- * therefore receives its contributions in the same order whatever the thread count. A dbias
- * that an item of another stream also adds into (a bias broadcast over the batch, or over more
- * than one kv head) makes one stream of all.
+ * same elements of dk/dv (same batch and kv head) form a stream, and add in reverse natural
+ * order (last tile first): an item adds at its turn, i.e. once the stream's previous item has
+ * added. Every element therefore receives its contributions in the same order whatever the
+ * thread count. A dbias that an item of another stream also adds into (a bias broadcast over the
+ * batch, or over more than one kv head) makes one stream of all.
+ * Why reverse: threads take spans in turn order, and under a causal mask the last tiles are the
+ * largest (a full window) and the first the smallest (a triangle). Largest first leaves small
+ * spans for the end of the call, where a thread that finishes early has nothing left to take.
  */
 typedef struct grad_slot grad_slot;
 
@@ -228,7 +231,7 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     }
     for (int64_t s = 0; s < p->nstreams; s++)
         last[s] = -1;
-    /* Items are in natural order, so each stream's spans come in turn order. */
+    /* Items are in natural order: spans are made in it, and take their turns in reverse. */
     p->nspans = 0;
     p->tile_keys = p->grads_floats = 0;
     int64_t longest = 0;
@@ -247,15 +250,17 @@ static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
         item_grads g;
         item_layout(w, &iv, &g);
         p->grads_floats = dma_max64(p->grads_floats, g.floats);
-        int64_t s = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
-        p->stream[sx] = s;
+        p->stream[sx] = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
+        x += p->span_pair[sx];
+    }
+    for (int64_t sx = p->nspans - 1; sx >= 0; sx--) {
+        const int64_t s = p->stream[sx];
         p->turn[sx] = count[s]++;
         p->next_in_stream[sx] = -1;
         if (last[s] >= 0)
             p->next_in_stream[last[s]] = sx;
         last[s] = sx;
         longest = dma_max64(longest, count[s]);
-        x += p->span_pair[sx];
     }
     free(count);
     free(last);
