@@ -579,13 +579,11 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                                    PS_LD, (int)m, Kr + ca * ld, (int)ld, (int)(cb - ca), (int)D);
             }
             /* dK[U] (+)= dS^T Q and dV[U] (+)= P^T dout over the group's rows, in blocks of DB
-             * columns and TN_ROWS rows of Q (or dout): the kernel runs every used key past
-             * that block, which stays in L1. The chunk's first block of rows overwrites the
-             * private rows, the others add. */
-            /* Each block of TN_ROWS rows runs over the columns its blocks of mr rows cover
-             * (the rows of a pair's first tile skip the keys only its second selects). The
-             * chunk's first block of rows overwrites its columns of the private rows; the
-             * used columns it does not cover are zeroed first, for the others to add into. */
+             * columns and TN_ROWS rows of Q (or dout): the kernel runs the keys the block's rows
+             * select (the columns its blocks of mr rows cover: the rows of a pair's first tile
+             * skip the keys only its second selects) past that block, which stays in L1. The
+             * chunk's first block of rows overwrites its columns of the private rows; the used
+             * columns it does not cover are zeroed first, for the other blocks to add into. */
             int64_t tn_ca[BWD_ROWS / TN_ROWS + 1], tn_cb[BWD_ROWS / TN_ROWS + 1];
             for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
                 int64_t ca = n_pad, cb = 0;
