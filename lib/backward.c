@@ -6,9 +6,10 @@
  * from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the
  * item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's
  * private buffers.
- * Items add their private buffers into dk, dv and dbias in turn: turns follow item order within
- * each stream of items that add into the same elements, so every element is summed in the same
- * order whatever the thread count (results are bitwise reproducible). Once an item's turn has
+ * Items add their private buffers into dk, dv and dbias in turn: turns follow item order, last
+ * tile first (see "Streams and turns"), within each stream of items that add into the same
+ * elements, so every element is summed in the same order whatever the thread count (results are
+ * bitwise reproducible). Once an item's turn has
  * come it adds each chunk as soon as the chunk is done, while its rows are in cache. An item
  * finished before its turn is parked in one of its thread's few buffer slots, and whoever passes
  * the turn to it adds it (see "Parking" below), so that no thread waits for a turn.
