@@ -9,10 +9,10 @@
  * Items add their private buffers into dk, dv and dbias in turn: turns follow item order, last
  * tile first (see "Streams and turns"), within each stream of items that add into the same
  * elements, so every element is summed in the same order whatever the thread count (results are
- * bitwise reproducible). Once an item's turn has
- * come it adds each chunk as soon as the chunk is done, while its rows are in cache. An item
- * finished before its turn is parked in one of its thread's few buffer slots, and whoever passes
- * the turn to it adds it (see "Parking" below), so that no thread waits for a turn.
+ * bitwise reproducible). Once an item's turn has come it adds each chunk as soon as the chunk is
+ * done, while its rows are in cache. An item finished before its turn is parked in one of its
+ * thread's few buffer slots, and whoever passes the turn to it adds it (see "Parking" below), so
+ * that no thread waits for a turn.
  */
 #include <math.h>
 #include <sched.h>
@@ -389,6 +389,20 @@ static bool park(turn_plan *p, int64_t x, grad_slot *slot)
                                                      memory_order_seq_cst, memory_order_seq_cst));
 }
 
+/* The chunk columns [*ca, *cb) that the blocks of mr rows holding rows [r0, r1) cover, given
+ * each block's [blk_ca, blk_cb) (empty where blk_cb <= blk_ca); *ca = n_pad, *cb = 0 if none. */
+static void rows_cols(const int64_t *blk_ca, const int64_t *blk_cb, int64_t mr, int64_t n_pad,
+                      int64_t r0, int64_t r1, int64_t *ca, int64_t *cb)
+{
+    *ca = n_pad;
+    *cb = 0;
+    for (int64_t b = r0 / mr; b < dma_div_up(r1, mr); b++)
+        if (blk_cb[b] > blk_ca[b]) {
+            *ca = dma_min64(*ca, blk_ca[b]);
+            *cb = dma_max64(*cb, blk_cb[b]);
+        }
+}
+
 /* Span x's gradients over the view `iv` (one tile, or a pair merged). Each chunk's private
  * dk/dv rows are added into dk/dv as soon as the chunk is done (while they are still in cache)
  * once the span's turn has come; returns the end of the positions [0, end) left to add at its
@@ -488,18 +502,12 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                 dma_gather_key_bias(a, it, iv, hh, c0, n, n_pad, bias_buf + hh * DMA_CHUNK);
         /* The columns [ca, cb) of the chunk each block covers; a block's rows of P and dS are
          * zero outside them, since accum_tn reads whole columns. */
-        int64_t used_lo = n_pad, used_hi = 0; /* columns any block covers */
-        for (int64_t b = 0; b < nblocks; b++) {
-            int64_t ca = 0, cb = 0;
-            if (!dma_block_cols(iv, b * mr, dma_min64(mr, M - b * mr), c0, n, nr, &ca, &cb))
-                ca = cb = 0;
-            blk_ca[b] = ca;
-            blk_cb[b] = cb;
-            if (cb > ca) {
-                used_lo = ca < used_lo ? ca : used_lo;
-                used_hi = cb > used_hi ? cb : used_hi;
-            }
-        }
+        for (int64_t b = 0; b < nblocks; b++)
+            if (!dma_block_cols(iv, b * mr, dma_min64(mr, M - b * mr), c0, n, nr, &blk_ca[b],
+                                &blk_cb[b]))
+                blk_ca[b] = blk_cb[b] = 0;
+        int64_t used_lo, used_hi; /* columns any block covers */
+        rows_cols(blk_ca, blk_cb, mr, n_pad, 0, M, &used_lo, &used_hi);
         /* Private rows no block covers stay zero; accum_tn writes the others. */
         zero_rows(g, c0, c0 + used_lo, ld);
         zero_rows(g, c0 + used_hi, c0 + n_pad, ld);
@@ -568,12 +576,8 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
              * stop at n. */
             for (int64_t r = g0; r < g1; r += pv_rows) {
                 const int64_t m = dma_min64(pv_rows, g1 - r);
-                int64_t ca = n_pad, cb = 0;
-                for (int64_t b = r / mr; b <= (r + m - 1) / mr; b++)
-                    if (blk_cb[b] > blk_ca[b]) {
-                        ca = dma_min64(ca, blk_ca[b]);
-                        cb = dma_max64(cb, blk_cb[b]);
-                    }
+                int64_t ca, cb;
+                rows_cols(blk_ca, blk_cb, mr, n_pad, r, r + m, &ca, &cb);
                 cb = dma_min64(cb, n);
                 if (cb > ca)
                     kern->accum_pv(dQ + r * qld, (int)qld, ones, dS + (r - g0) * PS_LD + ca,
@@ -587,12 +591,8 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
              * columns it does not cover are zeroed first, for the other blocks to add into. */
             int64_t tn_ca[BWD_ROWS / TN_ROWS + 1], tn_cb[BWD_ROWS / TN_ROWS + 1];
             for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
-                int64_t ca = n_pad, cb = 0;
-                for (int64_t b = r0 / mr; b < dma_div_up(dma_min64(g1, r0 + TN_ROWS), mr); b++)
-                    if (blk_cb[b] > blk_ca[b]) {
-                        ca = dma_min64(ca, blk_ca[b]);
-                        cb = dma_max64(cb, blk_cb[b]);
-                    }
+                int64_t ca, cb;
+                rows_cols(blk_ca, blk_cb, mr, n_pad, r0, dma_min64(g1, r0 + TN_ROWS), &ca, &cb);
                 if (r0 == 0) { /* zero what the overwrite leaves */
                     if (cb <= ca)
                         ca = cb = used_lo;
