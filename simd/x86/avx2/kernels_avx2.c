@@ -136,7 +136,6 @@ static void pack_v(float *vp, int ldv, const float *base, int64_t ld, const int3
 /* scores: S = Q K^T                                                                          */
 /* ------------------------------------------------------------------------------------------ */
 
-/* M (compile-time after inlining) rows x all n keys. */
 /* acc[r][0..1] = the scores of M (compile-time after inlining) rows against the NR keys of the
  * packed block at panel. */
 INLINE void block_scores(__m256 acc[MR][2], const float *const *qr, const float *panel, int D,
@@ -157,6 +156,7 @@ INLINE void block_scores(__m256 acc[MR][2], const float *const *qr, const float 
     }
 }
 
+/* M rows x all n keys. */
 INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
                         int D, const int M)
 {
