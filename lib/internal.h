@@ -324,10 +324,11 @@ static inline bool dma_is_float(dma_dtype t)
 bool dma_chunk_active(const dma_item_view *iv, int64_t c0, int64_t n);
 
 /* Columns [ca, cb) of the chunk that item rows rb .. rb+m-1 select (row r is tile row
- * r % nrows of head r / nrows), widened to whole nr blocks; false if none. Inline, as the
- * helpers below: the forward asks for every block of rows of every chunk. */
+ * r % nrows of head r / nrows), widened to multiples of `step` (nr, or select_step for the
+ * fused kernels); false if none. Inline, as the helpers below: the forward asks for every
+ * block of rows of every chunk. */
 static inline bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m, int64_t c0,
-                                  int64_t n, int64_t nr, int64_t *ca, int64_t *cb)
+                                  int64_t n, int64_t step, int64_t *ca, int64_t *cb)
 {
     int64_t lo = n, hi = 0, i = rb % iv->nrows;
     for (int64_t r = 0; r < m; r++, i = i + 1 == iv->nrows ? 0 : i + 1) {
@@ -339,8 +340,8 @@ static inline bool dma_block_cols(const dma_item_view *iv, int64_t rb, int64_t m
     }
     if (hi <= lo)
         return false;
-    *ca = lo / nr * nr;
-    *cb = dma_div_up(hi, nr) * nr;
+    *ca = lo / step * step;
+    *cb = dma_div_up(hi, step) * step;
     return true;
 }
 

@@ -61,8 +61,8 @@ typedef struct dma_kernels {
     float (*softmax_row)(float *s, int n, const float *bias, const uint64_t *bits, int bit0,
                          int lo, int hi, float softcap, float *m, float *l);
 
-    /* scores and softmax_row's first pass in one kernel (softcap 0 only). Every table has
-     * them; a table may leave them NULL, and the driver then runs scores and softmax_row. The
+    /* scores and softmax_row's first pass in one kernel (softcap 0 only). Every table here
+     * has them; a table that leaves them NULL makes the driver run scores and softmax_row. The
      * call covers the n keys from key `off` of the packed block at kp (off < nr and n both
      * multiples of select_step): calls may start and end inside a block, so a block of rows
      * computes the columns its rows select to select_step keys, not nr. For r < m (m <= mr)
