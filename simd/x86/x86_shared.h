@@ -262,8 +262,17 @@ INLINE void pack_rows(float *vp, int ldv, const float *base, int64_t ld, const i
         if (c + 8 < n)
             prefetch_row(key_row(base, ld, keys, first, c + 8), D);
         float *dst = vp + (int64_t)c * ldv;
-        memcpy(dst, key_row(base, ld, keys, first, c), sizeof(float) * (size_t)D);
-        memset(dst + D, 0, sizeof(float) * (size_t)(ldv - D));
+        const float *src = key_row(base, ld, keys, first, c);
+        /* 64-byte pieces of constant size, which the compiler inlines as vector moves: a
+         * library memcpy and memset call per row (a D = 64 row is 256 bytes) took 1-2% of a
+         * D = 64 MHA forward */
+        int d = 0;
+        for (; d + 16 <= D; d += 16)
+            memcpy(dst + d, src + d, 64);
+        for (; d < D; d++)
+            dst[d] = src[d];
+        for (; d < ldv; d++)
+            dst[d] = 0.0f;
     }
 }
 
