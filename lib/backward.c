@@ -403,6 +403,63 @@ static void rows_cols(const int64_t *blk_ca, const int64_t *blk_cb, int64_t mr, 
         }
 }
 
+/* Ask for row r of dout and out (which 0) or of q (1): the span's first products run while
+ * they arrive (loading every row up front left the span waiting on memory). */
+static inline __attribute__((always_inline)) void
+prefetch_row(const bwd *w, const dma_item *it, const dma_item_view *iv, int which, int64_t r)
+{
+    if (which == 0) {
+        dma_prefetch_rows(&w->a, it, iv, w->dout, false, r, r + 1);
+        dma_prefetch_rows(&w->a, it, iv, w->a.out, false, r, r + 1);
+    } else {
+        dma_prefetch_rows(&w->a, it, iv, w->a.q, false, r, r + 1);
+    }
+}
+
+/* Rows [r0, r1) of q, scaled, into Q. */
+static void load_q(const bwd *w, const dma_item *it, const dma_item_view *iv,
+                   const float *row_lse, float *Q, int64_t qld, int64_t r0, int64_t r1)
+{
+    dma_item_load_rows_range(&w->a, it, iv, w->a.q, w->a.scale, Q, qld, r0, r1);
+    for (int64_t r = r0; r < r1; r++)
+        if (row_lse[r] == -INFINITY) /* see load_dout */
+            memset(Q + r * qld, 0, sizeof(float) * (size_t)qld);
+}
+
+/* Rows [r0, r1) of dout into dO, and their delta = rowsum(dout * out). */
+static void load_dout(const bwd *w, const dma_item *it, const dma_item_view *iv,
+                      const float *row_lse, float *dO, int64_t qld, float *row_delta, int64_t r0,
+                      int64_t r1)
+{
+    const dma_attn *a = &w->a;
+    const int64_t D = a->D, nrows = iv->nrows;
+    dma_item_load_rows_range(a, it, iv, w->dout, 1.0f, dO, qld, r0, r1);
+    for (int64_t r = r0; r < r1; r++) {
+        const int64_t h = iv->h0 + r / nrows, row = iv->r0 + r % nrows;
+        if (row_lse[r] == -INFINITY)
+            /* A row that selected nothing (a NaN lse is not one): its P and dS are 0, and zero
+             * q and dout rows keep a non-finite q or dout of it out of dK and dV, where
+             * 0 * NaN would reach every key of the union. */
+            memset(dO + r * qld, 0, sizeof(float) * (size_t)qld);
+        const int64_t o_off = it->b * a->out->stride[0] + row * a->out->stride[1] +
+                              h * a->out->stride[2];
+        float o_row[DMA_MAX_HEAD_DIM];
+        const float *o = f32(a->out) + o_off;
+        if (a->out->dtype != DMA_F32) {
+            a->kern->to_f32(o_row, (const uint16_t *)a->out->data + o_off, D,
+                            a->out->dtype == DMA_F16);
+            o = o_row;
+        }
+        const float *d = dO + r * qld;
+        float delta = 0.0f;
+        /* in vector lanes: one serial chain of D adds would cost more than the row's copy */
+#pragma omp simd reduction(+ : delta)
+        for (int64_t e = 0; e < D; e++)
+            delta += d[e] * o[e];
+        row_delta[r] = delta;
+    }
+}
+
 /* Span x's gradients over the view `iv` (one tile, or a pair merged). Each chunk's private
  * dk/dv rows are added into dk/dv as soon as the chunk is done (while they are still in cache)
  * once the span's turn has come; returns the end of the positions [0, end) left to add at its
@@ -430,8 +487,6 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
     float *row_delta = row_lse + BWD_ROWS;
     float *ones = row_delta + BWD_ROWS;     /* [mr] */
 
-    dma_item_load_rows(a, it, iv, a->q, a->scale, Q, qld);
-    dma_item_load_rows(a, it, iv, w->dout, 1.0f, dO, qld);
     memset(dQ, 0, sizeof(float) * (size_t)(M * qld));
     for (int64_t r = 0; r < mr; r++)
         ones[r] = 1.0f;
@@ -440,30 +495,11 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             int64_t r = hh * nrows + i, h = iv->h0 + hh, row = iv->r0 + i;
             row_lse[r] = f32(a->lse)[it->b * a->lse->stride[0] + h * a->lse->stride[1] +
                                      row * a->lse->stride[2]];
-            if (row_lse[r] == -INFINITY) {
-                /* A row that selected nothing (a NaN lse is not one): its P and dS are 0, and
-                 * zero q and dout rows keep a non-finite q or dout of it out of dK and dV, where
-                 * 0 * NaN would reach every key of the union. */
-                memset(Q + r * qld, 0, sizeof(float) * (size_t)qld);
-                memset(dO + r * qld, 0, sizeof(float) * (size_t)qld);
-            }
-            const int64_t o_off = it->b * a->out->stride[0] + row * a->out->stride[1] +
-                                  h * a->out->stride[2];
-            float o_row[DMA_MAX_HEAD_DIM];
-            const float *o = f32(a->out) + o_off;
-            if (a->out->dtype != DMA_F32) {
-                kern->to_f32(o_row, (const uint16_t *)a->out->data + o_off, D,
-                             a->out->dtype == DMA_F16);
-                o = o_row;
-            }
-            const float *d = dO + r * qld;
-            float delta = 0.0f;
-            /* in vector lanes: one serial chain of D adds would cost more than the row's copy */
-#pragma omp simd reduction(+ : delta)
-            for (int64_t e = 0; e < D; e++)
-                delta += d[e] * o[e];
-            row_delta[r] = delta;
         }
+    /* Rows are loaded group by group as the first active chunk reaches them: q before the
+     * group's S, dout (and delta) before its dP, each asked for while earlier products run. */
+    int64_t q_upto = 0;    /* rows [0, q_upto) of Q are loaded */
+    int64_t dout_upto = 0; /* rows [0, dout_upto) of dO and row_delta are loaded */
     const int64_t hb0 = w->dbias ? bias_head(w, iv->h0) : 0;
     /* Blocks of mr rows run across head boundaries, as in the forward; groups of them (as many
      * as the rows need for groups of about GROUP_ROWS, balanced) share the P and dS panels. */
@@ -528,17 +564,34 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             /* The loops below run over the operand that stays in L1 on the outside: one packed
              * panel of nr keys (scores) or one block of Q or dout (accum_tn), while the rows of
              * the other operand stream past it. */
-            /* S = Q K^T and dP = dout V^T, one panel of nr keys at a time. */
+            if (q_upto < g1) {
+                load_q(w, it, iv, row_lse, Q, qld, g0, g1);
+                q_upto = g1;
+            }
+            /* S = Q K^T and dP = dout V^T, one panel of nr keys at a time. Rows to ask for, one
+             * per product: in pass 0 the group's dout, in pass 1 the next group's q. */
+            int64_t ask = dout_upto < g1 ? g0 : g1, ask_end = g1;
             for (int pass = 0; pass < 2; pass++) {
                 float *dst = pass ? dS : P;
                 const float *rows = pass ? dO : Q, *panel = pass ? Vt : Kp;
+                if (pass == 1) {
+                    if (dout_upto < g1) {
+                        load_dout(w, it, iv, row_lse, dO, qld, row_delta, g0, g1);
+                        dout_upto = g1;
+                    }
+                    ask = q_upto;
+                    ask_end = dma_min64(M, (b1 + group_blocks) * mr);
+                }
                 for (int64_t c = used_lo; c < used_hi; c += nr)
                     for (int64_t b = b0; b < b1; b++)
-                        if (blk_ca[b] <= c && c < blk_cb[b])
+                        if (blk_ca[b] <= c && c < blk_cb[b]) {
+                            if (ask < ask_end)
+                                prefetch_row(w, it, iv, pass, ask++);
                             kern->scores(dst + (b * mr - g0) * PS_LD + c, PS_LD,
                                          rows + b * mr * qld, (int)qld,
                                          (int)dma_min64(mr, M - b * mr), panel + c * D, (int)nr,
                                          (int)D);
+                        }
             }
             /* P and dS, row by row. */
             for (int64_t b = b0; b < b1; b++) {
