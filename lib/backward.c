@@ -128,11 +128,9 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
         float *dk = grad_row_of(w->dk, it->b, key, iv->hkv);
         float *dv = grad_row_of(w->dv, it->b, key, iv->hkv);
         const float *gk = g->dk + u * a->ld, *gv = g->dv + u * a->ld;
-#pragma omp simd
-        for (int64_t d = 0; d < a->D; d++) {
-            dk[d] += gk[d];
-            dv[d] += gv[d];
-        }
+        float *dst[2] = {dk, dv};
+        const float *src[2] = {gk, gv};
+        a->kern->add_rows(dst, src, 2, (int)a->D);
     }
     if (!w->dbias)
         return;

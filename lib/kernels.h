@@ -109,6 +109,12 @@ typedef struct dma_kernels {
     void (*accum_tn)(float *o, int ldo, const float *p, int ldp, int m, const float *x, int ldx,
                      int k, int D, int overwrite);
 
+    /* dst[j][i] += src[j][i] for j < m, i < n: one IEEE add per element, so every table gives
+     * the same bits. The backward adds each key's private dk and dv rows into the gradients
+     * with it; those rows are scattered and mostly out of L1, and wide vectors keep more of
+     * them in flight than the portable loop. Any alignment; a dst row overlaps no src row. */
+    void (*add_rows)(float *const *dst, const float *const *src, int m, int n);
+
     /* ---- half-precision storage ---- */
 
     /* dst[i] = src[i] as float32 for i < n: bf16 (f16 == 0) or IEEE binary16 (f16 != 0). Exact:

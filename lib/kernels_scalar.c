@@ -206,6 +206,14 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     }
 }
 
+/* add_rows of lib/kernels.h: the definition every table must match. */
+static void add_rows(float *const *dst, const float *const *src, int m, int n)
+{
+    for (int j = 0; j < m; j++)
+        for (int i = 0; i < n; i++)
+            dst[j][i] += src[j][i];
+}
+
 /* ---- half precision: plain bit manipulation, the definition every SIMD file must match ---- */
 
 static uint32_t f32_bits(float f)
@@ -322,6 +330,7 @@ const dma_kernels dma_kernels_scalar = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .add_rows = add_rows,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

@@ -792,6 +792,20 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     }
 }
 
+/* add_rows of lib/kernels.h: 4 floats per add, then the tail one by one. */
+static void add_rows(float *const *dst, const float *const *src, int m, int n)
+{
+    for (int j = 0; j < m; j++) {
+        float *o = dst[j];
+        const float *x = src[j];
+        int i = 0;
+        for (; i + 4 <= n; i += 4)
+            vst1q_f32(o + i, vaddq_f32(vld1q_f32(o + i), vld1q_f32(x + i)));
+        for (; i < n; i++)
+            o[i] += x[i];
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* Half precision: FCVT for binary16, shifts and integer rounding for bf16                     */
 /* ------------------------------------------------------------------------------------------ */
@@ -906,6 +920,7 @@ const dma_kernels dma_kernels_neon = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .add_rows = add_rows,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

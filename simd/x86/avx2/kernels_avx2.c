@@ -301,6 +301,20 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     }
 }
 
+/* add_rows of lib/kernels.h: 8 floats per add, then the tail one by one. */
+static void add_rows(float *const *dst, const float *const *src, int m, int n)
+{
+    for (int j = 0; j < m; j++) {
+        float *o = dst[j];
+        const float *x = src[j];
+        int i = 0;
+        for (; i + VW <= n; i += VW)
+            _mm256_storeu_ps(o + i, _mm256_add_ps(_mm256_loadu_ps(o + i), _mm256_loadu_ps(x + i)));
+        for (; i < n; i++)
+            o[i] += x[i];
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* softmax_row                                                                                */
 /* ------------------------------------------------------------------------------------------ */
@@ -635,6 +649,7 @@ const dma_kernels dma_kernels_avx2 = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .add_rows = add_rows,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

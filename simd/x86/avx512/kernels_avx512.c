@@ -434,6 +434,23 @@ static void accum_tn(float *o, int ldo, const float *p, int ldp, int m, const fl
     }
 }
 
+/* add_rows of lib/kernels.h: 16 floats per add, the tail under a mask. */
+static void add_rows(float *const *dst, const float *const *src, int m, int n)
+{
+    for (int j = 0; j < m; j++) {
+        float *o = dst[j];
+        const float *x = src[j];
+        int i = 0;
+        for (; i + VW <= n; i += VW)
+            _mm512_storeu_ps(o + i, _mm512_add_ps(_mm512_loadu_ps(o + i), _mm512_loadu_ps(x + i)));
+        if (i < n) {
+            const __mmask16 live = (__mmask16)((1u << (n - i)) - 1u);
+            _mm512_mask_storeu_ps(o + i, live, _mm512_add_ps(_mm512_maskz_loadu_ps(live, o + i),
+                                                             _mm512_maskz_loadu_ps(live, x + i)));
+        }
+    }
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* softmax_row                                                                                */
 /* ------------------------------------------------------------------------------------------ */
@@ -718,6 +735,7 @@ const dma_kernels dma_kernels_avx512 = {
     .accum_pv = accum_pv,
     .grad_row = grad_row,
     .accum_tn = accum_tn,
+    .add_rows = add_rows,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
