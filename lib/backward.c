@@ -1,28 +1,27 @@
 /*
- * backward.c - attention backward over a sparsity object (DESIGN §3).
+ * backward.c - attention backward over a sparsity object (DESIGN §3): the work items.
  *
  * A work item is one of the forward's items, or two consecutive tiles of the same heads over
- * their merged union (see "Pairs" below). Per work item and chunk of its union it recomputes P
- * from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows are the
- * item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the item's
- * private buffers.
+ * their merged union (see "Pairs" in backward_turns.c). Per work item and chunk of its union it
+ * recomputes P from the saved lse, then  dP = dout V^T,  dS = P (dP - delta),  dQ += dS K  (rows
+ * are the item's own), and  dK[U] += dS^T Q,  dV[U] += P^T dout,  dbias[U] += dS  into the
+ * item's private buffers.
  * Items add their private buffers into dk, dv and dbias in turn: turns follow item order, last
- * tile first (see "Streams and turns"), within each stream of items that add into the same
- * elements, so every element is summed in the same order whatever the thread count (results are
- * bitwise reproducible). Once an item's turn has come it adds each chunk as soon as the chunk is
- * done, while its rows are in cache. An item finished before its turn is parked in one of its
- * thread's few buffer slots, and whoever passes the turn to it adds it (see "Parking" below), so
- * that no thread waits for a turn.
+ * tile first, within each stream of items that add into the same elements, so every element is
+ * summed in the same order whatever the thread count (results are bitwise reproducible). Once an
+ * item's turn has come it adds each chunk as soon as the chunk is done, while its rows are in
+ * cache. An item finished before its turn is parked in one of its thread's few buffer slots, and
+ * whoever passes the turn to it adds it, so that no thread waits for a turn. The spans, streams,
+ * turns and parking are backward_turns.c's.
  */
 #include <math.h>
-#include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <omp.h>
 
-#include "internal.h"
+#include "backward.h"
 
 /* Row stride of the Q, dout and dQ panels: D rounded up to 16, plus 16 floats, for the same
  * reason as PS_LD (accum_tn walks 64 of their rows at a time). */
@@ -39,33 +38,15 @@
 #define DB 64
 #define TN_ROWS 64
 
-/* Rows (heads x tile rows) of a work item at most, paired tiles included. */
-#define BWD_ROWS (DMA_HEADS_PER_ITEM * DMA_TILE)
-
 /* Rows whose P and dS a chunk holds at once (groups are balanced, so a group may have mr - 1
  * more; P_ROWS leaves room): bounds those panels to 2 x 289 KiB. */
 #define GROUP_ROWS 256
 #define P_ROWS (GROUP_ROWS + 16)
 
-typedef struct bwd {
-    dma_attn a;
-    const dma_tensor *dout, *dq, *dk, *dv, *dbias;
-    bool per_row_bias;
-    const dma_item *items;
-} bwd;
-
-/* The private buffers of an item: dk and dv [count_pad][ld], then dbias [nbh][rows][count_pad]
- * (rows = the tile's rows for a per-row bias, else 1); they live in the thread's scratch. */
-typedef struct item_grads {
-    float *dk, *dv, *dbias;
-    int64_t floats;         /* size of all three */
-    int64_t count_pad, nbh; /* union rounded up to DMA_CHUNK; bias heads the item touches */
-} item_grads;
-
 static int64_t bias_head(const bwd *w, int64_t h) { return h / (w->a.Hq / w->dbias->shape[1]); }
 
 /* Sizes of an item's private buffers. */
-static void item_layout(const bwd *w, const dma_item_view *iv, item_grads *g)
+void dma_bwd_item_layout(const bwd *w, const dma_item_view *iv, item_grads *g)
 {
     g->count_pad = dma_div_up(iv->count, DMA_CHUNK) * DMA_CHUNK;
     g->nbh = w->dbias ? bias_head(w, iv->h0 + iv->nh - 1) - bias_head(w, iv->h0) + 1 : 0;
@@ -113,12 +94,12 @@ static void zero_rows(const item_grads *g, int64_t u0, int64_t u1, int64_t ld)
     memset(g->dv + u0 * ld, 0, sizeof(float) * (size_t)((u1 - u0) * ld));
 }
 
-/* Keys ahead whose dk/dv rows reduce_range() prefetches. */
+/* Keys ahead whose dk/dv rows dma_bwd_reduce_range() prefetches. */
 #define REDUCE_AHEAD 4
 
 /* Add positions [u0, u1) of an item's private buffers into dk, dv and dbias. */
-static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *iv,
-                         const item_grads *g, int64_t u0, int64_t u1)
+void dma_bwd_reduce_range(const bwd *w, const dma_item *it, const dma_item_view *iv,
+                          const item_grads *g, int64_t u0, int64_t u1)
 {
     const dma_attn *a = &w->a;
     for (int64_t u = u0; u < u1; u++) {
@@ -144,247 +125,6 @@ static void reduce_range(const bwd *w, const dma_item *it, const dma_item_view *
                     f32(db)[dma_offset4(db, it->b, hb0 + hbi, iv->r0 + i,
                                         dma_view_key(iv, u))] += src[u];
         }
-}
-
-/* Pairs (lib/tile_pairs.c): tiles t, t + 1 of the same heads as one work item over their merged
- * union, when its rows fit BWD_ROWS and it costs at most PAIR_GROWTH times the products of the
- * two tiles apart. */
-#define PAIR_GROWTH 1.04
-
-/*
- * Streams and turns. Work items (spans of one or two tiles) whose private buffers add into the
- * same elements of dk/dv (same batch and kv head) form a stream, and add in reverse natural
- * order (last tile first): an item adds at its turn, i.e. once the stream's previous item has
- * added. Every element therefore receives its contributions in the same order whatever the
- * thread count. A dbias that an item of another stream also adds into (a bias broadcast over the
- * batch, or over more than one kv head) makes one stream of all.
- * Why reverse: threads take spans in turn order, and under a causal mask the last tiles are the
- * largest (a full window) and the first the smallest (a triangle). Largest first leaves small
- * spans for the end of the call, where a thread that finishes early has nothing left to take.
- */
-typedef struct grad_slot grad_slot;
-
-typedef struct turn_plan {
-    int64_t nspans;
-    int64_t *span_item;       /* [span] its first item; a pair's second is the next item */
-    int8_t *span_pair;        /* [span] 1 for a pair of tiles */
-    int64_t *order;           /* the spans in the order threads take them */
-    int64_t *stream;          /* [span] */
-    int64_t *turn;            /* [span] rank within its stream */
-    int64_t *next_in_stream;  /* [span] the stream's next span, or -1 */
-    _Atomic int64_t *done;    /* [stream] spans of the stream that have added */
-    _Atomic int *state;       /* [span] SPAN_OPEN, SPAN_PARKED or SPAN_CLAIMED */
-    grad_slot **parked;       /* [span] the slot of a parked span */
-    int64_t nstreams;
-    int64_t tile_keys;        /* the largest union of any tile (sizes the merge scratch) */
-    int64_t grads_floats;     /* the largest private buffers of any span (item_layout) */
-} turn_plan;
-
-static void plan_free(turn_plan *p)
-{
-    free(p->span_item);
-    free(p->span_pair);
-    free(p->order);
-    free(p->stream);
-    free(p->turn);
-    free(p->next_in_stream);
-    free((void *)p->done);
-    free((void *)p->state);
-    free(p->parked);
-}
-
-/* Whether items x and x + 1 pair up (A is item x's view; B receives item x + 1's, *count
- * their merged union's size). */
-static bool pair_up(const bwd *w, int64_t x, int64_t nitems, const dma_item_view *A,
-                    dma_item_view *B, int64_t *count)
-{
-    if (x + 1 >= nitems || !dma_items_adjacent(&w->items[x], &w->items[x + 1]))
-        return false;
-    dma_item_view_init(&w->a, &w->items[x + 1], B);
-    return dma_views_pair(A, B, BWD_ROWS, PAIR_GROWTH, count);
-}
-
-static bool plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
-{
-    const dma_attn *a = &w->a;
-    bool one_stream = w->dbias && ((w->dbias->shape[0] == 1 && a->B > 1) ||
-                                   w->dbias->shape[1] < a->Hkv);
-    p->nstreams = one_stream ? 1 : a->B * a->Hkv;
-    size_t n = (size_t)nitems + 1;
-    p->span_item = malloc(sizeof(int64_t) * n);
-    p->span_pair = malloc(sizeof(int8_t) * n);
-    p->order = malloc(sizeof(int64_t) * n);
-    p->stream = malloc(sizeof(int64_t) * n);
-    p->turn = malloc(sizeof(int64_t) * n);
-    p->next_in_stream = malloc(sizeof(int64_t) * n);
-    p->done = calloc((size_t)p->nstreams, sizeof(_Atomic int64_t));
-    p->state = calloc(n, sizeof(_Atomic int));
-    p->parked = calloc(n, sizeof(grad_slot *));
-    int64_t *count = calloc((size_t)p->nstreams, sizeof(int64_t));
-    int64_t *last = malloc(sizeof(int64_t) * (size_t)p->nstreams); /* [stream] its last span */
-    if (!p->span_item || !p->span_pair || !p->order || !p->stream || !p->turn ||
-        !p->next_in_stream || !p->done || !p->state || !p->parked || !count || !last) {
-        free(count);
-        free(last);
-        return false;
-    }
-    for (int64_t s = 0; s < p->nstreams; s++)
-        last[s] = -1;
-    /* Items are in natural order: spans are made in it, and take their turns in reverse. */
-    p->nspans = 0;
-    p->tile_keys = p->grads_floats = 0;
-    int64_t longest = 0;
-    for (int64_t x = 0; x < nitems; x++) {
-        dma_item_view iv, next;
-        dma_item_view_init(a, &w->items[x], &iv);
-        int64_t sx = p->nspans++, merged = 0;
-        p->span_item[sx] = x;
-        p->span_pair[sx] = pair_up(w, x, nitems, &iv, &next, &merged);
-        p->tile_keys = dma_max64(p->tile_keys, iv.count);
-        if (p->span_pair[sx]) { /* the span's size: the merged union over both tiles' rows */
-            p->tile_keys = dma_max64(p->tile_keys, next.count);
-            iv.count = (int32_t)merged;
-            iv.nrows += next.nrows;
-        }
-        item_grads g;
-        item_layout(w, &iv, &g);
-        p->grads_floats = dma_max64(p->grads_floats, g.floats);
-        p->stream[sx] = one_stream ? 0 : w->items[x].b * a->Hkv + iv.hkv;
-        x += p->span_pair[sx];
-    }
-    for (int64_t sx = p->nspans - 1; sx >= 0; sx--) {
-        const int64_t s = p->stream[sx];
-        p->turn[sx] = count[s]++;
-        p->next_in_stream[sx] = -1;
-        if (last[s] >= 0)
-            p->next_in_stream[last[s]] = sx;
-        last[s] = sx;
-        longest = dma_max64(longest, count[s]);
-    }
-    free(count);
-    free(last);
-    /* Take spans turn by turn across the streams (a counting sort on the turn), so that threads
-     * working at the same time mostly belong to different streams and rarely wait. */
-    int64_t *start = calloc((size_t)longest + 1, sizeof(int64_t));
-    if (!start)
-        return false;
-    for (int64_t sx = 0; sx < p->nspans; sx++)
-        start[p->turn[sx] + 1]++;
-    for (int64_t t = 0; t < longest; t++)
-        start[t + 1] += start[t];
-    for (int64_t sx = 0; sx < p->nspans; sx++)
-        p->order[start[p->turn[sx]]++] = sx;
-    free(start);
-    return true;
-}
-
-static void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
-/* Spin briefly (another thread is usually about to hand over what we wait for), then yield the
- * CPU so that an oversubscribed machine still makes progress. */
-static void backoff(int spins)
-{
-    if (spins < 4096)
-        cpu_relax();
-    else
-        sched_yield();
-}
-
-/* Whether span x's turn has come (the stream's earlier spans have all added). */
-static bool my_turn(const turn_plan *p, int64_t x)
-{
-    return atomic_load_explicit(&p->done[p->stream[x]], memory_order_acquire) == p->turn[x];
-}
-
-/*
- * Parking. Each thread has a few buffer slots. It takes a free slot before it takes a span,
- * computes the span into the slot and, if the span's turn has not come by then, parks it there
- * and goes on to another span. Whoever passes the turn to a parked span adds it in its owner's
- * stead (commit), so no thread waits for a turn; a thread waits only while all its slots hold
- * parked spans.
- * No deadlock: a stream's spans are taken in turn order, and a thread takes a span only once it
- * has a slot, so a thread waiting for a slot holds no unstarted span. The earliest uncommitted
- * span of every stream with a taken span is therefore taken, with all its predecessors
- * committed: it is being computed (which waits on nothing) or committed, or it is parked, in
- * which case the commit of its predecessor or its own parking found its turn (see park) and
- * commits it.
- */
-enum { SPAN_OPEN, SPAN_PARKED, SPAN_CLAIMED };
-
-/* Buffer slots per thread at most, and the memory they may take (see dma_backward). */
-#define MAX_SLOTS 3
-#define SLOT_BYTES ((size_t)32 << 20)
-
-/* A span's private buffers and the merge scratch a pair's merged view points into (reduce_range
- * reads its keys), so both last until the span has added; with the view, the buffers' layout
- * and the prefix left to add, for whoever commits the span. */
-struct grad_slot {
-    _Atomic int busy;  /* holds a parked span */
-    dma_item_view iv;
-    item_grads g;
-    int64_t deferred;  /* positions [0, deferred) are still to add */
-    int32_t *merge_keys;
-    uint64_t *merge_bits;
-    float *grads;      /* room for the largest span's buffers */
-};
-
-/* The first free slot of a thread's (a thread that never parks keeps using one), or NULL once
- * no span is left to take (`next` reached `nspans`): the thread's parked spans need it no more. */
-static grad_slot *take_slot(grad_slot *slots, int nslots, _Atomic int64_t *next, int64_t nspans)
-{
-    for (int spins = 0;; spins++) {
-        for (int i = 0; i < nslots; i++) /* acquire: its committer is done reading it */
-            if (!atomic_load_explicit(&slots[i].busy, memory_order_acquire))
-                return &slots[i];
-        if (atomic_load_explicit(next, memory_order_relaxed) >= nspans)
-            return NULL;
-        backoff(spins);
-    }
-}
-
-/* Add span x, whose turn has come, from `slot` and pass the turn on; then add each following
- * span of the stream that is parked, until one is not. */
-static void commit(const bwd *w, turn_plan *p, int64_t x, grad_slot *slot)
-{
-    for (;;) {
-        if (slot->deferred > 0)
-            reduce_range(w, &w->items[p->span_item[x]], &slot->iv, &slot->g, 0, slot->deferred);
-        atomic_store_explicit(&p->done[p->stream[x]], p->turn[x] + 1, memory_order_seq_cst);
-        atomic_store_explicit(&slot->busy, 0, memory_order_release);
-        x = p->next_in_stream[x];
-        int parked = SPAN_PARKED;
-        if (x < 0 || !atomic_compare_exchange_strong_explicit(&p->state[x], &parked, SPAN_CLAIMED,
-                                                              memory_order_seq_cst,
-                                                              memory_order_seq_cst))
-            return;
-        slot = p->parked[x];
-    }
-}
-
-/*
- * Span x, computed into `slot`, found its turn not yet come: park it. Returns false when its
- * turn came meanwhile and it is the caller's to commit after all.
- * The parker stores PARKED then loads `done`; the committer of x's predecessor stores `done`
- * then reads the state (its CAS). Both seq_cst: in their single total order one of the two
- * stores comes first, so at least one side sees the other's (with weaker orders both could
- * miss, and x would stay parked for ever). If both do, the CAS picks who commits.
- */
-static bool park(turn_plan *p, int64_t x, grad_slot *slot)
-{
-    p->parked[x] = slot;
-    atomic_store_explicit(&slot->busy, 1, memory_order_relaxed);
-    atomic_store_explicit(&p->state[x], SPAN_PARKED, memory_order_seq_cst);
-    int parked = SPAN_PARKED;
-    return !(atomic_load_explicit(&p->done[p->stream[x]], memory_order_seq_cst) == p->turn[x] &&
-             atomic_compare_exchange_strong_explicit(&p->state[x], &parked, SPAN_CLAIMED,
-                                                     memory_order_seq_cst, memory_order_seq_cst));
 }
 
 /* The chunk columns [*ca, *cb) that the blocks of mr rows holding rows [r0, r1) cover, given
@@ -670,8 +410,8 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
         }
         /* Until the turn comes every chunk is left to the caller, so [0, deferred) is a prefix.
          * Once it has come, each chunk is added as soon as it is done, while in cache. */
-        if (direct || (direct = my_turn(plan, x)))
-            reduce_range(w, it, iv, g, c0, c0 + n);
+        if (direct || (direct = dma_bwd_my_turn(plan, x)))
+            dma_bwd_reduce_range(w, it, iv, g, c0, c0 + n);
         else
             deferred = c0 + n;
     }
@@ -777,7 +517,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         zero_grads(&w, 0, 1);
         goto done;
     }
-    if (!plan_turns(&w, nitems, &plan)) {
+    if (!dma_bwd_plan_turns(&w, nitems, &plan)) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }
@@ -821,7 +561,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         grad_slot *mine = slots + nslots * omp_get_thread_num();
         for (;;) {
             /* A slot first, then a span (see "Parking"). */
-            grad_slot *slot = take_slot(mine, nslots, &next, plan.nspans);
+            grad_slot *slot = dma_bwd_take_slot(mine, nslots, &next, plan.nspans);
             if (!slot)
                 break;
             int64_t k = atomic_fetch_add_explicit(&next, 1, memory_order_relaxed);
@@ -836,19 +576,19 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
                 dma_merge_views(&first, &second, iv, slot->merge_keys, slot->merge_bits);
             }
             item_grads *g = &slot->g;
-            item_layout(&w, iv, g);
+            dma_bwd_item_layout(&w, iv, g);
             g->dk = slot->grads;
             g->dv = g->dk + g->count_pad * w.a.ld;
             g->dbias = g->dv + g->count_pad * w.a.ld;
             memset(g->dbias, 0, sizeof(float) * (size_t)(g->floats - (g->dbias - g->dk)));
             slot->deferred = backward_item(&w, &plan, sx, iv, g, panels);
-            if (my_turn(&plan, sx) || !park(&plan, sx, slot))
-                commit(&w, &plan, sx, slot);
+            if (dma_bwd_my_turn(&plan, sx) || !dma_bwd_park(&plan, sx, slot))
+                dma_bwd_commit(&w, &plan, sx, slot);
         }
     }
 done:
     free(items);
-    plan_free(&plan);
+    dma_bwd_plan_free(&plan);
     free(slots);
     dma_attn_release(&w.a);
     return st;
