@@ -186,12 +186,10 @@ void dma_item_load_rows_range(const dma_attn *a, const dma_item *it, const dma_i
         const int64_t off = dma_item_row_offset(src, it, iv, r);
         float *d = dst + r * ld;
         if (src->dtype == DMA_F32) {
-            for (int64_t x = 0; x < a->D; x++)
-                d[x] = scale * f32(src)[off + x];
+            a->kern->scale_row(d, f32(src) + off, scale, (int)a->D);
         } else {
             a->kern->to_f32(d, (const uint16_t *)src->data + off, a->D, src->dtype == DMA_F16);
-            for (int64_t x = 0; x < a->D; x++)
-                d[x] *= scale;
+            a->kern->scale_row(d, d, scale, (int)a->D);
         }
         memset(d + a->D, 0, sizeof(float) * (size_t)(ld - a->D));
     }

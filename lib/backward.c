@@ -424,8 +424,7 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             if (row_lse[hh * nrows + i] == -INFINITY) /* 0, not 0 * K (a NaN in K of the union) */
                 memset(dst, 0, sizeof(float) * (size_t)D);
             else
-                for (int64_t d = 0; d < D; d++)
-                    dst[d] = a->scale * src[d];
+                kern->scale_row(dst, src, a->scale, (int)D);
         }
     return deferred;
 }

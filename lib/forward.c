@@ -103,13 +103,7 @@ static void write_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
         if (row_l[r] == 0.0f) {
             memset(dst, 0, sizeof(float) * (size_t)D);
         } else {
-            const float inv = 1.0f / row_l[r];
-            int nan = 0;
-            for (int64_t d = 0; d < D; d++) {
-                const float y = O[r * ld + d] * inv;
-                dst[d] = y;
-                nan |= isnan(y);
-            }
+            const int nan = a->kern->scale_row(dst, O + r * ld, 1.0f / row_l[r], (int)D);
             row_lse = nan ? NAN : row_m[r] + logf(row_l[r]);
         }
         if (a->out->dtype != DMA_F32)

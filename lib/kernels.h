@@ -115,6 +115,14 @@ typedef struct dma_kernels {
      * them in flight than the portable loop. Any alignment; a dst row overlaps no src row. */
     void (*add_rows)(float *const *dst, const float *const *src, int m, int n);
 
+    /* dst[i] = s * src[i] for i < n, one IEEE multiply per element, so every table gives the
+     * same bits; returns nonzero iff some dst[i] is NaN. The rows the drivers move between the
+     * tensors and their panels go through it (q scaled as it is loaded, O normalised into out,
+     * dQ scaled into dq): those rows mostly miss the cache, and wide loads and stores keep more
+     * of them in flight than the portable loop. Any alignment; dst is src or does not overlap
+     * it. */
+    int (*scale_row)(float *dst, const float *src, float s, int n);
+
     /* ---- half-precision storage ---- */
 
     /* dst[i] = src[i] as float32 for i < n: bf16 (f16 == 0) or IEEE binary16 (f16 != 0). Exact:

@@ -214,6 +214,17 @@ static void add_rows(float *const *dst, const float *const *src, int m, int n)
             dst[j][i] += src[j][i];
 }
 
+/* scale_row of lib/kernels.h: the definition every table must match. */
+static int scale_row(float *dst, const float *src, float s, int n)
+{
+    int nan = 0;
+    for (int i = 0; i < n; i++) {
+        dst[i] = s * src[i];
+        nan |= isnan(dst[i]);
+    }
+    return nan;
+}
+
 /* ---- half precision: plain bit manipulation, the definition every SIMD file must match ---- */
 
 static uint32_t f32_bits(float f)
@@ -331,6 +342,7 @@ const dma_kernels dma_kernels_scalar = {
     .grad_row = grad_row,
     .accum_tn = accum_tn,
     .add_rows = add_rows,
+    .scale_row = scale_row,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

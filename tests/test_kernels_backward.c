@@ -1,8 +1,8 @@
 /*
- * test_kernels_backward.c - the backward's kernels (lib/kernels.h: accum_tn, add_rows, grad_row)
- * of every table the host runs against the scalar table: accum_tn and grad_row within TOL of the
- * size of the terms (with every selection rule, bias, softcap and dbias sum), add_rows bit for
- * bit; exact-size buffers and guards catch reads and writes past the contract.
+ * test_kernels_backward.c - the backward's kernels (lib/kernels.h: accum_tn, grad_row) of every
+ * table the host runs against the scalar table, within TOL of the size of the terms (with every
+ * selection rule, bias, softcap and dbias sum); exact-size buffers and guards catch reads and
+ * writes past the contract. add_rows is test_kernels_rows.c's.
  */
 #include <check.h>
 #include <math.h>
@@ -12,7 +12,7 @@
 #include "kernel_test.h"
 
 /* ------------------------------------------------------------------------------------------ */
-/* accum_tn and add_rows                                                                      */
+/* accum_tn                                                                                   */
 /* ------------------------------------------------------------------------------------------ */
 
 START_TEST(accum_tn_vs_scalar)
@@ -82,54 +82,6 @@ START_TEST(accum_tn_vs_scalar)
                     free(p);
                     free(x);
                 }
-    }
-}
-END_TEST
-
-/* add_rows: every element is dst + src, one float add, bit for bit (NaN, inf and signed zeros
- * included), at any length and alignment, and nothing past the n floats of each row is touched
- * (rows are exact-size buffers for ASan, with a guard element either side checked here). */
-START_TEST(add_rows_exact)
-{
-    table tb[4];
-    int nt = kernel_tables(tb);
-    test_rng r = rng_make(606);
-    const float special[6] = {NAN, INFINITY, -INFINITY, -0.0f, 0.0f, 1e-40f};
-    for (int t = 0; t < nt; t++) {
-        const dma_kernels *k = tb[t].k;
-        for (int n = 0; n <= 70; n++)
-            for (int m = 1; m <= 3; m++) {
-                float *dbuf[3], *sbuf[3], *dst[3], *src[3], *want[3];
-                for (int j = 0; j < m; j++) {
-                    const int off = (int)rng_int(&r, 0, 3); /* rows not 64-byte aligned */
-                    dbuf[j] = fbuf((size_t)(n + off + 2));
-                    sbuf[j] = fbuf((size_t)(n + off));
-                    dst[j] = dbuf[j] + off + 1;
-                    src[j] = sbuf[j] + off;
-                    want[j] = fbuf((size_t)n);
-                    dst[j][-1] = dst[j][n] = 7.0f;
-                    for (int i = 0; i < n; i++) {
-                        dst[j][i] = rng_int(&r, 0, 9) == 0 ? special[rng_int(&r, 0, 5)]
-                                                           : rng_float(&r, -4.0f, 4.0f);
-                        src[j][i] = rng_int(&r, 0, 9) == 0 ? special[rng_int(&r, 0, 5)]
-                                                           : rng_float(&r, -4.0f, 4.0f);
-                        volatile float sum = dst[j][i] + src[j][i];
-                        want[j][i] = sum;
-                    }
-                }
-                k->add_rows(dst, (const float *const *)src, m, n);
-                for (int j = 0; j < m; j++) {
-                    ck_assert_msg(dst[j][-1] == 7.0f && dst[j][n] == 7.0f,
-                                  "%s add_rows n=%d wrote outside row %d", k->name, n, j);
-                    for (int i = 0; i < n; i++)
-                        ck_assert_msg(memcmp(&dst[j][i], &want[j][i], sizeof(float)) == 0,
-                                      "%s add_rows n=%d row %d [%d]: %a, want %a", k->name, n,
-                                      j, i, (double)dst[j][i], (double)want[j][i]);
-                    free(dbuf[j]);
-                    free(sbuf[j]);
-                    free(want[j]);
-                }
-            }
     }
 }
 END_TEST
@@ -219,7 +171,6 @@ static Suite *kernels_backward_suite(void)
     TCase *tc = tcase_create("vs_scalar");
     tcase_set_timeout(tc, 300);
     tcase_add_test(tc, accum_tn_vs_scalar);
-    tcase_add_test(tc, add_rows_exact);
     tcase_add_test(tc, grad_row_vs_scalar);
     suite_add_tcase(s, tc);
     return s;

@@ -607,6 +607,24 @@ static void dots(float *s, int lds, const float *q, int ldq, int m, const float 
     }
 }
 
+/* scale_row of lib/kernels.h: 4 floats per multiply, then the tail one by one. */
+static int scale_row(float *dst, const float *src, float s, int n)
+{
+    uint32x4_t same = vdupq_n_u32(~0u); /* lanes that were never NaN */
+    int i = 0;
+    for (; i + 4 <= n; i += 4) {
+        float32x4_t y = vmulq_n_f32(vld1q_f32(src + i), s);
+        vst1q_f32(dst + i, y);
+        same = vandq_u32(same, vceqq_f32(y, y));
+    }
+    int tail = 0;
+    for (; i < n; i++) {
+        dst[i] = s * src[i];
+        tail |= isnan(dst[i]);
+    }
+    return vminvq_u32(same) == 0 || tail;
+}
+
 const dma_kernels dma_kernels_neon = {
     .name = "neon",
     .mr = MR,
@@ -621,6 +639,7 @@ const dma_kernels dma_kernels_neon = {
     .grad_row = dma_neon_grad_row,
     .accum_tn = dma_neon_accum_tn,
     .add_rows = dma_neon_add_rows,
+    .scale_row = scale_row,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

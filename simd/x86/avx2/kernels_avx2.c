@@ -315,6 +315,25 @@ static void add_rows(float *const *dst, const float *const *src, int m, int n)
     }
 }
 
+/* scale_row of lib/kernels.h: 8 floats per multiply, then the tail one by one. */
+static int scale_row(float *dst, const float *src, float s, int n)
+{
+    const __m256 vs = _mm256_set1_ps(s);
+    __m256 nan = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + VW <= n; i += VW) {
+        __m256 y = _mm256_mul_ps(_mm256_loadu_ps(src + i), vs);
+        _mm256_storeu_ps(dst + i, y);
+        nan = _mm256_or_ps(nan, _mm256_cmp_ps(y, y, _CMP_UNORD_Q));
+    }
+    int tail = 0;
+    for (; i < n; i++) {
+        dst[i] = s * src[i];
+        tail |= isnan(dst[i]);
+    }
+    return _mm256_movemask_ps(nan) != 0 || tail;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* softmax_row                                                                                */
 /* ------------------------------------------------------------------------------------------ */
@@ -650,6 +669,7 @@ const dma_kernels dma_kernels_avx2 = {
     .grad_row = grad_row,
     .accum_tn = accum_tn,
     .add_rows = add_rows,
+    .scale_row = scale_row,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

@@ -451,6 +451,26 @@ static void add_rows(float *const *dst, const float *const *src, int m, int n)
     }
 }
 
+/* scale_row of lib/kernels.h: 16 floats per multiply, the tail under a mask. */
+static int scale_row(float *dst, const float *src, float s, int n)
+{
+    const __m512 vs = _mm512_set1_ps(s);
+    __mmask16 nan = 0;
+    int i = 0;
+    for (; i + VW <= n; i += VW) {
+        __m512 y = _mm512_mul_ps(_mm512_loadu_ps(src + i), vs);
+        _mm512_storeu_ps(dst + i, y);
+        nan |= _mm512_cmp_ps_mask(y, y, _CMP_UNORD_Q);
+    }
+    if (i < n) {
+        const __mmask16 live = (__mmask16)((1u << (n - i)) - 1u);
+        __m512 y = _mm512_mul_ps(_mm512_maskz_loadu_ps(live, src + i), vs);
+        _mm512_mask_storeu_ps(dst + i, live, y);
+        nan |= _mm512_mask_cmp_ps_mask(live, y, y, _CMP_UNORD_Q);
+    }
+    return nan != 0;
+}
+
 /* ------------------------------------------------------------------------------------------ */
 /* softmax_row                                                                                */
 /* ------------------------------------------------------------------------------------------ */
@@ -736,6 +756,7 @@ const dma_kernels dma_kernels_avx512 = {
     .grad_row = grad_row,
     .accum_tn = accum_tn,
     .add_rows = add_rows,
+    .scale_row = scale_row,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
