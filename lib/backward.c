@@ -170,17 +170,15 @@ static void load_dout(const bwd *w, const dma_item *it, const dma_item_view *iv,
                       int64_t r1)
 {
     const dma_attn *a = &w->a;
-    const int64_t D = a->D, nrows = iv->nrows;
+    const int64_t D = a->D;
     dma_item_load_rows_range(a, it, iv, w->dout, 1.0f, dO, qld, r0, r1);
     for (int64_t r = r0; r < r1; r++) {
-        const int64_t h = iv->h0 + r / nrows, row = iv->r0 + r % nrows;
         if (row_lse[r] == -INFINITY)
             /* A row that selected nothing (a NaN lse is not one): its P and dS are 0, and zero
              * q and dout rows keep a non-finite q or dout of it out of dK and dV, where
              * 0 * NaN would reach every key of the union. */
             memset(dO + r * qld, 0, sizeof(float) * (size_t)qld);
-        const int64_t o_off = it->b * a->out->stride[0] + row * a->out->stride[1] +
-                              h * a->out->stride[2];
+        const int64_t o_off = dma_item_row_offset(a->out, it, iv, r);
         float o_row[DMA_MAX_HEAD_DIM];
         const float *o = f32(a->out) + o_off;
         if (a->out->dtype != DMA_F32) {
@@ -416,16 +414,13 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             deferred = c0 + n;
     }
 
-    for (int64_t hh = 0; hh < iv->nh; hh++)
-        for (int64_t i = 0; i < nrows; i++) {
-            float *dst = f32(w->dq) + it->b * w->dq->stride[0] + (iv->r0 + i) * w->dq->stride[1] +
-                         (iv->h0 + hh) * w->dq->stride[2];
-            const float *src = dQ + (hh * nrows + i) * qld;
-            if (row_lse[hh * nrows + i] == -INFINITY) /* 0, not 0 * K (a NaN in K of the union) */
-                memset(dst, 0, sizeof(float) * (size_t)D);
-            else
-                kern->scale_row(dst, src, a->scale, (int)D);
-        }
+    for (int64_t r = 0; r < M; r++) {
+        float *dst = f32(w->dq) + dma_item_row_offset(w->dq, it, iv, r);
+        if (row_lse[r] == -INFINITY) /* 0, not 0 * K (a NaN in K of the union) */
+            memset(dst, 0, sizeof(float) * (size_t)D);
+        else
+            kern->scale_row(dst, dQ + r * qld, a->scale, (int)D);
+    }
     return deferred;
 }
 
