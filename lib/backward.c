@@ -234,8 +234,7 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
         }
     /* Rows are loaded group by group as the first active chunk reaches them: q before the
      * group's S, dout (and delta) before its dP, each asked for while earlier products run. */
-    int64_t q_upto = 0;    /* rows [0, q_upto) of Q are loaded */
-    int64_t dout_upto = 0; /* rows [0, dout_upto) of dO and row_delta are loaded */
+    int64_t loaded = 0; /* rows [0, loaded) of Q, dO and row_delta are loaded */
     const int64_t hb0 = w->dbias ? bias_head(w, iv->h0) : 0;
     /* Blocks of mr rows run across head boundaries, as in the forward; groups of them (as many
      * as the rows need for groups of about GROUP_ROWS, balanced) share the P and dS panels. */
@@ -300,22 +299,21 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
             /* The loops below run over the operand that stays in L1 on the outside: one packed
              * panel of nr keys (scores) or one block of Q or dout (accum_tn), while the rows of
              * the other operand stream past it. */
-            if (q_upto < g1) {
+            const bool first = loaded < g1; /* the span's first active chunk reaches the group */
+            if (first)
                 load_q(w, it, iv, row_lse, Q, qld, g0, g1);
-                q_upto = g1;
-            }
             /* S = Q K^T and dP = dout V^T, one panel of nr keys at a time. Rows to ask for, one
              * per product: in pass 0 the group's dout, in pass 1 the next group's q. */
-            int64_t ask = dout_upto < g1 ? g0 : g1, ask_end = g1;
+            int64_t ask = first ? g0 : g1, ask_end = g1;
             for (int pass = 0; pass < 2; pass++) {
                 float *dst = pass ? dS : P;
                 const float *rows = pass ? dO : Q, *panel = pass ? Vt : Kp;
                 if (pass == 1) {
-                    if (dout_upto < g1) {
+                    if (first) {
                         load_dout(w, it, iv, row_lse, dO, qld, row_delta, g0, g1);
-                        dout_upto = g1;
+                        loaded = g1;
                     }
-                    ask = q_upto;
+                    ask = loaded;
                     ask_end = dma_min64(M, (b1 + group_blocks) * mr);
                 }
                 for (int64_t c = used_lo; c < used_hi; c += nr)
