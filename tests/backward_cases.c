@@ -1,6 +1,7 @@
 /*
- * backward_cases.c - test_backward's harness (backward_cases.h): cases, their padded data and
- * reference results, the calls into dmattn, the checks, snapshots, and runs on every context.
+ * backward_cases.c - the harness of test_backward.c and test_backward_fd.c (backward_cases.h):
+ * cases, their padded data and reference results, the calls into dmattn, the checks, snapshots,
+ * and runs on every context.
  */
 #include <check.h>
 #include <math.h>

@@ -1,7 +1,8 @@
 /*
- * backward_cases.h - test_backward's harness: a case (shapes, bias, selection, padded layouts),
- * its data and reference, the calls into dmattn, the checks against the reference, byte
- * snapshots of every buffer, and running cases on every context of test_contexts_create().
+ * backward_cases.h - the harness of test_backward.c and test_backward_fd.c: a case (shapes, bias,
+ * selection, padded layouts), its data and reference, the calls into dmattn, the checks against
+ * the reference, byte snapshots of every buffer, and running cases on every context of
+ * test_contexts_create().
  */
 #ifndef DMATTN_TEST_BACKWARD_CASES_H
 #define DMATTN_TEST_BACKWARD_CASES_H

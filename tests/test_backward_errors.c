@@ -11,7 +11,7 @@
 
 #include "common.h"
 
-/* Calls Check only when it fails (see test_backward.c). */
+/* Calls Check only when it fails (as backward_cases.h's CHECK). */
 #define CHECK(expr, ...)                                                                         \
     do {                                                                                         \
         if (!(expr))                                                                             \

@@ -1,7 +1,8 @@
 /*
- * test_cuda.h - what test_cuda.c (main, sparsity, errors, helpers) and test_cuda_grid.c (the
- * forward and backward grids) share: device memory, tensors laid out once and given to a CPU
- * context (host image) and to a CUDA context (device copy), tolerance statistics.
+ * test_cuda.h - what test_cuda.c (main, errors, helpers), test_cuda_sparsity.c (the sparsity
+ * builders) and test_cuda_grid.c (the forward and backward grids) share: device memory, tensors
+ * laid out once and given to a CPU context (host image) and to a CUDA context (device copy),
+ * tolerance statistics, and the tests each file adds to the suite.
  * Everything below needs the CUDA runtime: only built when DMATTN_HAVE_CUDA is defined.
  */
 #ifndef DMATTN_TESTS_TEST_CUDA_H
@@ -69,8 +70,11 @@ uint8_t *sp_dense(const dma_sparsity *sp, size_t *n);
 void stat_note(const char *name, double err, double tol);
 void stat_print(const char *test);
 
-/* ---- the forward and backward grids (test_cuda_grid.c) ---- */
+/* ---- the tests of the other files, added to test_cuda.c's one TCase ---- */
 
+/** The sparsity builders against the CPU's (test_cuda_sparsity.c). */
+void cuda_sparsity_add_tests(TCase *tc);
+/** The forward and backward grids (test_cuda_grid.c). */
 void cuda_grid_add_tests(TCase *tc);
 
 #endif /* DMATTN_HAVE_CUDA */
