@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a machine with an NVIDIA GPU: build with the CUDA backend, run the GPU-vs-CPU suite
-# (tests/test_cuda.c, test_cuda_grid.c), then the GPU benchmark (tools/gpu-bench, which needs
-# PyTorch with CUDA). Arguments go to gpu-bench, e.g.
+# (tests/test_cuda.c, test_cuda_sparsity.c, test_cuda_grid.c), then the GPU benchmark
+# (tools/gpu-bench, which needs PyTorch with CUDA). Arguments go to gpu-bench, e.g.
 #   scripts/gpu-test.sh --lens 4096,16384 --windows 256 --json gpu-bench.jsonl
 # DMATTN_TEST_VERBOSE=1 makes the suite print how much of each tolerance it used.
 set -euo pipefail

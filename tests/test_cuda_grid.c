@@ -11,7 +11,7 @@
  *   - empty rows (CPU lse -inf): out exactly 0 and lse exactly -inf;
  *   - backward, given the same out and lse (the CPU forward's) and dout: each gradient entry
  *     within 1e-6 + 1e-4 mag, mag the entry's sum with every factor taken absolute (computed
- *     by tests/reference_backward.c; test_backward.c explains why that is the scale of float32
+ *     by tests/reference_backward.c; backward_cases.h explains why that is the scale of float32
  *     rounding); bf16/f16 within 1e-6 + (1e-4 + 2^-8) mag (exception (3): the tensor-core
  *     backward rounds P and dS to the storage type before the products, a relative error of at
  *     most 2^-8 each, and every |dS| or |P| factor is in mag); entries no selected pair reaches
