@@ -176,11 +176,4 @@ static Suite *kernels_backward_suite(void)
     return s;
 }
 
-int main(void)
-{
-    SRunner *sr = srunner_create(kernels_backward_suite());
-    srunner_run_all(sr, CK_NORMAL);
-    int failed = srunner_ntests_failed(sr);
-    srunner_free(sr);
-    return failed == 0 ? EXIT_SUCCESS : EXIT_FAILURE;
-}
+int main(void) { return test_run_suite(kernels_backward_suite()); }
