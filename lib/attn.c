@@ -207,12 +207,11 @@ void dma_prefetch_rows(const dma_attn *a, const dma_item *it, const dma_item_vie
     const int64_t size = t->dtype == DMA_F32 ? 4 : 2;
     for (int64_t r = r0; r < r1; r++) {
         const char *row = (const char *)t->data + size * dma_item_row_offset(t, it, iv, r);
-        for (int64_t byte = 0; byte < size * a->D; byte += 64) {
-            if (write)
-                __builtin_prefetch(row + byte, 1, 3);
-            else
+        if (write)
+            a->kern->prefetch_write(row, size * a->D);
+        else
+            for (int64_t byte = 0; byte < size * a->D; byte += 64)
                 __builtin_prefetch(row + byte, 0, 3);
-        }
     }
 }
 

@@ -54,6 +54,15 @@ static int cpu_has_f16c(void)
 }
 #endif
 
+#if defined(DMATTN_HAVE_AVX2)
+/* PRFCHW (PREFETCHW): cpuid leaf 0x80000001, ECX bit 8. */
+static int cpu_has_prfchw(void)
+{
+    unsigned a, b, c, d;
+    return __get_cpuid(0x80000001, &a, &b, &c, &d) && (c & (1u << 8));
+}
+#endif
+
 #if defined(DMATTN_HAVE_AVX512)
 /* AVX512_BF16 (VDPBF16PS): cpuid leaf 7, subleaf 1, EAX bit 5. */
 static int cpu_has_avx512_bf16(void)
@@ -142,6 +151,10 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
         ctx->threads = 1;
     ctx->isa = isa;
     ctx->table = *kernels_built(isa);
+#if defined(DMATTN_HAVE_AVX2)
+    if ((isa == DMA_ISA_AVX2 || isa == DMA_ISA_AVX512) && cpu_has_prfchw())
+        ctx->table.prefetch_write = dma_x86_prefetch_write;
+#endif
 #if defined(DMATTN_HAVE_AVX512)
     if (isa == DMA_ISA_AVX512 && cpu_has_avx512_bf16() && getenv_flag("DMATTN_BF16_DOT")) {
         ctx->table.pack_k_bf16 = dma_avx512_pack_k_bf16;

@@ -326,6 +326,13 @@ static void dots(float *s, int lds, const float *q, int ldq, int m, const float 
         }
 }
 
+void dma_prefetch_write(const void *p, int64_t bytes)
+{
+    const uintptr_t end = (uintptr_t)p + (uintptr_t)(bytes > 0 ? bytes : 0);
+    for (uintptr_t line = (uintptr_t)p & ~(uintptr_t)63; line < end; line += 64)
+        __builtin_prefetch((const void *)line, 1, 3);
+}
+
 const dma_kernels dma_kernels_scalar = {
     .name = "scalar",
     .mr = MR,
@@ -343,6 +350,7 @@ const dma_kernels dma_kernels_scalar = {
     .accum_tn = accum_tn,
     .add_rows = add_rows,
     .scale_row = scale_row,
+    .prefetch_write = dma_prefetch_write,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,

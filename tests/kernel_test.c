@@ -43,7 +43,7 @@ int kernel_tables(table out[4])
                       "%s: select_step = %d", k->name, k->select_step);
         ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&
                           k->grad_row && k->accum_tn && k->add_rows && k->scale_row && k->to_f32 &&
-                          k->from_f32 && k->pack_k_half && k->dots,
+                          k->prefetch_write && k->from_f32 && k->pack_k_half && k->dots,
                       "%s: a kernel is missing", k->name);
     }
     return n;

@@ -3,6 +3,7 @@
  * host runs: one IEEE operation per element, so every element must be bit for bit what the test
  * computes (NaN, infinities, signed zeros and subnormals included), at any length and alignment,
  * with nothing written outside the row (exact-size buffers for ASan, a guard element either side).
+ * Also prefetch_write, a hint that must leave every byte as it was.
  */
 #include <check.h>
 #include <math.h>
@@ -10,6 +11,12 @@
 #include <string.h>
 
 #include "kernel_test.h"
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+/* NULL where the library was built without the x86 tables. */
+extern void dma_x86_prefetch_write(const void *p, int64_t bytes) __attribute__((weak));
+#endif
 
 static const float special[6] = {NAN, INFINITY, -INFINITY, -0.0f, 0.0f, 1e-40f};
 
@@ -109,12 +116,49 @@ START_TEST(scale_row_exact)
 }
 END_TEST
 
+/* One prefetch_write over every length 0..300 bytes and 4096, from every offset 0..63 into a
+ * line: every byte around and inside the range is unchanged afterwards. */
+static void check_prefetch(const char *name, void (*prefetch_write)(const void *, int64_t))
+{
+    enum { SIZE = 64 + 4096 + 128 };
+    unsigned char *buf = NULL, want[SIZE];
+    ck_assert_int_eq(posix_memalign((void **)&buf, 64, SIZE), 0);
+    for (int i = 0; i < SIZE; i++)
+        buf[i] = want[i] = (unsigned char)(i * 37 + 11);
+    for (int off = 0; off < 64; off++)
+        for (int bytes = 0; bytes <= 4096; bytes = bytes < 300 ? bytes + 1 : 4096) {
+            prefetch_write(buf + 64 + off, bytes);
+            ck_assert_msg(memcmp(buf, want, SIZE) == 0,
+                          "%s prefetch_write (offset %d, %d bytes) changed memory", name, off,
+                          bytes);
+            if (bytes == 4096)
+                break;
+        }
+    free(buf);
+}
+
+START_TEST(prefetch_write_harmless)
+{
+    table tb[4];
+    int nt = kernel_tables(tb);
+    for (int t = 0; t < nt; t++)
+        check_prefetch(tb[t].k->name, tb[t].k->prefetch_write);
+#if defined(__x86_64__) || defined(__i386__)
+    /* the PREFETCHW one, which the context installs where cpuid reports PRFCHW */
+    unsigned a, b, c, d;
+    if (dma_x86_prefetch_write && __get_cpuid(0x80000001, &a, &b, &c, &d) && (c & (1u << 8)))
+        check_prefetch("x86 (PREFETCHW)", dma_x86_prefetch_write);
+#endif
+}
+END_TEST
+
 static Suite *kernels_rows_suite(void)
 {
     Suite *s = suite_create("kernels_rows");
     TCase *tc = tcase_create("exact");
     tcase_add_test(tc, add_rows_exact);
     tcase_add_test(tc, scale_row_exact);
+    tcase_add_test(tc, prefetch_write_harmless);
     suite_add_tcase(s, tc);
     return s;
 }

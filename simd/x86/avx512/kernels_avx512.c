@@ -757,6 +757,7 @@ const dma_kernels dma_kernels_avx512 = {
     .accum_tn = accum_tn,
     .add_rows = add_rows,
     .scale_row = scale_row,
+    .prefetch_write = dma_prefetch_write,
     .to_f32 = to_f32,
     .from_f32 = from_f32,
     .pack_k_half = pack_k_half,
