@@ -326,12 +326,7 @@ static void dots(float *s, int lds, const float *q, int ldq, int m, const float 
         }
 }
 
-void dma_prefetch_write(const void *p, int64_t bytes)
-{
-    const uintptr_t end = (uintptr_t)p + (uintptr_t)(bytes > 0 ? bytes : 0);
-    for (uintptr_t line = (uintptr_t)p & ~(uintptr_t)63; line < end; line += 64)
-        __builtin_prefetch((const void *)line, 1, 3);
-}
+void dma_prefetch_write(const void *p, int64_t bytes) { dma_prefetch_lines(p, bytes); }
 
 const dma_kernels dma_kernels_scalar = {
     .name = "scalar",

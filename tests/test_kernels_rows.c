@@ -126,13 +126,12 @@ static void check_prefetch(const char *name, void (*prefetch_write)(const void *
     for (int i = 0; i < SIZE; i++)
         buf[i] = want[i] = (unsigned char)(i * 37 + 11);
     for (int off = 0; off < 64; off++)
-        for (int bytes = 0; bytes <= 4096; bytes = bytes < 300 ? bytes + 1 : 4096) {
+        for (int i = 0; i <= 301; i++) {
+            const int bytes = i <= 300 ? i : 4096;
             prefetch_write(buf + 64 + off, bytes);
             ck_assert_msg(memcmp(buf, want, SIZE) == 0,
                           "%s prefetch_write (offset %d, %d bytes) changed memory", name, off,
                           bytes);
-            if (bytes == 4096)
-                break;
         }
     free(buf);
 }
