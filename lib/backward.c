@@ -274,9 +274,11 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
         /* The columns [ca, cb) of the chunk each block covers; a block's rows of P and dS are
          * zero outside them, since accum_tn reads whole columns. */
         for (int64_t b = 0; b < nblocks; b++)
-            if (!dma_block_cols(iv, b * mr, dma_min64(mr, M - b * mr), c0, n, nr, &blk_ca[b],
-                                &blk_cb[b]))
+            if (!dma_block_cols(iv, b * mr, dma_min64(mr, M - b * mr), c0, n, kern->select_step,
+                                &blk_ca[b], &blk_cb[b]))
                 blk_ca[b] = blk_cb[b] = 0;
+            else /* scores runs whole packed blocks from a multiple of nr */
+                blk_ca[b] = blk_ca[b] / nr * nr;
         int64_t used_lo, used_hi; /* columns any block covers */
         rows_cols(blk_ca, blk_cb, mr, n_pad, 0, M, &used_lo, &used_hi);
         /* Private rows no block covers stay zero; accum_tn writes the others. */
@@ -323,8 +325,8 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                                 prefetch_row(w, it, iv, pass, ask++);
                             kern->scores(dst + (b * mr - g0) * PS_LD + c, PS_LD,
                                          rows + b * mr * qld, (int)qld,
-                                         (int)dma_min64(mr, M - b * mr), panel + c * D, (int)nr,
-                                         (int)D);
+                                         (int)dma_min64(mr, M - b * mr), panel + c * D,
+                                         (int)dma_min64(nr, blk_cb[b] - c), (int)D);
                         }
             }
             /* P and dS, row by row. */

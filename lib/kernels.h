@@ -27,7 +27,8 @@ typedef struct dma_kernels {
     const char *name;
     int mr;  /* largest row count `scores` and `accum_pv` are called with (a block of query rows) */
     int nr;  /* keys per packed K block; a multiple of 8 and a divisor of DMA_CHUNK and of 64 */
-    int select_step; /* keys scores_select's calls start and end at: a divisor of nr */
+    int select_step; /* keys scores_select's calls start and end at, and scores' calls end
+                      * at: a divisor of nr */
     int pv_rows; /* rows (<= mr) of accum_pv's fastest register block, for callers free to
                   * choose their blocks of rows (the backward's dQ) */
 
@@ -41,7 +42,8 @@ typedef struct dma_kernels {
     void (*pack_v)(float *vp, int ldv, const float *base, int64_t ld, const int32_t *keys,
                    int32_t first, int n, int D);
 
-    /* s[r][c] = sum_d q[r][d] * K[c][d] for r < m (m <= mr), c < n (n a multiple of nr).
+    /* s[r][c] = sum_d q[r][d] * K[c][d] for r < m (m <= mr), c < n (n a multiple of
+     * select_step: a call may end inside a packed block, as the backward's blocks of rows do).
      * kp points at the packed block of key 0 of this call. */
     void (*scores)(float *s, int lds, const float *q, int ldq, int m, const float *kp, int n,
                    int D);

@@ -318,10 +318,11 @@ START_TEST(scores_vs_scalar)
                 for (int rep = 0; rep < 3; rep++) {
                     const int D = (int)head_dims[di], ldq = round_up(D, 16);
                     /* A chunk of `total` keys; the call covers keys [ca, ca + n) as the driver's
-                     * column blocks do. */
-                    int total = draw_n(&r, k->nr);
+                     * column blocks do: from a packed block's start, to the end of a block or
+                     * of a select_step inside one (the backward's ends). */
+                    int total = draw_n(&r, k->nr), step = k->select_step;
                     int ca = (int)rng_int(&r, 0, total / k->nr - 1) * k->nr;
-                    int n = (int)rng_int(&r, 1, (total - ca) / k->nr) * k->nr;
+                    int n = (int)rng_int(&r, 1, (total - ca) / step) * step;
                     float *kbase = random_rows(&r, total, D);
                     float *q = fbuf((size_t)m * ldq);
                     for (int i = 0; i < m; i++)

@@ -140,7 +140,23 @@ INLINE void block_scores(__m512 acc[MR][2], const float *const *qr, const float 
     }
 }
 
-/* M rows x all n keys. */
+/* acc[r] = the scores of M rows against the 16 keys of half `half` (0 or 1) of the packed
+ * block at panel: the same sums, in the same order, as block_scores' acc[r][half]. */
+INLINE void half_scores(__m512 acc[MR], const float *const *qr, const float *panel, int half,
+                        int D, const int M)
+{
+#pragma GCC unroll 16
+    for (int r = 0; r < M; r++)
+        acc[r] = _mm512_setzero_ps();
+    for (int d = 0; d < D; d++) {
+        __m512 b = _mm512_loadu_ps(panel + (int64_t)d * NR + half * VW);
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++)
+            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), b, acc[r]);
+    }
+}
+
+/* M rows x all n keys (n a multiple of 16): whole blocks, then half a block if one is left. */
 INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float *kp, int n,
                         int D, const int M)
 {
@@ -148,7 +164,8 @@ INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float 
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++)
         qr[r] = q + (int64_t)r * ldq;
-    for (int c0 = 0; c0 < n; c0 += NR) {
+    int c0 = 0;
+    for (; c0 + NR <= n; c0 += NR) {
         __m512 acc[MR][2];
         block_scores(acc, qr, kp + (int64_t)c0 * D, D, M);
 #pragma GCC unroll 16
@@ -156,6 +173,13 @@ INLINE void scores_rows(float *s, int lds, const float *q, int ldq, const float 
             _mm512_storeu_ps(s + (int64_t)r * lds + c0, acc[r][0]);
             _mm512_storeu_ps(s + (int64_t)r * lds + c0 + VW, acc[r][1]);
         }
+    }
+    if (c0 < n) {
+        __m512 acc[MR];
+        half_scores(acc, qr, kp + (int64_t)c0 * D, 0, D, M);
+#pragma GCC unroll 16
+        for (int r = 0; r < M; r++)
+            _mm512_storeu_ps(s + (int64_t)r * lds + c0, acc[r]);
     }
 }
 
@@ -214,15 +238,7 @@ INLINE void select_half(float *s, int lds, const float *const *qr, const float *
                         const int M)
 {
     __m512 acc[MR];
-#pragma GCC unroll 16
-    for (int r = 0; r < M; r++)
-        acc[r] = _mm512_setzero_ps();
-    for (int d = 0; d < D; d++) {
-        __m512 b = _mm512_loadu_ps(panel + (int64_t)d * NR + half * VW);
-#pragma GCC unroll 16
-        for (int r = 0; r < M; r++)
-            acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(qr[r][d]), b, acc[r]);
-    }
+    half_scores(acc, qr, panel, half, D, M);
 #pragma GCC unroll 16
     for (int r = 0; r < M; r++)
         select16(s + (int64_t)r * lds, c, acc[r], bias[r], bits[r], bit0, lo[r], hi[r], &sel[r],
