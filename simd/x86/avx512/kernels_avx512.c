@@ -6,7 +6,9 @@
  * Register blocking (32 zmm registers):
  *   scores    MR x NR = 8 query rows x 32 keys: 16 accumulators, 2 loads of the packed K block
  *             and 8 broadcasts of Q per step of the reduction over D (any D). MR = 8 divides the
- *             64-row tiles of the sparsity object, so a tile has no short row block.
+ *             64-row tiles of the sparsity object, so a tile has no short row block. A call may
+ *             end half way into a block (select_step 16: the backward's blocks of rows end
+ *             there); that half takes 8 accumulators.
  *   accum_pv  8 rows x 32 floats of D: 16 accumulators, 2 loads of a V row and 8 broadcasts of P
  *             per key; D is rounded up to 16 (rows are zero-padded to ld, a multiple of 16) and a
  *             last block of 16 floats takes 8 accumulators. Up to 6 rows (PV_ROWS, the block
