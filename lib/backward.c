@@ -511,7 +511,7 @@ dma_status dma_backward(dma_context *ctx, const dma_tensor *q, const dma_tensor 
         zero_grads(&w, 0, 1);
         goto done;
     }
-    if (!dma_bwd_plan_turns(&w, nitems, &plan)) {
+    if (!dma_bwd_plan_turns(&w, nitems, ctx->threads, &plan)) {
         st = dma_fail(ctx, DMA_ERR_NOMEM, "backward: out of memory");
         goto done;
     }

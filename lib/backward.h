@@ -70,8 +70,9 @@ struct grad_slot {
     float *grads;      /* room for the largest span's buffers */
 };
 
-/* Spans, streams and turns of the nitems work items; false when out of memory (free p then). */
-bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, turn_plan *p);
+/* Spans, streams and turns of the nitems work items, and the order `threads` threads take
+ * them in; false when out of memory (free p then). */
+bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, int threads, turn_plan *p);
 void dma_bwd_plan_free(turn_plan *p);
 
 /* Whether span x's turn has come (the stream's earlier spans have all added). */

@@ -9,13 +9,18 @@
  * added. Every element therefore receives its contributions in the same order whatever the
  * thread count. A dbias that an item of another stream also adds into (a bias broadcast over the
  * batch, or over more than one kv head) makes one stream of all.
- * Why reverse: threads take spans in turn order, and under a causal mask the last tiles are the
- * largest (a full window) and the first the smallest (a triangle). Largest first leaves small
- * spans for the end of the call, where a thread that finishes early has nothing left to take.
+ * Why reverse: threads take a stream's spans in turn order, and under a causal mask the last
+ * tiles are the largest (a full window) and the first the smallest (a triangle). Largest first
+ * leaves small spans for the end of the call, where a thread that finishes early has nothing
+ * left to take.
+ * Streams are taken a group at a time, about two threads to a stream (see the end of
+ * dma_bwd_plan_turns): neighbouring tiles share most of their keys, so the rows they gather and
+ * add into are still in cache.
  */
 #include <sched.h>
 #include <stdatomic.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "backward.h"
 
@@ -48,7 +53,7 @@ static bool pair_up(const bwd *w, int64_t x, int64_t nitems, const dma_item_view
     return dma_views_pair(A, B, BWD_ROWS, PAIR_GROWTH, count);
 }
 
-bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
+bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, int threads, turn_plan *p)
 {
     const dma_attn *a = &w->a;
     bool one_stream = w->dbias && ((w->dbias->shape[0] == 1 && a->B > 1) ||
@@ -107,18 +112,36 @@ bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, turn_plan *p)
     }
     free(count);
     free(last);
-    /* Take spans turn by turn across the streams (a counting sort on the turn), so that threads
-     * working at the same time mostly belong to different streams and rarely wait. */
-    int64_t *start = calloc((size_t)longest + 1, sizeof(int64_t));
-    if (!start)
+    /* Take spans a group of streams at a time, turn by turn within a group: counting sorts on
+     * the turn, then (stably) on the group. A group holds ceil(threads / 2) streams, so that
+     * about two threads work on a stream at once, on neighbouring tiles: their unions hold
+     * nearly the same keys, so the K and V rows both gather and the dk and dv rows both add
+     * into stay in cache (an MHA backward at D 64, window 4096, 4K, on 2 threads: 20% faster
+     * than one stream per thread). The second thread parks what it finishes before its turn. */
+    const int64_t per_group = dma_max64(1, (threads + 1) / 2);
+    const int64_t ngroups = dma_div_up(p->nstreams, per_group);
+    int64_t *start = calloc((size_t)dma_max64(longest, ngroups) + 1, sizeof(int64_t));
+    int64_t *by_turn = malloc(sizeof(int64_t) * n);
+    if (!start || !by_turn) {
+        free(start);
+        free(by_turn);
         return false;
+    }
     for (int64_t sx = 0; sx < p->nspans; sx++)
         start[p->turn[sx] + 1]++;
     for (int64_t t = 0; t < longest; t++)
         start[t + 1] += start[t];
     for (int64_t sx = 0; sx < p->nspans; sx++)
-        p->order[start[p->turn[sx]]++] = sx;
+        by_turn[start[p->turn[sx]]++] = sx;
+    memset(start, 0, sizeof(int64_t) * (size_t)(ngroups + 1));
+    for (int64_t sx = 0; sx < p->nspans; sx++)
+        start[p->stream[sx] / per_group + 1]++;
+    for (int64_t g = 0; g < ngroups; g++)
+        start[g + 1] += start[g];
+    for (int64_t k = 0; k < p->nspans; k++)
+        p->order[start[p->stream[by_turn[k]] / per_group]++] = by_turn[k];
     free(start);
+    free(by_turn);
     return true;
 }
 

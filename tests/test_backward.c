@@ -440,7 +440,7 @@ START_TEST(parked_spans)
     /* More threads than the machine has cores, on streams of many spans: threads finish spans
      * before their turn and park them, and whoever passes the turn adds them (lib/backward.c,
      * "Parking"). The gradients must still be bitwise those of one thread, call after call. */
-    bwd_case cases[3];
+    bwd_case cases[4];
     test_rng r = rng_make(131);
     /* one stream (Hkv = 1) of paired tiles: a parked pair's merged view must outlive the spans
      * its thread computes after it */
@@ -460,7 +460,13 @@ START_TEST(parked_spans)
     set_topk(&r, &cases[2], 0, 128);
     cases[2].Bs = 2;
     cases[2].Hs = 2;
-    for (int i = 0; i < 3; i++) {
+    /* four streams (kv heads): with 8 and 6 threads they are taken in groups of 4 and of 3
+     * and 1 (ceil(threads / 2) streams a group), about two threads to a stream */
+    cases[3] = plain_case(1, 1024, 1024, 4, 4, 32, rng_u64(&r));
+    cases[3].causal = 1;
+    set_topk(&r, &cases[3], 0, 192);
+    cases[3].Hs = 4;
+    for (int i = 0; i < 4; i++) {
         cases[i].mask_causal = 1;
         cases[i].mBb = cases[i].Bs;
         cases[i].mHb = cases[i].Hs;
@@ -474,7 +480,7 @@ START_TEST(parked_spans)
     enum { NT = sizeof threads / sizeof threads[0] };
     dma_context *ctx[NT];
     contexts_for_threads(DMA_ISA_AUTO, threads, NT, ctx);
-    for (int i = 0; i < 3; i++)
+    for (int i = 0; i < 4; i++)
         backward_agrees(&cases[i], ctx, threads, NT);
     for (int t = 0; t < NT; t++)
         dma_context_destroy(ctx[t]);
