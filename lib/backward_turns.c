@@ -53,6 +53,22 @@ static bool pair_up(const bwd *w, int64_t x, int64_t nitems, const dma_item_view
     return dma_views_pair(A, B, BWD_ROWS, PAIR_GROWTH, count);
 }
 
+/* dst = src[0..n) (0..n-1 where src is NULL), stably sorted on keys[x] / div, which lies in
+ * [0, nkeys); start has room for nkeys + 1 counts. */
+static void counting_sort(const int64_t *src, int64_t n, const int64_t *keys, int64_t div,
+                          int64_t nkeys, int64_t *start, int64_t *dst)
+{
+    memset(start, 0, sizeof(int64_t) * (size_t)(nkeys + 1));
+    for (int64_t i = 0; i < n; i++)
+        start[keys[src ? src[i] : i] / div + 1]++;
+    for (int64_t k = 0; k < nkeys; k++)
+        start[k + 1] += start[k];
+    for (int64_t i = 0; i < n; i++) {
+        const int64_t x = src ? src[i] : i;
+        dst[start[keys[x] / div]++] = x;
+    }
+}
+
 bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, int threads, turn_plan *p)
 {
     const dma_attn *a = &w->a;
@@ -121,26 +137,15 @@ bool dma_bwd_plan_turns(const bwd *w, int64_t nitems, int threads, turn_plan *p)
      * what it finishes before its turn. */
     const int64_t per_group = dma_max64(1, (threads + 1) / 2);
     const int64_t ngroups = dma_div_up(p->nstreams, per_group);
-    int64_t *start = calloc((size_t)dma_max64(longest, ngroups) + 1, sizeof(int64_t));
+    int64_t *start = malloc(sizeof(int64_t) * ((size_t)dma_max64(longest, ngroups) + 1));
     int64_t *by_turn = malloc(sizeof(int64_t) * n);
     if (!start || !by_turn) {
         free(start);
         free(by_turn);
         return false;
     }
-    for (int64_t sx = 0; sx < p->nspans; sx++)
-        start[p->turn[sx] + 1]++;
-    for (int64_t t = 0; t < longest; t++)
-        start[t + 1] += start[t];
-    for (int64_t sx = 0; sx < p->nspans; sx++)
-        by_turn[start[p->turn[sx]]++] = sx;
-    memset(start, 0, sizeof(int64_t) * (size_t)(ngroups + 1));
-    for (int64_t sx = 0; sx < p->nspans; sx++)
-        start[p->stream[sx] / per_group + 1]++;
-    for (int64_t g = 0; g < ngroups; g++)
-        start[g + 1] += start[g];
-    for (int64_t k = 0; k < p->nspans; k++)
-        p->order[start[p->stream[by_turn[k]] / per_group]++] = by_turn[k];
+    counting_sort(NULL, p->nspans, p->turn, 1, longest, start, by_turn);
+    counting_sort(by_turn, p->nspans, p->stream, per_group, ngroups, start, p->order);
     free(start);
     free(by_turn);
     return true;
