@@ -327,6 +327,26 @@ DMA_API dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *p
                               const dma_tensor *key_padding, dma_sparsity **out);
 
 /**
+ * Build a sparsity object again, in the memory of one the caller has: the arguments and the
+ * result are those of dma_sparsity_build(), byte for byte, but each of the old object's arrays
+ * that is large enough is reused instead of allocated afresh. A training loop that rebuilds its
+ * mask every step with this call allocates nothing large once the sizes settle, and writes
+ * into pages it has already touched (a fresh build of a 6 MiB object spends more time in page
+ * faults than in selecting, measured on 2 cores).
+ *
+ * @param sp  in: NULL (the call is then dma_sparsity_build()) or an object from
+ *            dma_sparsity_build() or dma_sparsity_rebuild(), of any shape; out: the new object.
+ *            An object of a CUDA context, or any object when ctx is a CUDA context, is freed
+ *            and a new one built. The old object must not be in use by another call.
+ * On error *sp is freed and set to NULL, so that no stale or partly written object is left
+ * behind; the status and message are those of dma_sparsity_build() (DMA_ERR_NULL where sp,
+ * ctx or params is NULL). Threads: as dma_sparsity_build().
+ */
+DMA_API dma_status dma_sparsity_rebuild(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                                int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                                const dma_tensor *key_padding, dma_sparsity **sp);
+
+/**
  * Build a sparsity object from a dense boolean mask (compatibility with flash-sparse-attn):
  * `mask` is DMA_BOOL (B, H, Lq, Lk), nonzero = attend. Any dimension may have stride 0 to
  * broadcast; the object gets the mask's B and H. Costs O(B*H*Lq*Lk) time to read the mask.
@@ -345,7 +365,8 @@ DMA_API void dma_sparsity_shape(const dma_sparsity *sp, int64_t *B, int64_t *H, 
 /** Number of selected (row, key) pairs over all batches and heads of the object. */
 DMA_API int64_t dma_sparsity_nnz(const dma_sparsity *sp);
 
-/** Bytes of memory the object holds (for reporting; not a promise about allocator overhead). */
+/** Bytes of memory the object's selection takes (for reporting; not a promise about allocator
+ *  overhead). A rebuilt object may hold more: the arrays of its largest earlier selection. */
 DMA_API size_t dma_sparsity_bytes(const dma_sparsity *sp);
 
 /**

@@ -70,6 +70,9 @@ struct dma_sparsity {
     uint64_t *words;    /* row bitmasks, concatenated */
     int64_t nkeys, nwords;
     int64_t nnz;
+    /* Bytes allocated for tiles, row_lo, row_hi, keys and words (host objects): a rebuild
+     * reuses each array that is large enough (dma_sparsity_room). */
+    size_t cap_tiles, cap_lo, cap_hi, cap_keys, cap_words;
     int cuda;           /* 1: tiles, row_lo, row_hi, keys and words are device memory of GPU
                            cuda_device (built by a CUDA context; vals is then NULL) */
     int cuda_device;
@@ -154,9 +157,17 @@ void dma_free(void *p);
 
 /* ---- sparsity internals shared by the builders ---- */
 
-/* Allocate an empty object with B*H*ntiles tiles and B*H*Lq row ranges (keys/words NULL). */
+/* An empty object with B*H*ntiles tiles and B*H*Lq row ranges. Given a host object `reuse`
+ * (else NULL), that object is emptied and returned instead: its arrays are kept, keys and words
+ * for the builder to size with dma_sparsity_room, and freed on failure. Fresh objects have
+ * keys and words NULL. */
 dma_status dma_sparsity_alloc(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
-                              dma_sparsity **out);
+                              dma_sparsity *reuse, dma_sparsity **out);
+
+/* An array of `bytes` in place of `old` (allocated with *cap bytes): old itself when it is large
+ * enough (its contents are left to be overwritten), else a fresh one, old being freed. Sets *cap;
+ * NULL when out of memory. */
+void *dma_sparsity_room(void *old, size_t *cap, size_t bytes);
 
 /* ---- attention problems shared by the forward and the backward (lib/attn.c) ---- */
 

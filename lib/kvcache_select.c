@@ -181,7 +181,7 @@ dma_status dma_kv_select(dma_context *ctx, const dma_kv_cache *c, dma_mask_kind 
     for (int64_t b = 0; b < B; b++)
         Lk = dma_max64(Lk, c->len[b]);
     dma_sparsity *sp;
-    dma_status st = dma_sparsity_alloc(ctx, B, H, Lq, Lk, &sp);
+    dma_status st = dma_sparsity_alloc(ctx, B, H, Lq, Lk, NULL, &sp);
     if (st != DMA_OK)
         return st;
     if (kind != DMA_MASK_TOPK) {

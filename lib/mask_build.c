@@ -371,10 +371,11 @@ static bool bias_all(const build *bd, bool (*ok)(float))
     return true;
 }
 
-static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity **out)
+/* The object of bd, into reuse's memory (a host object, or NULL); reuse is consumed. */
+static dma_status run_build(dma_context *ctx, build *bd, dma_sparsity *reuse, dma_sparsity **out)
 {
     dma_sparsity *sp;
-    dma_status st = dma_sparsity_alloc(ctx, bd->B, bd->H, bd->Lq, bd->Lk, &sp);
+    dma_status st = dma_sparsity_alloc(ctx, bd->B, bd->H, bd->Lq, bd->Lk, reuse, &sp);
     if (st != DMA_OK)
         return st;
     bd->sp = sp;
@@ -460,12 +461,12 @@ static dma_status check_lengths(dma_context *ctx, int64_t B, int64_t H, int64_t 
     return DMA_OK;
 }
 
-dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
-                              int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
-                              const dma_tensor *key_padding, dma_sparsity **out)
+/* The checks of dma_sparsity_build's arguments; *bias becomes NULL where the kind reads none. */
+static dma_status check_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                              int64_t H, int64_t Lq, int64_t Lk, const dma_tensor **biasp,
+                              const dma_tensor *key_padding)
 {
-    if (!ctx || !params || !out)
-        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: ctx, params and out are required");
+    const dma_tensor *bias = *biasp;
     dma_mask_kind kind = params->kind;
     if (kind != DMA_MASK_TOPK && kind != DMA_MASK_RELU && kind != DMA_MASK_WINDOW &&
         kind != DMA_MASK_DENSE)
@@ -480,7 +481,7 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
     if (needs_bias && !bias)
         return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: top-k and relu need a bias");
     if (!needs_bias)
-        bias = NULL;
+        *biasp = bias = NULL;
     if (bias) {
         if ((st = dma_check_tensor(ctx, "bias", bias, DMA_F32, 4)) != DMA_OK)
             return st;
@@ -500,8 +501,26 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
                             (long long)key_padding->shape[0], (long long)key_padding->shape[1],
                             (long long)B, (long long)Lk);
     }
+    return DMA_OK;
+}
+
+/* dma_sparsity_build into reuse's memory where it is a host object and ctx a CPU context;
+ * reuse (or NULL) is consumed whatever happens. */
+static dma_status build_into(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                             int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                             const dma_tensor *key_padding, dma_sparsity *reuse,
+                             dma_sparsity **out)
+{
+    dma_status st = check_build(ctx, params, B, H, Lq, Lk, &bias, key_padding);
+    if (st != DMA_OK || ctx->device == DMA_DEVICE_CUDA || (reuse && reuse->cuda)) {
+        dma_sparsity_destroy(reuse);
+        reuse = NULL;
+    }
+    if (st != DMA_OK)
+        return st;
     if (ctx->device == DMA_DEVICE_CUDA)
         return dma_device_sparsity_build(ctx, params, B, H, Lq, Lk, bias, key_padding, out);
+    const dma_mask_kind kind = params->kind;
     build bd = {.kind = kind, .causal = params->causal != 0,
                 .window = kind == DMA_MASK_TOPK || kind == DMA_MASK_WINDOW ? params->window : 0,
                 .block_size = params->block_size, .B = B, .H = H, .Lq = Lq, .Lk = Lk,
@@ -514,7 +533,31 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
         bd.bias = NULL;
         bd.window = 0;
     }
-    return run_build(ctx, &bd, out);
+    return run_build(ctx, &bd, reuse, out);
+}
+
+dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                              int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                              const dma_tensor *key_padding, dma_sparsity **out)
+{
+    if (!ctx || !params || !out)
+        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: ctx, params and out are required");
+    return build_into(ctx, params, B, H, Lq, Lk, bias, key_padding, NULL, out);
+}
+
+dma_status dma_sparsity_rebuild(dma_context *ctx, const dma_mask_params *params, int64_t B,
+                                int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
+                                const dma_tensor *key_padding, dma_sparsity **sp)
+{
+    if (!sp)
+        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_rebuild: sp is required");
+    dma_sparsity *old = *sp;
+    *sp = NULL; /* set again on success only */
+    if (!ctx || !params) {
+        dma_sparsity_destroy(old);
+        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_rebuild: ctx and params are required");
+    }
+    return build_into(ctx, params, B, H, Lq, Lk, bias, key_padding, old, sp);
 }
 
 dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_sparsity **out)
@@ -532,5 +575,5 @@ dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_
     build bd = {.kind = KIND_FROM_MASK, .B = mask->shape[0], .H = mask->shape[1],
                 .Lq = mask->shape[2], .Lk = mask->shape[3],
                 .off = mask->shape[3] - mask->shape[2], .mask = mask};
-    return run_build(ctx, &bd, out);
+    return run_build(ctx, &bd, NULL, out);
 }

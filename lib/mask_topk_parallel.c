@@ -405,8 +405,10 @@ dma_status dma_topk_causal_build(const dma_topk_slab *in, int64_t nslab, int thr
                 nwords += segs[x].nwords;
             }
             if (st == DMA_OK) {
-                sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
-                sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
+                sp->keys = dma_sparsity_room(sp->keys, &sp->cap_keys,
+                                             (size_t)nkeys * sizeof(int32_t));
+                sp->words = dma_sparsity_room(sp->words, &sp->cap_words,
+                                              (size_t)nwords * sizeof(uint64_t));
                 if (!sp->keys || !sp->words)
                     st = DMA_ERR_NOMEM;
                 sp->nkeys = nkeys;

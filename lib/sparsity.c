@@ -10,20 +10,41 @@
 #include "internal.h"
 #include "select.h"
 
+void *dma_sparsity_room(void *old, size_t *cap, size_t bytes)
+{
+    if (old && bytes <= *cap)
+        return old;
+    dma_free(old);
+    void *p = dma_alloc(bytes);
+    *cap = p ? bytes : 0;
+    return p;
+}
+
 dma_status dma_sparsity_alloc(dma_context *ctx, int64_t B, int64_t H, int64_t Lq, int64_t Lk,
-                              dma_sparsity **out)
+                              dma_sparsity *reuse, dma_sparsity **out)
 {
     int64_t ntiles = dma_div_up(Lq, DMA_TILE), nslab, ntile_all, nrows;
     if (!dma_mul_ok(B, H, &nslab) || !dma_mul_ok(nslab, ntiles, &ntile_all) ||
         !dma_mul_ok(nslab, Lq, &nrows) || ntile_all > (int64_t)(SIZE_MAX / 4 / sizeof(dma_tile)) ||
-        nrows > (int64_t)(SIZE_MAX / 8 / sizeof(int32_t)))
+        nrows > (int64_t)(SIZE_MAX / 8 / sizeof(int32_t))) {
+        dma_sparsity_destroy(reuse);
         return dma_fail(ctx, DMA_ERR_OVERFLOW, "sparsity: B*H*Lq = %lld*%lld*%lld overflows",
                         (long long)B, (long long)H, (long long)Lq);
-    dma_sparsity *sp = calloc(1, sizeof *sp);
+    }
+    dma_sparsity *sp = reuse ? reuse : calloc(1, sizeof *sp);
     if (sp) {
-        sp->tiles = dma_alloc((size_t)ntile_all * sizeof(dma_tile));
-        sp->row_lo = dma_alloc((size_t)nrows * sizeof(int32_t));
-        sp->row_hi = dma_alloc((size_t)nrows * sizeof(int32_t));
+        /* Only the arrays survive a rebuild; vals (a KV cache's selection) is never rebuilt. */
+        dma_sparsity keep = *sp;
+        dma_free(keep.vals);
+        *sp = (dma_sparsity){.tiles = keep.tiles, .row_lo = keep.row_lo, .row_hi = keep.row_hi,
+                             .keys = keep.keys, .words = keep.words, .cap_tiles = keep.cap_tiles,
+                             .cap_lo = keep.cap_lo, .cap_hi = keep.cap_hi,
+                             .cap_keys = keep.cap_keys, .cap_words = keep.cap_words};
+        const size_t rows = (size_t)nrows * sizeof(int32_t);
+        sp->tiles = dma_sparsity_room(sp->tiles, &sp->cap_tiles,
+                                      (size_t)ntile_all * sizeof(dma_tile));
+        sp->row_lo = dma_sparsity_room(sp->row_lo, &sp->cap_lo, rows);
+        sp->row_hi = dma_sparsity_room(sp->row_hi, &sp->cap_hi, rows);
     }
     if (!sp || !sp->tiles || !sp->row_lo || !sp->row_hi) {
         dma_sparsity_destroy(sp);
@@ -152,13 +173,14 @@ dma_status dma_sparsity_assemble(dma_context *ctx, dma_sparsity *sp, slab *slabs
     }
     piece *pieces = NULL;
     if (st == DMA_OK) {
-        sp->keys = dma_alloc((size_t)nkeys * sizeof(int32_t));
+        sp->keys = dma_sparsity_room(sp->keys, &sp->cap_keys, (size_t)nkeys * sizeof(int32_t));
         bool with_vals = false;
         for (int64_t s = 0; s < nslab; s++)
             with_vals |= slabs[s].vals != NULL;
         if (with_vals && !(sp->vals = dma_alloc((size_t)nkeys * sizeof(float))))
             st = DMA_ERR_NOMEM;
-        sp->words = dma_alloc((size_t)nwords * sizeof(uint64_t));
+        sp->words =
+            dma_sparsity_room(sp->words, &sp->cap_words, (size_t)nwords * sizeof(uint64_t));
         pieces = malloc(sizeof(piece) * (size_t)(nslab + 1));
         if (!sp->keys || !sp->words || !pieces)
             st = DMA_ERR_NOMEM;

@@ -7,6 +7,8 @@
  * Two ways in: dma_topk_causal_build called directly with small blocks (so that short slabs,
  * every window and many blocks per slab are covered quickly), and dma_sparsity_build with
  * contexts of 1, 2, 3, 4 and 7 threads on slabs long enough for the library to split them.
+ * Also dma_sparsity_rebuild through a run of builders and shapes: each object equals a fresh
+ * build's, array by array, and each array is reused while large enough.
  * Needs the library's internals (lib/internal.h): linked with the static library.
  */
 #include <check.h>
@@ -120,7 +122,7 @@ static dma_status build_split(dma_context *ctx, const tcase_data *c, int threads
                               int64_t min_block, dma_sparsity **out)
 {
     dma_sparsity *sp = NULL;
-    dma_status st = dma_sparsity_alloc(ctx, c->B, c->H, c->Lq, c->Lk, &sp);
+    dma_status st = dma_sparsity_alloc(ctx, c->B, c->H, c->Lq, c->Lk, NULL, &sp);
     ck_assert_int_eq(st, DMA_OK);
     int64_t nslab = c->B * c->H;
     dma_topk_slab *in = test_calloc((size_t)nslab + 1, sizeof(dma_topk_slab));
@@ -356,6 +358,153 @@ START_TEST(split_policy)
 }
 END_TEST
 
+/* ---- dma_sparsity_rebuild ---- */
+
+/* One build of the rebuild sequence. */
+typedef struct rebuild_step {
+    dma_mask_kind kind;
+    int64_t B, H, Lq, Lk, window, block_size;
+    int per_row; /* bias (B, H, Lq, Lk) instead of (B, H, 1, Lk) */
+    int padded;
+} rebuild_step;
+
+/* Larger, smaller and equal objects in turn, through every builder: the streaming top-k (split
+ * among threads where Lk >= DMA_TOPK_SPLIT_MIN_KEYS), per-row top-k, relu, window, block
+ * smoothing, a window that keeps every key (the dense object), no rows. */
+static const rebuild_step REBUILD_STEPS[] = {
+    {DMA_MASK_TOPK, 2, 2, 700, 700, 64, 0, 0, 0},
+    {DMA_MASK_TOPK, 2, 2, 700, 700, 64, 0, 0, 1},
+    {DMA_MASK_TOPK, 1, 1, 5000, 5000, 100, 0, 0, 0},
+    {DMA_MASK_WINDOW, 1, 1, 300, 300, 32, 0, 0, 0},
+    {DMA_MASK_TOPK, 1, 2, 200, 260, 16, 0, 1, 0},
+    {DMA_MASK_RELU, 2, 1, 150, 150, 0, 0, 1, 1},
+    {DMA_MASK_TOPK, 1, 1, 5000, 5000, 100, 0, 0, 0},
+    {DMA_MASK_TOPK, 2, 1, 400, 400, 50, 4, 0, 0},
+    {DMA_MASK_TOPK, 1, 1, 90, 90, 90, 0, 0, 0},
+    {DMA_MASK_TOPK, 1, 1, 0, 90, 8, 0, 0, 0},
+    {DMA_MASK_TOPK, 1, 1, 6000, 6000, 300, 0, 0, 1},
+};
+#define N_REBUILD_STEPS ((int)(sizeof REBUILD_STEPS / sizeof REBUILD_STEPS[0]))
+
+static size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
+
+START_TEST(rebuild_matches_build)
+{
+    static const int threads[] = {1, 3};
+    for (int ti = 0; ti < 2; ti++) {
+        dma_context *ctx = make_ctx(threads[ti]);
+        test_rng r = rng_make(1603);
+        dma_sparsity *sp = NULL;
+        /* Every array's capacity is the largest size asked of it so far: reused, never
+         * reallocated for a smaller or equal one. */
+        size_t cap_tiles = 0, cap_rows = 0, cap_keys = 0, cap_words = 0;
+        for (int k = 0; k < N_REBUILD_STEPS; k++) {
+            const rebuild_step *st = &REBUILD_STEPS[k];
+            const int64_t Lb = st->per_row ? st->Lq : 1;
+            const int64_t nbias = st->B * st->H * Lb * st->Lk;
+            float *bias = test_malloc(sizeof(float) * (size_t)(nbias + 1));
+            for (int64_t x = 0; x < nbias; x++)
+                bias[x] = rng_bernoulli(&r, 0.3) ? (float)rng_int(&r, -1, 1)
+                                                 : rng_float(&r, -2.0f, 2.0f);
+            uint8_t *pad = test_malloc((size_t)(st->B * st->Lk + 1));
+            for (int64_t x = 0; x < st->B * st->Lk; x++)
+                pad[x] = (uint8_t)(!st->padded || !rng_bernoulli(&r, 0.2));
+            dma_tensor tb = dma_tensor_4d(bias, DMA_F32, st->B, st->H, Lb, st->Lk);
+            dma_tensor tp = dma_tensor_2d(pad, DMA_BOOL, st->B, st->Lk);
+            dma_mask_params mp = {.kind = st->kind, .causal = 1, .window = st->window,
+                                  .block_size = st->block_size};
+            const dma_tensor *pp = st->padded ? &tp : NULL;
+            tcase_data c;
+            memset(&c, 0, sizeof c);
+            snprintf(c.what, sizeof c.what, "{step %d, threads %d}", k, threads[ti]);
+
+            dma_sparsity *fresh = NULL;
+            ck_assert_int_eq(dma_sparsity_build(ctx, &mp, st->B, st->H, st->Lq, st->Lk, &tb, pp,
+                                                &fresh),
+                             DMA_OK);
+            dma_sparsity *before = sp;
+            dma_status s = dma_sparsity_rebuild(ctx, &mp, st->B, st->H, st->Lq, st->Lk, &tb, pp,
+                                                &sp);
+            ck_assert_msg(s == DMA_OK && sp, "rebuild %s: %s (%s)", c.what, dma_status_string(s),
+                          dma_context_last_error(ctx));
+            REQUIRE(!before || sp == before, "rebuild %s: a new object", c.what);
+            assert_same(fresh, sp, "rebuild", &c);
+            ck_assert_uint_eq(dma_sparsity_bytes(sp), dma_sparsity_bytes(fresh));
+            const int64_t nslab = st->B * st->H;
+            cap_tiles = max_size(cap_tiles,
+                                 (size_t)(nslab * fresh->ntiles) * sizeof(dma_tile));
+            cap_rows = max_size(cap_rows, (size_t)(nslab * st->Lq) * sizeof(int32_t));
+            cap_keys = max_size(cap_keys, (size_t)fresh->nkeys * sizeof(int32_t));
+            cap_words = max_size(cap_words, (size_t)fresh->nwords * sizeof(uint64_t));
+            REQUIRE(sp->cap_tiles == cap_tiles && sp->cap_lo == cap_rows &&
+                        sp->cap_hi == cap_rows && sp->cap_keys == cap_keys &&
+                        sp->cap_words == cap_words,
+                    "rebuild %s: capacities %zu %zu %zu %zu %zu, expected %zu %zu %zu %zu",
+                    c.what, sp->cap_tiles, sp->cap_lo, sp->cap_hi, sp->cap_keys, sp->cap_words,
+                    cap_tiles, cap_rows, cap_keys, cap_words);
+            dma_sparsity_destroy(fresh);
+            free(bias);
+            free(pad);
+        }
+        dma_sparsity_destroy(sp);
+        dma_context_destroy(ctx);
+    }
+}
+END_TEST
+
+/* A failed rebuild frees the old object and leaves NULL (no stale or partial object); with
+ * *sp NULL a rebuild is a build. Leaks would show under ASan. */
+START_TEST(rebuild_errors)
+{
+    dma_context *ctx = make_ctx(3);
+    enum { L = 5000 };
+    float *bias = test_malloc(sizeof(float) * L);
+    test_rng r = rng_make(1604);
+    for (int x = 0; x < L; x++)
+        bias[x] = rng_float(&r, -1.0f, 1.0f);
+    dma_tensor tb = dma_tensor_4d(bias, DMA_F32, 1, 1, 1, L);
+    dma_mask_params mp = {.kind = DMA_MASK_TOPK, .causal = 1, .window = 64};
+    for (int bad = 0; bad < 5; bad++) {
+        dma_sparsity *sp = NULL;
+        ck_assert_int_eq(dma_sparsity_rebuild(ctx, &mp, 1, 1, L, L, &tb, NULL, &sp), DMA_OK);
+        ck_assert_ptr_nonnull(sp);
+        dma_status want = DMA_ERR_BAD_VALUE, got;
+        switch (bad) {
+        case 0: /* a NaN found by the split builder's step 1, late in the slab */
+            bias[4321] = NAN;
+            got = dma_sparsity_rebuild(ctx, &mp, 1, 1, L, L, &tb, NULL, &sp);
+            bias[4321] = 0.5f;
+            break;
+        case 1: /* +inf through the per-row builder */
+            bias[17] = INFINITY;
+            got = dma_sparsity_rebuild(ctx, &mp, 1, 1, 1, L, &tb, NULL, &sp);
+            bias[17] = 0.5f;
+            break;
+        case 2: /* a bias of the wrong shape */
+            want = DMA_ERR_SHAPE;
+            got = dma_sparsity_rebuild(ctx, &mp, 1, 1, L, L - 1, &tb, NULL, &sp);
+            break;
+        case 3:
+            want = DMA_ERR_NULL;
+            got = dma_sparsity_rebuild(ctx, NULL, 1, 1, L, L, &tb, NULL, &sp);
+            break;
+        default:
+            want = DMA_ERR_WINDOW;
+            mp.window = -1;
+            got = dma_sparsity_rebuild(ctx, &mp, 1, 1, L, L, &tb, NULL, &sp);
+            mp.window = 64;
+            break;
+        }
+        ck_assert_msg(got == want && sp == NULL, "case %d: %s, sp %p", bad,
+                      dma_status_string(got), (void *)sp);
+        ck_assert_ptr_nonnull(strstr(dma_context_last_error(ctx), bad == 2 ? "shape" : ""));
+    }
+    ck_assert_int_eq(dma_sparsity_rebuild(ctx, &mp, 1, 1, L, L, &tb, NULL, NULL), DMA_ERR_NULL);
+    free(bias);
+    dma_context_destroy(ctx);
+}
+END_TEST
+
 static Suite *split_suite(void)
 {
     Suite *s = suite_create("sparsity_parallel");
@@ -366,6 +515,11 @@ static Suite *split_suite(void)
     tcase_add_test(tc, split_public_matches_sequential);
     tcase_add_test(tc, split_bad_bias);
     suite_add_tcase(s, tc);
+    TCase *tr = tcase_create("rebuild");
+    tcase_set_timeout(tr, 300);
+    tcase_add_test(tr, rebuild_matches_build);
+    tcase_add_test(tr, rebuild_errors);
+    suite_add_tcase(s, tr);
     return s;
 }
 

@@ -7,7 +7,9 @@
  *   - causal: no row selects a key past its diagonal; no row selects a padded key; TOPK: no
  *     row selects more than `window` keys; TOPK and RELU never select a -inf key, RELU only
  *     keys of bias > 0 (block_size <= 1);
- *   - an error leaves the output pointer alone and sets the context's message.
+ *   - an error leaves the output pointer alone and sets the context's message;
+ *   - dma_sparsity_rebuild into the object the previous input left (any shape and kind) gives
+ *     the build's status, and on success the same selection; on error it leaves NULL.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -17,7 +19,7 @@
 enum { MAXB = 3, MAXH = 3, MAXL = 70, BUF = 1 << 16 };
 
 static float fbuf[BUF / 4];
-static uint8_t bbuf[BUF], dense[MAXB * MAXH * MAXL * MAXL];
+static uint8_t bbuf[BUF], dense[MAXB * MAXH * MAXL * MAXL], dense_built[sizeof dense];
 
 static void check_object(const dma_sparsity *sp, const dma_mask_params *mp, int64_t B, int64_t H,
                          int64_t Lq, int64_t Lk, const dma_tensor *bias, const dma_tensor *pad)
@@ -112,10 +114,23 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         dma_status st = dma_sparsity_build(ctx, &mp, B, H, Lq, Lk, pbias, ppad, &sp);
         if (st == DMA_OK) {
             check_object(sp, &mp, B, H, Lq, Lk, pbias, ppad);
-            dma_sparsity_destroy(sp);
+            memcpy(dense_built, dense, sizeof dense);
         } else if (sp || !dma_context_last_error(ctx)[0]) {
             abort(); /* an error must leave out alone and say why */
         }
+        /* the same into the memory of the object the last input left */
+        static dma_sparsity *kept;
+        if (dma_sparsity_rebuild(ctx, &mp, B, H, Lq, Lk, pbias, ppad, &kept) != st ||
+            (st != DMA_OK) != (kept == NULL))
+            abort();
+        if (st == DMA_OK) {
+            if (dma_sparsity_nnz(kept) != dma_sparsity_nnz(sp))
+                abort();
+            check_object(kept, &mp, B, H, Lq, Lk, pbias, ppad);
+            if (memcmp(dense, dense_built, sizeof dense))
+                abort(); /* check_object wrote both selections to dense, or neither */
+        }
+        dma_sparsity_destroy(sp);
     }
     /* a dense boolean mask */
     if (fz_fair(&mask, sizeof bbuf) && modest_mask(&mask)) {
