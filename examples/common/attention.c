@@ -75,13 +75,12 @@ int attention_forward(dma_context *ctx, const attn_dims *d, const attn_params *p
     rope_forward(a->qkv, d->B, d->L, d->Hq + d->Hkv, d->D, QKV, cos_t, sin_t, threads);
 
     attn_views w = make_views(d, a->qkv, a->att, a->lse, a->bias);
-    dma_sparsity_destroy(a->sp);
-    a->sp = NULL;
+    /* Each step's mask is built into the last step's object: its memory is reused. */
     dma_status st = DMA_OK;
     if (d->kind == ATTN_SWA) {
         dma_mask_params mask = {.kind = DMA_MASK_WINDOW, .causal = 1, .window = d->window};
-        if ((st = dma_sparsity_build(ctx, &mask, 1, 1, d->L, d->L, NULL, NULL, &a->sp)))
-            return fail(ctx, st, "dma_sparsity_build", d, err, errlen);
+        if ((st = dma_sparsity_rebuild(ctx, &mask, 1, 1, d->L, d->L, NULL, NULL, &a->sp)))
+            return fail(ctx, st, "dma_sparsity_rebuild", d, err, errlen);
     } else if (d->kind == ATTN_DMA) {
         dma_tensor w_dt = dma_tensor_2d(p->w_dt, DMA_F32, (int64_t)d->Hkv * d->D, d->Hkv);
         dma_tensor b_dt = dma_tensor_1d(p->b_dt, DMA_F32, d->Hkv);
@@ -90,9 +89,12 @@ int attention_forward(dma_context *ctx, const attn_dims *d, const attn_params *p
             return fail(ctx, st, "dma_dynamic_bias_forward", d, err, errlen);
         /* A NaN bias (diverged training) is reported here as DMA_ERR_BAD_VALUE. */
         dma_mask_params mask = {.kind = DMA_MASK_TOPK, .causal = 1, .window = d->window};
-        if ((st = dma_sparsity_build(ctx, &mask, d->B, d->Hkv, d->L, d->L, &w.bias, NULL,
-                                     &a->sp)))
-            return fail(ctx, st, "dma_sparsity_build", d, err, errlen);
+        if ((st = dma_sparsity_rebuild(ctx, &mask, d->B, d->Hkv, d->L, d->L, &w.bias, NULL,
+                                       &a->sp)))
+            return fail(ctx, st, "dma_sparsity_rebuild", d, err, errlen);
+    } else {
+        dma_sparsity_destroy(a->sp);
+        a->sp = NULL;
     }
     dma_attn_params params = {.causal = 1};
     if ((st = dma_forward(ctx, &w.q, &w.k, &w.v, d->kind == ATTN_DMA ? &w.bias : NULL, a->sp,
