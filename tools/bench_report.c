@@ -143,8 +143,10 @@ static void print_json(const result *r)
         json_num("work_ratio", r->work_ratio);
         json_num("sparsity_bytes", r->sparsity_bytes);
     }
-    if (r->op == OP_MASK_BUILD)
+    if (r->op == OP_MASK_BUILD) {
         json_num("pct_of_forward", r->pct_of_forward);
+        json_num("fresh_build_ms", r->fresh_ms);
+    }
     if (r->op == OP_FORWARD || r->op == OP_BACKWARD) {
         json_num("speedup_vs_dense", r->speedup_vs_dense);
         json_num("speedup_vs_openblas", r->speedup_vs_openblas); /* backward: always null */
@@ -208,6 +210,8 @@ static void print_table_row(const result *r, report_style st)
         NOTE("%.1f%% of dma forward", r->pct_of_forward);
     if (r->op == OP_MASK_BUILD && isfinite(r->sparsity_bytes))
         NOTE("%ssparsity %.2f MiB", o ? ", " : "", r->sparsity_bytes / 1048576.0);
+    if (r->op == OP_MASK_BUILD && isfinite(r->fresh_ms))
+        NOTE("%sfresh build %.3f ms", o ? ", " : "", r->fresh_ms);
     if (r->op == OP_BACKWARD && isfinite(r->bwd_fwd_ratio))
         NOTE("bwd/fwd=%.2fx", r->bwd_fwd_ratio);
     if (r->op == OP_BACKWARD && isfinite(r->bwd_fwd_per_call))

@@ -46,6 +46,7 @@ typedef struct result {
     int64_t nnz;          /* dma_sparsity_nnz of the object (its own B and H) */
     double work_ratio;    /* dense (visible) pairs / dma pairs */
     double sparsity_bytes;
+    double fresh_ms;      /* mask_build: median of fresh builds (the line times rebuilds) */
     /* ratios filled by link_results() */
     double pct_of_forward;      /* mask_build only */
     double speedup_vs_dense;    /* forward, backward lines: dense ms / this ms (same op, dtype) */
