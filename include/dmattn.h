@@ -334,8 +334,8 @@ DMA_API dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *p
  * into pages it has already touched (a fresh build of a 6 MiB object spends more time in page
  * faults than in selecting, measured on 2 cores).
  *
- * @param sp  in: NULL (the call is then dma_sparsity_build()) or an object from
- *            dma_sparsity_build() or dma_sparsity_rebuild(), of any shape; out: the new object.
+ * @param sp  in: NULL (the call is then dma_sparsity_build()) or any object (of any builder,
+ *            shape and kind); out: the new object.
  *            An object of a CUDA context, or any object when ctx is a CUDA context, is freed
  *            and a new one built. The old object must not be in use by another call.
  * On error *sp is freed and set to NULL, so that no stale or partly written object is left

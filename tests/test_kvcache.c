@@ -138,6 +138,14 @@ static void check_rows(dma_context *ctx, const dma_kv_cache *c, const seq *s,
             }
     ck_assert_int_eq(dma_sparsity_nnz(sp), nnz);
     free(got);
+    /* A cache's object (it carries each key's bias) rebuilds as any other: a causal window of
+     * 3 over the same rows, whose row at position p keeps min(3, p + 1) keys. */
+    dma_mask_params win = {.kind = DMA_MASK_WINDOW, .causal = 1, .window = 3};
+    ck_assert_int_eq(dma_sparsity_rebuild(ctx, &win, 1, 1, rows, len, NULL, NULL, &sp), DMA_OK);
+    int64_t win_nnz = 0;
+    for (int64_t i = 0; i < rows; i++)
+        win_nnz += len - rows + i + 1 < 3 ? len - rows + i + 1 : 3;
+    ck_assert_int_eq(dma_sparsity_nnz(sp), win_nnz);
     dma_sparsity_destroy(sp);
     /* The newest row through dma_kv_cache_selection. */
     int32_t keys[600];

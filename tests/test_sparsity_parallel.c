@@ -395,9 +395,17 @@ START_TEST(rebuild_matches_build)
         dma_context *ctx = make_ctx(threads[ti]);
         test_rng r = rng_make(1603);
         dma_sparsity *sp = NULL;
+        if (ti == 1) { /* start from an object of dma_sparsity_from_mask */
+            uint8_t mask[2 * 40 * 50];
+            for (size_t x = 0; x < sizeof mask; x++)
+                mask[x] = (uint8_t)rng_bernoulli(&r, 0.4);
+            dma_tensor tm = dma_tensor_4d(mask, DMA_BOOL, 1, 2, 40, 50);
+            ck_assert_int_eq(dma_sparsity_from_mask(ctx, &tm, &sp), DMA_OK);
+        }
         /* Every array's capacity is the largest size asked of it so far: reused, never
          * reallocated for a smaller or equal one. */
-        size_t cap_tiles = 0, cap_rows = 0, cap_keys = 0, cap_words = 0;
+        size_t cap_tiles = sp ? sp->cap_tiles : 0, cap_rows = sp ? sp->cap_lo : 0;
+        size_t cap_keys = sp ? sp->cap_keys : 0, cap_words = sp ? sp->cap_words : 0;
         for (int k = 0; k < N_REBUILD_STEPS; k++) {
             const rebuild_step *st = &REBUILD_STEPS[k];
             const int64_t Lb = st->per_row ? st->Lq : 1;
