@@ -34,7 +34,8 @@
 /* Columns of D and rows of Q per call of accum_tn: DB is a multiple of 16 (the kernels round D
  * up to 16, so a block must not end inside a group of 16) and wide enough for the widest
  * register block (AVX-512: 64 floats); a DB x TN_ROWS block of Q is 16 KiB, which stays in L1
- * while every used key of the chunk runs past it. */
+ * while every used key of the chunk runs past it. Where the kernel table's tn_rows allows,
+ * two such blocks go to one call (tn_calls). */
 #define DB 64
 #define TN_ROWS 64
 
@@ -139,6 +140,33 @@ static void rows_cols(const int64_t *blk_ca, const int64_t *blk_cb, int64_t mr, 
             *ca = dma_min64(*ca, blk_ca[b]);
             *cb = dma_max64(*cb, blk_cb[b]);
         }
+}
+
+/* One call of accum_tn: rows [r0, r1) of the group, over chunk columns [ca, cb). */
+typedef struct tn_call {
+    int64_t r0, r1, ca, cb;
+} tn_call;
+
+/* The accum_tn calls over a group's rows [g0, g1): blocks of TN_ROWS rows, each over the
+ * columns its blocks of mr rows cover. With tn_rows > TN_ROWS, neighbouring blocks that cover
+ * the same columns (the query heads of a kv head sharing a selection, or rows in the middle
+ * of a union) share a call, which loads and stores its output rows once for all of them.
+ * Blocks whose columns differ stay apart, so no call computes more products than before.
+ * Returns the number of calls. */
+static int tn_calls(const int64_t *blk_ca, const int64_t *blk_cb, int64_t mr, int64_t n_pad,
+                    int64_t g0, int64_t g1, int64_t tn_rows, tn_call *calls)
+{
+    int n = 0;
+    for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
+        tn_call c = {.r0 = r0, .r1 = dma_min64(g1, r0 + TN_ROWS)};
+        rows_cols(blk_ca, blk_cb, mr, n_pad, c.r0, c.r1, &c.ca, &c.cb);
+        tn_call *last = n > 0 ? &calls[n - 1] : NULL;
+        if (last && c.r1 - last->r0 <= tn_rows && c.ca == last->ca && c.cb == last->cb)
+            last->r1 = c.r1;
+        else
+            calls[n++] = c;
+    }
+    return n;
 }
 
 /* Ask for row r of dout and out (which 0) or of q (1): the span's first products run while
@@ -373,36 +401,31 @@ static int64_t backward_item(const bwd *w, const turn_plan *plan, int64_t x,
                                    PS_LD, (int)m, Kr + ca * ld, (int)ld, (int)(cb - ca), (int)D);
             }
             /* dK[U] (+)= dS^T Q and dV[U] (+)= P^T dout over the group's rows, in blocks of DB
-             * columns and TN_ROWS rows of Q (or dout): the kernel runs the keys the block's rows
-             * select (the columns its blocks of mr rows cover: the rows of a pair's first tile
-             * skip the keys only its second selects) past that block, which stays in L1. The
-             * chunk's first block of rows overwrites its columns of the private rows; the used
-             * columns it does not cover are zeroed first, for the other blocks to add into. */
-            int64_t tn_ca[BWD_ROWS / TN_ROWS + 1], tn_cb[BWD_ROWS / TN_ROWS + 1];
-            for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
-                int64_t ca, cb;
-                rows_cols(blk_ca, blk_cb, mr, n_pad, r0, dma_min64(g1, r0 + TN_ROWS), &ca, &cb);
-                if (r0 == 0) { /* zero what the overwrite leaves */
-                    if (cb <= ca)
-                        ca = cb = used_lo;
-                    zero_rows(g, c0 + used_lo, c0 + ca, ld);
-                    zero_rows(g, c0 + cb, c0 + used_hi, ld);
-                }
-                tn_ca[(r0 - g0) / TN_ROWS] = ca;
-                tn_cb[(r0 - g0) / TN_ROWS] = cb;
+             * columns and TN_ROWS (or tn_rows) rows of Q (or dout): the kernel runs the keys the
+             * block's rows select (the columns its blocks of mr rows cover: the rows of a pair's
+             * first tile skip the keys only its second selects) past that block, which stays in
+             * L1. The chunk's first call overwrites its columns of the private rows; the used
+             * columns it does not cover are zeroed first, for the other calls to add into. */
+            tn_call calls[BWD_ROWS / TN_ROWS + 1];
+            const int ncalls = tn_calls(blk_ca, blk_cb, mr, n_pad, g0, g1, kern->tn_rows, calls);
+            if (g0 == 0) { /* zero what the overwrite leaves */
+                if (calls[0].cb <= calls[0].ca)
+                    calls[0].ca = calls[0].cb = used_lo;
+                zero_rows(g, c0 + used_lo, c0 + calls[0].ca, ld);
+                zero_rows(g, c0 + calls[0].cb, c0 + used_hi, ld);
             }
             for (int pass = 0; pass < 2; pass++) {
                 float *dst = pass ? g->dv : g->dk;
                 const float *weights = pass ? P : dS, *rows = pass ? dO : Q;
                 for (int64_t d0 = 0; d0 < ld; d0 += DB)
-                    for (int64_t r0 = g0; r0 < g1; r0 += TN_ROWS) {
-                        const int64_t t = (r0 - g0) / TN_ROWS, ca = tn_ca[t], cb = tn_cb[t];
-                        if (cb > ca)
-                            kern->accum_tn(dst + (c0 + ca) * ld + d0, (int)ld,
-                                           weights + (r0 - g0) * PS_LD + ca, PS_LD, (int)(cb - ca),
-                                           rows + r0 * qld + d0, (int)qld,
-                                           (int)dma_min64(TN_ROWS, g1 - r0),
-                                           (int)dma_min64(DB, ld - d0), r0 == 0);
+                    for (int t = 0; t < ncalls; t++) {
+                        const tn_call *c = &calls[t];
+                        if (c->cb > c->ca)
+                            kern->accum_tn(dst + (c0 + c->ca) * ld + d0, (int)ld,
+                                           weights + (c->r0 - g0) * PS_LD + c->ca, PS_LD,
+                                           (int)(c->cb - c->ca), rows + c->r0 * qld + d0,
+                                           (int)qld, (int)(c->r1 - c->r0),
+                                           (int)dma_min64(DB, ld - d0), c->r0 == 0);
                     }
             }
         }

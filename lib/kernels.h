@@ -31,6 +31,9 @@ typedef struct dma_kernels {
                       * at: a divisor of nr */
     int pv_rows; /* rows (<= mr) of accum_pv's fastest register block, for callers free to
                   * choose their blocks of rows (the backward's dQ) */
+    int tn_rows; /* rows of Q (or dout) one accum_tn call of the backward may take: 64 in
+                  * every table (a 64-float-wide block of them stays in a 32 KiB L1); the
+                  * context raises it to 128 on CPUs where that pays (context.c) */
 
     /* Gather n keys and pack them transposed into kp (layout above, n rounded up to nr with
      * zeros). Key c is row `keys[c]` of `base` (row stride ld floats) or, if keys is NULL,

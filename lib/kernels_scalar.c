@@ -336,6 +336,7 @@ const dma_kernels dma_kernels_scalar = {
     /* not a divisor of MR: the reference path also runs the backward's dQ in blocks of rows
      * that straddle blocks of MR rows, as the AVX-512 path does */
     .pv_rows = 3,
+    .tn_rows = 64,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,

@@ -39,6 +39,8 @@ int kernel_tables(table out[4])
         ck_assert_msg(k->mr >= 1 && k->mr <= 16, "%s: mr = %d", k->name, k->mr);
         ck_assert_msg(k->pv_rows >= 1 && k->pv_rows <= k->mr, "%s: pv_rows = %d", k->name,
                       k->pv_rows);
+        ck_assert_msg(k->tn_rows == 64, "%s: tn_rows = %d (the backward merges blocks of 64)",
+                      k->name, k->tn_rows);
         ck_assert_msg(k->select_step >= 8 && k->nr % k->select_step == 0,
                       "%s: select_step = %d", k->name, k->select_step);
         ck_assert_msg(k->pack_k && k->pack_v && k->scores && k->softmax_row && k->accum_pv &&

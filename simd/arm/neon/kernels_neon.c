@@ -631,6 +631,7 @@ const dma_kernels dma_kernels_neon = {
     .nr = NR,
     .select_step = NR,
     .pv_rows = MR,
+    .tn_rows = 64,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,

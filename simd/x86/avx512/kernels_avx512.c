@@ -766,6 +766,7 @@ const dma_kernels dma_kernels_avx512 = {
     .nr = NR,
     .select_step = VW,
     .pv_rows = PV_ROWS,
+    .tn_rows = 64,
     .pack_k = pack_k,
     .pack_v = pack_v,
     .scores = scores,
