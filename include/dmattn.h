@@ -162,8 +162,9 @@ typedef struct dma_context dma_context;
  * @param opts  options, or NULL for all defaults.
  * @param out   receives the new context on success; untouched on error.
  * @return DMA_OK; DMA_ERR_NULL (out is NULL); DMA_ERR_ARG (negative threads, unknown isa or
- *         device, or a DMATTN_ISA value that is not a known name); DMA_ERR_ISA (the ISA asked
- *         for, by option or environment, is not supported by this CPU or was not built);
+ *         device, a DMATTN_ISA value that is not a known name, or a DMATTN_TN_ROWS value
+ *         other than 64 or 128); DMA_ERR_ISA (the ISA asked for, by option or environment,
+ *         is not supported by this CPU or was not built);
  *         DMA_ERR_DEVICE (DMA_DEVICE_CUDA without a CUDA backend in this build, or the device
  *         ordinal names no usable GPU); DMA_ERR_NOMEM.
  * With the environment variable DMATTN_BF16_DOT=1, an AVX-512 context on a CPU with
@@ -171,6 +172,11 @@ typedef struct dma_context dma_context;
  * products are exact; bf16 subnormals count as zero). It is off by default because it was
  * slower than the float32 path on the Xeon (Sapphire Rapids) it was measured on, which issues
  * one VDPBF16PS per cycle against two float32 FMAs: the same products per cycle.
+ * DMATTN_TN_ROWS=64|128 sets how many query rows one of dma_backward's dK and dV products may
+ * take at once (128: two blocks of 64 that cover the same keys go together). The default is
+ * 128 for the AVX-512 kernels on AMD Zen 4, where it measured about 1% faster, and 64
+ * elsewhere (slower with 128 on a Sapphire Rapids Xeon). The gradients are bitwise the same
+ * either way; any other non-empty value gives DMA_ERR_ARG.
  * Thread-safe (no shared state). The environment is read only here.
  */
 DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_context **out);

@@ -71,6 +71,21 @@ static int cpu_has_avx512_bf16(void)
     return __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 5));
 }
 
+/* AMD family 19h: Zen 4 (Zen 3, the family's other cores, has no AVX-512). */
+static int cpu_is_amd_family_19h(void)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(0, &a, &b, &c, &d) || b != 0x68747541u || d != 0x69746e65u ||
+        c != 0x444d4163u) /* "AuthenticAMD" */
+        return 0;
+    if (!__get_cpuid(1, &a, &b, &c, &d))
+        return 0;
+    unsigned family = (a >> 8) & 0xfu;
+    if (family == 0xfu)
+        family += (a >> 20) & 0xffu;
+    return family == 0x19u;
+}
+
 /* An environment variable that is set to something other than "" or "0". */
 static int getenv_flag(const char *name)
 {
@@ -143,6 +158,13 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
         isa = best_isa();
     if (!dma_isa_supported(isa))
         return DMA_ERR_ISA;
+    int tn_rows = 0; /* DMATTN_TN_ROWS: rows per accum_tn call of the backward, for tests */
+    const char *tn_env = getenv("DMATTN_TN_ROWS");
+    if (tn_env && *tn_env) {
+        if (strcmp(tn_env, "64") != 0 && strcmp(tn_env, "128") != 0)
+            return DMA_ERR_ARG;
+        tn_rows = atoi(tn_env);
+    }
     dma_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx)
         return DMA_ERR_NOMEM;
@@ -160,7 +182,14 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
         ctx->table.pack_k_bf16 = dma_avx512_pack_k_bf16;
         ctx->table.scores_bf16 = dma_avx512_scores_bf16;
     }
+    /* The backward's accum_tn calls take two blocks of 64 rows where they cover the same
+     * keys. Chosen by measurement: about 1% faster backwards with the AVX-512 kernels on
+     * Zen 4; 0.6-2.2% slower on a Sapphire Rapids Xeon, no change with the AVX2 kernels. */
+    if (isa == DMA_ISA_AVX512 && cpu_is_amd_family_19h())
+        ctx->table.tn_rows = 128;
 #endif
+    if (tn_rows)
+        ctx->table.tn_rows = tn_rows;
     ctx->kernels = &ctx->table;
     ctx->device = o.device;
     ctx->cuda_device = o.cuda_device;

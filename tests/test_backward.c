@@ -435,6 +435,62 @@ START_TEST(deterministic)
 }
 END_TEST
 
+START_TEST(tn_rows_invariant)
+{
+    /* The backward's dK and dV calls take 64 rows, or two blocks of 64 where their columns
+     * nearly coincide when the context's tn_rows is 128 (the default on Zen 4; DMATTN_TN_ROWS
+     * picks either on any CPU). The kernels sum each output row by row in order, so the
+     * gradients must be bitwise the same both ways, on every ISA. */
+    bwd_case cases[4];
+    test_rng r = rng_make(133);
+    /* a per-key bias per kv head: the two query heads of a kv head select the same keys, so
+     * their blocks of rows cover the same columns and share calls */
+    cases[0] = plain_case(1, 300, 300, 4, 2, 32, rng_u64(&r));
+    cases[0].causal = 1;
+    set_topk(&r, &cases[0], 0, 64);
+    cases[0].decaying = 1;
+    cases[0].Hs = cases[0].mHb = 2;
+    /* MHA, every key kept: within an item of two tiles the second tile's rows see 64 keys the
+     * first's cannot (calls stay apart across that diagonal); unions of several chunks */
+    cases[1] = plain_case(1, 520, 520, 2, 2, 24, rng_u64(&r));
+    cases[1].causal = 1;
+    set_topk(&r, &cases[1], 0, 520);
+    cases[1].Hs = cases[1].mHb = 2;
+    /* per-row top-k of each query head: blocks cover different columns */
+    cases[2] = plain_case(2, 200, 260, 8, 2, 48, rng_u64(&r));
+    set_topk(&r, &cases[2], 1, 40);
+    cases[2].Hs = cases[2].mHb = 8;
+    cases[2].Bs = cases[2].mBb = 2;
+    /* eight query heads a kv head, D 136 (a last block of D narrower than 64) */
+    cases[3] = plain_case(1, 140, 140, 8, 1, 136, rng_u64(&r));
+    cases[3].causal = 1;
+    set_topk(&r, &cases[3], 0, 48);
+    cases[3].mask_causal = 1;
+    for (int i = 0; i < 4; i++) {
+        cases[i].mask_causal = cases[i].causal;
+        bias_from_mbias(&cases[i]);
+    }
+
+    static const dma_isa isas[] = {DMA_ISA_SCALAR, DMA_ISA_AVX2, DMA_ISA_AVX512, DMA_ISA_NEON};
+    static const int threads[] = {2, 2, 1};
+    static const char *const rows[] = {"64", "128", "128"};
+    for (size_t s = 0; s < sizeof isas / sizeof isas[0]; s++) {
+        if (!dma_isa_supported(isas[s]))
+            continue;
+        dma_context *ctx[3];
+        for (int t = 0; t < 3; t++) {
+            ck_assert_int_eq(setenv("DMATTN_TN_ROWS", rows[t], 1), 0);
+            contexts_for_threads(isas[s], &threads[t], 1, &ctx[t]);
+        }
+        ck_assert_int_eq(unsetenv("DMATTN_TN_ROWS"), 0);
+        for (int i = 0; i < 4; i++)
+            backward_agrees(&cases[i], ctx, threads, 3);
+        for (int t = 0; t < 3; t++)
+            dma_context_destroy(ctx[t]);
+    }
+}
+END_TEST
+
 START_TEST(parked_spans)
 {
     /* More threads than the machine has cores, on streams of many spans: threads finish spans
@@ -551,6 +607,7 @@ static Suite *backward_suite(void)
     TCase *td = tcase_create("determinism");
     tcase_set_timeout(td, 600);
     tcase_add_test(td, deterministic);
+    tcase_add_test(td, tn_rows_invariant);
     tcase_add_test(td, parked_spans);
     tcase_add_test(td, scratch_kept);
     suite_add_tcase(s, td);

@@ -536,6 +536,31 @@ START_TEST(env_isa)
 }
 END_TEST
 
+START_TEST(env_tn_rows)
+{
+    /* DMATTN_TN_ROWS (the backward's rows per dK/dV call, for tests): 64 or 128, else
+     * DMA_ERR_ARG and no context; empty means unset. Its effect on the results (none) is
+     * test_backward's tn_rows_invariant. */
+    static const char *const bad[] = {"0", "32", "256", "64x", "bogus", " 64"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        setenv("DMATTN_TN_ROWS", bad[i], 1);
+        dma_context *ctx = UNTOUCHED_CTX;
+        ck_assert_msg(create_with(1, DMA_ISA_SCALAR, &ctx) == DMA_ERR_ARG,
+                      "DMATTN_TN_ROWS=\"%s\" accepted", bad[i]);
+        ck_assert(ctx == UNTOUCHED_CTX);
+    }
+    static const char *const good[] = {"64", "128", ""};
+    for (size_t i = 0; i < sizeof good / sizeof good[0]; i++) {
+        setenv("DMATTN_TN_ROWS", good[i], 1);
+        dma_context *ctx = NULL;
+        ck_assert_msg(create_with(1, DMA_ISA_AUTO, &ctx) == DMA_OK,
+                      "DMATTN_TN_ROWS=\"%s\" refused", good[i]);
+        dma_context_destroy(ctx);
+    }
+    unsetenv("DMATTN_TN_ROWS");
+}
+END_TEST
+
 /* ------------------------------------------------------------------------------------------ */
 /* Small pure functions                                                                       */
 /* ------------------------------------------------------------------------------------------ */
@@ -623,6 +648,7 @@ static Suite *errors_suite(void)
     tcase_add_test(tc, context_unsupported_isa);
     tcase_add_test(tc, context_defaults);
     tcase_add_test(tc, env_isa);
+    tcase_add_test(tc, env_tn_rows);
     tcase_add_test(tc, status_strings);
     tcase_add_test(tc, isa_names);
     tcase_add_test(tc, tensor_helpers);
