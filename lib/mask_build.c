@@ -461,25 +461,26 @@ static dma_status check_lengths(dma_context *ctx, int64_t B, int64_t H, int64_t 
     return DMA_OK;
 }
 
-/* The checks of dma_sparsity_build's arguments; *bias becomes NULL where the kind reads none. */
-static dma_status check_build(dma_context *ctx, const dma_mask_params *params, int64_t B,
-                              int64_t H, int64_t Lq, int64_t Lk, const dma_tensor **biasp,
-                              const dma_tensor *key_padding)
+/* The checks of dma_sparsity_build's arguments; *bias becomes NULL where the kind reads none.
+ * fn names the public call in messages. */
+static dma_status check_build(dma_context *ctx, const char *fn, const dma_mask_params *params,
+                              int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+                              const dma_tensor **biasp, const dma_tensor *key_padding)
 {
     const dma_tensor *bias = *biasp;
     dma_mask_kind kind = params->kind;
     if (kind != DMA_MASK_TOPK && kind != DMA_MASK_RELU && kind != DMA_MASK_WINDOW &&
         kind != DMA_MASK_DENSE)
-        return dma_fail(ctx, DMA_ERR_ARG, "sparsity_build: unknown mask kind %d", (int)kind);
+        return dma_fail(ctx, DMA_ERR_ARG, "%s: unknown mask kind %d", fn, (int)kind);
     if (params->window < 0 || params->block_size < 0)
-        return dma_fail(ctx, DMA_ERR_WINDOW, "sparsity_build: window %lld and block_size %lld "
-                        "must be >= 0", (long long)params->window, (long long)params->block_size);
+        return dma_fail(ctx, DMA_ERR_WINDOW, "%s: window %lld and block_size %lld must be >= 0",
+                        fn, (long long)params->window, (long long)params->block_size);
     dma_status st = check_lengths(ctx, B, H, Lq, Lk);
     if (st != DMA_OK)
         return st;
     bool needs_bias = kind == DMA_MASK_TOPK || kind == DMA_MASK_RELU;
     if (needs_bias && !bias)
-        return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: top-k and relu need a bias");
+        return dma_fail(ctx, DMA_ERR_NULL, "%s: top-k and relu need a bias", fn);
     if (!needs_bias)
         *biasp = bias = NULL;
     if (bias) {
@@ -505,13 +506,13 @@ static dma_status check_build(dma_context *ctx, const dma_mask_params *params, i
 }
 
 /* dma_sparsity_build into reuse's memory where it is a host object and ctx a CPU context;
- * reuse (or NULL) is consumed whatever happens. */
-static dma_status build_into(dma_context *ctx, const dma_mask_params *params, int64_t B,
-                             int64_t H, int64_t Lq, int64_t Lk, const dma_tensor *bias,
-                             const dma_tensor *key_padding, dma_sparsity *reuse,
-                             dma_sparsity **out)
+ * reuse (or NULL) is consumed whatever happens. fn names the public call in messages. */
+static dma_status build_into(dma_context *ctx, const char *fn, const dma_mask_params *params,
+                             int64_t B, int64_t H, int64_t Lq, int64_t Lk,
+                             const dma_tensor *bias, const dma_tensor *key_padding,
+                             dma_sparsity *reuse, dma_sparsity **out)
 {
-    dma_status st = check_build(ctx, params, B, H, Lq, Lk, &bias, key_padding);
+    dma_status st = check_build(ctx, fn, params, B, H, Lq, Lk, &bias, key_padding);
     if (st != DMA_OK || ctx->device == DMA_DEVICE_CUDA || (reuse && reuse->cuda)) {
         dma_sparsity_destroy(reuse);
         reuse = NULL;
@@ -542,7 +543,7 @@ dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *params, i
 {
     if (!ctx || !params || !out)
         return dma_fail(ctx, DMA_ERR_NULL, "sparsity_build: ctx, params and out are required");
-    return build_into(ctx, params, B, H, Lq, Lk, bias, key_padding, NULL, out);
+    return build_into(ctx, "sparsity_build", params, B, H, Lq, Lk, bias, key_padding, NULL, out);
 }
 
 dma_status dma_sparsity_rebuild(dma_context *ctx, const dma_mask_params *params, int64_t B,
@@ -557,7 +558,7 @@ dma_status dma_sparsity_rebuild(dma_context *ctx, const dma_mask_params *params,
         dma_sparsity_destroy(old);
         return dma_fail(ctx, DMA_ERR_NULL, "sparsity_rebuild: ctx and params are required");
     }
-    return build_into(ctx, params, B, H, Lq, Lk, bias, key_padding, old, sp);
+    return build_into(ctx, "sparsity_rebuild", params, B, H, Lq, Lk, bias, key_padding, old, sp);
 }
 
 dma_status dma_sparsity_from_mask(dma_context *ctx, const dma_tensor *mask, dma_sparsity **out)
