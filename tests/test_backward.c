@@ -437,9 +437,9 @@ END_TEST
 
 START_TEST(tn_rows_invariant)
 {
-    /* The backward's dK and dV calls take 64 rows, or two blocks of 64 where their columns
-     * nearly coincide when the context's tn_rows is 128 (the default on Zen 4; DMATTN_TN_ROWS
-     * picks either on any CPU). The kernels sum each output row by row in order, so the
+    /* The backward's dK and dV calls take 64 rows, or two blocks of 64 that cover the same
+     * columns when the context's tn_rows is 128 (the default on Zen 4; DMATTN_TN_ROWS picks
+     * either on any CPU). The kernels sum each output row by row in order, so the
      * gradients must be bitwise the same both ways, on every ISA. */
     bwd_case cases[4];
     test_rng r = rng_make(133);
