@@ -9,6 +9,8 @@
  *     blocks, a window above the GPU builder's), and dma_sparsity_from_mask on device masks;
  *   - the builders' errors: a NaN or +inf bias, no query rows, host memory given to a CUDA
  *     context, and argument errors (the CPU's status on both).
+ *   - dma_sparsity_rebuild through a chain of shapes and kinds, between host and GPU objects,
+ *     and its failures (the old object freed, NULL left).
  * Registered into test_cuda.c's suite by cuda_sparsity_add_tests (test_cuda.h).
  */
 #include <check.h>
@@ -387,12 +389,82 @@ START_TEST(sparsity_errors)
 }
 END_TEST
 
+START_TEST(sparsity_rebuild)
+{
+    /* dma_sparsity_rebuild with a CUDA context: into the GPU object the last step left (other
+     * shapes and kinds), into a host object, and a host context's rebuild into a GPU object;
+     * each result has the CPU build's selection. A failed rebuild frees the object and leaves
+     * NULL (a leak or a double free would show under compute-sanitizer or as a crash). */
+    dma_context *cpu = cpu_ctx(), *gpu = cuda_ctx(NULL);
+    static const struct { dma_mask_kind kind; int64_t B, H, Lq, Lk, window; } steps[] = {
+        {DMA_MASK_TOPK, 1, 2, 300, 300, 64},   {DMA_MASK_TOPK, 2, 1, 1000, 1000, 200},
+        {DMA_MASK_WINDOW, 1, 2, 100, 37, 16},  {DMA_MASK_TOPK, 2, 2, 500, 500, 500},
+        {DMA_MASK_TOPK, 1, 1, 64, 64, 8},      {DMA_MASK_RELU, 1, 2, 200, 200, 0},
+    };
+    enum { NSTEPS = sizeof steps / sizeof steps[0] };
+    test_rng r = rng_make(105);
+    dma_sparsity *sg = NULL; /* rebuilt by the GPU context step after step */
+    for (int k = 0; k < NSTEPS + 2; k++) {
+        const int i = k % NSTEPS;
+        const int64_t B = steps[i].B, H = steps[i].H, Lq = steps[i].Lq, Lk = steps[i].Lk;
+        const int64_t shape[4] = {B, H, steps[i].kind == DMA_MASK_RELU ? Lq : 1, Lk};
+        tbuf bias;
+        tb_make(&bias, DMA_F32, 4, shape, 0);
+        float *v = test_malloc((size_t)tb_count(&bias) * sizeof(float));
+        for (int64_t x = 0; x < tb_count(&bias); x++)
+            v[x] = rng_float(&r, -1.0f, 1.0f);
+        tb_store(&bias, v);
+        const dma_mask_params mp = {.kind = steps[i].kind, .causal = 1, .window = steps[i].window};
+        const dma_tensor *bh = steps[i].kind == DMA_MASK_WINDOW ? NULL : &bias.th;
+        const dma_tensor *bd = steps[i].kind == DMA_MASK_WINDOW ? NULL : &bias.td;
+        char desc[128];
+        snprintf(desc, sizeof desc, "(step %d: kind %d B %lld H %lld Lq %lld Lk %lld w %lld)", k,
+                 (int)mp.kind, (long long)B, (long long)H, (long long)Lq, (long long)Lk,
+                 (long long)mp.window);
+        dma_sparsity *sc = NULL;
+        ck_assert_int_eq(dma_sparsity_build(cpu, &mp, B, H, Lq, Lk, bh, NULL, &sc), DMA_OK);
+        dma_status st = dma_sparsity_rebuild(gpu, &mp, B, H, Lq, Lk, bd, NULL, &sg);
+        ck_assert_msg(st == DMA_OK && sg, "GPU rebuild: %s (%s) %s", dma_status_string(st),
+                      dma_context_last_error(gpu), desc);
+        sparsity_same(sc, sg, desc);
+        /* a host object (another kind and shape) into a GPU rebuild, then that GPU object
+         * into a host rebuild */
+        const dma_mask_params other = {.kind = DMA_MASK_WINDOW, .causal = 1, .window = 3};
+        dma_sparsity *sx = NULL;
+        ck_assert_int_eq(dma_sparsity_build(cpu, &other, 1, 1, 7, 9, NULL, NULL, &sx), DMA_OK);
+        ck_assert_int_eq(dma_sparsity_rebuild(gpu, &mp, B, H, Lq, Lk, bd, NULL, &sx), DMA_OK);
+        sparsity_same(sc, sx, desc);
+        ck_assert_int_eq(dma_sparsity_rebuild(cpu, &mp, B, H, Lq, Lk, bh, NULL, &sx), DMA_OK);
+        sparsity_same(sc, sx, desc);
+        dma_sparsity_destroy(sx);
+        dma_sparsity_destroy(sc);
+        if (k == NSTEPS) { /* failures: host memory given to the GPU, a NaN in the bias */
+            ck_assert_int_eq(dma_sparsity_rebuild(gpu, &mp, B, H, Lq, Lk, bh, NULL, &sg),
+                             DMA_ERR_DEVICE);
+            ck_assert_ptr_null(sg);
+            ck_assert_int_eq(dma_sparsity_rebuild(gpu, &mp, B, H, Lq, Lk, bd, NULL, &sg), DMA_OK);
+            v[tb_count(&bias) / 2] = NAN;
+            tb_store(&bias, v);
+            ck_assert_int_eq(dma_sparsity_rebuild(gpu, &mp, B, H, Lq, Lk, bd, NULL, &sg),
+                             DMA_ERR_BAD_VALUE);
+            ck_assert_ptr_null(sg);
+        }
+        free(v);
+        tb_free(&bias);
+    }
+    dma_sparsity_destroy(sg);
+    dma_context_destroy(cpu);
+    dma_context_destroy(gpu);
+}
+END_TEST
+
 void cuda_sparsity_add_tests(TCase *tc)
 {
     tcase_add_test(tc, sparsity_topk_causal);
     tcase_add_test(tc, sparsity_other_kinds);
     tcase_add_test(tc, sparsity_from_mask);
     tcase_add_test(tc, sparsity_errors);
+    tcase_add_test(tc, sparsity_rebuild);
 }
 
 #else
