@@ -175,8 +175,8 @@ typedef struct dma_context dma_context;
  * DMATTN_TN_ROWS=64|128 sets how many query rows one of dma_backward's dK and dV products may
  * take at once (128: two blocks of 64 that cover the same keys go together). The default is
  * 128 for the AVX-512 kernels on AMD Zen 4, where it measured about 1% faster, and 64
- * elsewhere (slower with 128 on a Sapphire Rapids Xeon). The gradients are bitwise the same
- * either way; any other non-empty value gives DMA_ERR_ARG.
+ * elsewhere (128 was no faster on a Sapphire Rapids Xeon, and slower there at 2 threads). The
+ * gradients are bitwise the same either way; any other non-empty value gives DMA_ERR_ARG.
  * Thread-safe (no shared state). The environment is read only here.
  */
 DMA_API dma_status dma_context_create(const dma_context_options *opts, dma_context **out);

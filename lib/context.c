@@ -184,7 +184,8 @@ dma_status dma_context_create(const dma_context_options *opts, dma_context **out
     }
     /* The backward's accum_tn calls take two blocks of 64 rows where they cover the same
      * keys. Chosen by measurement: about 1% faster backwards with the AVX-512 kernels on
-     * Zen 4; 0.6-2.2% slower on a Sapphire Rapids Xeon, no change with the AVX2 kernels. */
+     * Zen 4; no faster at 16 threads and 2-6% slower at 2 on a Sapphire Rapids Xeon; no
+     * change with the AVX2 kernels on Zen 4. */
     if (isa == DMA_ISA_AVX512 && cpu_is_amd_family_19h())
         ctx->table.tn_rows = 128;
 #endif
