@@ -346,7 +346,8 @@ DMA_API dma_status dma_sparsity_build(dma_context *ctx, const dma_mask_params *p
  *            and a new one built. The old object must not be in use by another call.
  * On error *sp is freed and set to NULL, so that no stale or partly written object is left
  * behind; the status and message are those of dma_sparsity_build() (DMA_ERR_NULL where sp,
- * ctx or params is NULL), messages that name the call naming sparsity_rebuild. Threads: as
+ * ctx or params is NULL); messages of argument checks that name the call say
+ * sparsity_rebuild (a CUDA runtime error's still says sparsity_build). Threads: as
  * dma_sparsity_build().
  */
 DMA_API dma_status dma_sparsity_rebuild(dma_context *ctx, const dma_mask_params *params, int64_t B,
